@@ -1,0 +1,177 @@
+"""timm integration: method suffixes in model names, ``peft=``/``peft_cfg=`` keywords, listing.
+
+timm has no plugin or post-build hook, so every registered entrypoint in
+``timm.models._registry._model_entrypoints`` is replaced by a thin wrapper. The wrapper strips a
+method suffix from the pretrained tag (``vit_base_patch16_224.augreg_in21k.ssf`` reaches it as
+``pretrained_cfg="augreg_in21k.ssf"``), calls the original entrypoint so that timm loads weights,
+runs its filters and sets ``pretrained_cfg`` exactly as usual, and then applies the surgery. A name
+without a method suffix reaches the original entrypoint with unchanged arguments, so plain timm
+models are bit-identical. Archs are never re-registered (in timm 1.0.31 that deletes their tags);
+archs registered after ``import timm_peft`` are wrapped on demand when
+``timm.create_model`` looks them up.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+from typing import Any, Callable
+
+from torch import nn
+
+from .core import (PeftConfig, apply_method, get_method, iter_family_archs,
+                   list_methods, resolve_method)
+
+__all__ = ["create_model", "list_models", "split_method", "install", "BUILD_HOOKS"]
+
+_WRAPPED_ATTR = "__timm_peft_original__"
+# Keywords the wrapper consumes; everything else is passed to the timm entrypoint untouched.
+_PEFT_KWARGS = ("peft", "peft_cfg")
+# kwargs of create_model that describe loading, not the architecture (not recorded for rebuild)
+_NON_ARCH_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                    "device", "dtype", "pretrained_model_args", "features_only", "out_indices",
+                    "feature_cls", "feature_cfg", "output_stride"}
+
+#: Callables ``hook(kwargs) -> model | None`` tried before the normal path; a hook that recognises
+#: its keywords (e.g. an adapter repo's marker in ``model_args``) builds the model itself.
+BUILD_HOOKS: list[Callable[[Callable[..., nn.Module], str, dict[str, Any]], nn.Module | None]] = []
+
+
+def split_method(arch: str, tag: str | None) -> tuple[str | None, str | None]:
+    """Split a timm pretrained tag into ``(weight tag, method)``.
+
+    A tag with a dot must end in a registered method; a tag without one is a method if it names
+    one, else it is a weight tag left for timm to judge (so timm keeps its own error).
+
+    Example:
+        >>> split_method("vit_base_patch16_224", "augreg2_in21k_ft_in1k.ssf")
+        ('augreg2_in21k_ft_in1k', 'ssf')
+        >>> split_method("vit_base_patch16_224", "linear")
+        (None, 'linear')
+    """
+    if not tag:
+        return tag or None, None
+    from timm.models import _registry
+    if f"{arch}.{tag}" in _registry._model_pretrained_cfgs:
+        return tag, None
+    base, dot, last = tag.rpartition(".")
+    if not dot:
+        return (None, tag) if tag in list_methods() else (tag, None)
+    if last not in list_methods():
+        raise ValueError(f"unknown PEFT method suffix {last!r} in '{arch}.{tag}'; registered "
+                         f"methods: {list_methods()}")
+    return base, last
+
+
+def _wrap(arch: str, entrypoint: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    @functools.wraps(entrypoint)
+    def wrapper(*args: Any, **kwargs: Any) -> nn.Module:
+        for hook in BUILD_HOOKS:
+            model = hook(entrypoint, arch, kwargs)
+            if model is not None:
+                return model
+        method = kwargs.pop("peft", None)
+        peft_cfg = kwargs.pop("peft_cfg", None)
+        tag = kwargs.get("pretrained_cfg")
+        if isinstance(tag, str):
+            weight_tag, suffix = split_method(arch, tag)
+            if suffix is not None:
+                if method is not None and resolve_method(method) != resolve_method(suffix):
+                    raise ValueError(f"method suffix {suffix!r} and peft={method!r} disagree")
+                method = suffix
+                kwargs["pretrained_cfg"] = weight_tag
+        if method is None:
+            if peft_cfg is not None:
+                raise ValueError("peft_cfg was given but no method: add a method suffix to the "
+                                 f"model name or pass peft=<one of {list_methods()}>")
+            return entrypoint(*args, **kwargs)
+        resolve_method(method)  # fail on an unknown method before building anything
+        model = entrypoint(*args, **kwargs)
+        pc = getattr(model, "pretrained_cfg", None) or {}
+        model.peft_base = dict(
+            architecture=arch,
+            pretrained_tag=pc.get("tag") or None,
+            model_args={k: v for k, v in kwargs.items() if k not in _NON_ARCH_KWARGS},
+        )
+        return apply_method(model, method, peft_cfg)
+
+    setattr(wrapper, _WRAPPED_ATTR, entrypoint)
+    return wrapper
+
+
+def _ensure_wrapped(arch: str) -> None:
+    from timm.models import _registry
+    fn = _registry._model_entrypoints.get(arch)
+    if fn is not None and not hasattr(fn, _WRAPPED_ATTR):
+        _registry._model_entrypoints[arch] = _wrap(arch, fn)
+
+
+def install() -> None:
+    """Wrap every registered timm entrypoint (idempotent; runs on ``import timm_peft``)."""
+    from timm.models import _factory, _registry
+    for arch in list(_registry._model_entrypoints):
+        _ensure_wrapped(arch)
+    if not hasattr(_factory.model_entrypoint, _WRAPPED_ATTR):
+        original = _factory.model_entrypoint
+
+        @functools.wraps(original)
+        def model_entrypoint(model_name: str, *args: Any, **kwargs: Any) -> Callable[..., nn.Module]:
+            _ensure_wrapped(_registry.get_arch_name(model_name))
+            return original(model_name, *args, **kwargs)
+
+        setattr(model_entrypoint, _WRAPPED_ATTR, original)
+        _factory.model_entrypoint = model_entrypoint
+
+
+def create_model(
+        model_name: str,
+        peft: str | None = None,
+        peft_cfg: PeftConfig | dict[str, Any] | None = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """Explicit form of ``timm.create_model("<arch>[.<tag>].<method>", ...)``.
+
+    Example:
+        >>> import timm_peft
+        >>> m = timm_peft.create_model("vit_tiny_patch16_224", peft="linear", num_classes=10,
+        ...                            img_size=32)
+        >>> m.peft_method
+        'linear'
+    """
+    import timm
+    install()
+    if peft is not None:
+        kwargs["peft"] = peft
+    if peft_cfg is not None:
+        kwargs["peft_cfg"] = peft_cfg
+    return timm.create_model(model_name, **kwargs)
+
+
+def list_models(
+        filter: str = "*",
+        method: str | None = None,
+        pretrained: bool = False,
+) -> list[str]:
+    """Model names usable with a method suffix, e.g. ``vit_base_patch16_224.ssf``.
+
+    Archs are matched by their timm module against the families the method supports (every timm
+    arch for family-agnostic methods). With ``pretrained=True`` each weight tag is listed
+    (``arch.tag.method``) and ``filter`` may include a tag pattern. Without ``method`` every
+    registered method and preset is listed.
+
+    Example:
+        >>> import timm_peft
+        >>> "vit_base_patch16_224.ssf" in timm_peft.list_models("vit_base_*", method="ssf")
+        True
+    """
+    import timm
+    methods = [method] if method is not None else list_methods()
+    tagged = timm.list_pretrained() if pretrained else []
+    out: list[str] = []
+    for name in methods:
+        archs = set(iter_family_archs(get_method(name).families))
+        if pretrained:
+            bases = [n for n in tagged if n.split(".")[0] in archs and fnmatch.fnmatch(n, filter)]
+        else:
+            bases = [a for a in archs if fnmatch.fnmatch(a, filter)]
+        out.extend(f"{b}.{name}" for b in bases)
+    return sorted(out)
