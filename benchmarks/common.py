@@ -1,0 +1,125 @@
+"""Shared measuring tools for the benchmark scripts (never used by timed tests).
+
+Times are medians over repeated runs after warm-up; every report states ratios measured in the
+same run (PEFT model vs. plain model) because absolute CPU times vary between machines.
+Peak memory is measured without relying on an allocator: :class:`PeakMemory` follows every
+tensor storage created by torch operations (a ``TorchDispatchMode``) and records the largest
+number of live bytes, which works the same on CPU and GPU.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_time(fn: Callable[[], Any], warmup: int = 2, reps: int = 5) -> float:
+    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the context and still alive.
+
+    Storages that existed before entering (weights, inputs) are not counted, so the number is the
+    extra memory a forward/backward needs: activations, saved tensors, gradients, temporaries.
+
+    Example:
+        >>> with PeakMemory() as pm:
+        ...     y = torch.ones(1000) * 2
+        >>> pm.peak >= 4000
+        True
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        # views and in-place ops return an input's storage: it is not new memory
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key == 0 or key in self.live or key in seen:
+                continue
+            nbytes = st.nbytes()
+            self.live[key] = nbytes
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(st, self._release, key)
+        return out
+
+
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak extra bytes of live tensor storage while running ``fn()``."""
+    gc.collect()
+    with PeakMemory() as pm:
+        fn()
+    return pm.peak
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import timm
+
+    import timm_peft
+    return dict(python=sys.version.split()[0], torch=torch.__version__, timm=timm.__version__,
+                timm_peft=timm_peft.__version__, machine=platform.machine(),
+                processor=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads())
+
+
+def write_report(name: str, title: str, command: str, rows: list[dict[str, Any]],
+                 notes: str = "") -> Path:
+    """Write ``results/<name>.md`` (a Markdown table) and ``results/<name>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+        if isinstance(v, int):
+            return f"{v:,d}"
+        return str(v)
+
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    if notes:
+        lines += [notes, ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    md = RESULTS / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(dict(env=env, command=command, rows=rows),
+                                                     indent=2) + "\n")
+    return md
