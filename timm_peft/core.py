@@ -333,9 +333,16 @@ class PeftMethod:
     def training_hooks(self, model: nn.Module) -> dict[str, Any]:
         """What the training loop needs from the method beyond a plain optimiser step.
 
-        Keys understood by :mod:`timm_peft.train`: ``"optimizer_wrapper"``
-        (``callable(optimizer, model) -> optimizer``) and ``"stages"`` (a list of callables run
-        after the main training). The default needs nothing.
+        Keys understood by :mod:`timm_peft.train` (all optional, the default needs nothing):
+
+        * ``"optimizer_wrapper"``: ``callable(optimizer, model) -> optimizer``, wraps the
+          optimiser the loop built (e.g. LION's robust update rule).
+        * ``"no_weight_decay"``: set of parameter names to exclude from weight decay (on top of
+          the loop's own rule: 1-D tensors).
+        * ``"stages"``: list of ``(name, callable(model, ctx))`` run in order after the main
+          training; ``ctx`` has ``train_loader``, ``loss_fn``, ``device`` and
+          ``fit(model, epochs, desc)`` which re-runs the standard loop with a fresh optimiser over
+          the currently trainable parameters (e.g. E²VPT's score → prune → rewind).
         """
         return {}
 
