@@ -265,13 +265,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: b
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{adapter_dir / CONFIG_NAME}: bad peft_config: {e}") from e
     tensors = _read_weights(adapter_dir, cfg)
-    if check_base:
-        fp = base_fingerprint(model)
-        if fp != cfg.get("base_fingerprint"):
-            raise AdapterError(
-                f"the model's base weights differ from those the adapter in {adapter_dir} was "
-                f"trained on (fingerprint {fp[:19]}… vs {str(cfg.get('base_fingerprint'))[:19]}…); "
-                "build the base with the recorded weights or pass check_base=False")
     method.prepare_load(inner, saved_config)
     expected = set(inner.peft_adapter_keys)
     state = inner.state_dict()
@@ -285,6 +278,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, check_base: b
     if bad:
         raise AdapterError(f"adapter in {adapter_dir} has mis-shaped tensors (another num_classes "
                            f"or config?): {bad[:8]}")
+    # after the structure checks: the fingerprint only means something for the same key set
+    if check_base:
+        fp = base_fingerprint(model)
+        if fp != cfg.get("base_fingerprint"):
+            raise AdapterError(
+                f"the model's base weights differ from those the adapter in {adapter_dir} was "
+                f"trained on (fingerprint {fp[:19]}… vs {str(cfg.get('base_fingerprint'))[:19]}…); "
+                "build the base with the recorded weights or pass check_base=False")
     inner.load_state_dict(tensors, strict=False)
     return model
 
