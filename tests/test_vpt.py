@@ -43,6 +43,8 @@ def reference(base, prompts, img, deep=True, append=False):
     image = x[:, n:x.shape[1] - t] if append else x[:, n + t:]
     if base.global_pool == "token":
         pooled = x[:, 0]
+    elif base.global_pool == "map":  # attention pooling over the image tokens
+        pooled = base.attn_pool(image)
     else:
         pooled = image.mean(dim=1)
     return base.head(base.fc_norm(pooled))
@@ -75,7 +77,8 @@ def test_vit_base_counts_with_projection_and_init_bound():
     dict(),
     dict(reg_tokens=2, no_embed_class=True),
     dict(class_token=False, global_pool="avg"),
-], ids=["cls", "cls+reg,no_embed_class", "avgpool"])
+    dict(global_pool="map"),
+], ids=["cls", "cls+reg,no_embed_class", "avgpool", "mappool"])
 @pytest.mark.parametrize("deep", [True, False], ids=["deep", "shallow"])
 def test_vit_matches_token_level_reference(kwargs, deep):
     base, model = build(dict(num_prompts=4, deep=deep), **kwargs)
@@ -288,3 +291,200 @@ def test_vit_refuses_attn_mask():
     _, model = build(dict(num_prompts=2))
     with pytest.raises(ValueError, match="attn_mask"):
         model.forward_features(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(1, 1, 5, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin
+# ----------------------------------------------------------------------------------------------
+
+SWIN = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4,
+            num_classes=3, drop_path_rate=0.0)
+
+
+def build_swin(peft_cfg=None, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    base = timm.create_model("swin_tiny_patch4_window7_224", **{**SWIN, **kwargs}).eval()
+    model = timm_peft.apply_method(copy.deepcopy(base), "vpt", peft_cfg).eval()
+    return base, model
+
+
+def window_attention_with_prompt_tokens(attn, x, mask, prompts):
+    """The paper's reading written out: every window's sequence is [prompts, window tokens];
+    prompts get zero relative-position bias and are never masked; their outputs are dropped."""
+    b_, n, c = x.shape
+    t = prompts.shape[0]
+    tokens = torch.cat([prompts.unsqueeze(0).expand(b_, -1, -1), x], dim=1)
+    q, k, v = attn.qkv(tokens).reshape(b_, t + n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B_, heads, T+N, T+N)
+    bias = torch.zeros(attn.num_heads, t + n, t + n)
+    bias[:, t:, t:] = attn._get_rel_pos_bias()[0]
+    logits = logits + bias
+    if mask is not None:
+        full = torch.zeros(mask.shape[0], t + n, t + n)
+        full[:, t:, t:] = mask
+        logits = (logits.view(-1, mask.shape[0], attn.num_heads, t + n, t + n)
+                  + full[None, :, None]).view(b_, attn.num_heads, t + n, t + n)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b_, t + n, -1)
+    return attn.proj(out)[:, t:]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["manual", "sdpa"])
+def test_swin_windows_attend_to_prompts_like_tokens(fused):
+    _, model = build_swin(dict(num_prompts=3))
+    img = torch.randn(2, 3, 32, 32)
+    seen = []
+
+    def capture(attn, args, kwargs, out):
+        seen.append((attn, args[0], kwargs.get("mask"), out))
+
+    handles = []
+    for stage in model.layers:
+        for blk in stage.blocks:
+            blk.attn.fused_attn = fused
+            handles.append(blk.attn.register_forward_hook(capture, with_kwargs=True))
+    with torch.no_grad():
+        model(img)
+        assert len(seen) == 4 and seen[1][2] is not None  # block 1 of stage 0 is shifted
+        blocks = [b for stage in model.layers for b in stage.blocks]
+        prompts = [model.vpt[s].embeddings[j] for s in range(2) for j in range(2)]
+        for (attn, x, mask, out), blk, p in zip(seen, blocks, prompts):
+            expected = window_attention_with_prompt_tokens(attn, x, mask, blk.norm1(p))
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_swin_counts_layout_and_zero_prompts():
+    base, model = build_swin(dict(num_prompts=3))
+    assert [tuple(p.embeddings.shape) for p in model.vpt] == [(2, 3, 16), (2, 3, 32)]
+    assert timm_peft.get_nb_trainable_parameters(model)[0] == 2 * 3 * (16 + 32) + 32 * 3 + 3
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(model(img), base(img), atol=1e-4)
+        feats, maps = model.forward_intermediates(img)
+        b_feats, b_maps = base.forward_intermediates(img)
+        assert feats.shape == b_feats.shape and [m.shape for m in maps] == [m.shape for m in b_maps]
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 32)
+    base0, model0 = build_swin(dict(num_prompts=0))
+    with torch.no_grad():
+        assert torch.equal(model0(img), base0(img))
+
+
+def test_swin_refuses_shallow():
+    with pytest.raises(ValueError, match="VPT-Shallow.*not supported on Swin"):
+        build_swin(dict(deep=False))
+
+
+def _train(model, img, target, steps=15, lr=0.05):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(img), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+def _local_base(tmp_path, arch, kwargs):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    base = timm.create_model(arch, **kwargs)
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
+    return dict(file=str(path), custom_load=False)
+
+
+def test_swin_trains_and_round_trips(tmp_path):
+    overlay = _local_base(tmp_path, "swin_tiny_patch4_window7_224", SWIN)
+    model = timm.create_model("swin_tiny_patch4_window7_224.vpt", pretrained=True,
+                              pretrained_cfg_overlay=overlay,
+                              peft_cfg=dict(num_prompts=2, dropout=0.1), **SWIN)
+    assert model.peft_adapter_keys == ("head.fc.weight", "head.fc.bias", "vpt.0.embeddings",
+                                       "vpt.1.embeddings")
+    torch.manual_seed(1)
+    img, target = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
+    before = [p.detach().clone() for p in model.vpt.parameters()]
+    model, losses = _train(model, img, target)
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.vpt.parameters()))
+    timm_peft.save_pretrained(model, tmp_path / "adapter")
+    again = timm_peft.from_pretrained(tmp_path / "adapter", pretrained=True,
+                                      pretrained_cfg_overlay=overlay).eval()
+    for a, b in zip(model.vpt.parameters(), again.vpt.parameters()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(again(img), model(img))
+
+
+# ----------------------------------------------------------------------------------------------
+# ConvNets: a learnable pixel border
+# ----------------------------------------------------------------------------------------------
+
+CONVNETS = {
+    "resnet": ("resnet18", dict(num_classes=3, layers=(1, 1, 1, 1), channels=(8, 16, 32, 64),
+                                stem_width=8)),
+    "convnext": ("convnext_atto", dict(num_classes=3, depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CONVNETS))
+def test_convnet_border_matches_padded_image(family):
+    arch, kwargs = CONVNETS[family]
+    torch.manual_seed(0)
+    base = timm.create_model(arch, **kwargs).eval()
+    model = timm_peft.apply_method(copy.deepcopy(base), "vpt", dict(img_size=32, pad_size=3)).eval()
+    p = 3
+    assert timm_peft.get_nb_trainable_parameters(model)[0] == 2 * p * 3 * (32 + 32 + 2 * p) + \
+        sum(q.numel() for q in model.get_classifier().parameters())
+    img = torch.randn(2, 3, 32, 32)
+    canvas = torch.zeros(2, 3, 32 + 2 * p, 32 + 2 * p)
+    canvas[..., p:-p, p:-p] = img
+    canvas[..., :p, :], canvas[..., -p:, :] = model.vpt.top_bottom
+    canvas[..., p:-p, :p], canvas[..., p:-p, -p:] = model.vpt.left_right
+    with torch.no_grad():
+        assert torch.equal(model(img), base(canvas))
+        maps = model.forward_intermediates(img, intermediates_only=True)
+        assert torch.equal(maps[-1], base.forward_intermediates(canvas, intermediates_only=True)[-1])
+    # init: pixels uniform in [0, 1], normalised with the model's mean and std
+    mean = torch.tensor(base.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(base.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    pixels = model.vpt.left_right * std + mean
+    assert pixels.min() >= 0 and pixels.max() <= 1 and pixels.std() > 0.2
+    with pytest.raises(ValueError, match="made for 32×32 inputs, got 40×40"):
+        model(torch.randn(1, 3, 40, 40))
+
+
+@pytest.mark.parametrize("family", sorted(CONVNETS))
+def test_convnet_trains_and_round_trips(family, tmp_path):
+    arch, kwargs = CONVNETS[family]
+    overlay = _local_base(tmp_path, arch, kwargs)
+    cfg = dict(img_size=32, pad_size=4)
+    model = timm.create_model(f"{arch}.vpt", pretrained=True, pretrained_cfg_overlay=overlay,
+                              peft_cfg=cfg, **kwargs)
+    torch.manual_seed(1)
+    img, target = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
+    before = model.vpt.left_right.detach().clone()
+    model, losses = _train(model, img, target)
+    assert losses[-1] < 0.7 * losses[0]
+    assert not torch.equal(before, model.vpt.left_right)
+    timm_peft.save_pretrained(model, tmp_path / "adapter")
+    again = timm.create_model(f"{arch}.vpt", pretrained=True, pretrained_cfg_overlay=overlay,
+                              peft_cfg=cfg, **kwargs).eval()
+    timm_peft.load_adapter(again, tmp_path / "adapter")
+    assert torch.equal(again.vpt.top_bottom, model.vpt.top_bottom)
+    with torch.no_grad():
+        assert torch.equal(again(img), model(img))
+    base = timm_peft.unload(again)
+    assert not base.conv1._forward_pre_hooks if family == "resnet" else not base.stem._forward_pre_hooks
+
+
+def test_convnet_zero_border_is_the_base_and_projection_is_refused():
+    torch.manual_seed(0)
+    base = timm.create_model(CONVNETS["resnet"][0], **CONVNETS["resnet"][1]).eval()
+    model = timm_peft.apply_method(copy.deepcopy(base), "vpt", dict(img_size=32, pad_size=0)).eval()
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(img), base(img))
+    with pytest.raises(ValueError, match="projection_dim applies to prompt tokens"):
+        timm_peft.apply_method(timm.create_model("resnet18"), "vpt", dict(projection_dim=8))

@@ -422,8 +422,11 @@ class ExtraKVWindowAttention:
 
 
 def _swin_attn_hook(prompts: VisualPrompts, layer: int, norm: nn.Module, attn: nn.Module,
-                    args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                    args: tuple[Any, ...], kwargs: dict[str, Any],
+                    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """Give every window of block ``layer`` its prompts' keys and values (as tokens: ``norm1``, ``qkv``)."""
+    if prompts.num_tokens == 0:
+        return None
     p = norm(prompts(layer, args[0].shape[0]).to(args[0].dtype))  # dropout, if any, per window
     b, t, _ = p.shape
     _, k, v = attn.qkv(p).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
