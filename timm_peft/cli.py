@@ -1,0 +1,258 @@
+"""The ``timm-peft`` command line: ``train``, ``eval`` and ``info``.
+
+``train`` exposes every :class:`timm_peft.train.TrainConfig` field as a flag (``--batch-size``,
+``--lr``, ``--no-aug`` ...); ``--recipe`` applies published settings first, flags given on the
+command line win. The same command runs data-parallel under ``torchrun``.
+
+Example:
+    $ timm-peft train --model vit_tiny_patch16_224.ssf --task count --no-pretrained \\
+          --model-kwargs img_size=32 depth=4 --epochs 2
+    $ timm-peft eval runs/<run>/adapter --split test
+    $ timm-peft info runs/<run>/adapter
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+_TRAIN_EPILOG = """\
+data: a built-in generated task (--task) or an ImageFolder tree (--data-dir) with train/ and
+optionally val/ and test/, each holding one folder per class.
+recipes (applied in order, explicit flags win): {recipes}
+methods: {methods}
+distributed: torchrun --nproc_per_node N -m timm_peft train ... (or timm-peft via torchrun)"""
+
+
+def _parse_value(text: str) -> Any:
+    """JSON where it parses (numbers, true/false, lists), the raw string otherwise."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_kv(items: Sequence[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE pairs (e.g. {flag} depth=4), got {item!r}")
+        out[key.replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, its type and help taken from the field."""
+    from .train import TrainConfig, list_recipes
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "recipes":
+            parser.add_argument("--recipe", dest="recipes", action="append",
+                                choices=list_recipes(), default=argparse.SUPPRESS,
+                                help="published settings to start from (repeatable)")
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, meta = hints[f.name], f.metadata
+        args = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
+        base = args[0]
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=meta.get("help") or None)
+        if meta.get("choices"):
+            kw["choices"] = list(meta["choices"])
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif base is dict or typing.get_origin(base) is dict:
+            kw.update(nargs="+", metavar="KEY=VALUE")
+        elif typing.get_origin(base) is tuple:
+            items = typing.get_args(base)
+            kw.update(type=items[0], nargs="+" if items[-1] is Ellipsis else len(items))
+        else:
+            kw["type"] = base
+        parser.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``timm-peft`` argument parser."""
+    from . import list_methods
+    from .data import list_tasks
+    from .train import list_recipes
+    parser = argparse.ArgumentParser(
+        prog="timm-peft", description="Parameter-efficient fine-tuning of timm models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info}")
+
+    p = sub.add_parser("train", help="fine-tune a method and save the best adapter",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_TRAIN_EPILOG.format(recipes=", ".join(list_recipes()),
+                                                   methods=", ".join(list_methods())))
+    _add_config_flags(p)
+
+    p = sub.add_parser("eval", help="accuracy of a saved adapter on a split")
+    p.add_argument("adapter", help="adapter directory (a run's adapter/)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--task", choices=list_tasks(), help="default: the task it was trained on")
+    p.add_argument("--data-dir", help="ImageFolder root (default: the one it was trained on)")
+    p.add_argument("--pretrained-file", help="local base weights (default: as in training)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("info", help="what an adapter holds, or the methods, recipes and tasks")
+    p.add_argument("adapter", nargs="?", help="adapter directory; without it: list everything")
+    p.add_argument("--recipe", choices=list_recipes(), help="show one recipe's settings")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "debug")}
+    for key in ("peft_cfg", "model_kwargs"):
+        if key in given:
+            given[key] = _parse_kv(given[key], "--" + key.replace("_", "-"))
+    recipes = given.pop("recipes", [])
+    cfg = TrainConfig.from_recipes(recipes, **given)
+    result = train(cfg)
+    if result.output_dir.exists():  # only the process that wrote the run reports it
+        _report_run(cfg, result)
+    return 0
+
+
+def _report_run(cfg: Any, result: Any) -> None:
+    m = result.metrics
+    adapter = result.adapter_dir
+    lines = [f"\nSaved the adapter to {adapter}/ ({m['trainable_params']:,d} trainable parameters, "
+             f"{m.get('adapter_bytes', 0):,d} bytes)"]
+    accs = [f"{s} accuracy {m[f'{s}_acc']:.4f}" for s in ("val", "test") if f"{s}_acc" in m]
+    if accs:
+        lines.append("  " + ", ".join(accs))
+    overlay = (f", pretrained_cfg_overlay=dict(file={str(Path(cfg.pretrained_file).resolve())!r}, "
+               "custom_load=False)") if cfg.pretrained_file else ""
+    lines += ["Load it with:",
+              "  import timm_peft",
+              f"  model = timm_peft.from_pretrained({str(adapter)!r}{overlay})",
+              f"or measure it again: timm-peft eval {adapter} --split test"]
+    print("\n".join(lines))
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from .train import evaluate_adapter
+    res = evaluate_adapter(ns.adapter, ns.split, task=ns.task, data_dir=ns.data_dir,
+                           pretrained_file=ns.pretrained_file, batch_size=ns.batch_size,
+                           device=ns.device, workers=ns.workers)
+    if ns.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['adapter']} on {res['data']} [{res['split']}]: accuracy {res['acc']:.4f}, "
+              f"loss {res['loss']:.4f} over {res['n']} images")
+    return 0
+
+
+def _adapter_info(path: str) -> dict[str, Any]:
+    from .io import WEIGHTS_NAME, read_adapter_config
+    from .train import TRAINING_ARGS_NAME
+    cfg = read_adapter_config(path)
+    weights = Path(path) / WEIGHTS_NAME
+    info = dict(adapter=str(path), method=cfg["peft_type"], base=cfg.get("base_model_name_or_path"),
+                model_args=cfg["model_args"], peft_config=cfg["peft_config"],
+                trainable_params=cfg.get("num_trainable_parameters"),
+                total_params=cfg.get("num_parameters"),
+                adapter_values=cfg.get("num_adapter_values"),
+                adapter_bytes=weights.stat().st_size if weights.is_file() else None,
+                format_version=cfg["format_version"], timm_peft_version=cfg.get("timm_peft_version"),
+                base_fingerprint=cfg.get("base_fingerprint"))
+    args = Path(path) / TRAINING_ARGS_NAME
+    if args.is_file():
+        t = json.loads(args.read_text())
+        info["trained_on"] = t.get("task") or t.get("data_dir")
+        info["classes"] = t.get("classes")
+        info["metrics"] = {k: v for k, v in (t.get("metrics") or {}).items()
+                           if k.endswith("_acc") or k == "best_epoch"}
+    return info
+
+
+def _cmd_info(ns: argparse.Namespace) -> int:
+    from . import list_methods
+    from .core import get_method, resolve_method
+    from .data import TASKS
+    from .train import RECIPES, get_recipe
+    if ns.adapter:
+        info = _adapter_info(ns.adapter)
+        if ns.json:
+            print(json.dumps(info, indent=2))
+        else:
+            width = max(len(k) for k in info)
+            for k, v in info.items():
+                if isinstance(v, int) and not isinstance(v, bool):
+                    v = f"{v:,d}"
+                print(f"{k:<{width}}  {v}")
+        return 0
+    if ns.recipe:
+        r = get_recipe(ns.recipe)
+        data = dataclasses.asdict(r)
+        if ns.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print(f"{r.name}: {r.summary}\n  source: {r.source}\n  settings: "
+                  + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r.settings.items())
+                  + (f"\n  notes: {r.notes}" if r.notes else ""))
+        return 0
+    methods = {}
+    for name in list_methods():
+        method, overrides = resolve_method(name)
+        impl = get_method(name)
+        methods[name] = dict(method=method, overrides=overrides,
+                             families=list(impl.families) if impl.families else "any",
+                             description=impl.description)
+    listing = dict(methods=methods,
+                   recipes={n: r.summary for n, r in sorted(RECIPES.items())},
+                   tasks={n: f"{t.description} ({t.kind}; like VTAB {t.analogue})"
+                          for n, t in sorted(TASKS.items())})
+    if ns.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    print("methods:")
+    for name, m in methods.items():
+        alias = f" (= {m['method']} {m['overrides']})" if m["overrides"] else ""
+        print(f"  {name:<14} {m['description']}{alias}; families: {m['families']}")
+    print("recipes (--recipe):")
+    for name, summary in listing["recipes"].items():
+        print(f"  {name:<14} {summary}")
+    print("built-in tasks (--task):")
+    for name, desc in listing["tasks"].items():
+        print(f"  {name:<14} {desc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``timm-peft`` console script (also ``python -m timm_peft``).
+
+    Bad input (unknown method or recipe, missing data, a checkpoint of another run ...) ends
+    with exit status 2 and one line saying what was wrong; ``--debug`` shows the traceback.
+
+    Example:
+        >>> main(["info", "--recipe", "vtab1k"])  # doctest: +ELLIPSIS
+        vtab1k: VTAB-1k protocol...
+        0
+    """
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    commands = dict(train=_cmd_train, eval=_cmd_eval, info=_cmd_info)
+    try:
+        return commands[ns.command](ns)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        if ns.debug:
+            raise
+        print(f"timm-peft {ns.command}: error: {e}", file=sys.stderr)
+        return 2

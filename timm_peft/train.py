@@ -1,0 +1,1022 @@
+"""Fine-tuning loop: timm data pipeline, optimiser and schedule, DDP, checkpoints and adapters.
+
+One loop serves every method. What a method needs beyond a plain optimiser step it brings through
+:meth:`timm_peft.core.PeftMethod.training_hooks` (an optimiser wrapper, parameters exempt from
+weight decay, stages run after training); nothing here looks at a method's name.
+
+The loop follows the papers' protocol (VPT, Jia et al. 2022, Sec. 4; SSF, Lian et al. 2022,
+Sec. 4.1): timm's ``resolve_data_config``/``create_transform`` for the data, timm's optimiser
+factory and a cosine schedule with linear warm-up stepped per update, no weight decay on 1-D
+tensors, a separate head learning rate, optional AMP and gradient clipping. The best epoch on the
+validation set (the last one when there is none) is saved with :func:`timm_peft.save_pretrained`.
+
+Under ``torchrun`` the same code runs data-parallel: each process builds the same frozen base from
+the same weights, and ``DistributedDataParallel`` all-reduces the gradients of the trainable
+tensors only (the adapter and the head) - the backbone is never communicated.
+
+Example:
+    >>> from timm_peft.train import TrainConfig, train
+    >>> cfg = TrainConfig(model="vit_tiny_patch16_224.linear", task="count",
+    ...                   model_kwargs=dict(img_size=32, depth=2), pretrained=False,
+    ...                   epochs=1, train_size=64, test_size=32, batch_size=16,
+    ...                   output="runs/doc", progress=False)
+    >>> result = train(cfg)  # doctest: +SKIP
+    >>> result.adapter_dir  # doctest: +SKIP
+    PosixPath('runs/doc/adapter')
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .core import PeftConfig, cfg_field, get_method, get_nb_trainable_parameters, unwrap_features
+from .data import TASKS, DataSplits, TransformDataset, build_splits, list_tasks
+from .io import WEIGHTS_NAME, base_fingerprint, save_pretrained
+
+__all__ = ["TrainConfig", "Recipe", "RECIPES", "list_recipes", "get_recipe", "train",
+           "TrainResult", "StageContext", "create_optimizer", "create_scheduler", "build_model",
+           "build_transforms", "evaluate", "evaluate_adapter", "TRAINING_ARGS_NAME",
+           "CHECKPOINT_NAME", "LOG_NAME"]
+
+TRAINING_ARGS_NAME = "training_args.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+_CHECKPOINT_FORMAT = 1
+#: training-hook keys this loop understands (see PeftMethod.training_hooks)
+_HOOK_KEYS = ("optimizer_wrapper", "no_weight_decay", "stages")
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run; the ``timm-peft train`` flags map one to one.
+
+    Values are checked on construction (types, ranges, choices), like a method's config.
+
+    Example:
+        >>> TrainConfig(model="resnet18.bias", task="texture", lr=0.01).lr
+        0.01
+    """
+
+    # --- model
+    model: str = cfg_field("", help="<arch>[.<weight tag>].<method>, e.g. vit_base_patch16_224.ssf")
+    peft_cfg: dict = cfg_field(default_factory=dict, help="the method's config fields")
+    model_kwargs: dict = cfg_field(default_factory=dict,
+                                   help="extra timm.create_model arguments, e.g. img_size=32")
+    pretrained: bool = cfg_field(True, help="start from pretrained weights (timm's path)")
+    pretrained_file: str | None = cfg_field(None, help="local weights file for the base "
+                                            "(timm pretrained_cfg_overlay file=...)")
+    # --- data
+    task: str | None = cfg_field(None, choices=list_tasks(), help="built-in generated task")
+    data_dir: str | None = cfg_field(None, help="ImageFolder root with train/ [val/] [test/]")
+    train_size: int | None = cfg_field(None, ge=1, help="generated task: training images (1000)")
+    val_size: int = cfg_field(0, ge=0, help="generated task: separate validation images")
+    test_size: int | None = cfg_field(None, ge=1, help="generated task: test images (500)")
+    task_image_size: int | None = cfg_field(None, ge=8, help="generated task: rendered size "
+                                            "(default: the model's input size)")
+    val_split: float = cfg_field(0.0, ge=0.0, lt=1.0, help="fraction of train held out for "
+                                 "validation (VTAB-1k 0.2, FGVC 0.1); 0 uses val/ if present")
+    input_size: tuple[int, int, int] | None = cfg_field(None, ge=1, help="model input C H W")
+    interpolation: str | None = cfg_field(None, choices=("bilinear", "bicubic", "nearest",
+                                                         "lanczos", "random"))
+    crop_pct: float | None = cfg_field(None, gt=0.0, le=1.0, help="eval center-crop fraction")
+    mean: tuple[float, ...] | None = cfg_field(None)
+    std: tuple[float, ...] | None = cfg_field(None, gt=0.0)
+    aug: bool = cfg_field(False, help="random resized crop + horizontal flip (FGVC); off: resize")
+    # --- optimisation
+    epochs: int = cfg_field(10, ge=1)
+    warmup_epochs: float = cfg_field(1.0, ge=0.0)
+    batch_size: int = cfg_field(64, ge=1, help="per process; the global batch is x world size")
+    opt: str = cfg_field("adamw", help="timm optimiser name (sgd, momentum, adam, adamw, ...)")
+    lr: float | None = cfg_field(None, gt=0.0, help="learning rate; default lr_base scaled")
+    lr_base: float = cfg_field(1e-3, gt=0.0, help="lr at a global batch of lr_base_size")
+    lr_base_size: int | None = cfg_field(None, ge=1, help="scale lr_base by global batch / this "
+                                         "(VPT: 256); None: no scaling")
+    head_lr: float | None = cfg_field(None, gt=0.0, help="head learning rate (default: lr)")
+    weight_decay: float = cfg_field(1e-4, ge=0.0)
+    momentum: float = cfg_field(0.9, ge=0.0, lt=1.0)
+    sched: str = cfg_field("cosine", choices=("cosine", "constant", "none"))
+    min_lr: float = cfg_field(0.0, ge=0.0)
+    warmup_lr: float = cfg_field(1e-6, ge=0.0)
+    clip_grad: float | None = cfg_field(None, gt=0.0, help="max gradient norm")
+    label_smoothing: float = cfg_field(0.0, ge=0.0, lt=1.0)
+    amp: bool | None = cfg_field(None, help="mixed precision (default: on for CUDA)")
+    amp_dtype: str = cfg_field("bfloat16", choices=("bfloat16", "float16"))
+    # --- run
+    seed: int = cfg_field(0, ge=0)
+    workers: int | None = cfg_field(None, ge=0, help="loader workers (default: by CPU count)")
+    device: str | None = cfg_field(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    output: str | None = cfg_field(None, help="run directory (default runs/<time>-<model>-<data>)")
+    resume: str | None = cfg_field(None, help="checkpoint file or run directory to continue")
+    progress: bool = cfg_field(True, help="tqdm progress bars")
+    recipes: tuple[str, ...] = cfg_field((), help="recipes applied, in order")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # JSON and argparse give lists where tuples are meant
+            value = getattr(self, f.name)
+            if isinstance(value, list) and "tuple" in str(hints[f.name]):
+                setattr(self, f.name, tuple(value))
+        # same field checks as a method's config: one validation rule for every config
+        PeftConfig.validate(self)  # type: ignore[arg-type]
+        if self.task is not None and self.data_dir is not None:
+            raise ValueError("give either task or data_dir, not both")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
+                             f"({self.epochs}); pass --warmup-epochs 0 for no warm-up")
+        for key in ("num_classes", "pretrained", "peft", "peft_cfg", "pretrained_cfg_overlay"):
+            if key in self.model_kwargs:
+                raise ValueError(f"model_kwargs may not set {key!r}: it is set by the run "
+                                 f"({'from the data' if key == 'num_classes' else 'its own option'})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of all fields."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_recipes(cls, recipes: list[str] | tuple[str, ...] = (), **overrides: Any) -> "TrainConfig":
+        """Defaults, then each recipe's settings in order, then ``overrides``.
+
+        Example:
+            >>> cfg = TrainConfig.from_recipes(["vtab1k", "vpt"], model="vit_base_patch16_224.vpt")
+            >>> cfg.val_split, cfg.opt, cfg.epochs
+            (0.2, 'momentum', 100)
+        """
+        values: dict[str, Any] = {}
+        for name in recipes:
+            values.update(get_recipe(name).settings)
+        values.update(overrides)
+        values["recipes"] = tuple(recipes)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**values)
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        """``lr``, or ``lr_base`` scaled linearly by the global batch when ``lr_base_size`` is set."""
+        if self.lr is not None:
+            return self.lr
+        if self.lr_base_size is None:
+            return self.lr_base
+        return self.lr_base * self.batch_size * world_size / self.lr_base_size
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Published training settings, applied as :class:`TrainConfig` defaults (``--recipe``)."""
+
+    name: str
+    summary: str
+    source: str
+    settings: dict[str, Any]
+    notes: str = ""
+
+
+_VPT_GRID = ("the authors grid-search lr_base in {50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05} "
+             "(x global batch / 256) and weight decay in {0.01, 0.001, 0.0001, 0} on the "
+             "validation split of each task; lr_base 1.0 and weight decay 1e-4 are our defaults "
+             "from the middle of that grid")
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("vtab1k", "VTAB-1k protocol: 1000 training images, tune on 800/200, no augmentation",
+           "Zhai et al. 2019; as run by VPT (Jia et al. 2022), SSF (Lian et al. 2022), E2VPT",
+           dict(val_split=0.2, aug=False, crop_pct=1.0),
+           "tuning run: train on 800, select on 200; final run: add --val-split 0 to train on "
+           "all 1000 and report test accuracy of the last epoch; images are resized to the "
+           "model's input size (crop_pct 1.0)"),
+    Recipe("fgvc", "FGVC protocol: 90/10 train/val split, random resized crop + flip",
+           "VPT (Jia et al. 2022), SSF (Lian et al. 2022)",
+           dict(val_split=0.1, aug=True),
+           "final run: --val-split 0 with the chosen settings"),
+    Recipe("vpt", "VPT authors: SGD momentum 0.9, cosine, 100 epochs incl. 10 warm-up, batch 64",
+           "Jia et al. 2022, Visual Prompt Tuning, Sec. 4 and supplementary",
+           dict(opt="momentum", momentum=0.9, sched="cosine", epochs=100, warmup_epochs=10,
+                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4),
+           _VPT_GRID),
+    Recipe("e2vpt", "E2VPT authors: as VPT (SGD, cosine, 100 epochs incl. 10 warm-up, batch 64)",
+           "Han et al. 2023, E2VPT, Sec. 4.1 'Training'",
+           dict(opt="momentum", momentum=0.9, sched="cosine", epochs=100, warmup_epochs=10,
+                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4),
+           _VPT_GRID + "; batch 80 for Swin-B; pruning ratio and rewinding are method config"),
+    Recipe("ssf", "SSF authors: AdamW, cosine, 100 epochs with 10 warm-up",
+           "Lian et al. 2022, Scaling & Shifting Your Features, Sec. 4.1",
+           dict(opt="adamw", sched="cosine", epochs=100, warmup_epochs=10, batch_size=64,
+                lr=1e-2, lr_base_size=None, weight_decay=1e-4),
+           "VTAB learning rates span 1e-3 to 5e-2 per task (lr 1e-2 is our default); batch size "
+           "and weight decay are not stated in the paper (ours: 64 and 1e-4)"),
+    Recipe("lion", "LION authors: Adam (beta1 0.9), lr 1e-5, batch 64",
+           "Wang et al. 2024, LION (AAAI), 'Implementation Details'",
+           dict(opt="adam", momentum=0.9, lr=1e-5, batch_size=64, epochs=100, warmup_epochs=10,
+                sched="cosine", weight_decay=0.0),
+           "epochs, schedule and weight decay are not stated (ours: 100 cosine, 10 warm-up, 0); "
+           "the robust update rule comes with the method, not the recipe"),
+)}
+
+
+def list_recipes() -> list[str]:
+    """Names of the built-in recipes.
+
+    Example:
+        >>> list_recipes()
+        ['e2vpt', 'fgvc', 'lion', 'ssf', 'vpt', 'vtab1k']
+    """
+    return sorted(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The :class:`Recipe` called ``name``; unknown names list the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; recipes: {list_recipes()}")
+    return RECIPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed helpers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over processes in place (identity on one process)."""
+        if self.enabled:
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _setup_distributed(device: str | None) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if world <= 1:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return _Dist(device=torch.device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    owns = not dist.is_initialized()
+    if owns:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev,
+                 owns_group=owns)
+
+
+class _ShardSampler(Sampler[int]):
+    """Every ``world``-th index from ``rank``, no padding: evaluation counts each image once."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ----------------------------------------------------------------------------------------------
+# model, data, optimiser
+# ----------------------------------------------------------------------------------------------
+
+def _split_model_name(name: str) -> tuple[str, str]:
+    """``(arch, method)`` of ``<arch>[.<tag>].<method>``, with clear errors."""
+    import timm
+
+    from .core import list_methods
+    from .integration import split_method
+    if not name:
+        raise ValueError("no model given: pass <arch>[.<weight tag>].<method>, e.g. "
+                         "vit_base_patch16_224.augreg2_in21k_ft_in1k.ssf")
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm architecture {arch!r} in {name!r} (see timm.list_models())")
+    _, method = split_method(arch, tag or None)
+    if method is None:
+        which = f" ({tag!r} is not one)" if tag else ""
+        raise ValueError(f"model {name!r} names no PEFT method{which}: use "
+                         f"<arch>[.<weight tag>].<method> with a method from {list_methods()}, "
+                         f"e.g. '{arch}.linear'")
+    return arch, method
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The frozen base with the method applied, built through timm's own pretrained path.
+
+    The random initialisation is seeded with ``cfg.seed`` so every process (and a later
+    ``eval``) builds the same adapter initialisation and, without pretrained weights, the same
+    base.
+
+    Example:
+        >>> m = build_model(TrainConfig(model="resnet18.bias", pretrained=False), num_classes=4)
+        >>> m.peft_method, m.num_classes
+        ('bias', 4)
+    """
+    import timm
+    _split_model_name(cfg.model)
+    kwargs: dict[str, Any] = dict(cfg.model_kwargs)
+    if cfg.pretrained_file is not None:
+        if not cfg.pretrained:
+            raise ValueError("pretrained_file was given with pretrained=False; drop one of them")
+        path = Path(cfg.pretrained_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained file {path} does not exist")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path.resolve()), custom_load=False)
+    torch.manual_seed(cfg.seed)
+    try:
+        return timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
+                                 peft_cfg=cfg.peft_cfg or None, **kwargs)
+    except (OSError, RuntimeError) as e:
+        if cfg.pretrained and cfg.pretrained_file is None:
+            raise RuntimeError(f"could not load pretrained weights for {cfg.model!r} ({e}); "
+                               "pass a local weights file (--pretrained-file) or "
+                               "--no-pretrained") from e
+        raise
+
+
+def _data_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    from timm.data import resolve_data_config
+    args = {k: getattr(cfg, k) for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
+    args["img_size"] = cfg.model_kwargs.get("img_size")
+    if not isinstance(args["img_size"], int):
+        args["img_size"] = None
+    data_cfg = resolve_data_config(args, model=model)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()}
+
+
+def build_transforms(data_cfg: dict[str, Any], aug: bool) -> tuple[Callable, Callable]:
+    """``(train, eval)`` transforms from timm's ``create_transform``.
+
+    Without ``aug`` the training images get the evaluation transform (resize and center crop by
+    ``crop_pct``; VTAB: resize only). With ``aug``: random resized crop and horizontal flip.
+    """
+    from timm.data import create_transform
+    common = dict(input_size=tuple(data_cfg["input_size"]), interpolation=data_cfg["interpolation"],
+                  mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
+    eval_tf = create_transform(**common, crop_pct=data_cfg["crop_pct"],
+                               crop_mode=data_cfg.get("crop_mode"))
+    train_tf = create_transform(**common, is_training=True, hflip=0.5, color_jitter=0.0) if aug \
+        else eval_tf
+    return train_tf, eval_tf
+
+
+def _param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float,
+                  no_weight_decay: set[str]) -> list[dict[str, Any]]:
+    inner = unwrap_features(model)
+    head_ids = ({id(p) for p in inner.get_classifier().parameters()}
+                if hasattr(inner, "get_classifier") else set())
+    timm_no_wd = inner.no_weight_decay() if hasattr(inner, "no_weight_decay") else set()
+    groups: dict[tuple[bool, bool], dict[str, Any]] = {}
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and name not in no_weight_decay and name not in timm_no_wd
+        is_head = id(p) in head_ids
+        key = (is_head, decay)
+        if key not in groups:
+            groups[key] = dict(params=[], lr=head_lr if is_head else lr,
+                               weight_decay=weight_decay if decay else 0.0)
+        groups[key]["params"].append(p)
+    if not groups:
+        raise ValueError(f"{type(inner).__name__} has no trainable parameter: nothing to train")
+    return [groups[k] for k in sorted(groups)]
+
+
+def _training_hooks(model: nn.Module) -> dict[str, Any]:
+    inner = unwrap_features(model)
+    hooks = dict(get_method(inner.peft_method).training_hooks(inner) or {})
+    unknown = sorted(set(hooks) - set(_HOOK_KEYS))
+    if unknown:
+        raise ValueError(f"method {inner.peft_method!r} returned unknown training hook(s) "
+                         f"{unknown}; the loop understands {list(_HOOK_KEYS)}")
+    return hooks
+
+
+def create_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
+    """timm optimiser over the trainable parameters, as the method asks for it.
+
+    Weight decay is off for 1-D tensors (biases, norms, SSF's scales and shifts), for timm's own
+    ``no_weight_decay()`` names and for the names in the method's ``"no_weight_decay"`` hook
+    (prompts). The head gets ``cfg.head_lr``. The method's ``"optimizer_wrapper"`` hook (e.g.
+    LION's robust update) wraps the result.
+
+    Example:
+        >>> import timm, timm_peft
+        >>> m = timm.create_model("resnet18.bias", num_classes=3)
+        >>> opt = create_optimizer(m, TrainConfig(opt="sgd", lr=0.1, head_lr=0.5))
+        >>> sorted({g["lr"] for g in opt.param_groups})
+        [0.1, 0.5]
+    """
+    from timm.optim import create_optimizer_v2
+    hooks = _training_hooks(model)
+    lr = cfg.resolved_lr(world_size)
+    groups = _param_groups(model, lr, cfg.head_lr if cfg.head_lr is not None else lr,
+                           cfg.weight_decay, set(hooks.get("no_weight_decay", ())))
+    opt = create_optimizer_v2(groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                              momentum=cfg.momentum)
+    wrapper = hooks.get("optimizer_wrapper")
+    return wrapper(opt, unwrap_features(model)) if wrapper is not None else opt
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int,
+                     steps_per_epoch: int):  # noqa: ANN201  (a timm Scheduler or None)
+    """timm scheduler stepped per update: a linear warm-up, then cosine decay (or constant).
+
+    ``epochs`` include the warm-up, as in "100 epochs including 10 warm-up" (VPT, E2VPT): the
+    cosine runs from the end of the warm-up to the last update. A stage of another length keeps
+    the run's warm-up share.
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> s = create_scheduler(opt, TrainConfig(lr=0.1, epochs=4, warmup_epochs=1), 4, 10)
+        >>> s.step_update(10); round(opt.param_groups[0]["lr"], 4)
+        0.1
+    """
+    from timm.scheduler import create_scheduler_v2
+    if cfg.sched == "none":
+        return None
+    warmup = cfg.warmup_epochs * epochs / cfg.epochs  # same share in later stages
+    sched, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=epochs - warmup, warmup_epochs=warmup,
+        warmup_prefix=True, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch)
+    return sched
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+    """Mean loss and top-1 accuracy of ``model`` over ``loader`` (summed over processes).
+
+    Example:
+        >>> import timm, timm_peft, torch
+        >>> m = timm.create_model("resnet18.linear", num_classes=2)
+        >>> data = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))]
+        >>> sorted(evaluate(m, data))
+        ['acc', 'loss', 'n']
+    """
+    was_training = model.training
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        stats[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        stats[1] += (logits.argmax(-1) == y).sum()
+        stats[2] += y.numel()
+    all_reduce(stats)
+    model.train(was_training)
+    n = stats[2].item()
+    return dict(loss=stats[0].item() / max(n, 1), acc=stats[1].item() / max(n, 1), n=int(n))
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class StageContext:
+    """What a method's post-training ``"stages"`` receive (see ``PeftMethod.training_hooks``).
+
+    ``fit(model, epochs, desc)`` re-runs the standard loop with a fresh optimiser and schedule
+    over the parameters trainable at that moment and returns its final metrics.
+    ``all_reduce(t)`` sums a tensor over processes (identity on one process), for statistics
+    such as importance scores gathered over the training data. Batches from the loaders are on
+    the CPU; move them to ``device``.
+    """
+
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    loss_fn: nn.Module
+    device: torch.device
+    epochs: int
+    fit: Callable[[nn.Module, int, str], dict[str, float]]
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Callable[[], ContextManager]
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class TrainResult:
+    """Where a run put its outputs and what it measured."""
+
+    output_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    inner = unwrap_features(model)
+    state = get_method(inner.peft_method).adapter_state_dict(inner)
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    inner = unwrap_features(model)
+    expected = set(inner.peft_adapter_keys)
+    if set(state) != expected:
+        raise ValueError(f"{where} does not fit the model: missing "
+                         f"{sorted(expected - set(state))[:8]}, unexpected "
+                         f"{sorted(set(state) - expected)[:8]}")
+    inner.load_state_dict(state, strict=False)
+
+
+class _Trainer:
+    """One run: loaders, model, DDP wrapping, epochs, checkpoints, logging."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, splits: DataSplits,
+                 data_cfg: dict[str, Any], dctx: _Dist, out: Path) -> None:
+        self.cfg, self.model, self.splits, self.dctx, self.out = cfg, model, splits, dctx, out
+        self.device = dctx.device
+        self.model.to(self.device)
+        train_tf, eval_tf = build_transforms(data_cfg, cfg.aug)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        global_batch = cfg.batch_size * dctx.world_size
+        if len(splits.train) < global_batch:
+            raise ValueError(f"the training set has {len(splits.train)} images, fewer than one "
+                             f"global batch ({cfg.batch_size} x {dctx.world_size} processes); "
+                             "lower --batch-size")
+        workers = cfg.workers if cfg.workers is not None else (
+            0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) // 2))
+        common = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
+                      persistent_workers=workers > 0)
+        # the same sampler on one process as on many: the global batch is identical either way
+        self.train_sampler = DistributedSampler(splits.train, num_replicas=dctx.world_size,
+                                                rank=dctx.rank, shuffle=True, seed=cfg.seed)
+        self.train_loader = DataLoader(TransformDataset(splits.train, train_tf),
+                                       batch_size=cfg.batch_size, sampler=self.train_sampler,
+                                       drop_last=True, **common)
+        self.eval_loaders = {
+            name: DataLoader(TransformDataset(ds, eval_tf), batch_size=cfg.batch_size,
+                             sampler=_ShardSampler(len(ds), dctx.rank, dctx.world_size), **common)
+            for name, ds in (("val", splits.val), ("test", splits.test)) if ds is not None}
+        amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.amp = amp
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if amp and self.amp_dtype == torch.float16 else None)
+        self.history: list[dict[str, Any]] = []
+        self.global_step = 0
+
+    # --- helpers -------------------------------------------------------------------------------
+    def autocast(self) -> ContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def evaluate(self, split: str) -> dict[str, float] | None:
+        loader = self.eval_loaders.get(split)
+        if loader is None:
+            return None
+        return evaluate(self.model, loader, self.device, self.autocast, self.dctx.all_reduce)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.dctx.is_main:
+            with open(self.out / LOG_NAME, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.dctx.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        inner = unwrap_features(model)
+        # Each process loaded the same frozen base itself; check that instead of sending it.
+        prints = [None] * self.dctx.world_size
+        dist.all_gather_object(prints, base_fingerprint(model))
+        if len(set(prints)) != 1:
+            raise RuntimeError("the processes built different frozen bases (fingerprints "
+                               f"{sorted({p[:19] for p in prints})}); give every process the "
+                               "same weights")
+        state = inner.state_dict()
+        for key in inner.peft_adapter_keys:  # only the adapter starts from rank 0's values
+            dist.broadcast(state[key], src=0)
+        # init_sync=False: no broadcast of the (frozen) module states; broadcast_buffers=False:
+        # the frozen base's buffers never change, so nothing is sent before each forward.
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   broadcast_buffers=False, init_sync=False)
+
+    def _sync_adapter_buffers(self) -> None:
+        """Give every process rank 0's adapter buffers (e.g. BatchNorm statistics that train)."""
+        if not self.dctx.enabled:
+            return
+        inner = unwrap_features(self.model)
+        params = {n for n, _ in inner.named_parameters()}
+        state = inner.state_dict()
+        for key in inner.peft_adapter_keys:
+            if key not in params:
+                dist.broadcast(state[key], src=0)
+
+    # --- epochs ---------------------------------------------------------------------------------
+    def fit_stage(self, model: nn.Module, epochs: int, desc: str) -> dict[str, Any]:
+        """``StageContext.fit``: the standard loop again, fresh optimiser, same model."""
+        if model is not self.model and model is not unwrap_features(self.model):
+            raise ValueError("StageContext.fit trains the run's own model; pass the model the "
+                             "stage received")
+        return self.run_epochs(epochs, desc)
+
+    def run_epochs(self, epochs: int, phase: str, start_epoch: int = 0,
+                   resume_state: dict[str, Any] | None = None,
+                   checkpoint: Callable[[int, Any, dict[str, Any]], None] | None = None,
+                   ) -> dict[str, Any]:
+        """Train ``epochs`` epochs with a fresh optimiser; keep the best validation state."""
+        from tqdm.auto import tqdm
+        cfg, dctx = self.cfg, self.dctx
+        optimizer = create_optimizer(self.model, cfg, dctx.world_size)
+        steps = len(self.train_loader)
+        scheduler = create_scheduler(optimizer, cfg, epochs, steps)
+        best: dict[str, Any] = dict(acc=-1.0, epoch=-1, state=None)
+        if resume_state is not None:
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            try:
+                optimizer.load_state_dict(resume_state["optimizer"])
+            except ValueError as e:
+                raise ValueError(f"the checkpoint's optimiser state does not fit this run ({e}); "
+                                 "resume with the same method, config and --opt") from e
+            for group, hyper in zip(optimizer.param_groups, fresh):
+                group.update(hyper)  # this run's lr / weight decay win over the saved ones
+            if self.scaler is not None and resume_state.get("scaler"):
+                self.scaler.load_state_dict(resume_state["scaler"])
+            best = resume_state["best"]
+        if scheduler is not None and start_epoch:
+            scheduler.step_update(start_epoch * steps)
+        ddp_model = self._wrap(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        val_loader = self.eval_loaders.get("val")
+        for epoch in range(start_epoch, epochs):
+            # one seed per (epoch, process): a resumed run draws the same numbers
+            torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + dctx.rank)
+            self.train_sampler.set_epoch(epoch)
+            self.model.train()
+            stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+            t0 = time.perf_counter()
+            bar = tqdm(self.train_loader, total=steps, desc=f"{phase} {epoch + 1}/{epochs}",
+                       unit="step", disable=not (cfg.progress and dctx.is_main), leave=True,
+                       dynamic_ncols=True)
+            for step, (x, y) in enumerate(bar):
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                with self.autocast():
+                    logits = ddp_model(x)
+                    loss = self.loss_fn(logits, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at {phase} epoch {epoch + 1} "
+                                             f"step {step + 1}; lower the learning rate")
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    if cfg.clip_grad is not None:
+                        self.scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    if cfg.clip_grad is not None:
+                        nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                if scheduler is not None:
+                    scheduler.step_update((epoch * steps) + step + 1)
+                stats[0] += loss.detach().float() * y.numel()
+                stats[1] += (logits.detach().argmax(-1) == y).sum()
+                stats[2] += y.numel()
+                if not bar.disable:
+                    n = stats[2].item()
+                    bar.set_postfix(loss=f"{stats[0].item() / n:.3f}",
+                                    acc=f"{stats[1].item() / n:.3f}",
+                                    img_s=f"{n * dctx.world_size / (time.perf_counter() - t0):.0f}",
+                                    refresh=False)
+            bar.close()
+            elapsed = time.perf_counter() - t0
+            dctx.all_reduce(stats)
+            self._sync_adapter_buffers()
+            record: dict[str, Any] = dict(
+                phase=phase, epoch=epoch + 1, epochs=epochs, step=self.global_step,
+                lr=optimizer.param_groups[0]["lr"], train_loss=stats[0].item() / stats[2].item(),
+                train_acc=stats[1].item() / stats[2].item(), epoch_time_s=round(elapsed, 3),
+                img_per_s=round(stats[2].item() / elapsed, 1))
+            if val_loader is not None:
+                val = self.evaluate("val")
+                record.update(val_loss=val["loss"], val_acc=val["acc"])
+                if val["acc"] > best["acc"]:
+                    best = dict(acc=val["acc"], epoch=epoch + 1, state=_trainable_state(self.model))
+                record["best_val_acc"] = best["acc"]
+            self.log(record)
+            if dctx.is_main and cfg.progress:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
+                         if k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+                tqdm.write(f"{phase} epoch {epoch + 1}/{epochs}: {shown}")
+            if checkpoint is not None:
+                checkpoint(epoch + 1, optimizer, best)
+        if best["state"] is not None:
+            _load_trainable_state(self.model, best["state"], "the best epoch's state")
+        result = dict(best_val_acc=best["acc"] if best["state"] is not None else None,
+                      best_epoch=best["epoch"] if best["state"] is not None else epochs)
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def _resolve_resume(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a {CHECKPOINT_NAME} file or a "
+                                "run directory holding one)")
+    return p
+
+
+def _read_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module,
+                     classes: list[str]) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"{path} is not a readable timm_peft checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a timm_peft checkpoint (format {_CHECKPOINT_FORMAT})")
+    inner = unwrap_features(model)
+    mismatches = []
+    if ckpt["model"] != cfg.model:
+        mismatches.append(f"model {ckpt['model']!r} (this run: {cfg.model!r})")
+    if ckpt["num_classes"] != len(classes):
+        mismatches.append(f"num_classes {ckpt['num_classes']} (this run's data: {len(classes)})")
+    elif ckpt["classes"] != classes:
+        mismatches.append(f"classes {ckpt['classes'][:6]}… (this run: {classes[:6]}…)")
+    if ckpt["peft_config"] != inner.peft_config.to_dict():
+        mismatches.append(f"method config {ckpt['peft_config']} (this run: "
+                          f"{inner.peft_config.to_dict()})")
+    if ckpt["model_kwargs"] != cfg.model_kwargs:
+        mismatches.append(f"model_kwargs {ckpt['model_kwargs']} (this run: {cfg.model_kwargs})")
+    if not mismatches and ckpt["base_fingerprint"] != base_fingerprint(model):
+        mismatches.append("base weights (fingerprints differ: another --pretrained-file?)")
+    if mismatches:
+        raise ValueError(f"cannot resume from {path}: it was made with " + "; ".join(mismatches))
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+
+def _default_output(cfg: TrainConfig) -> Path:
+    data = cfg.task or Path(cfg.data_dir or "data").name
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{data}"
+
+
+def _make_splits(cfg: TrainConfig, image_size: int | None) -> DataSplits:
+    return build_splits(cfg.task, cfg.data_dir, val_split=cfg.val_split, seed=cfg.seed,
+                        image_size=cfg.task_image_size or image_size or 32,
+                        train_size=cfg.train_size, val_size=cfg.val_size, test_size=cfg.test_size)
+
+
+def train(cfg: TrainConfig, splits: DataSplits | None = None) -> TrainResult:
+    """Fine-tune ``cfg.model`` on the configured data and save the best adapter.
+
+    Writes to the run directory: ``adapter/`` (:func:`timm_peft.save_pretrained` output plus
+    ``training_args.json``), ``checkpoint.pt`` (last epoch, for ``resume``), ``log.jsonl`` (one
+    JSON record per epoch) and ``summary.json``. ``splits`` replaces the data named in ``cfg``
+    (e.g. datasets built once and shared by many runs). Under ``torchrun`` every process calls
+    this; only rank 0 writes.
+
+    Example:
+        >>> cfg = TrainConfig(model="resnet18.bias", task="texture", pretrained=False,
+        ...                   epochs=1, train_size=64, test_size=64, batch_size=32)
+        >>> train(cfg).metrics["test_acc"]  # doctest: +SKIP
+        0.23
+    """
+    if cfg.task is None and cfg.data_dir is None and splits is None:
+        raise ValueError(f"no data: give a built-in task ({list_tasks()}) or a data directory")
+    dctx = _setup_distributed(cfg.device)
+    try:
+        return _train(cfg, splits, dctx)
+    finally:
+        if dctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainResult:
+    from tqdm.auto import tqdm
+    resume_path = _resolve_resume(cfg.resume) if cfg.resume else None
+    out = Path(cfg.output) if cfg.output else (resume_path.parent if resume_path else None)
+    if out is None:
+        out = _default_output(cfg)
+        if dctx.enabled:  # every process must agree on a name made from the clock
+            names = [str(out)]
+            dist.broadcast_object_list(names, src=0)
+            out = Path(names[0])
+    if resume_path is None and (out / CHECKPOINT_NAME).exists():
+        raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); continue it with "
+                         f"--resume {out} or choose another --output")
+    if dctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # a generated task is rendered at the model's input size, so the model comes first; its
+    # class count is known without rendering anything
+    if splits is None and cfg.task is None:
+        splits = _make_splits(cfg, None)
+    classes = splits.classes if splits is not None else list(TASKS[cfg.task].classes)
+    model = build_model(cfg, num_classes=len(classes))
+    data_cfg = _data_config(cfg, model)
+    if splits is None:
+        splits = _make_splits(cfg, data_cfg["input_size"][-1])
+    trainer = _Trainer(cfg, model, splits, data_cfg, dctx, out)
+
+    start_epoch, resume_state = 0, None
+    if resume_path is not None:
+        ckpt = _read_checkpoint(resume_path, cfg, model, splits.classes)
+        _load_trainable_state(model, ckpt["adapter"], f"checkpoint {resume_path}")
+        start_epoch, trainer.global_step = ckpt["epoch"], ckpt["step"]
+        resume_state = ckpt
+        trainer.history = list(ckpt.get("history", []))
+        if dctx.is_main and cfg.progress:
+            tqdm.write(f"resuming {resume_path} at epoch {start_epoch + 1}/{cfg.epochs}, "
+                       f"step {trainer.global_step}")
+    fingerprint = base_fingerprint(model)
+    trainable, total = get_nb_trainable_parameters(model)
+    inner = unwrap_features(model)
+    run_info = dict(model=cfg.model, method=inner.peft_method, data=splits.source,
+                    num_classes=len(splits.classes), train_images=len(splits.train),
+                    val_images=len(splits.val) if splits.val is not None else 0,
+                    test_images=len(splits.test) if splits.test is not None else 0,
+                    trainable_params=trainable, total_params=total, world_size=dctx.world_size,
+                    global_batch=cfg.batch_size * dctx.world_size,
+                    lr=cfg.resolved_lr(dctx.world_size), device=str(dctx.device))
+    if dctx.is_main:
+        if cfg.progress:
+            tqdm.write("run: " + ", ".join(f"{k}={v}" for k, v in run_info.items()))
+        args = dict(cfg.to_dict(), classes=splits.classes, data_config=data_cfg, run=run_info)
+        (out / "args.json").write_text(json.dumps(args, indent=2) + "\n")
+
+    def checkpoint(epoch: int, optimizer: torch.optim.Optimizer, best: dict[str, Any]) -> None:
+        if not dctx.is_main:
+            return
+        _atomic_torch_save(dict(
+            format=_CHECKPOINT_FORMAT, model=cfg.model, model_kwargs=cfg.model_kwargs,
+            peft_config=inner.peft_config.to_dict(), num_classes=len(splits.classes),
+            classes=splits.classes, base_fingerprint=fingerprint, epoch=epoch,
+            step=trainer.global_step, adapter=_trainable_state(model),
+            optimizer=optimizer.state_dict(),
+            scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            best=best, history=trainer.history), out / CHECKPOINT_NAME)
+
+    main = trainer.run_epochs(cfg.epochs, "train", start_epoch=start_epoch,
+                              resume_state=resume_state, checkpoint=checkpoint)
+    if resume_state is not None and start_epoch >= cfg.epochs and resume_state["best"]["state"]:
+        _load_trainable_state(model, resume_state["best"]["state"], "the checkpoint's best state")
+
+    hooks = _training_hooks(model)
+    ctx = StageContext(
+        train_loader=trainer.train_loader, val_loader=trainer.eval_loaders.get("val"),
+        loss_fn=trainer.loss_fn, device=dctx.device, epochs=cfg.epochs,
+        fit=trainer.fit_stage,
+        all_reduce=dctx.all_reduce, autocast=trainer.autocast, rank=dctx.rank,
+        world_size=dctx.world_size)
+    stages = []
+    for name, stage in hooks.get("stages", ()):
+        if dctx.is_main and cfg.progress:
+            tqdm.write(f"stage {name!r} of method {inner.peft_method!r}")
+        result = stage(inner, ctx)
+        stages.append(dict(stage=name, **(result if isinstance(result, dict) else {})))
+        trainer.log(dict(phase=name, stage_done=True, step=trainer.global_step))
+
+    trainer._sync_adapter_buffers()
+    metrics: dict[str, Any] = dict(best_epoch=main["best_epoch"])
+    for split in ("val", "test"):
+        res = trainer.evaluate(split)
+        if res is not None:
+            metrics[f"{split}_acc"], metrics[f"{split}_loss"] = res["acc"], res["loss"]
+    trainable, _ = get_nb_trainable_parameters(model)
+    metrics.update(trainable_params=trainable, stages=stages)
+    adapter_dir = out / "adapter"
+    if dctx.is_main:
+        save_pretrained(model, adapter_dir, dataset=splits.source, metrics=metrics)
+        training_args = dict(cfg.to_dict(), classes=splits.classes, data_config=data_cfg,
+                             metrics=metrics)
+        (adapter_dir / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=2) + "\n")
+        metrics["adapter_bytes"] = (adapter_dir / WEIGHTS_NAME).stat().st_size
+        trainer.log(dict(phase="final", step=trainer.global_step, **metrics))
+        (out / "summary.json").write_text(json.dumps(dict(run=run_info, metrics=metrics),
+                                                     indent=2) + "\n")
+    dctx.barrier()
+    return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics,
+                       history=trainer.history)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluating a saved adapter
+# ----------------------------------------------------------------------------------------------
+
+def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
+                     task: str | None = None, data_dir: str | None = None,
+                     pretrained_file: str | None = None, batch_size: int | None = None,
+                     device: str | None = None, workers: int = 0) -> dict[str, Any]:
+    """Accuracy of a saved adapter on a split of its data (or of other data).
+
+    Data, data config, weights file and seed default to those in the adapter's
+    ``training_args.json``, so ``evaluate_adapter(run / "adapter")`` re-measures the logged
+    accuracy of a run.
+
+    Example:
+        >>> evaluate_adapter("runs/quickstart/adapter", "test")["acc"]  # doctest: +SKIP
+        0.91
+    """
+    from .io import from_pretrained, read_adapter_config
+    adapter_dir = Path(adapter_dir)
+    read_adapter_config(adapter_dir)
+    args_path = adapter_dir / TRAINING_ARGS_NAME
+    saved = json.loads(args_path.read_text()) if args_path.is_file() else {}
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; allowed: ['train', 'val', 'test']")
+    if task is None and data_dir is None:
+        task, data_dir = saved.get("task"), saved.get("data_dir")
+    if task is None and data_dir is None:
+        raise ValueError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
+                         f"task ({list_tasks()}) or a data directory")
+    pretrained_file = pretrained_file or saved.get("pretrained_file")
+    pretrained = saved.get("pretrained", True) or pretrained_file is not None
+    overrides: dict[str, Any] = {}
+    if pretrained_file:
+        if not Path(pretrained_file).is_file():
+            raise FileNotFoundError(f"pretrained file {pretrained_file} does not exist")
+        overrides["pretrained_cfg_overlay"] = dict(file=str(Path(pretrained_file).resolve()),
+                                                   custom_load=False)
+    torch.manual_seed(saved.get("seed", 0))  # a base without weights is rebuilt as in training
+    model = from_pretrained(adapter_dir, pretrained=pretrained, **overrides)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    data_cfg = saved.get("data_config") or _data_config(TrainConfig(), model)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields},
+                         "task": task, "data_dir": data_dir, "resume": None, "output": None})
+    splits = _make_splits(cfg, data_cfg["input_size"][-1])
+    if saved.get("classes") and splits.classes != saved["classes"]:
+        raise ValueError(f"the data's classes {splits.classes[:6]}… differ from the adapter's "
+                         f"{saved['classes'][:6]}…")
+    if model.num_classes != splits.num_classes:
+        raise ValueError(f"the adapter has {model.num_classes} classes, the data "
+                         f"{splits.num_classes}")
+    ds = getattr(splits, split)
+    if ds is None:
+        raise ValueError(f"the data has no {split!r} split")
+    _, eval_tf = build_transforms(data_cfg, aug=False)
+    loader = DataLoader(TransformDataset(ds, eval_tf), batch_size=batch_size or cfg.batch_size,
+                        num_workers=workers)
+    res = evaluate(model, loader, dev)
+    return dict(res, split=split, adapter=str(adapter_dir), data=splits.source)
+
