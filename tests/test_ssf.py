@@ -1,0 +1,439 @@
+"""SSF: parameter counts, sites, channel axes, identity init, exact merge / unmerge, save / load."""
+import copy
+import functools
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.layers import LayerNorm2d
+from torch import nn
+
+import timm_peft
+from timm_peft.methods.ssf import ScaleShift, SSFConfig, ssf_sites
+
+from conftest import TINY_VIT
+
+NUM_CLASSES = 5
+#: tiny members of each family (plus variants that change the site types)
+CONFIGS = {
+    "vit": ("vit_tiny_patch16_224", TINY_VIT),
+    "vit_qknorm_avg": ("vit_tiny_patch16_224", dict(TINY_VIT, qk_norm=True, class_token=False,
+                                                    global_pool="avg")),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(1, 1),
+                                                  num_heads=(2, 4), window_size=4)),
+    # dims[0] = 8 = the stem's output height and width: the channel axis cannot be told by shape
+    "convnext": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))),
+    "convnext_conv_mlp": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1),
+                                                conv_mlp=True)),
+    "resnet": ("resnet10t", dict(channels=(8, 16, 16, 16), stem_width=8)),
+}
+FOUR_FAMILIES = ("vit", "swin", "convnext", "resnet")
+
+
+def _input(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _build(name: str, **peft_cfg):
+    """(plain timm model, the same model with SSF applied) from one seed."""
+    arch, kwargs = CONFIGS[name]
+    torch.manual_seed(0)
+    base = timm.create_model(arch, num_classes=NUM_CLASSES, **kwargs)
+    model = timm_peft.apply_method(copy.deepcopy(base), "ssf", peft_cfg)
+    return base.eval(), model
+
+
+def _train(model: nn.Module, steps: int = 2, lr: float = 0.05) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        x = _input(100 + step)
+        loss = F.cross_entropy(model(x), torch.arange(2) % NUM_CLASSES)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _ssf_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# counts and sites
+# ----------------------------------------------------------------------------------------------
+
+def test_vit_base_parameter_count_matches_paper():
+    d, blocks = 768, 12
+    per_block = 2 * (d + 3 * d + d + d + 4 * d + d)  # norm1, qkv, proj, norm2, fc1, fc2
+    expected = 2 * d + blocks * per_block + 2 * d     # + patch embedding, final norm
+    assert expected == 205_824
+
+    headless = timm.create_model("vit_base_patch16_224.ssf", num_classes=0, device="meta")
+    assert timm_peft.get_nb_trainable_parameters(headless)[0] == expected
+    m = timm.create_model("vit_base_patch16_224.ssf", num_classes=100, device="meta")
+    assert timm_peft.get_nb_trainable_parameters(m)[0] == expected + 768 * 100 + 100 == 282_724
+    frozen_head = timm.create_model("vit_base_patch16_224.ssf", num_classes=100, device="meta",
+                                    peft_cfg=dict(train_head=False))
+    assert timm_peft.get_nb_trainable_parameters(frozen_head)[0] == expected
+
+
+def test_vit_base_sites_are_the_papers():
+    plain = timm.create_model("vit_base_patch16_224", device="meta")
+    block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+    expected = (["patch_embed.proj"] + [f"blocks.{i}.{s}" for i in range(12) for s in block]
+                + ["norm"])
+    assert ssf_sites(plain) == expected
+
+
+def test_sites_per_family():
+    _, swin = _build("swin")
+    block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+    assert ssf_sites(swin) == (["patch_embed.proj", "patch_embed.norm"]
+                               + [f"layers.0.blocks.0.{s}" for s in block]
+                               + ["layers.1.downsample.norm"]
+                               + [f"layers.1.blocks.0.{s}" for s in block] + ["norm"])
+
+    _, convnext = _build("convnext")
+    block = ["conv_dw", "norm", "mlp.fc1", "mlp.fc2"]
+    stages = [[f"stages.{i}.downsample.0", f"stages.{i}.downsample.1"] * (i > 0)
+              + [f"stages.{i}.blocks.0.{s}" for s in block] for i in range(4)]
+    assert ssf_sites(convnext) == ["stem.0", "stem.1"] + sum(stages, []) + ["head.norm"]
+
+    _, resnet = _build("resnet")
+    bns = [n for n, m in resnet.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 15 and ssf_sites(resnet) == bns  # stem 2 + bn1 + blocks 8 + downsample 4
+
+    _, vit = _build("vit_qknorm_avg")
+    sites = ssf_sites(vit)
+    assert {"blocks.0.attn.q_norm", "blocks.0.attn.k_norm", "fc_norm"} <= set(sites)
+    assert not any(s.startswith("head") for s in sites)
+
+
+def test_trainable_are_scales_shifts_and_head_and_backbone_gets_no_grad():
+    _, model = _build("vit")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == ({f"{s}.ssf.scale" for s in ssf_sites(model)}
+                         | {f"{s}.ssf.shift" for s in ssf_sites(model)}
+                         | {"head.weight", "head.bias"})
+    model(_input()).sum().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+def _reference_axis(op: nn.Module) -> int:
+    """Where the channels of each op's output lie, written out independently of the library."""
+    if isinstance(op, LayerNorm2d):  # subclasses nn.LayerNorm but normalises dim 1
+        return 1
+    if isinstance(op, (nn.Linear, nn.LayerNorm)):
+        return -1
+    assert isinstance(op, (nn.Conv2d, nn.BatchNorm2d)), type(op)
+    return 1
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_scale_shift_on_the_channel_axis(name):
+    _, model = _build(name)
+    seen = []
+    for site in ssf_sites(model):
+        op = model.get_submodule(site)
+        axis = _reference_axis(op)
+
+        def pre(mod, args, out, site=site):
+            seen.append(site)
+            mod._test_pre = out
+
+        def post(mod, args, out, axis=axis):
+            gamma, beta = mod.ssf.scale.detach(), mod.ssf.shift.detach()
+            shape = [1] * out.ndim
+            shape[axis] = -1
+            torch.testing.assert_close(out, mod._test_pre * gamma.view(shape) + beta.view(shape),
+                                       rtol=1e-6, atol=1e-6)
+
+        op.register_forward_hook(pre, prepend=True)
+        op.register_forward_hook(post)
+    with torch.no_grad():
+        model(_input())
+    assert seen == ssf_sites(model)
+
+
+@pytest.mark.parametrize("name", FOUR_FAMILIES)
+def test_identity_init_reproduces_the_base_model(name):
+    base, model = _build(name, init="identity")
+    model.eval()
+    x = _input()
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+    _, noisy = _build(name)  # the paper's init moves the output
+    with torch.no_grad():
+        assert not torch.allclose(noisy.eval()(x), base(x))
+
+
+def test_normal_init_statistics():
+    def stats(std):
+        _, model = _build("vit", init_std=std)
+        scales = torch.cat([m.scale.detach() for m in model.modules() if isinstance(m, ScaleShift)])
+        shifts = torch.cat([m.shift.detach() for m in model.modules() if isinstance(m, ScaleShift)])
+        return scales.mean(), scales.std(), shifts.mean(), shifts.std()
+
+    for std in (0.02, 0.1):
+        s_mean, s_std, b_mean, b_std = stats(std)
+        assert abs(s_mean - 1) < 0.1 * std and abs(s_std - std) < 0.1 * std
+        assert abs(b_mean) < 0.1 * std and abs(b_std - std) < 0.1 * std
+
+
+def test_fused_attention_and_compile_fullgraph(monkeypatch):
+    _, model = _build("vit")
+    model.eval()
+    x = _input()
+    with torch.no_grad():
+        ref = model(x)
+    assert all(b.attn.fused_attn for b in model.blocks)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == len(model.blocks)
+    monkeypatch.undo()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge / unmerge / merge_and_unload
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained():
+    """Each config's SSF model after a few optimiser steps, with its output on a fixed input."""
+    out = {}
+    for name in CONFIGS:
+        base, model = _build(name)
+        _train(model)
+        x = _input()
+        with torch.no_grad():
+            ref = model(x)
+            assert not torch.allclose(ref, base(x), atol=1e-3)  # SSF changed the function
+        out[name] = (model, x, ref)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_merge_unmerge_round_trip(trained, name):
+    trained_model, x, ref = trained[name]
+    model = copy.deepcopy(trained_model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = _ssf_hooks(model)
+
+    timm_peft.merge(model)
+    assert _ssf_hooks(model) == hooks - len(ssf_sites(model))  # the scale-shift hooks are gone
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+    assert set(model.state_dict()) == set(before)  # the copies are not state
+    timm_peft.merge(model)  # a second merge changes nothing
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+
+    timm_peft.unmerge(model)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # bit-exact
+    assert _ssf_hooks(model) == hooks
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    _train(model, steps=1)  # training resumes: the scales move again
+    assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before
+               if k.endswith(".ssf.scale"))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_merge_and_unload_gives_a_plain_timm_model(trained, name):
+    model, x, ref = trained[name]
+    arch, kwargs = CONFIGS[name]
+    merged = timm_peft.merge_and_unload(copy.deepcopy(model))
+    assert not any(isinstance(m, ScaleShift) for m in merged.modules())
+    assert _ssf_hooks(merged) == 0 and not hasattr(merged, "peft_config")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-5)
+
+    plain = timm.create_model(arch, num_classes=NUM_CLASSES, **kwargs)  # no method suffix
+    assert list(merged.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), ref, rtol=0, atol=1e-5)
+
+
+_PLAIN_TIMM_CHECK = """
+import json, sys
+import timm, torch
+from safetensors.torch import load_file
+assert "timm_peft" not in sys.modules
+for case in json.load(open(sys.argv[1])):
+    model = timm.create_model(case["arch"], num_classes=case["num_classes"], **case["kwargs"])
+    model.load_state_dict(load_file(case["weights"]), strict=True)
+    io = load_file(case["io"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(io["x"]), io["y"], rtol=0, atol=1e-5)
+    print("ok", case["arch"])
+"""
+
+
+def test_merged_state_dict_loads_into_timm_without_timm_peft(trained, tmp_path):
+    cases = []
+    for name in FOUR_FAMILIES:
+        model, x, ref = trained[name]
+        arch, kwargs = CONFIGS[name]
+        merged = timm_peft.merge_and_unload(copy.deepcopy(model))
+        save_file({k: v.contiguous() for k, v in merged.state_dict().items()},
+                  str(tmp_path / f"{name}.safetensors"))
+        save_file({"x": x, "y": ref}, str(tmp_path / f"{name}_io.safetensors"))
+        cases.append(dict(arch=arch, kwargs=kwargs, num_classes=NUM_CLASSES,
+                          weights=str(tmp_path / f"{name}.safetensors"),
+                          io=str(tmp_path / f"{name}_io.safetensors")))
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "check.py").write_text(_PLAIN_TIMM_CHECK)
+    res = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(tmp_path / "cases.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("ok") == len(FOUR_FAMILIES)
+
+
+def test_unfoldable_site_is_reported_and_nothing_changes():
+    arch, kwargs = CONFIGS["resnet"]
+    torch.manual_seed(0)
+    model = timm.create_model(f"{arch}.ssf", num_classes=NUM_CLASSES, **kwargs,
+                              norm_layer=functools.partial(nn.BatchNorm2d, affine=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = _ssf_hooks(model)
+    with pytest.raises(ValueError, match=r"cannot be merged exactly.*bn1 \(BatchNorm2d\).*affine"):
+        timm_peft.merge(model)
+    assert _ssf_hooks(model) == hooks
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="cannot be merged exactly"):
+        timm_peft.merge_and_unload(model)
+
+
+def test_bias_free_operation_gets_a_bias_by_default():
+    arch, kwargs = "vit_tiny_patch16_224", dict(TINY_VIT, qkv_bias=False)
+    torch.manual_seed(0)
+    model = timm.create_model(f"{arch}.ssf", num_classes=NUM_CLASSES, **kwargs)
+    _train(model, steps=2)
+    x = _input()
+    with torch.no_grad():
+        ref = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with pytest.warns(UserWarning, match=r"added a bias to 2 .*blocks\.0\.attn\.qkv\.bias"):
+        timm_peft.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
+    timm_peft.unmerge(model)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.blocks[0].attn.qkv.bias is None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = timm_peft.merge_and_unload(model)
+    plain = timm.create_model(arch, num_classes=NUM_CLASSES, **dict(kwargs, qkv_bias=True))
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), ref, rtol=0, atol=1e-5)
+
+
+def test_bias_free_scale_only_keeps_the_base_keys():
+    arch, kwargs = "vit_tiny_patch16_224", dict(TINY_VIT, qkv_bias=False)
+    torch.manual_seed(0)
+    model = timm.create_model(f"{arch}.ssf", num_classes=NUM_CLASSES,
+                              peft_cfg=dict(bias_free="scale_only"), **kwargs)
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.ssf.shift is None and model.blocks[0].attn.proj.ssf.shift is not None
+    headless = timm.create_model(f"{arch}.ssf", num_classes=0, **kwargs)
+    expected = timm_peft.get_nb_trainable_parameters(headless)[0] - 2 * qkv.out_features
+    assert timm_peft.get_nb_trainable_parameters(model)[0] == expected + 192 * 5 + 5
+    _train(model, steps=2)
+    x = _input()
+    with torch.no_grad():
+        ref = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged = timm_peft.merge_and_unload(model)
+    plain = timm.create_model(arch, num_classes=NUM_CLASSES, **kwargs)
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), ref, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load, config, families
+# ----------------------------------------------------------------------------------------------
+
+def test_save_load_carries_only_scales_shifts_and_head(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224.ssf", num_classes=NUM_CLASSES, **TINY_VIT)
+
+    model = build()
+    _train(model, steps=2)
+    x = _input()
+    with torch.no_grad():
+        ref = model(x)
+    out = timm_peft.save_pretrained(model, tmp_path / "adapter")
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    sites = ssf_sites(model)
+    assert set(saved) == ({f"{s}.ssf.{p}" for s in sites for p in ("scale", "shift")}
+                          | {"head.weight", "head.bias"})
+    assert sum(t.numel() for t in saved.values()) == timm_peft.get_nb_trainable_parameters(model)[0]
+
+    fresh = build()
+    timm_peft.load_adapter(fresh, out)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), ref)
+
+    timm_peft.merge(model)
+    with pytest.raises(ValueError, match=r"merged SSF model.*unmerge"):
+        timm_peft.save_pretrained(model, tmp_path / "merged")
+    with pytest.raises(ValueError, match=r"merged SSF model.*unmerge"):
+        timm_peft.load_adapter(model, out)
+    timm_peft.unmerge(model)
+    timm_peft.save_pretrained(model, tmp_path / "again")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match=r"init must be one of \['normal', 'identity'\]"):
+        SSFConfig(init="uniform")
+    with pytest.raises(ValueError, match=r"init_std must be >= 0"):
+        SSFConfig(init_std=-0.1)
+    with pytest.raises(ValueError, match=r"bias_free must be one of"):
+        SSFConfig(bias_free="drop")
+    with pytest.raises(ValueError, match="unknown SSFConfig field"):
+        timm.create_model("vit_tiny_patch16_224.ssf", peft_cfg=dict(scale_init=1.0), **TINY_VIT)
+
+
+def test_other_families_are_refused():
+    with pytest.raises(ValueError, match=r"supports model families \['vit', 'swin', 'convnext', "
+                                         r"'resnet'\]"):
+        timm.create_model("mobilenetv3_small_050.ssf", device="meta")
+    with pytest.raises(ValueError, match="SSF supports model families"):
+        ssf_sites(nn.Sequential(nn.Linear(2, 2)))
