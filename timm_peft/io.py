@@ -5,6 +5,10 @@ method's parameters and buffers plus the head, never a frozen base tensor) and
 ``adapter_config.json`` (how to rebuild base + adapter). Nothing is ever unpickled. Files are
 written to a temporary name and renamed into place, and the config records the SHA-256 of the
 weights it belongs to, so an interrupted or mixed save is detected on load.
+
+The same directory is what goes to the Hugging Face Hub (:func:`push_to_hub`) and what
+``hf-hub:<org>/<name>`` names when loading; a ``config.json`` beside it lets
+``timm.create_model("hf-hub:<org>/<name>")`` rebuild the model too, and makes plain timm refuse it.
 """
 from __future__ import annotations
 
@@ -221,9 +225,12 @@ _CARD_FIELDS: dict[str, tuple[type, ...]] = {
 
 
 def _base_pretrained_cfg(arch: str, tag: str | None) -> dict[str, Any]:
+    """timm's registry entry for the base weights; empty when they are not known to timm."""
     from timm.models import get_pretrained_cfg
+    if not tag:  # no recorded weight tag: claiming timm's default weights could be wrong
+        return {}
     try:
-        pc = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+        pc = get_pretrained_cfg(f"{arch}.{tag}")
     except RuntimeError:  # a tag timm does not know (the base came from elsewhere)
         return {}
     return pc.to_dict() if pc is not None else {}
