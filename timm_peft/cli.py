@@ -124,7 +124,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     recipes = given.pop("recipes", [])
     cfg = TrainConfig.from_recipes(recipes, **given)
     result = train(cfg)
-    if result.output_dir.exists():  # only the process that wrote the run reports it
+    if result.rank == 0:  # under torchrun, the process that wrote the run reports it
         _report_run(cfg, result)
     return 0
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import tempfile
@@ -544,6 +545,8 @@ class TrainResult:
     adapter_dir: Path
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: the process's rank under torchrun; only rank 0 writes the run directory
+    rank: int = 0
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -643,10 +646,16 @@ class _Trainer:
         state = inner.state_dict()
         for key in inner.peft_adapter_keys:  # only the adapter starts from rank 0's values
             dist.broadcast(state[key], src=0)
-        # init_sync=False: no broadcast of the (frozen) module states; broadcast_buffers=False:
-        # the frozen base's buffers never change, so nothing is sent before each forward.
+        # No broadcast of the module's states at construction (init_sync) and none before each
+        # forward (the frozen base's buffers never change). Older torch names the latter
+        # broadcast_buffers and may lack init_sync (then the base is sent once, at start).
+        accepted = inspect.signature(DDP.__init__).parameters
+        kwargs = {"forward_sync_buffers" if "forward_sync_buffers" in accepted
+                  else "broadcast_buffers": False}
+        if "init_sync" in accepted:
+            kwargs["init_sync"] = False
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   broadcast_buffers=False, init_sync=False)
+                   **kwargs)
 
     def _sync_adapter_buffers(self) -> None:
         """Give every process rank 0's adapter buffers (e.g. BatchNorm statistics that train)."""
@@ -955,7 +964,7 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
                                                      indent=2) + "\n")
     dctx.barrier()
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics,
-                       history=trainer.history)
+                       history=trainer.history, rank=dctx.rank)
 
 
 # ----------------------------------------------------------------------------------------------
