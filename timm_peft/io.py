@@ -190,8 +190,9 @@ def resolve_adapter_dir(
 
     Example:
         >>> import timm, timm_peft, tempfile
+        >>> from timm_peft.io import resolve_adapter_dir
         >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
-        >>> timm_peft.resolve_adapter_dir(d) == d
+        >>> resolve_adapter_dir(d) == d
         True
     """
     if isinstance(adapter, str) and adapter.startswith(HUB_PREFIX):
