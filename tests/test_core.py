@@ -171,11 +171,14 @@ def test_full_trains_everything():
 
 
 def test_merge_and_unload_of_baseline_is_plain_model():
-    model = timm.create_model("resnet10t.bias", num_classes=3)
+    model = timm.create_model("resnet10t", peft="bias", num_classes=3)
+    assert model._model_args["peft"] == "bias"
     keys = set(model.state_dict())
     plain = timm_peft.merge_and_unload(model)
     assert plain is model and set(plain.state_dict()) == keys
-    assert not hasattr(plain, "peft_config")
+    assert not hasattr(plain, "peft_config") and not hasattr(plain, "peft_base")
+    # timm's recorded build args no longer ask for timm_peft (timm.push_to_hf_hub writes them)
+    assert plain._model_args == {"num_classes": 3}
     with pytest.raises(ValueError, match="carries no PEFT method"):
         timm_peft.merge_and_unload(plain)
 

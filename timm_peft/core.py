@@ -555,10 +555,19 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+# create_model keywords that only timm_peft understands (the method, its config, the adapter-repo
+# marker of timm_peft.io); timm records them in ``_model_args``
+_PEFT_MODEL_ARGS = ("peft", "peft_cfg", "timm_peft_adapter")
+
+
 def _strip(model: nn.Module) -> nn.Module:
+    """Make a plain timm model again: its recorded args must not ask for timm_peft."""
     for m in {id(model): model, id(unwrap_features(model)): unwrap_features(model)}.values():
-        for attr in ("peft_method", "peft_config", "peft_adapter_keys"):
+        for attr in ("peft_method", "peft_config", "peft_adapter_keys", "peft_base"):
             m.__dict__.pop(attr, None)
+        args = m.__dict__.get("_model_args")
+        if isinstance(args, dict):
+            m._model_args = {k: v for k, v in args.items() if k not in _PEFT_MODEL_ARGS}
     return model
 
 

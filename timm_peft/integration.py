@@ -24,15 +24,14 @@ from .core import (PeftConfig, apply_method, get_method, iter_family_archs,
 __all__ = ["create_model", "list_models", "split_method", "install", "BUILD_HOOKS"]
 
 _WRAPPED_ATTR = "__timm_peft_original__"
-# Keywords the wrapper consumes; everything else is passed to the timm entrypoint untouched.
-_PEFT_KWARGS = ("peft", "peft_cfg")
 # kwargs of create_model that describe loading, not the architecture (not recorded for rebuild)
 _NON_ARCH_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
                     "device", "dtype", "pretrained_model_args", "features_only", "out_indices",
                     "feature_cls", "feature_cfg", "output_stride"}
 
-#: Callables ``hook(kwargs) -> model | None`` tried before the normal path; a hook that recognises
-#: its keywords (e.g. an adapter repo's marker in ``model_args``) builds the model itself.
+#: Callables ``hook(entrypoint, arch, kwargs) -> model | None`` tried before the normal path; a
+#: hook that recognises its keywords (e.g. an adapter repo's marker in ``model_args``) builds the
+#: model itself.
 BUILD_HOOKS: list[Callable[[Callable[..., nn.Module], str, dict[str, Any]], nn.Module | None]] = []
 
 

@@ -393,7 +393,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike,
     method = get_method(inner.peft_method)
     state = method.adapter_state_dict(inner)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    blob = save(tensors, metadata={"format": "pt", "peft_type": inner.peft_method})
+    # one metadata key: safetensors orders several at random, and the saved bytes are hashed
+    blob = save(tensors, metadata={"format": "pt"})
     base = _base_info(model)
     try:
         json.dumps(base["model_args"])
