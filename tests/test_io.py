@@ -212,3 +212,10 @@ def test_apply_method_on_user_built_model_records_base(tmp_path):
     assert cfg["architecture"] == "resnet10t" and cfg["model_args"]["num_classes"] == 3
     rebuilt = timm_peft.from_pretrained(out, pretrained=False, check_base=False)
     assert rebuilt.peft_method == "bias" and rebuilt.num_classes == 3
+
+
+def test_saving_twice_gives_identical_files(saved, tmp_path):
+    model, out = saved
+    again = timm_peft.save_pretrained(model, tmp_path / "again")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
