@@ -1,0 +1,233 @@
+"""Deep-equilibrium layer: solvers, implicit gradients, memory, statistics (timm_peft.deq)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.common import PeakMemory
+from timm_peft.deq import (DEQ, DEQConvergenceWarning, SolverStats, anderson,
+                           fixed_point_iteration, relative_residual)
+
+
+class LinearCell(nn.Module):
+    """f(z, u) = tanh(W z + V u + b) with ‖W‖₂ = gain: a contraction for gain < 1."""
+
+    def __init__(self, dim: int = 6, gain: float = 0.7) -> None:
+        super().__init__()
+        self.w = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.w.weight.mul_(gain / torch.linalg.matrix_norm(self.w.weight, 2))
+
+    def forward(self, z, u):
+        return torch.tanh(self.w(z) + self.v(u))
+
+
+class ConvCell(nn.Module):
+    """A small convolutional contraction (weights scaled down), batch-independent."""
+
+    def __init__(self, ch: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.5)
+
+    def forward(self, z, u):
+        return torch.tanh(self.conv(z) + u)
+
+
+def _grads(loss, tensors):
+    return [g.flatten() for g in torch.autograd.grad(loss, tensors)]
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+def test_implicit_gradient_matches_unrolled_autograd(solver):
+    torch.manual_seed(0)
+    cell = LinearCell().double()
+    deq = DEQ(cell, solver=solver, max_iter=200, tol=1e-10, backward_max_iter=200,
+              backward_tol=1e-10)
+    u = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, dtype=torch.float64)
+    params = [u, *cell.parameters()]
+
+    implicit = _grads((deq(u) * weight).sum(), params)
+
+    z = torch.zeros_like(u)
+    for _ in range(200):  # the reference: plain autograd through the unrolled iteration
+        z = cell(z, u)
+    unrolled = _grads((z * weight).sum(), params)
+
+    for name, a, b in zip(["u", "w.weight", "w.bias", "v.weight"], implicit, unrolled):
+        assert _cos(a, b) > 0.999, name
+        assert float((a - b).norm() / b.norm()) < 1e-3, name
+
+
+def test_implicit_gradient_float32_conv_cell():
+    torch.manual_seed(1)
+    cell = ConvCell()
+    deq = DEQ(cell, max_iter=100, tol=1e-6, backward_max_iter=100, backward_tol=1e-6)
+    u = torch.randn(2, 4, 6, 6, requires_grad=True)
+    weight = torch.randn(2, 4, 6, 6)
+    params = [u, *cell.parameters()]
+    implicit = _grads((deq(u) * weight).sum(), params)
+    z = torch.zeros_like(u)
+    for _ in range(200):
+        z = cell(z, u)
+    unrolled = _grads((z * weight).sum(), params)
+    for a, b in zip(implicit, unrolled):
+        assert _cos(a, b) > 0.999
+        assert float((a - b).norm() / b.norm()) < 1e-3
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+@pytest.mark.parametrize("tol", [1e-3, 1e-5])
+def test_equilibrium_residual_below_tolerance(solver, tol):
+    torch.manual_seed(0)
+    cell = ConvCell()
+    deq = DEQ(cell, solver=solver, max_iter=100, tol=tol)
+    u = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        z = deq(u)
+        fz = cell(z, u)
+    per_sample = (fz - z).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)
+    assert float(per_sample.max()) < tol
+    last = deq.forward_stats.last
+    assert last.converged and last.residual == pytest.approx(float(per_sample.max()), rel=1e-3)
+
+
+def test_anderson_beats_plain_iteration_on_slow_linear_map():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(-0.95, 0.95, 50, dtype=torch.float64)) @ q.T
+    b = torch.randn(2, 50, dtype=torch.float64)
+    exact = torch.linalg.solve(torch.eye(50, dtype=torch.float64) - a, b.T).T
+    results = {}
+    for solver in (anderson, fixed_point_iteration):
+        z, stats = solver(lambda z: z @ a.T + b, torch.zeros_like(b), max_iter=1000, tol=1e-8)
+        assert stats.converged
+        assert torch.allclose(z, exact, atol=1e-6)
+        results[solver.__name__] = stats.iterations
+    assert results["anderson"] < results["fixed_point_iteration"] / 2
+
+
+def test_relative_residual_per_sample():
+    z = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    fz = torch.tensor([[3.0, 4.5], [1.0, 0.1]])
+    assert torch.allclose(relative_residual(fz, z), torch.tensor([0.5 / 5, 0.1 / 1]))
+
+
+def _train_step_peak(deq, u):
+    def run():
+        out = deq(u)
+        out.square().sum().backward()
+    with PeakMemory() as pm:
+        run()
+    return pm.peak
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+def test_memory_does_not_grow_with_iterations(solver, backward):
+    torch.manual_seed(0)
+    cell = ConvCell(8)
+    u = torch.randn(4, 8, 16, 16, requires_grad=True)
+    peaks, iters = {}, {}
+    for n in (5, 40):
+        # tol=0 never converges: every solve runs exactly n iterations
+        deq = DEQ(cell, solver=solver, max_iter=n, tol=0.0, backward=backward,
+                  backward_max_iter=n, backward_tol=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DEQConvergenceWarning)
+            peaks[n] = _train_step_peak(deq, u)
+        iters[n] = deq.forward_stats.last.iterations
+        if backward == "implicit":
+            assert deq.backward_stats.last.iterations == n
+    assert iters == {5: 5, 40: 40}
+    assert peaks[40] <= 1.05 * peaks[5], peaks
+
+
+def test_nonconvergence_is_warned_once_then_counted():
+    torch.manual_seed(0)
+    deq = DEQ(LinearCell(gain=0.95), max_iter=2, tol=1e-12)
+    u = torch.randn(3, 6)
+    with pytest.warns(DEQConvergenceWarning, match="did not converge"):
+        deq(u)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DEQConvergenceWarning)
+        out = deq(u)  # counted, not warned again
+    assert torch.isfinite(out).all()
+    assert deq.forward_stats.nonconverged == 2 and deq.forward_stats.solves == 2
+    assert deq.stats()["forward_nonconverged"] == 2
+    deq.reset_stats()
+    assert deq.forward_stats.solves == 0
+
+
+def test_divergence_raises_instead_of_returning_nan():
+    class Blowup(nn.Module):
+        def forward(self, z, u):
+            return 1e30 * (z + u) ** 3 + u
+
+    deq = DEQ(Blowup(), solver="fixed_point", max_iter=30)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        deq(torch.ones(2, 3))
+
+
+def test_best_iterate_is_returned_not_the_last():
+    values = iter([1.0, 1.001, 10.0, 100.0, 1000.0, 1e4])
+
+    def f(z):  # nearly settles at 1, then runs away
+        return torch.full_like(z, next(values))
+
+    z, stats = fixed_point_iteration(f, torch.zeros(1, 2), max_iter=6, tol=1e-9)
+    assert torch.equal(z, torch.ones(1, 2))
+    assert stats.iterations == 6 and not stats.converged
+    assert stats.residual == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_phantom_gradient_approaches_implicit_with_many_steps():
+    torch.manual_seed(0)
+    cell = LinearCell(gain=0.5).double()
+    u = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64)
+    params = [u, *cell.parameters()]
+    common = dict(max_iter=100, tol=1e-12, backward_max_iter=100, backward_tol=1e-12)
+    exact = _grads((DEQ(cell, **common)(u) * weight).sum(), params)
+    many = _grads((DEQ(cell, backward="phantom", phantom_steps=60, **common)(u) * weight).sum(),
+                  params)
+    one = _grads((DEQ(cell, backward="phantom", **common)(u) * weight).sum(), params)
+    damped = _grads((DEQ(cell, backward="phantom", phantom_steps=120, phantom_damping=0.5,
+                         **common)(u) * weight).sum(), params)
+    for e, m, o, d in zip(exact, many, one, damped):
+        assert float((m - e).norm() / e.norm()) < 1e-6
+        assert float((d - e).norm() / e.norm()) < 1e-6
+        assert 0.5 < _cos(o, e) < 1 - 1e-6  # one step is only an approximation
+
+
+def test_eval_mode_uses_eval_cap_and_no_grad_path_matches():
+    torch.manual_seed(0)
+    deq = DEQ(LinearCell(gain=0.9), max_iter=3, eval_max_iter=50, tol=1e-6)
+    u = torch.randn(2, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DEQConvergenceWarning)
+        deq(u)
+    assert deq.forward_stats.last.iterations == 3
+    deq.eval()
+    with torch.no_grad():
+        z_eval = deq(u)
+    assert 3 < deq.forward_stats.last.iterations <= 50 and deq.forward_stats.last.converged
+    z_grad = deq(u.requires_grad_())
+    assert torch.allclose(z_eval, z_grad.detach())
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(ValueError, match="solver must be one of"):
+        DEQ(LinearCell(), solver="broyden")
+    with pytest.raises(ValueError, match="backward must be"):
+        DEQ(LinearCell(), backward="unrolled")
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
+        DEQ(LinearCell(), max_iter=0)
