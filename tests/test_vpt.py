@@ -228,6 +228,18 @@ def test_vit_keeps_sdpa():
     assert len(calls) == 3 and calls[0][-2] == 1 + 4 + 4  # keys: class + prompts + patches
 
 
+def test_vit_flops_grow_with_the_sequence():
+    """FLOPs counted by torch (under no_grad) grow at least like the sequence, (N+T)/N."""
+    from torch.utils.flop_counter import FlopCounterMode
+    base, model = build(dict(num_prompts=4))
+    flops = []
+    for m in (base, model):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(torch.randn(1, 3, 32, 32))
+        flops.append(counter.get_total_flops())
+    assert flops[1] / flops[0] >= (5 + 4) / 5 - 0.1  # the head's FLOPs do not grow
+
+
 def test_vit_torch_compile():
     _, model = build(dict(num_prompts=4))
     img = torch.randn(2, 3, 32, 32)
@@ -248,6 +260,22 @@ def test_vit_prompt_dropout_is_per_sample_and_off_in_eval():
         assert not torch.allclose(out[0], out[3])
 
 
+def test_deepcopy_owns_its_prompts_and_hooks():
+    """timm's EMA and many trainers deep-copy models: the copy must use and unload its own prompts."""
+    base, model = build(dict(num_prompts=4))
+    twin = copy.deepcopy(model)
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        twin.vpt.embeddings.normal_()  # (a constant shift would vanish in the LayerNorm)
+        assert not torch.allclose(twin(img), model(img), atol=1e-3)
+        expected = reference(base, twin.vpt.embeddings, img)
+        torch.testing.assert_close(twin(img), expected, atol=1e-5, rtol=0)
+        timm_peft.unload(twin)
+        assert torch.equal(twin(img), base(img))
+        torch.testing.assert_close(model(img), reference(base, model.vpt.embeddings, img),
+                                   atol=1e-5, rtol=0)
+
+
 def test_vit_unload_restores_the_plain_model():
     base, model = build(dict(num_prompts=4))
     img = torch.randn(2, 3, 32, 32)
@@ -262,7 +290,7 @@ def test_vit_unload_restores_the_plain_model():
 def test_vit_save_load_round_trip(tmp_path):
     _, model = build(dict(num_prompts=4, projection_dim=8))
     with torch.no_grad():
-        model.vpt.embeddings.add_(1.0)
+        model.vpt.embeddings.normal_()
     timm_peft.save_pretrained(model, tmp_path)
     _, fresh = build(dict(num_prompts=4, projection_dim=8), seed=0)
     fresh.vpt.reset_parameters()
@@ -451,6 +479,10 @@ def test_convnet_border_matches_padded_image(family):
     std = torch.tensor(base.pretrained_cfg["std"]).view(1, 3, 1, 1)
     pixels = model.vpt.left_right * std + mean
     assert pixels.min() >= 0 and pixels.max() <= 1 and pixels.std() > 0.2
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(img)
+    assert counter.get_total_flops() > 0
     with pytest.raises(ValueError, match="made for 32×32 inputs, got 40×40"):
         model(torch.randn(1, 3, 40, 40))
 

@@ -194,7 +194,9 @@ class VisualPrompts(_PromptModule):
 
     def tokens(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s prompt tokens, ``(T, d)``, before dropout (the override point)."""
-        return self.proj(self.embeddings[layer])
+        # a copy, not a view: a parameter's view made under no_grad requires grad but has no
+        # grad_fn, which torch's module tracker (FlopCounterMode) fails on
+        return self.proj(self.embeddings[layer].clone())
 
     def forward(self, layer: int, batch_size: int) -> torch.Tensor:
         """Layer ``layer``'s prompts for a batch: ``(B, T, d)`` with active dropout, else ``(1, T, d)``."""
@@ -248,8 +250,11 @@ class PixelPrompts(_PromptModule):
                              f"inputs, got {x.shape[-2]}×{x.shape[-1]}; build the model with "
                              "VPTConfig.img_size set to the input size")
         b = x.shape[0]
-        left, right = self.dropout(self.left_right.to(x.dtype).unsqueeze(1).expand(-1, b, -1, -1, -1))
-        top, bottom = self.dropout(self.top_bottom.to(x.dtype).unsqueeze(1).expand(-1, b, -1, -1, -1))
+        top_bottom = self.top_bottom.to(x.dtype).unsqueeze(1).expand(-1, b, -1, -1, -1)
+        left_right = self.left_right.to(x.dtype).unsqueeze(1).expand(-1, b, -1, -1, -1)
+        if self.training and self.dropout.p > 0:
+            top_bottom, left_right = self.dropout(top_bottom), self.dropout(left_right)
+        (top, bottom), (left, right) = top_bottom, left_right
         return torch.cat([top, torch.cat([left, x, right], dim=-1), bottom], dim=-2)
 
     def extra_repr(self) -> str:
