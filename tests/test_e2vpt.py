@@ -182,8 +182,12 @@ def test_vit_kv_prompts_in_every_block_and_sdpa_kept(base_files):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("deep", [True, False])
-def test_importance_equals_finite_difference_gradient(deep, base_files):
-    m = _build("vit", base_files, num_prompts=2, num_segments=2, num_kv_prompts=2, deep=deep).double()
+def test_importance_equals_finite_difference_gradient(deep):
+    # one prompt layer either way: deep on a 1-block ViT, shallow on the 2-block one
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224.e2vpt", **{**TINY_VIT, "depth": 1 if deep else 2},
+                          peft_cfg=dict(num_prompts=2, num_segments=2, num_kv_prompts=2,
+                                        deep=deep)).double()
     data = [(x.double(), y) for x, y in _data(2, batch=2)]
     scores = {mode: compute_importance(m, data, mode=mode, progress=False)[0]
               for mode in ("abs", "signed")}
@@ -289,7 +293,7 @@ def test_swin_prunes_only_the_configured_stages(base_files):
 def test_rewind_restarts_survivors_and_holds_pruned_parts_at_zero(mode, base_files):
     m = _build("vit", base_files, rewind=mode, num_prompts=6, num_segments=4)
     initial = m.vpt.embeddings.detach().clone()
-    data = _data(2)
+    data = _data(2, batch=2)
     snapshots = {}
 
     def fit(model, epochs, desc):  # the test's own loop: AdamW with weight decay, momentum
@@ -303,7 +307,7 @@ def test_rewind_restarts_survivors_and_holds_pruned_parts_at_zero(mode, base_fil
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
 
-    cfg = train_prune_rewind(m, data, epochs=2, token_ratio=0.5, segment_ratio=0.5, fit=fit,
+    cfg = train_prune_rewind(m, data, epochs=1, token_ratio=0.5, segment_ratio=0.5, fit=fit,
                              progress=False)
     keep = m.vpt._dense_mask().bool()
     start, end = snapshots["E²VPT rewind"], m.vpt.embeddings.detach()
@@ -324,7 +328,7 @@ def test_rewind_restarts_survivors_and_holds_pruned_parts_at_zero(mode, base_fil
 @pytest.mark.parametrize("fam", ["vit", "swin"])
 def test_pruned_adapter_is_smaller_and_reloads_to_the_masked_model(fam, base_files, tmp_path):
     m = _build(fam, base_files, method="e2vpt_prune", num_prompts=8)
-    data = _data(2)
+    data = _data(1, batch=2)
     timm_peft.save_pretrained(m, tmp_path / "dense")
     train_prune_rewind(m, data, epochs=1, progress=False)
     m.eval()
@@ -346,11 +350,23 @@ def test_pruned_adapter_is_smaller_and_reloads_to_the_masked_model(fam, base_fil
     assert timm_peft.methods.e2vpt.E2VPT().training_hooks(loaded) == {}  # pruned once only
 
 
-def test_compact_model_keeps_training_and_saving(base_files, tmp_path):
-    m = _build("vit", base_files, num_prompts=4)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_compact_model_keeps_training_and_saving(layout, base_files, tmp_path):
+    m = _build("vit", base_files, num_prompts=4, segment_layout=layout).eval()
     prune(m, compute_importance(m, _data(1), progress=False), 0.5, 0.5)
-    timm_peft.methods.e2vpt.compact(m)
     x, y = _data(1)[0]
+    # a pruned group's state is compact even while its storage is dense, and loads back
+    # (the training loop's best-checkpoint restore relies on it)
+    state = m.state_dict()
+    assert state["vpt.embeddings"].shape == (2, 2, 4, 24)
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        other.vpt.embeddings.normal_()
+    other.load_state_dict(state)
+    assert torch.equal(other.vpt.embeddings, m.vpt.embeddings)
+    expected = m(x)
+    timm_peft.methods.e2vpt.compact(m)
+    torch.testing.assert_close(m(x), expected, atol=1e-6, rtol=0)
     F.cross_entropy(m(x), y).backward()
     assert m.vpt.embeddings.grad.shape == (2, 2, 4, 24)
     timm_peft.save_pretrained(m, tmp_path)

@@ -53,6 +53,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -336,16 +337,19 @@ class E2VPTPrompts(VisualPrompts):
     * *dense* (training): ``embeddings`` (L, T, d) as in VPT; ``tokens(i)`` multiplies layer
       ``i`` by its masks and, once pruned, keeps only the surviving tokens. The initial values
       are kept (``initial``, not saved) for rewinding.
-    * *compact* (a pruned adapter, :meth:`to_compact`): ``embeddings`` (L, T', S', d/R) holds only
-      the surviving segments of the surviving tokens; ``tokens(i)`` scatters them into zeros.
+    * *compact* (:meth:`to_compact`, or built from a pruned config): ``embeddings``
+      (L, T', S', d/R) holds only the surviving segments of the surviving tokens and
+      ``tokens(i)`` scatters them into zeros.
 
-    Masks are buffers (never trained, not saved: the config's ``kept_segments`` records them).
+    Once pruned, the group's state dict holds the compact form in both cases (and a dense group
+    loads it back), so checkpoints and saved adapters never carry pruned values. Masks are
+    buffers: never trained, never saved (the config's ``kept_segments`` records them).
 
     Example:
         >>> p = E2VPTPrompts(2, 4, 16, num_segments=4)
         >>> p.set_masks(torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]]).bool(), torch.ones(2, 4, 4).bool())
-        >>> p.tokens(0).shape, p.num_tokens
-        (torch.Size([3, 16]), 3)
+        >>> p.tokens(0).shape, p.num_tokens, p.state_dict()["embeddings"].shape
+        (torch.Size([3, 16]), 3, torch.Size([2, 3, 4, 4]))
     """
 
     def __init__(self, num_layers: int, num_tokens: int, dim: int, num_segments: int = 8,
@@ -359,27 +363,30 @@ class E2VPTPrompts(VisualPrompts):
         self.register_buffer("segment_mask", torch.ones(num_layers, num_tokens, num_segments),
                              persistent=False)
         self.register_buffer("initial", self.embeddings.detach().clone(), persistent=False)
-        # dense: (L, T') surviving token indices once pruned; compact: (L, T', S') segment indices
+        # once pruned: surviving token indices (L, T') and their segment indices (L, T', S')
         self.register_buffer("token_index", None, persistent=False)
         self.register_buffer("segment_index", None, persistent=False)
         self.compact = False
 
     # --- shape -----------------------------------------------------------------------------
     @property
-    def full_tokens(self) -> int:
-        """T: the configured number of tokens per layer, before pruning."""
-        return self.token_mask.shape[1]
+    def num_tokens(self) -> int:
+        return self.token_mask.shape[1] if self.token_index is None else self.token_index.shape[1]
 
     @property
-    def num_tokens(self) -> int:
-        return self.embeddings.shape[1] if self.compact or self.token_index is None \
-            else self.token_index.shape[1]
+    def pruned(self) -> bool:
+        return self.token_index is not None
+
+    @property
+    def width(self) -> int:
+        """d: the prompt tokens' width."""
+        return self.segment_of_dim.numel()
 
     @property
     def segment_width(self) -> int:
-        return self.segment_of_dim.numel() // self.num_segments
+        return self.width // self.num_segments
 
-    # --- forward ---------------------------------------------------------------------------
+    # --- layouts ---------------------------------------------------------------------------
     def _segments_to_channels(self, x: torch.Tensor) -> torch.Tensor:
         """(..., R, d/R) segments -> (..., d) channels in the configured layout."""
         if self.segment_layout == "strided":
@@ -392,17 +399,52 @@ class E2VPTPrompts(VisualPrompts):
             return x.unflatten(-1, (self.segment_width, self.num_segments)).transpose(-1, -2)
         return x.unflatten(-1, (self.num_segments, self.segment_width))
 
+    def _expand(self, values: torch.Tensor, segment_index: torch.Tensor) -> torch.Tensor:
+        """Surviving segment values (..., T', S', w) -> surviving tokens (..., T', d), zeros elsewhere."""
+        full = values.new_zeros(*values.shape[:-2], self.num_segments, values.shape[-1])
+        index = segment_index.unsqueeze(-1).expand_as(values)
+        return self._segments_to_channels(full.scatter(-2, index, values))
+
+    def _compress(self, dense: torch.Tensor) -> torch.Tensor:
+        """Dense (L, T, d) -> surviving segment values (L, T', S', w)."""
+        segs = self._channels_to_segments(dense)  # (L, T, R, w)
+        segs = torch.gather(segs, 1, self.token_index[..., None, None].expand(-1, -1, *segs.shape[2:]))
+        index = self.segment_index.unsqueeze(-1).expand(-1, -1, -1, segs.shape[-1])
+        return torch.gather(segs, 2, index)
+
+    def _decompress(self, values: torch.Tensor) -> torch.Tensor:
+        """Surviving segment values (L, T', S', w) -> dense (L, T, d), zeros where pruned."""
+        tokens = self._expand(values, self.segment_index)  # (L, T', d)
+        dense = values.new_zeros(self.token_mask.shape[0], self.token_mask.shape[1], self.width)
+        return dense.scatter(1, self.token_index.unsqueeze(-1).expand_as(tokens), tokens)
+
+    # --- forward ---------------------------------------------------------------------------
     def tokens(self, layer: int) -> torch.Tensor:
         if self.compact:
-            values = self.embeddings[layer]  # (T', S', w)
-            index = self.segment_index[layer].unsqueeze(-1).expand_as(values)
-            full = values.new_zeros(values.shape[0], self.num_segments, values.shape[-1])
-            return self.proj(self._segments_to_channels(full.scatter(1, index, values)))
+            return self.proj(self._expand(self.embeddings[layer], self.segment_index[layer]))
         mask = self.token_mask[layer].unsqueeze(-1) * self.segment_mask[layer][:, self.segment_of_dim]
         e = self.embeddings[layer] * mask.to(self.embeddings.dtype)
         if self.token_index is not None:
             e = e[self.token_index[layer]]
         return self.proj(e)
+
+    # --- state: compact once pruned --------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.pruned and not self.compact:
+            values = self._compress(self.embeddings)
+            destination[prefix + "embeddings"] = values if keep_vars else values.detach()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        key = prefix + "embeddings"
+        if self.pruned and not self.compact and key in state_dict:
+            values = state_dict[key]
+            expected = (*self.segment_index.shape, self.segment_width)
+            if tuple(values.shape) == expected:
+                with torch.no_grad():
+                    dense = self._decompress(values.to(self.embeddings.device, self.embeddings.dtype))
+                state_dict = {**state_dict, key: dense}
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # --- pruning ---------------------------------------------------------------------------
     def _require_dense(self, what: str) -> None:
@@ -414,11 +456,11 @@ class E2VPTPrompts(VisualPrompts):
         """Freeze the masks to boolean keep masks (L, T) and (L, T, R); zero the pruned values.
 
         Every layer must keep the same number of tokens, and every kept token the same number
-        of segments (so an export is one dense tensor).
+        of segments (so the compact form is one dense tensor).
         """
         self._require_dense("prune")
         keep_tokens = keep_tokens.to(torch.bool).cpu()
-        keep_segments = (keep_segments.to(torch.bool).cpu() & keep_tokens.unsqueeze(-1))
+        keep_segments = keep_segments.to(torch.bool).cpu() & keep_tokens.unsqueeze(-1)
         counts = keep_tokens.sum(1)
         seg_counts = keep_segments.sum(-1)[keep_tokens]
         if counts.unique().numel() != 1 or counts[0] == 0 or seg_counts.unique().numel() > 1 \
@@ -427,13 +469,17 @@ class E2VPTPrompts(VisualPrompts):
                              "layer of a prompt group and the same number (>= 1) of segments in "
                              f"every kept token; got tokens per layer {counts.tolist()}, segments "
                              f"per kept token {sorted(set(seg_counts.tolist()))}")
+        L, T, R = keep_segments.shape
         dev = self.token_mask.device
+        token_index = torch.arange(T).expand(L, T)[keep_tokens].view(L, -1)
+        kept = torch.gather(keep_segments, 1, token_index.unsqueeze(-1).expand(-1, -1, R))
         with torch.no_grad():
             self.token_mask.copy_(keep_tokens.to(dev))
             self.segment_mask.copy_(keep_segments.to(dev))
             self.embeddings.mul_(self._dense_mask())
-        order = torch.arange(keep_tokens.shape[1]).expand_as(keep_tokens)
-        self.token_index = order[keep_tokens].view(keep_tokens.shape[0], -1).to(dev)
+        self.token_index = token_index.to(dev)
+        self.segment_index = torch.arange(R).expand(L, token_index.shape[1], R)[kept] \
+            .view(L, token_index.shape[1], -1).to(dev)
 
     def _dense_mask(self) -> torch.Tensor:
         """(L, T, d) 0/1 mask of the values that survive."""
@@ -442,22 +488,33 @@ class E2VPTPrompts(VisualPrompts):
 
     def kept_segments(self) -> list[tuple[int, ...]]:
         """Per layer, the flat ``token·R + segment`` indices of the surviving segments."""
-        if self.compact:
-            tokens = self.token_index
-            flat = tokens.unsqueeze(-1) * self.num_segments + self.segment_index
-        else:
-            keep = self.segment_mask.bool() & self.token_mask.bool().unsqueeze(-1)
-            flat = [torch.nonzero(k.flatten()).flatten() for k in keep]
+        if not self.pruned:
+            return [tuple(range(self.token_mask.shape[1] * self.num_segments))] * self.num_layers
+        flat = self.token_index.unsqueeze(-1) * self.num_segments + self.segment_index
         return [tuple(sorted(int(i) for i in f.flatten())) for f in flat]
 
-    def set_kept_segments(self, kept: Iterable[Iterable[int]]) -> None:
-        """Masks from per-layer flat ``token·R + segment`` indices (as in the config)."""
+    def set_kept_segments(self, kept: Iterable[Iterable[int]] | None) -> None:
+        """Give the group the structure of per-layer flat ``token·R + segment`` indices (None:
+        unpruned). A compact group stays compact; its values restart at zero."""
+        was_compact = self.compact
+        if was_compact:
+            L, T, _ = self.segment_mask.shape
+            self.embeddings = nn.Parameter(self.embeddings.new_zeros(L, T, self.width),
+                                           requires_grad=self.embeddings.requires_grad)
+            self.compact = False
+        if kept is None:
+            self.token_mask.fill_(1.0)
+            self.segment_mask.fill_(1.0)
+            self.token_index = self.segment_index = None
+            return
         L, T, R = self.segment_mask.shape
         keep = torch.zeros(L, T * R, dtype=torch.bool)
         for layer, idx in enumerate(kept):
             keep[layer, list(idx)] = True
         keep = keep.view(L, T, R)
         self.set_masks(keep.any(-1), keep)
+        if was_compact:
+            self.to_compact()
 
     @torch.no_grad()
     def rewind(self, mode: str = "initial") -> None:
@@ -474,47 +531,15 @@ class E2VPTPrompts(VisualPrompts):
         """Keep only the surviving values: ``embeddings`` becomes (L, T', S', d/R)."""
         if self.compact:
             return
-        if self.token_index is None:
+        if not self.pruned:
             raise RuntimeError("only a pruned E²VPT prompt group can be made compact")
-        values, seg_index = self._compact_values(self.embeddings)
-        self.segment_index = seg_index
+        values = self._compress(self.embeddings).clone()
         self.embeddings = nn.Parameter(values, requires_grad=self.embeddings.requires_grad)
         self.initial = None
         self.compact = True
 
-    def _compact_values(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Surviving values (L, T', S', w) of dense ``embeddings`` and their segment indices."""
-        L = embeddings.shape[0]
-        index = self.token_index
-        segs = self._channels_to_segments(embeddings)  # (L, T, R, w)
-        segs = torch.gather(segs, 1, index[..., None, None].expand(-1, -1, *segs.shape[2:]))
-        keep = torch.gather(self.segment_mask.bool(), 1, index[..., None].expand(-1, -1, self.num_segments))
-        order = torch.arange(self.num_segments, device=keep.device).expand_as(keep)
-        seg_index = order[keep].view(L, index.shape[1], -1)
-        values = torch.gather(segs, 2, seg_index[..., None].expand(-1, -1, -1, segs.shape[-1]))
-        return values.detach().clone(), seg_index
-
-    def compact_state(self) -> torch.Tensor:
-        """``embeddings`` as a compact adapter stores it (for saving a dense pruned group)."""
-        return self.embeddings if self.compact else self._compact_values(self.embeddings)[0]
-
-    def make_compact_from(self, kept: Iterable[Iterable[int]]) -> None:
-        """Become the compact group with surviving segments ``kept`` (values to be loaded)."""
-        if self.compact:
-            self._uncompact()
-        self.set_kept_segments(kept)
-        self.to_compact()
-
-    def _uncompact(self) -> None:
-        L, T, R = self.segment_mask.shape
-        self.embeddings = nn.Parameter(self.embeddings.new_zeros(L, T, self.segment_of_dim.numel()),
-                                       requires_grad=self.embeddings.requires_grad)
-        self.initial = self.embeddings.detach().clone()
-        self.segment_index = None
-        self.compact = False
-
     def extra_repr(self) -> str:
-        state = "compact" if self.compact else ("pruned" if self.token_index is not None else "dense")
+        state = "compact" if self.compact else ("pruned" if self.pruned else "dense")
         return f"{super().extra_repr()}, segments={self.num_segments}, {state}"
 
 
@@ -619,10 +644,11 @@ class E2VPT(VPT):
             for block in blocks:
                 add_kv_prompt(block.attn, config.num_kv_prompts, share_kv=config.share_kv,
                               init=config.kv_init)
-        if config.pruned:
+        if config.pruned:  # a pruned adapter: build the compact groups it was saved from
             groups = [m for m in model.vpt.modules() if isinstance(m, E2VPTPrompts)]
             for g, kept in zip(groups, _split_kept(groups, config.kept_segments)):
-                g.make_compact_from(kept)
+                g.set_kept_segments(kept)
+                g.to_compact()
         return model
 
     def unload(self, model: nn.Module) -> nn.Module:
@@ -631,21 +657,14 @@ class E2VPT(VPT):
                 remove_kv_prompt(m)
         return super().unload(model)
 
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Pruned groups are saved compact: only their surviving segments."""
-        state = super().adapter_state_dict(model)
-        for name, m in model.named_modules():
-            if isinstance(m, E2VPTPrompts) and m.token_index is not None:
-                state[f"{name}.embeddings"] = m.compact_state()
-        return state
-
     def prepare_load(self, model: nn.Module, config: E2VPTConfig) -> None:
-        """Give the prompt groups the saved adapter's form (compact if it was pruned)."""
+        """Give the prompt groups the saved adapter's structure (which segments survived)."""
         groups = _groups(model)
-        if config.pruned:
-            for g, kept in zip(groups, _split_kept(groups, config.kept_segments)):
-                g.make_compact_from(kept)
-            _set_config(model, model.peft_config.replace(kept_segments=config.kept_segments))
+        kept = _split_kept(groups, config.kept_segments) if config.pruned else [None] * len(groups)
+        for g, k in zip(groups, kept):
+            if g.pruned != (k is not None) or (k is not None and g.kept_segments() != list(k)):
+                g.set_kept_segments(k)
+        _set_config(model, model.peft_config.replace(kept_segments=config.kept_segments))
 
     def training_hooks(self, model: nn.Module) -> dict[str, Any]:
         """With a prune ratio set and the model not pruned yet: stages score → prune → rewind."""
@@ -654,20 +673,29 @@ class E2VPT(VPT):
             return {}
         scores: list[dict[str, torch.Tensor]] = []
 
-        def score(m: nn.Module, ctx: Any) -> None:
-            scores[:] = compute_importance(m, ctx.train_loader, loss_fn=ctx.loss_fn,
-                                           device=getattr(ctx, "device", None))
+        def score(m: nn.Module, ctx: Any) -> dict[str, Any]:
+            autocast = getattr(ctx, "autocast", contextlib.nullcontext)
+            with autocast():
+                scores[:] = compute_importance(
+                    m, ctx.train_loader, loss_fn=ctx.loss_fn, device=getattr(ctx, "device", None),
+                    all_reduce=getattr(ctx, "all_reduce", None),
+                    progress=getattr(ctx, "rank", 0) == 0)
+            return {}
 
-        def prune_stage(m: nn.Module, ctx: Any) -> None:
+        def prune_stage(m: nn.Module, ctx: Any) -> dict[str, Any]:
             prune(m, scores)
+            return dict(prompt_tokens=[g.num_tokens for g in _groups(m)],
+                        prompt_values_kept=sum(g.state_dict()["embeddings"].numel()
+                                               for g in _groups(m)))
 
-        def rewind_stage(m: nn.Module, ctx: Any) -> None:
+        def rewind_stage(m: nn.Module, ctx: Any) -> dict[str, Any]:
             rewind(m)
             epochs = config.rewind_epochs or getattr(ctx, "epochs", None)
             if not epochs:
                 raise ValueError("E2VPTConfig.rewind_epochs is None and the training loop does not "
                                  "say how many epochs it ran: set rewind_epochs")
-            ctx.fit(m, epochs, "rewind")
+            result = ctx.fit(m, epochs, "rewind")
+            return dict(result) if isinstance(result, dict) else {}
 
         return {"stages": [("score", score), ("prune", prune_stage), ("rewind", rewind_stage)]}
 
@@ -693,6 +721,7 @@ def compute_importance(
         mode: str | None = None,
         max_batches: int | None = None,
         device: torch.device | str | None = None,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         progress: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """Importance of every token and segment mask entry (paper Eq. 6), per prompt group.
@@ -701,7 +730,8 @@ def compute_importance(
     current masks (all ones before pruning); ``mode="abs"`` averages its magnitude over batches,
     ``"signed"`` averages ``-gradient`` (default: the config's ``importance``); with the config's
     ``token_importance="segments"`` a token's score is the sum of its segments'. The model runs in
-    eval mode (no dropout) and no parameter's ``.grad`` is touched. Returns one
+    eval mode (no dropout) and no parameter's ``.grad`` is touched. Under data parallelism pass
+    ``all_reduce`` (sums a tensor over processes) so every process prunes alike. Returns one
     ``{"token": (L, T), "segment": (L, T, R)}`` per group.
 
     Example:
@@ -742,9 +772,13 @@ def compute_importance(
         for t in masks:
             t.requires_grad_(False)
         model.train(was_training)
-    if n == 0:
+    count = torch.tensor(float(n), device=totals[0].device)
+    if all_reduce is not None:
+        totals = [all_reduce(t) for t in totals]
+        count = all_reduce(count)
+    if count.item() == 0:
         raise ValueError("the importance pass got no batches from the data loader")
-    out = [(t / n).detach() for t in totals]
+    out = [(t / count).detach() for t in totals]
     tokens, segments = out[0::2], out[1::2]
     if config.token_importance == "segments":
         tokens = [s.sum(-1) for s in segments]
@@ -813,7 +847,7 @@ def rewind(model: nn.Module, mode: str | None = None) -> None:
     if mode not in ("initial", "random"):
         raise ValueError(f"rewind mode must be 'initial' or 'random', got {mode!r}")
     for g in _groups(model):
-        if g.token_index is None:
+        if not g.pruned:
             raise ValueError("rewind needs a pruned model: call prune first")
         g.rewind(mode)
 
