@@ -26,6 +26,7 @@ Per family:
   window mask are padded with zeros for them, so prompts are visible from every window. The
   prompts' own outputs would be discarded before the next block and before patch merging (the
   paper's reading, Sec. 4.2), so they are never computed: prompts enter as extra keys and values.
+  Prompt dropout, if set, draws its mask per window.
   The authors' variant (one prompt set carried through blocks and merging, averaged over
   windows) is not offered, and neither is VPT-Shallow on Swin, whose carried prompt outputs the
   paper leaves undefined across windows.
