@@ -82,7 +82,8 @@ def main() -> None:
     n = base.patch_embed.num_patches + base.num_prefix_tokens
 
     models: dict[str, torch.nn.Module] = {"base": base}
-    info: dict[str, dict] = {"base": dict(visual_tokens=0, seq_len=n, adapter_bytes=0, prompt_values=0)}
+    info: dict[str, dict] = {"base": dict(visual_tokens=0, seq_len=n, adapter_bytes=0,
+                                          prompt_values=0)}
     for t in args.prompts:
         cfg = dict(num_prompts=t, num_kv_prompts=args.kv_prompts)
         model = timm.create_model(f"{args.model}.e2vpt", peft_cfg=cfg, **load, **kw)
@@ -114,10 +115,11 @@ def main() -> None:
                    flops_vs_base=flops[label] / flops["base"])
         if label.endswith("pruned"):
             dense = label.removesuffix(" pruned")
+            ratio = {k: info[label][k] / info[dense][k] for k in ("adapter_bytes", "prompt_values")}
             row.update(infer_vs_unpruned=times[label] / times[dense],
                        flops_vs_unpruned=flops[label] / flops[dense],
-                       bytes_vs_unpruned=info[label]["adapter_bytes"] / info[dense]["adapter_bytes"],
-                       prompt_values_vs_unpruned=info[label]["prompt_values"] / info[dense]["prompt_values"])
+                       bytes_vs_unpruned=ratio["adapter_bytes"],
+                       prompt_values_vs_unpruned=ratio["prompt_values"])
         rows.append(row)
     notes = (f"{args.model} at {args.img_size}², batch {args.batch_size}, 100-class head, "
              f"{args.kv_prompts} key-value prompts per block; pruning: token ratio "

@@ -1,4 +1,4 @@
-"""E²VPT: key-value prompt attention, masked visual prompts, importance, pruning, rewinding, export."""
+"""E²VPT: key-value prompt attention, masked prompts, importance, pruning, rewinding, export."""
 import copy
 import math
 import os
@@ -20,7 +20,8 @@ from timm_peft.methods.e2vpt import (E2VPTConfig, add_kv_prompt, compute_importa
 TINY_VIT = dict(img_size=32, depth=2, num_classes=3)
 TINY_SWIN = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
                  window_size=4, num_classes=3)
-ARCHS = {"vit": ("vit_tiny_patch16_224", TINY_VIT), "swin": ("swin_tiny_patch4_window7_224", TINY_SWIN)}
+ARCHS = {"vit": ("vit_tiny_patch16_224", TINY_VIT),
+         "swin": ("swin_tiny_patch4_window7_224", TINY_SWIN)}
 
 
 def _data(n_batches=2, batch=4, seed=0):
@@ -38,7 +39,8 @@ def base_files(tmp_path_factory):
         path = tmp_path_factory.mktemp(fam) / "base.safetensors"
         model = timm.create_model(arch, **kw)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-        out[fam] = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=False))
+        overlay = dict(file=str(path), custom_load=False)
+        out[fam] = dict(pretrained=True, pretrained_cfg_overlay=overlay)
     return out
 
 
@@ -100,7 +102,8 @@ def test_kv_attention_matches_explicit_formula(share_kv):
     keep = torch.rand(2, 1, 7, 7) > 0.3
     keep[..., 0] = True
     additive = torch.zeros(2, 1, 7, 7).masked_fill(~keep, float("-inf"))
-    ref = _explicit_kv_attention(attn, x, prompt.key, pv, torch.cat([torch.zeros(2, 1, 7, 3), additive], -1))
+    padded = torch.cat([torch.zeros(2, 1, 7, 3), additive], -1)
+    ref = _explicit_kv_attention(attn, x, prompt.key, pv, padded)
     torch.testing.assert_close(attn(x, attn_mask=keep), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(attn(x, attn_mask=additive), ref, atol=1e-5, rtol=0)
     causal = torch.zeros(7, 7).masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
@@ -227,7 +230,8 @@ def test_importance_equals_finite_difference_gradient(deep):
 
 def test_token_and_segment_selection_rules():
     scores = torch.tensor([[0.3, 0.1, 0.4, 0.2], [1.0, 2.0, 3.0, 4.0]])
-    assert select_tokens(scores, 0.5).tolist() == [[True, False, True, False], [False, False, True, True]]
+    assert select_tokens(scores, 0.5).tolist() == [[True, False, True, False],
+                                                   [False, False, True, True]]
     assert select_tokens(scores, 0.99).sum(1).tolist() == [1, 1]  # at least one token per layer
     seg = torch.tensor([[[0.5, 0.1, 0.9, 0.3]] * 2])
     keep_t = torch.tensor([[True, False]])
@@ -248,7 +252,8 @@ def test_pruned_model_is_vpt_with_the_surviving_prompts(layout, base_files):
     keep_s = select_segments(scores[0]["segment"], keep_t, 0.5)
     # reference: plain VPT with 3 prompts per layer, values written out channel by channel
     ref = _build("vit", base_files, method="vpt", num_prompts=3).eval()
-    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k != "vpt.embeddings"}, strict=False)
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if k != "vpt.embeddings"},
+                        strict=False)
     with torch.no_grad():
         for layer in range(2):
             tokens = torch.nonzero(keep_t[layer]).flatten()
@@ -333,7 +338,8 @@ def test_pruned_adapter_is_smaller_and_reloads_to_the_masked_model(fam, base_fil
     train_prune_rewind(m, data, epochs=1, progress=False)
     m.eval()
     timm_peft.save_pretrained(m, tmp_path / "pruned")
-    size = {k: os.path.getsize(tmp_path / k / "adapter_model.safetensors") for k in ("dense", "pruned")}
+    size = {k: os.path.getsize(tmp_path / k / "adapter_model.safetensors")
+            for k in ("dense", "pruned")}
     assert size["pruned"] < size["dense"]
     x = data[0][0]
     expected = m(x)
@@ -412,6 +418,7 @@ def test_unload_restores_the_plain_model(fam, base_files):
     (dict(token_prune_ratio=1.0), "token_prune_ratio must be < 1"),
     (dict(importance="grad"), r"importance must be one of \['abs', 'signed'\]"),
     (dict(kept_segments=[[0, 80]]), r"kept_segments\[0\] must be distinct indices in \[0, .* = 80\)"),
+    (dict(kept_segments=[[0, -1]]), r"kept_segments\[0\] must be distinct indices"),
     (dict(kept_segments=[[1, 2]]), "kept_segments has 1 layers, the model's prompts have 2"),
     (dict(kept_segments=[[0, 1, 8], [0, 8]]), "same number"),
 ])

@@ -66,10 +66,9 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..core import (AdapterModule, cfg_field, get_model_family, register_method, register_preset,
-                    unwrap_features)
-from .vpt import (VPT, ExtraKVWindowAttention, VisualPrompts, VPTConfig, add_extra_kv,
-                  restore_classes, swap_class)
+from ..core import (AdapterModule, cfg_field, get_blocks, get_model_family, register_method,
+                    register_preset, unwrap_features)
+from .vpt import VPT, ExtraKVWindowAttention, VisualPrompts, VPTConfig, add_extra_kv, swap_class
 
 __all__ = ["E2VPTConfig", "E2VPT", "E2VPTPrompts", "KVPrompt", "KVPromptAttention",
            "add_kv_prompt", "remove_kv_prompt", "pad_attn_mask", "compute_importance",
@@ -136,7 +135,7 @@ class E2VPTConfig(VPTConfig):
             return
         total = self.num_prompts * self.num_segments
         for i, layer in enumerate(self.kept_segments):
-            if not layer or any(v >= total for v in layer) or len(set(layer)) != len(layer):
+            if not layer or any(not 0 <= v < total for v in layer) or len(set(layer)) != len(layer):
                 raise ValueError(f"E2VPTConfig.kept_segments[{i}] must be distinct indices in "
                                  f"[0, num_prompts·num_segments = {total}), at least one; "
                                  f"got {list(layer)}")
@@ -171,7 +170,8 @@ class KVPrompt(AdapterModule):
         super().__init__()
         self.num_tokens = num_tokens
         self.init = init
-        self.key = nn.Parameter(torch.empty(num_heads, num_tokens, head_dim, device=device, dtype=dtype))
+        self.key = nn.Parameter(torch.empty(num_heads, num_tokens, head_dim, device=device,
+                                            dtype=dtype))
         self.value = None if share_kv else nn.Parameter(torch.empty_like(self.key))
         self.hook_handle: RemovableHandle | None = None
         self.reset_parameters()
@@ -197,7 +197,8 @@ class KVPrompt(AdapterModule):
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
 
     def extra_repr(self) -> str:
-        return f"heads={self.key.shape[0]}, tokens={self.num_tokens}, head_dim={self.key.shape[2]}, " \
+        return f"heads={self.key.shape[0]}, tokens={self.num_tokens}, " \
+               f"head_dim={self.key.shape[2]}, " \
                f"share_kv={self.value is None}"
 
 
@@ -276,9 +277,9 @@ def add_kv_prompt(attn: nn.Module, num_tokens: int, share_kv: bool = True,
         >>> add_kv_prompt(attn, num_tokens=5).key.shape
         torch.Size([4, 5, 16])
     """
-    plain = restore_target = type(attn)
-    if isinstance(attn, ExtraKVWindowAttention):
-        plain = type(attn).__mro__[2]  # (swapped class, mixin, base)
+    restore_target = plain = type(attn)
+    if issubclass(plain, ExtraKVWindowAttention):  # VPT already gave it extra keys: see past that
+        plain = plain.__bases__[-1]
     if plain not in (Attention, WindowAttention):
         raise TypeError(f"key-value prompts support timm Attention and Swin WindowAttention "
                         f"modules exactly, got {restore_target.__name__}")
@@ -400,7 +401,7 @@ class E2VPTPrompts(VisualPrompts):
         return x.unflatten(-1, (self.num_segments, self.segment_width))
 
     def _expand(self, values: torch.Tensor, segment_index: torch.Tensor) -> torch.Tensor:
-        """Surviving segment values (..., T', S', w) -> surviving tokens (..., T', d), zeros elsewhere."""
+        """Surviving segment values (..., T', S', w) -> tokens (..., T', d), zeros elsewhere."""
         full = values.new_zeros(*values.shape[:-2], self.num_segments, values.shape[-1])
         index = segment_index.unsqueeze(-1).expand_as(values)
         return self._segments_to_channels(full.scatter(-2, index, values))
@@ -408,7 +409,8 @@ class E2VPTPrompts(VisualPrompts):
     def _compress(self, dense: torch.Tensor) -> torch.Tensor:
         """Dense (L, T, d) -> surviving segment values (L, T', S', w)."""
         segs = self._channels_to_segments(dense)  # (L, T, R, w)
-        segs = torch.gather(segs, 1, self.token_index[..., None, None].expand(-1, -1, *segs.shape[2:]))
+        index = self.token_index[..., None, None].expand(-1, -1, *segs.shape[2:])
+        segs = torch.gather(segs, 1, index)
         index = self.segment_index.unsqueeze(-1).expand(-1, -1, -1, segs.shape[-1])
         return torch.gather(segs, 2, index)
 
@@ -618,7 +620,7 @@ def _set_config(model: nn.Module, config: E2VPTConfig) -> None:
 
 @register_method
 class E2VPT(VPT):
-    """E²VPT on ViT and Swin: VPT-Deep prompts with masks plus key-value prompts (module docstring)."""
+    """E²VPT on ViT and Swin: VPT-Deep prompts with masks plus key-value prompts (see module)."""
 
     name = "e2vpt"
     config_cls = E2VPTConfig
@@ -638,10 +640,7 @@ class E2VPT(VPT):
                              "values themselves, without a prompt projection")
         super().apply(model, config)
         if config.num_kv_prompts:
-            family = get_model_family(model)
-            blocks = list(model.blocks) if family == "vit" else \
-                [b for stage in model.layers for b in stage.blocks]
-            for block in blocks:
+            for block in get_blocks(model):
                 add_kv_prompt(block.attn, config.num_kv_prompts, share_kv=config.share_kv,
                               init=config.kv_init)
         if config.pruned:  # a pruned adapter: build the compact groups it was saved from
@@ -668,9 +667,10 @@ class E2VPT(VPT):
 
     def training_hooks(self, model: nn.Module) -> dict[str, Any]:
         """With a prune ratio set and the model not pruned yet: stages score → prune → rewind."""
+        hooks = dict(super().training_hooks(model))
         config: E2VPTConfig = model.peft_config
         if config.pruned or not (config.token_prune_ratio or config.segment_prune_ratio):
-            return {}
+            return hooks
         scores: list[dict[str, torch.Tensor]] = []
 
         def score(m: nn.Module, ctx: Any) -> dict[str, Any]:
@@ -697,7 +697,8 @@ class E2VPT(VPT):
             result = ctx.fit(m, epochs, "rewind")
             return dict(result) if isinstance(result, dict) else {}
 
-        return {"stages": [("score", score), ("prune", prune_stage), ("rewind", rewind_stage)]}
+        hooks["stages"] = [("score", score), ("prune", prune_stage), ("rewind", rewind_stage)]
+        return hooks
 
 
 register_preset("e2vpt_prune", "e2vpt", token_prune_ratio=0.5, segment_prune_ratio=0.25)
@@ -905,9 +906,9 @@ def train_prune_rewind(
     """The whole E²VPT cycle: train → score → prune → rewind (retrain), a progress bar per stage.
 
     ``fit(model, epochs, desc)`` runs a training stage (the training CLI passes its own loop);
-    by default a plain AdamW + cosine loop with ``lr`` and ``weight_decay``. Ratios and rewind
-    mode default to the config's; ``rewind_epochs`` to ``epochs``. Returns the pruned config;
-    ``timm_peft.save_pretrained(model, dir)`` then writes the compact adapter.
+    by default a plain AdamW + cosine loop with ``lr`` and ``weight_decay``. Ratios, rewind mode
+    and ``rewind_epochs`` default to the config's (``rewind_epochs`` then to ``epochs``). Returns
+    the pruned config; ``timm_peft.save_pretrained(model, dir)`` then writes the compact adapter.
 
     Example:
         >>> import timm, timm_peft
@@ -923,5 +924,5 @@ def train_prune_rewind(
                                 progress=progress)
     config = prune(model, scores, token_ratio, segment_ratio)
     rewind(model)
-    fit(model, rewind_epochs or epochs, "E²VPT rewind")
+    fit(model, rewind_epochs or config.rewind_epochs or epochs, "E²VPT rewind")
     return config
