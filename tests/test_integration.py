@@ -164,3 +164,29 @@ def test_list_models():
     assert "vit_base_patch16_224.augreg2_in21k_ft_in1k.linear" in tagged
     assert not timm_peft.list_models("mobilenetv3_*", method="partial")  # family not supported
     assert "mobilenetv3_small_050.linear" in timm_peft.list_models("mobilenetv3_*", method="linear")
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("resnet10t.bias", {}),
+    ("convnext_atto.partial", {}),
+    ("swin_tiny_patch4_window7_224.bias", dict(img_size=64, window_size=2, depths=(1, 1, 1, 1),
+                                               embed_dim=16, num_heads=(1, 1, 1, 1))),
+])
+def test_features_only_on_convnets_and_swin(name, kwargs):
+    model = timm.create_model(name, features_only=True, out_indices=(1, 2), **kwargs)
+    plain = timm.create_model(name.split(".")[0], features_only=True, out_indices=(1, 2),
+                              feature_cls="getter", **kwargs)
+    plain.load_state_dict(model.state_dict())
+    assert model.model.peft_method == name.split(".")[1]
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(model.eval()(x), plain.eval()(x)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="feature_cls='getter'"):
+        timm.create_model(name, features_only=True, feature_cls="list", **kwargs)
+
+
+def test_distilled_deit_trains_both_heads():
+    model = timm.create_model("deit_tiny_distilled_patch16_224.linear", num_classes=3, img_size=32,
+                              depth=1)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}

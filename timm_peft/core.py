@@ -208,9 +208,19 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
 
 
 def unwrap_features(model: nn.Module) -> nn.Module:
-    """The timm model inside a ``features_only`` wrapper that keeps one (``FeatureGetterNet``)."""
-    from timm.models._features import FeatureGetterNet
-    return model.model if isinstance(model, FeatureGetterNet) else model
+    """The timm model inside a ``features_only`` wrapper.
+
+    Only ``FeatureGetterNet`` keeps the whole model (and its ``forward_intermediates``); the other
+    wrappers hold loose pieces of it that no surgery can understand, so they are refused.
+    """
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
+    if isinstance(model, FeatureGetterNet):
+        return model.model
+    if isinstance(model, (FeatureDictNet, FeatureHookNet)):
+        raise ValueError(f"a PEFT method needs the whole model inside features_only, but "
+                         f"{type(model).__name__} keeps only its pieces; build it with "
+                         "feature_cls='getter'")
+    return model
 
 
 def get_model_family(model: nn.Module) -> str | None:
@@ -475,7 +485,9 @@ def apply_method(
     if out is not target:
         raise RuntimeError(f"method {method_name!r} must modify the model in place and return it")
     if config.train_head and hasattr(target, "get_classifier"):
-        unfreeze(target.get_classifier())
+        head = target.get_classifier()
+        for h in head if isinstance(head, tuple) else (head,):  # distilled models have two
+            unfreeze(h)
     for m in (target, model):
         m.peft_method = method_name
         m.peft_config = config
