@@ -168,6 +168,42 @@ def test_scale_shift_on_the_channel_axis(name):
     assert seen == ssf_sites(model)
 
 
+def _layouts():
+    g = torch.Generator().manual_seed(3)
+    nchw = torch.randn(2, 6, 5, 4, generator=g)
+    yield 1, nchw
+    yield 1, nchw.to(memory_format=torch.channels_last)
+    yield 1, torch.randn(2, 6, 1, 1, generator=g).to(memory_format=torch.channels_last)
+    yield 1, torch.randn(7, 6, generator=g).t()[None, :, None, :]  # odd strides of size-1 dims
+    yield 1, torch.randn(3, 6, generator=g)
+    yield 1, torch.randn(2, 9, 6, generator=g).transpose(1, 2)
+    tokens = torch.randn(2, 5, 6, generator=g)
+    yield -1, tokens
+    yield -1, tokens.transpose(0, 1).contiguous().transpose(0, 1)
+    yield -1, torch.randn(2, 4, 6, 6, generator=g)[..., ::2, :]
+    yield -1, torch.randn(6, generator=g)
+
+
+@pytest.mark.parametrize("dim,x", list(_layouts()))
+def test_scale_shift_values_and_gradients_for_any_memory_layout(dim, x):
+    C = x.shape[dim]
+    ss = ScaleShift(C, dim)
+    ss.reset_parameters("normal", 0.5)
+    gamma, beta = (ss.scale.detach().clone().requires_grad_(),
+                   ss.shift.detach().clone().requires_grad_())
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    x_ref, x_ss = x.clone().requires_grad_(), x.detach().requires_grad_()
+    ref = x_ref * gamma.view(shape) + beta.view(shape)
+    out = ss(x_ss)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    ref.backward(grad)
+    out.backward(grad)
+    for a, b in ((x_ss.grad, x_ref.grad), (ss.scale.grad, gamma.grad), (ss.shift.grad, beta.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", FOUR_FAMILIES)
 def test_identity_init_reproduces_the_base_model(name):
     base, model = _build(name, init="identity")

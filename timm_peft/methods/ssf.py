@@ -174,10 +174,15 @@ class ScaleShift(AdapterModule):
         # and in backward all three gradients, in fewer passes over the activations than
         # mul/add do: about 40% less SSF time per training step on CPU.
         mean, var = torch.zeros_like(self.scale), torch.ones_like(self.scale)
-        if self.dim == 1:
+        if self.dim == 1 and x.is_contiguous():
             return F.batch_norm(x, mean, var, self.scale, self.shift, False, 0.0, 0.0)
-        flat = x.reshape(-1, x.shape[-1])  # channels last: rows of channels
-        return F.batch_norm(flat, mean, var, self.scale, self.shift, False, 0.0, 0.0).view(x.shape)
+        # Otherwise as rows of channels: a view for channels-last memory (Linear, LayerNorm,
+        # LayerNorm2d's output, channels_last convs). torch's 4-D channels-last batch-norm
+        # backward is not used: it returns wrong gradients for some strides of size-1 dims.
+        rows = x.movedim(self.dim, -1)
+        y = F.batch_norm(rows.reshape(-1, rows.shape[-1]), mean, var, self.scale, self.shift,
+                         False, 0.0, 0.0)
+        return y.reshape(rows.shape).movedim(-1, self.dim)
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}, dim={self.dim}" + (", merged" if self.merged else "")
