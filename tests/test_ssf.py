@@ -319,6 +319,17 @@ def test_merge_and_unload_gives_a_plain_timm_model(trained, name):
         torch.testing.assert_close(plain.eval()(x), ref, rtol=0, atol=1e-5)
 
 
+def test_unload_discards_ssf_and_restores_the_base():
+    base, model = _build("convnext")
+    _train(model)
+    plain = timm_peft.unload(model)
+    assert not any(isinstance(m, ScaleShift) for m in plain.modules()) and _ssf_hooks(plain) == 0
+    assert list(plain.state_dict()) == list(base.state_dict())
+    x = _input()
+    with torch.no_grad():  # the trained head stays; the backbone is the base again
+        assert torch.equal(plain.eval().forward_features(x), base.forward_features(x))
+
+
 _PLAIN_TIMM_CHECK = """
 import json, sys
 import timm, torch
