@@ -14,14 +14,15 @@ choice below is ours; each is a :class:`LionConfig` field.
 
 Choices where the paper is silent:
 
-* **Cell.** "A ResNet layer" with input injection: ``f(z, u) = GN(relu(u + W₂·relu(GN(W₁·z))))``,
-  a residual block whose skip carries the injection ``u`` (itself GroupNorm-ed once, without
-  affine, so the cell's gain depends neither on the scale of the backbone's features nor on a
-  learned rescaling of ``u``). GroupNorm
-  (``norm_groups``) keeps each sample's equilibrium independent of the rest of the batch.
-  ``W₁, W₂`` start at N(0, 0.01²), which makes ``f`` a strong contraction at initialisation;
-  ``z₀ = 0``. (The DEQ paper's cell also adds ``z`` inside the last norm; that makes the map
-  expansive on our features, so it is left out.)
+* **Cell.** "A ResNet layer" with input injection: ``f(z, u) = GN(relu(u + W₂·relu(W₁·z)))``,
+  a residual block whose skip carries the injection ``u``; ``u`` is GroupNorm-ed once (no
+  affine), so the cell's gain depends neither on the scale of the backbone's features nor on a
+  learned rescaling. GroupNorm (``norm_groups``) keeps each sample's equilibrium independent of
+  the rest of the batch. ``W₁, W₂`` start at N(0, 0.01²) and their Frobenius norms are capped at
+  ``cell_max_norm`` (0.5), which keeps ``f`` a contraction through training (without the cap,
+  Adam at usual learning rates makes the cell expansive within tens of steps); ``z₀ = 0``. The
+  DEQ paper's cell normalises ``W₁z`` and adds ``z`` before its last norm; both make the map
+  expansive here, so they are left out (see :class:`EquilibriumCell`).
 * **P₁** works on the normalised image at stride ``p1_stride``: injection ``u`` = 3×3 conv
   (``in_chans → p1_width``, stride ``p1_stride``); the prompt is read out by a 1×1 conv to
   ``in_chans·stride²`` channels and a pixel shuffle, so it has full resolution while the
@@ -57,6 +58,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -84,6 +86,8 @@ class LionConfig(PeftConfig):
     p1_stride: int = cfg_field(2, ge=1, help="P1 solves its equilibrium at 1/stride resolution")
     p2_width: int = cfg_field(64, ge=1, help="width of P2's equilibrium state")
     norm_groups: int = cfg_field(4, ge=1, help="GroupNorm groups in both cells")
+    cell_max_norm: float | None = cfg_field(0.5, gt=0.0, help="cap on ‖W‖_F of the cells' "
+                                            "weights, keeping them contractions (None: no cap)")
     identity_prompt: bool = cfg_field(True, help="prompt blocks are residual (P(x) = x + R(x)), "
                                                  "so the model starts as the backbone")
     gate_init: float = cfg_field(0.5, gt=0.0, lt=1.0, help="β of both blends at initialisation")
@@ -128,15 +132,17 @@ class LionConfig(PeftConfig):
 # ----------------------------------------------------------------------------------------------
 
 class EquilibriumCell(nn.Module):
-    """DEQ cell ``f(z, u) = GN(relu(u + W₂·relu(GN(W₁·z))))``: a residual block whose skip
-    carries the (normalised) input injection ``u``.
+    """DEQ cell ``f(z, u) = GN(relu(u + W₂·relu(W₁·z)))``: a residual block whose skip carries
+    the input injection ``u`` (normalised by the caller).
 
-    ``W₁, W₂`` start at N(0, 0.01²). ``GN(W₁·z)`` is scale-free, so the Lipschitz constant of
-    ``f`` in ``z`` is about ``‖W₂‖`` over the scale of ``u``: small at initialisation (the solver
-    needs a few iterations) and growing as ``W₂`` learns a deeper equilibrium. Unlike the DEQ
-    paper's cell there is no ``z`` skip inside the final norm, which can make that cell expansive
-    (gain ≈ 1/std(relu(z + y)) ≈ 1.2). ``spatial=True`` uses 3×3 convolutions on
-    ``(B, C, H, W)``, else linear maps on ``(B, C)``.
+    ``W₁, W₂`` start at N(0, 0.01²) and are used as ``W·min(1, max_norm/‖W‖_F)``. The GroupNorm
+    has no affine, so ``Lip_z(f) ≤ ‖W₂‖·‖W₁‖ / std(relu(u + ·))``: with ``u`` of unit variance per
+    group that is about ``1.7·max_norm²`` for linear maps (0.43 at the default 0.5), so the cell
+    stays a contraction however far training moves the weights (for 3×3 convolutions the
+    Frobenius norm bounds the operator norm less tightly, but the solver is seen to stay fast). The
+    DEQ paper's cell (Bai et al. 2019) also normalises ``W₁·z`` and adds ``z`` before the last
+    norm; both make the map scale-free in ``W₁`` and measurably expansive, so they are left out.
+    ``spatial=True`` uses 3×3 convolutions on ``(B, C, H, W)``, else linear maps on ``(B, C)``.
 
     Example:
         >>> f = EquilibriumCell(8, groups=4, spatial=False)
@@ -144,7 +150,8 @@ class EquilibriumCell(nn.Module):
         torch.Size([2, 8])
     """
 
-    def __init__(self, width: int, groups: int, spatial: bool) -> None:
+    def __init__(self, width: int, groups: int, spatial: bool,
+                 max_norm: float | None = 0.5) -> None:
         super().__init__()
 
         def op() -> nn.Module:
@@ -152,12 +159,22 @@ class EquilibriumCell(nn.Module):
                     else nn.Linear(width, width, bias=False))
 
         self.w1, self.w2 = op(), op()
-        self.norm1, self.norm2 = nn.GroupNorm(groups, width), nn.GroupNorm(groups, width)
+        self.norm = nn.GroupNorm(groups, width, affine=False)
+        self.max_norm = max_norm
         for w in (self.w1.weight, self.w2.weight):
             nn.init.normal_(w, std=0.01)
 
+    def extra_repr(self) -> str:
+        return f"max_norm={self.max_norm}"
+
+    def _apply_op(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        w = layer.weight
+        if self.max_norm is not None:
+            w = w * (self.max_norm / w.norm().clamp_min(self.max_norm))
+        return F.conv2d(h, w, padding=1) if isinstance(layer, nn.Conv2d) else F.linear(h, w)
+
     def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return self.norm2(F.relu(u + self.w2(F.relu(self.norm1(self.w1(z))))))
+        return self.norm(F.relu(u + self._apply_op(self.w2, F.relu(self._apply_op(self.w1, z)))))
 
 
 class ImplicitImagePrompt(nn.Module):
@@ -165,16 +182,17 @@ class ImplicitImagePrompt(nn.Module):
 
     Example:
         >>> p = ImplicitImagePrompt(3, width=8, stride=2, groups=4)
-        >>> p(torch.randn(2, 3, 15, 16)).shape, float(p(torch.randn(1, 3, 8, 8)).abs().max())
+        >>> p(torch.randn(2, 3, 15, 16)).shape, float(p(torch.randn(1, 3, 8, 8)).detach().abs().max())
         (torch.Size([2, 3, 15, 16]), 0.0)
     """
 
     def __init__(self, in_chans: int, width: int, stride: int, groups: int,
-                 **deq_kwargs: Any) -> None:
+                 max_norm: float | None = 0.5, **deq_kwargs: Any) -> None:
         super().__init__()
         self.inject = nn.Sequential(nn.Conv2d(in_chans, width, 3, stride=stride, padding=1),
                                     nn.GroupNorm(groups, width, affine=False))
-        self.deq = DEQ(EquilibriumCell(width, groups, spatial=True), **deq_kwargs)
+        self.deq = DEQ(EquilibriumCell(width, groups, spatial=True, max_norm=max_norm),
+                       **deq_kwargs)
         self.readout = nn.Conv2d(width, in_chans * stride * stride, 1)
         self.shuffle = nn.PixelShuffle(stride)
         nn.init.zeros_(self.readout.weight)
@@ -195,10 +213,13 @@ class ImplicitFeaturePrompt(nn.Module):
         torch.Size([2, 32])
     """
 
-    def __init__(self, dim: int, width: int, groups: int, **deq_kwargs: Any) -> None:
+    def __init__(self, dim: int, width: int, groups: int, max_norm: float | None = 0.5,
+                 **deq_kwargs: Any) -> None:
         super().__init__()
-        self.inject = nn.Sequential(nn.Linear(dim, width), nn.GroupNorm(groups, width, affine=False))
-        self.deq = DEQ(EquilibriumCell(width, groups, spatial=False), **deq_kwargs)
+        self.inject = nn.Sequential(nn.Linear(dim, width),
+                                    nn.GroupNorm(groups, width, affine=False))
+        self.deq = DEQ(EquilibriumCell(width, groups, spatial=False, max_norm=max_norm),
+                       **deq_kwargs)
         self.proj = nn.Linear(width, dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -254,11 +275,11 @@ class LionPrompts(AdapterModule):
         self.p1 = self.gate1 = self.p2 = self.gate2 = None
         if config.use_p1:
             self.p1 = ImplicitImagePrompt(in_chans, config.p1_width, config.p1_stride,
-                                          config.norm_groups, **deq_kwargs)
+                                          config.norm_groups, config.cell_max_norm, **deq_kwargs)
             self.gate1 = BlendGate(config.gate_init)
         if config.use_p2:
             self.p2 = ImplicitFeaturePrompt(feature_dim, config.p2_width, config.norm_groups,
-                                            **deq_kwargs)
+                                            config.cell_max_norm, **deq_kwargs)
             self.gate2 = BlendGate(config.gate_init)
 
     def _blend(self, gate: BlendGate, base: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -441,7 +462,7 @@ class RobustOptimizer(torch.optim.Optimizer):
                       "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                       "_optimizer_load_state_dict_pre_hooks",
                       "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, hooks, {})
+            setattr(self, hooks, OrderedDict())
         self._patch_step_function()
         #: fraction of elements treated as non-crucial at the last step
         self.last_noncrucial_fraction = 0.0
@@ -507,7 +528,7 @@ class RobustOptimizer(torch.optim.Optimizer):
 def _lowest(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mask of the ``floor(fraction·n)`` smallest entries of a 1-D tensor (ties by position)."""
     mask = torch.zeros_like(values, dtype=torch.bool)
-    k = int(fraction * values.numel())
+    k = math.floor(fraction * values.numel() + 1e-9)  # 0.29·100 is 28.999…
     if k:
         mask[torch.argsort(values, stable=True)[:k]] = True
     return mask
