@@ -152,8 +152,9 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> s.converged, s.iterations < 20
         (True, True)
     """
-    bsz, shape = z0.shape[0], z0.shape
-    x0 = z0.reshape(bsz, -1)
+    bsz, shape, dtype = z0.shape[0], z0.shape, z0.dtype
+    # the history and the mixing stay in (at least) float32, also under autocast
+    x0 = z0.reshape(bsz, -1).to(torch.promote_types(dtype, torch.float32))
     # ring buffers of f(xᵢ) and of the residuals f(xᵢ) - xᵢ (xᵢ = f(xᵢ) - residual): allocated
     # once, and nothing below allocates more than one z per iteration
     fs = x0.new_zeros(bsz, m, x0.shape[1])
@@ -166,26 +167,31 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         elif i == 1:
             x = fs[:, 0].clone()
         else:
-            n = min(i, m)
-            gram = (rs[:, :n] @ rs[:, :n].transpose(1, 2)).double()
-            ridge = lam * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-            gram = gram + ridge[:, None, None] * torch.eye(n, dtype=gram.dtype, device=gram.device)
-            # min ‖Σ αᵢ rᵢ‖ s.t. Σ αᵢ = 1  ⇔  α ∝ gram⁻¹·1
-            alpha = torch.linalg.solve(gram, torch.ones(bsz, n, 1, dtype=gram.dtype,
-                                                        device=gram.device))
-            alpha = (alpha / alpha.sum(1, keepdim=True)).to(fs.dtype).transpose(1, 2)  # (B,1,n)
-            # β·Σαf(x) + (1-β)·Σαx  =  Σαf(x) - (1-β)·Σα(f(x) - x)
-            x = (alpha @ fs[:, :n])[:, 0]
-            if beta != 1.0:
-                x = x - (1 - beta) * (alpha @ rs[:, :n])[:, 0]
+            with torch.autocast(x0.device.type, enabled=False):
+                x = _anderson_mix(fs, rs, min(i, m), lam, beta)
         slot = i % m
-        fx = f(x.view(shape)).reshape(bsz, -1)
+        fx = f(x.view(shape).to(dtype)).reshape(bsz, -1).to(fs.dtype)
         fs[:, slot] = fx
         rs[:, slot] = fx - x
         if best.update(x, relative_residual(fx, x)) < tol:
             break
     z, stats = _finish(best, k, tol)
-    return z.view(shape), stats
+    return z.view(shape).to(dtype), stats
+
+
+def _anderson_mix(fs: torch.Tensor, rs: torch.Tensor, n: int, lam: float, beta: float
+                  ) -> torch.Tensor:
+    """Next Anderson iterate from the first ``n`` history slots ``fs`` (f(xᵢ)), ``rs`` (residuals)."""
+    bsz = fs.shape[0]
+    gram = (rs[:, :n] @ rs[:, :n].transpose(1, 2)).double()
+    ridge = lam * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+    gram = gram + ridge[:, None, None] * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    # min ‖Σ αᵢ rᵢ‖ s.t. Σ αᵢ = 1  ⇔  α ∝ gram⁻¹·1
+    alpha = torch.linalg.solve(gram, torch.ones(bsz, n, 1, dtype=gram.dtype, device=gram.device))
+    alpha = (alpha / alpha.sum(1, keepdim=True)).to(fs.dtype).transpose(1, 2)  # (B, 1, n)
+    # β·Σαf(x) + (1-β)·Σαx  =  Σαf(x) - (1-β)·Σα(f(x) - x)
+    x = (alpha @ fs[:, :n])[:, 0]
+    return x if beta == 1.0 else x - (1 - beta) * (alpha @ rs[:, :n])[:, 0]
 
 
 #: solvers selectable by name in :class:`DEQ` (``solver=``)
