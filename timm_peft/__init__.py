@@ -16,7 +16,10 @@ from .core import (AdapterModule, PeftConfig, PeftMethod, apply_method, cfg_fiel
                    merge, merge_and_unload, print_trainable_parameters, register_method,
                    register_preset, unfreeze, unload, unmerge)
 from .integration import create_model, install, list_models
-from .io import (AdapterError, base_fingerprint, from_pretrained, load_adapter,
+from .io import (AdapterError, base_fingerprint, from_pretrained, load_adapter, push_to_hub,
                  read_adapter_config, save_pretrained)
+from .methods.e2vpt import E2VPTConfig, train_prune_rewind
+from .methods.ssf import SSFConfig
+from .methods.vpt import VPTConfig
 
 install()
