@@ -18,7 +18,7 @@ must not change.
 
 Run from the repository root::
 
-    python -m benchmarks.bench_lion                       # vit_small_patch16_224 + resnet50, batch 4
+    python -m benchmarks.bench_lion             # vit_small_patch16_224 + resnet50, batch 4
     python -m benchmarks.bench_lion --models resnet18 --batch-size 8
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import PeakMemory
-from timm_peft.deq import (DEQ, DEQConvergenceWarning, SolverStats, anderson,
-                           fixed_point_iteration, relative_residual)
+from timm_peft.deq import (DEQ, DEQConvergenceWarning, anderson, fixed_point_iteration,
+                           relative_residual)
 
 
 class LinearCell(nn.Module):
@@ -231,3 +231,17 @@ def test_bad_arguments_are_explained():
         DEQ(LinearCell(), backward="unrolled")
     with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
         DEQ(LinearCell(), max_iter=0)
+
+
+def test_autocast_and_low_precision():
+    torch.manual_seed(0)
+    cell = ConvCell()
+    u = torch.randn(2, 4, 6, 6, requires_grad=True)
+    deq = DEQ(cell, tol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = deq(u)
+    z.float().square().sum().backward()
+    assert torch.isfinite(z).all() and torch.isfinite(u.grad).all()
+    assert deq.forward_stats.last.converged and deq.backward_stats.last.converged
+    half = DEQ(ConvCell().bfloat16(), tol=1e-2)
+    assert half(u.detach().bfloat16()).dtype == torch.bfloat16

@@ -181,7 +181,7 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
 
 def _anderson_mix(fs: torch.Tensor, rs: torch.Tensor, n: int, lam: float, beta: float
                   ) -> torch.Tensor:
-    """Next Anderson iterate from the first ``n`` history slots ``fs`` (f(xᵢ)), ``rs`` (residuals)."""
+    """Next Anderson iterate from the first ``n`` slots of ``fs`` (f(xᵢ)) and ``rs`` (residuals)."""
     bsz = fs.shape[0]
     gram = (rs[:, :n] @ rs[:, :n].transpose(1, 2)).double()
     ridge = lam * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)

@@ -182,8 +182,10 @@ class ImplicitImagePrompt(nn.Module):
 
     Example:
         >>> p = ImplicitImagePrompt(3, width=8, stride=2, groups=4)
-        >>> p(torch.randn(2, 3, 15, 16)).shape, float(p(torch.randn(1, 3, 8, 8)).detach().abs().max())
-        (torch.Size([2, 3, 15, 16]), 0.0)
+        >>> p(torch.randn(2, 3, 15, 16)).shape  # any size: the read-out is cropped to the input
+        torch.Size([2, 3, 15, 16])
+        >>> float(p(torch.randn(1, 3, 8, 8)).detach().abs().max())  # zero read-out at init
+        0.0
     """
 
     def __init__(self, in_chans: int, width: int, stride: int, groups: int,
