@@ -43,8 +43,19 @@ Choices where the paper is silent:
   within ``backward_max_iter``) or the phantom gradient (``backward="phantom"``). See
   :mod:`timm_peft.deq`.
 * **Robust training.** τ is the *fraction* of elements that are non-crucial (the paper writes a
-  threshold on ``|g·θ|`` but sweeps τ in 0.2-0.8 like a ratio), ranked per tensor by default
-  (``robust_scope``), see :class:`RobustOptimizer`.
+  threshold on ``|g·θ|`` but sweeps τ in 0.2-0.8 like a ratio). Elements are ranked within each
+  tensor by default (``robust_scope="tensor"``): ranked over all tensors at once, whole tensors
+  whose gradients are small in absolute terms (everything behind a zero-initialised read-out, at
+  first) would be non-crucial at every step and only ever shrink. The shrink step is the group's
+  learning rate (``robust_shrink`` scales it) and never crosses zero; the wrapped optimiser keeps
+  its state for every element (see :class:`RobustOptimizer`). The training loop picks the
+  wrapper up through :meth:`Lion.training_hooks` (``"optimizer_wrapper"``).
+* **Where it acts.** A cached subclass of the model's own timm class overrides
+  ``forward_features`` (P₁ first) and ``forward_head`` (blend with P₂, then the classifier), so
+  ``model(x)``, ``forward_features`` and ``forward_head(pre_logits=True)`` (which returns ``z̃``)
+  all include LION; ``forward_intermediates`` does not. The subclass keeps ``isinstance`` and
+  every base state-dict key; LION's modules live under ``model.lion``; ``unload`` restores the
+  plain class.
 
 Ablations of the paper's Table 4 are presets: ``lion_no_p1`` (LION-P1), ``lion_no_p2``
 (LION-P2) and ``lion_no_robust`` (LION-R).
