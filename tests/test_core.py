@@ -187,3 +187,15 @@ def test_vit_base_linear_count():
     model = timm.create_model("vit_base_patch16_224.linear", num_classes=100)
     trainable, total = timm_peft.get_nb_trainable_parameters(model)
     assert (trainable, total) == (76_900, 85_875_556)
+
+
+def test_frozen_model_pickles_and_copies_with_frozen_statistics():
+    import copy
+    import pickle
+    model = timm.create_model("resnet10t.bias", num_classes=3)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        clone.train()
+        assert clone.training and not clone.bn1.training
+        assert clone.bn1.train.module is clone.bn1  # bound to the copy, not the original
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(clone.eval()(x), model.eval()(x))

@@ -251,10 +251,18 @@ def get_blocks(model: nn.Module) -> list[nn.Module]:
 # Freezing
 # ----------------------------------------------------------------------------------------------
 
-def _frozen_norm_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    # A frozen BatchNorm keeps using (and never updates) its running statistics: they belong to
-    # the frozen base, so training must not change them behind the adapter's back.
-    return nn.Module.train(self, False)
+class _FrozenNormTrain:
+    """``train`` of a frozen BatchNorm: it keeps using, and never updates, its running statistics.
+
+    The statistics belong to the frozen base, so training must not change them behind the
+    adapter's back. A small class rather than a bound function, so the model still pickles.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return nn.Module.train(self.module, False)
 
 
 def freeze(module: nn.Module) -> None:
@@ -269,7 +277,7 @@ def freeze(module: nn.Module) -> None:
     module.requires_grad_(False)
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train = types.MethodType(_frozen_norm_train, m)
+            m.train = _FrozenNormTrain(m)
             m.train(False)
 
 
