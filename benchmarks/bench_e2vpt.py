@@ -15,39 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
 from safetensors.torch import save_file
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm_peft
 from timm_peft.io import WEIGHTS_NAME
 from timm_peft.methods.e2vpt import compute_importance, prune, rewind
 
-from .common import median_time, write_report
-
-
-def _rounds(fns: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin (one call of each per round)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(median_time(fn, warmup=0, reps=1))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
+from .common import count_flops, inference, round_robin_medians, write_report
 
 
 def _prompt_values(model: torch.nn.Module) -> int:
@@ -100,14 +79,8 @@ def main() -> None:
                                adapter_bytes=os.path.getsize(d / WEIGHTS_NAME),
                                prompt_values=_prompt_values(m))
 
-    def infer(m: torch.nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.inference_mode():
-                m(x)
-        return run
-
-    times = _rounds({k: infer(m) for k, m in models.items()}, args.warmup, args.reps)
-    flops = {k: _flops(m, x) for k, m in models.items()}
+    times = round_robin_medians({k: inference(m, x) for k, m in models.items()}, args.warmup, args.reps)
+    flops = {k: count_flops(m, x) for k, m in models.items()}
     rows = []
     for label, m in models.items():
         row = dict(model=label, **info[label], infer_ms=1e3 * times[label],

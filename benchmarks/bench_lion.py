@@ -24,9 +24,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import statistics
 import warnings
-from typing import Callable
 
 import timm
 import torch
@@ -35,21 +33,9 @@ import torch.nn.functional as F
 import timm_peft
 from timm_peft.deq import DEQConvergenceWarning
 
-from .common import median_time, peak_memory, write_report
+from .common import inference, peak_memory, round_robin_medians, write_report
 
 NUM_CLASSES = 100
-
-
-def _interleaved(fns: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each fn, one call of each per round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(median_time(fn, warmup=0, reps=1))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _build(arch: str, method: str | None, **peft_cfg) -> torch.nn.Module:
@@ -104,17 +90,11 @@ def _bench_arch(arch: str, x: torch.Tensor, y: torch.Tensor, warmup: int, rounds
     for m in models.values():
         m.eval()
 
-    def infer(m: torch.nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.inference_mode():
-                m(x)
-        return run
-
-    times = _interleaved({k: infer(m) for k, m in models.items()}, warmup, rounds)
+    times = round_robin_medians({k: inference(m, x) for k, m in models.items()}, warmup, rounds)
     for key, m in models.items():
         row = dict(arch=arch, measure="inference", model=key, time_ms=1e3 * times[key],
                    ratio_vs_base=times[key] / times["base (plain timm)"],
-                   peak_extra_MiB=peak_memory(infer(m)) / 2**20)
+                   peak_extra_MiB=peak_memory(inference(m, x)) / 2**20)
         if hasattr(m, "lion"):
             row.update(_solver_columns(m))
         rows.append(row)
@@ -137,7 +117,7 @@ def _bench_arch(arch: str, x: torch.Tensor, y: torch.Tensor, warmup: int, rounds
             F.cross_entropy(m(x), y).backward()
             opt.step()
         steps[key] = step
-    times = _interleaved(steps, max(1, warmup - 1), rounds)
+    times = round_robin_medians(steps, max(1, warmup - 1), rounds)
     for key, m in trainers.items():
         row = dict(arch=arch, measure="train step", model=key,
                    trainable_params=timm_peft.get_nb_trainable_parameters(m)[0],

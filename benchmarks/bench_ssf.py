@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-from typing import Callable, Iterable
+from typing import Iterable
 
 import timm
 import torch
@@ -28,22 +28,9 @@ import torch.nn.functional as F
 
 import timm_peft
 
-from .common import median_time, peak_memory, write_report
+from .common import inference, peak_memory, round_robin, write_report
 
 NUM_CLASSES = 100
-
-
-def _rounds(fns: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each call of each fn, one call of each per round (order rotating by round)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    keys = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(rounds):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            times[k].append(median_time(fns[k], warmup=0, reps=1))
-    return times
 
 
 def _ratio(times: dict[str, list[float]], key: str, ref: str) -> float:
@@ -85,15 +72,9 @@ def main() -> None:
         err = (merged(x) - ssf(x)).abs().max().item()
     models = {"base (plain timm)": base, "SSF, unmerged": ssf, "SSF, merged": merged}
 
-    def infer(m: torch.nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.inference_mode():
-                m(x)
-        return run
-
-    times = _rounds({k: infer(m) for k, m in models.items()}, args.warmup, args.rounds)
+    times = round_robin({k: inference(m, x) for k, m in models.items()}, args.warmup, args.rounds)
     for key, m in models.items():
-        peak = peak_memory(infer(m)) / 2**20
+        peak = peak_memory(inference(m, x)) / 2**20
         rows.append(dict(
             measure="inference", model=key,
             params=sum(p.numel() for p in m.parameters()),
@@ -117,7 +98,7 @@ def main() -> None:
             F.cross_entropy(m(x), y).backward()
             opt.step()
         steps[key] = step
-    times = _rounds(steps, max(1, args.warmup - 1), args.rounds)
+    times = round_robin(steps, max(1, args.warmup - 1), args.rounds)
     for key, m in trainers.items():
         peak = peak_memory(steps[key]) / 2**20
         state = _mib(t for s in opts[key].state.values() for t in s.values()

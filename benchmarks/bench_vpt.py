@@ -14,35 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-from typing import Callable
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm_peft
 
-from .common import median_time, peak_memory, write_report
-
-
-def _rounds(fns: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin (one call of each per round)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            times[k].append(median_time(fn, warmup=0, reps=1))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
+from .common import count_flops, inference, peak_memory, round_robin_medians, write_report
 
 
 def _build(arch: str, method: str | None, num_prompts: int, img_size: int) -> torch.nn.Module:
@@ -74,14 +53,8 @@ def main() -> None:
     models.update({f"vpt T={t}": _build(args.model, "vpt", t, args.img_size).eval()
                    for t in args.prompts})
 
-    def infer(m: torch.nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.inference_mode():
-                m(x)
-        return run
-
-    times = _rounds({k: infer(m) for k, m in models.items()}, args.warmup, args.reps)
-    base_flops = _flops(base, x)
+    times = round_robin_medians({k: inference(m, x) for k, m in models.items()}, args.warmup, args.reps)
+    base_flops = count_flops(base, x)
     rows: list[dict] = []
     for t in [0] + list(args.prompts):
         key = "base" if t == 0 else f"vpt T={t}"
@@ -90,7 +63,7 @@ def main() -> None:
             time_ms=1e3 * times[key],
             time_ratio=times[key] / times["base"],
             flop_ratio_N_plus_T_over_N=(n + t) / n,
-            counted_flop_ratio=_flops(models[key], x) / base_flops,
+            counted_flop_ratio=count_flops(models[key], x) / base_flops,
         ))
     del models
 
@@ -107,7 +80,7 @@ def main() -> None:
             F.cross_entropy(m(x), y).backward()
             opt.step()
         steps[key] = step
-    times = _rounds(steps, max(1, args.warmup - 1), args.reps)
+    times = round_robin_medians(steps, max(1, args.warmup - 1), args.reps)
     for key, m in trainers.items():
         rows.append(dict(
             measure="train step", model=key,

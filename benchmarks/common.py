@@ -25,6 +25,47 @@ from torch.utils._pytree import tree_flatten
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def round_robin(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of every call of each fn, one call of each per round, the order rotating by round.
+
+    Interleaving makes load from other processes hit every model alike, so the ratios of two
+    models' times measured in one run stay meaningful on a shared machine.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    keys = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def round_robin_medians(fns: dict[str, Callable[[], Any]], warmup: int,
+                        rounds: int) -> dict[str, float]:
+    """Median seconds per call of each fn, timed with :func:`round_robin`."""
+    return {k: statistics.median(v) for k, v in round_robin(fns, warmup, rounds).items()}
+
+
+def inference(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A no-argument function running one inference-mode forward of ``model`` on ``x``."""
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+    return run
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward, counted by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
 def median_time(fn: Callable[[], Any], warmup: int = 2, reps: int = 5) -> float:
     """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
     for _ in range(warmup):
