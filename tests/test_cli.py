@@ -93,11 +93,17 @@ def test_bad_input_gives_one_clear_line(weights, tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'vtab2k'" in capsys.readouterr().err
 
 
-def test_resume_of_another_task_is_refused(weights, tmp_path, capsys):
+def test_random_base_run_is_rebuilt_by_eval_and_resume_checks_the_task(weights, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_train_args(weights, out, "--epochs", "1")) == 0
-    capsys.readouterr()
+    argv = _train_args(weights, out, "--epochs", "1", "--no-pretrained")
+    i = argv.index("--pretrained-file")
+    assert main(argv[:i] + argv[i + 2:]) == 0
+    assert "torch.manual_seed(0)" in capsys.readouterr().out
+    assert main(["eval", str(out / "adapter"), "--json"]) == 0  # the seeded base is rebuilt
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert json.loads(capsys.readouterr().out)["acc"] == summary["test_acc"]
     argv = [a if a != "orientation" else "count" for a in _train_args(weights, out)]
-    err = _error(argv[:-2] + ["--resume", str(out)], capsys)
+    argv = argv[:i] + argv[i + 2:-2] + ["--no-pretrained", "--resume", str(out)]
+    err = _error(argv, capsys)
     assert "cannot resume" in err and "num_classes 8 (this run's data: 6)" in err
 

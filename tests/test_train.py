@@ -124,13 +124,16 @@ def test_train_on_an_image_folder(tmp_path, weights):
             for i in range(n):
                 Image.new("RGB", (20 + i, 20), tuple(max(0, c - 15 * i) for c in rgb)).save(d / f"{i}.png")
     cfg = _cfg(weights, tmp_path / "out", task=None, data_dir=str(tmp_path / "data"), val_split=0.0,
-               epochs=3, warmup_epochs=0, batch_size=4, lr=0.05, model="vit_tiny_patch16_224.linear")
+               epochs=3, warmup_epochs=0, batch_size=4, lr=0.05, model="vit_tiny_patch16_224.linear",
+               pretrained_cfg=dict(mean=[0.4] * 3, std=[0.3] * 3))
     result = train(cfg)
     final = _log(result.output_dir)[-1]
     assert final["test_acc"] == evaluate_adapter(result.adapter_dir, "test")["acc"]
     assert final["val_acc"] == evaluate_adapter(result.adapter_dir, "val")["acc"] == 1.0
     args = json.loads((result.adapter_dir / "training_args.json").read_text())
     assert args["classes"] == ["blue", "red"]
+    # the weights' description reaches timm's pretrained_cfg and so the data pipeline
+    assert args["data_config"]["mean"] == [0.4] * 3 and args["data_config"]["std"] == [0.3] * 3
 
 
 def test_bad_data_is_a_clear_error(tmp_path, weights):
@@ -158,6 +161,8 @@ def test_bad_model_names_are_clear_errors(tmp_path):
 def test_config_validation_and_recipes():
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="unknown optimiser 'sgdd'.*'adamw'"):
+        TrainConfig(opt="sgdd")
     with pytest.raises(ValueError, match="either task or data_dir"):
         TrainConfig(task="count", data_dir="x")
     with pytest.raises(ValueError, match="may not set 'num_classes'"):

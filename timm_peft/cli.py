@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(ns: argparse.Namespace) -> int:
     from .train import TrainConfig, train
     given = {k: v for k, v in vars(ns).items() if k not in ("command", "debug")}
-    for key in ("peft_cfg", "model_kwargs"):
+    for key in ("peft_cfg", "model_kwargs", "pretrained_cfg"):
         if key in given:
             given[key] = _parse_kv(given[key], "--" + key.replace("_", "-"))
     recipes = given.pop("recipes", [])
@@ -130,6 +130,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _report_run(cfg: Any, result: Any) -> None:
+    from .train import pretrained_overlay
     m = result.metrics
     adapter = result.adapter_dir
     lines = [f"\nSaved the adapter to {adapter}/ ({m['trainable_params']:,d} trainable parameters, "
@@ -137,12 +138,15 @@ def _report_run(cfg: Any, result: Any) -> None:
     accs = [f"{s} accuracy {m[f'{s}_acc']:.4f}" for s in ("val", "test") if f"{s}_acc" in m]
     if accs:
         lines.append("  " + ", ".join(accs))
-    overlay = (f", pretrained_cfg_overlay=dict(file={str(Path(cfg.pretrained_file).resolve())!r}, "
-               "custom_load=False)") if cfg.pretrained_file else ""
-    lines += ["Load it with:",
-              "  import timm_peft",
-              f"  model = timm_peft.from_pretrained({str(adapter)!r}{overlay})",
-              f"or measure it again: timm-peft eval {adapter} --split test"]
+    overlay = pretrained_overlay(cfg.pretrained_cfg, cfg.pretrained_file)
+    overlay = f", pretrained_cfg_overlay={overlay!r}" if overlay else ""
+    lines += ["Load it with:", "  import timm_peft"]
+    if cfg.pretrained:
+        lines.append(f"  model = timm_peft.from_pretrained({str(adapter)!r}{overlay})")
+    else:  # a random base is rebuilt from the seed it was drawn with
+        lines += [f"  import torch; torch.manual_seed({cfg.seed})",
+                  f"  model = timm_peft.from_pretrained({str(adapter)!r}, pretrained=False{overlay})"]
+    lines.append(f"or measure it again: timm-peft eval {adapter} --split test")
     print("\n".join(lines))
 
 

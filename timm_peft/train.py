@@ -49,7 +49,8 @@ from .io import WEIGHTS_NAME, base_fingerprint, save_pretrained
 
 __all__ = ["TrainConfig", "Recipe", "RECIPES", "list_recipes", "get_recipe", "train",
            "TrainResult", "StageContext", "create_optimizer", "create_scheduler", "build_model",
-           "build_transforms", "evaluate", "evaluate_adapter", "TRAINING_ARGS_NAME",
+           "build_transforms", "evaluate", "evaluate_adapter", "pretrained_overlay",
+           "TRAINING_ARGS_NAME",
            "CHECKPOINT_NAME", "LOG_NAME"]
 
 TRAINING_ARGS_NAME = "training_args.json"
@@ -83,6 +84,8 @@ class TrainConfig:
     pretrained: bool = cfg_field(True, help="start from pretrained weights (timm's path)")
     pretrained_file: str | None = cfg_field(None, help="local weights file for the base "
                                             "(timm pretrained_cfg_overlay file=...)")
+    pretrained_cfg: dict = cfg_field(default_factory=dict, help="pretrained_cfg entries "
+                                     "describing the weights, e.g. input_size=[3,32,32]")
     # --- data
     task: str | None = cfg_field(None, choices=list_tasks(), help="built-in generated task")
     data_dir: str | None = cfg_field(None, help="ImageFolder root with train/ [val/] [test/]")
@@ -125,6 +128,7 @@ class TrainConfig:
     device: str | None = cfg_field(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     output: str | None = cfg_field(None, help="run directory (default runs/<time>-<model>-<data>)")
     resume: str | None = cfg_field(None, help="checkpoint file or run directory to continue")
+    checkpoint: bool = cfg_field(True, help="write checkpoint.pt after every epoch (for resume)")
     progress: bool = cfg_field(True, help="tqdm progress bars")
     recipes: tuple[str, ...] = cfg_field((), help="recipes applied, in order")
 
@@ -136,6 +140,10 @@ class TrainConfig:
                 setattr(self, f.name, tuple(value))
         # same field checks as a method's config: one validation rule for every config
         PeftConfig.validate(self)  # type: ignore[arg-type]
+        from timm.optim import list_optimizers
+        if self.opt.lower() not in list_optimizers():
+            raise ValueError(f"unknown optimiser {self.opt!r}; timm's optimisers: "
+                             f"{list_optimizers()}")
         if self.task is not None and self.data_dir is not None:
             raise ValueError("give either task or data_dir, not both")
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
@@ -347,14 +355,12 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """
     import timm
     _split_model_name(cfg.model)
+    if cfg.pretrained_file is not None and not cfg.pretrained:
+        raise ValueError("pretrained_file was given with pretrained=False; drop one of them")
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
-    if cfg.pretrained_file is not None:
-        if not cfg.pretrained:
-            raise ValueError("pretrained_file was given with pretrained=False; drop one of them")
-        path = Path(cfg.pretrained_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained file {path} does not exist")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(path.resolve()), custom_load=False)
+    overlay = pretrained_overlay(cfg.pretrained_cfg, cfg.pretrained_file)
+    if overlay:
+        kwargs["pretrained_cfg_overlay"] = overlay
     torch.manual_seed(cfg.seed)
     try:
         return timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
@@ -365,6 +371,24 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                                "pass a local weights file (--pretrained-file) or "
                                "--no-pretrained") from e
         raise
+
+
+def pretrained_overlay(pretrained_cfg: dict[str, Any] | None,
+                       pretrained_file: str | os.PathLike | None) -> dict[str, Any]:
+    """timm's ``pretrained_cfg_overlay`` for local weights and their description.
+
+    Example:
+        >>> pretrained_overlay({"input_size": [3, 32, 32]}, None)
+        {'input_size': (3, 32, 32)}
+    """
+    overlay = {k: tuple(v) if isinstance(v, list) else v for k, v in (pretrained_cfg or {}).items()}
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained file {path} does not exist")
+        # custom_load=False: timm < 1.0.30 would hand the file to an npz loader otherwise
+        overlay.update(file=str(path.resolve()), custom_load=False)
+    return overlay
 
 
 def _data_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
@@ -561,9 +585,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the adapter's tensors as they sit in the model (for checkpoints and the best
+    epoch; the method's ``adapter_state_dict`` export is for the saved adapter only)."""
     inner = unwrap_features(model)
-    state = get_method(inner.peft_method).adapter_state_dict(inner)
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    state = inner.state_dict()
+    return {k: state[k].detach().to("cpu", copy=True) for k in inner.peft_adapter_keys}
 
 
 def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -925,7 +951,8 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
             best=best, history=trainer.history), out / CHECKPOINT_NAME)
 
     main = trainer.run_epochs(cfg.epochs, "train", start_epoch=start_epoch,
-                              resume_state=resume_state, checkpoint=checkpoint)
+                              resume_state=resume_state,
+                              checkpoint=checkpoint if cfg.checkpoint else None)
     if resume_state is not None and start_epoch >= cfg.epochs and resume_state["best"]["state"]:
         _load_trainable_state(model, resume_state["best"]["state"], "the checkpoint's best state")
 
@@ -1000,11 +1027,9 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
     pretrained_file = pretrained_file or saved.get("pretrained_file")
     pretrained = saved.get("pretrained", True) or pretrained_file is not None
     overrides: dict[str, Any] = {}
-    if pretrained_file:
-        if not Path(pretrained_file).is_file():
-            raise FileNotFoundError(f"pretrained file {pretrained_file} does not exist")
-        overrides["pretrained_cfg_overlay"] = dict(file=str(Path(pretrained_file).resolve()),
-                                                   custom_load=False)
+    overlay = pretrained_overlay(saved.get("pretrained_cfg"), pretrained_file)
+    if overlay:
+        overrides["pretrained_cfg_overlay"] = overlay
     torch.manual_seed(saved.get("seed", 0))  # a base without weights is rebuilt as in training
     model = from_pretrained(adapter_dir, pretrained=pretrained, **overrides)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
