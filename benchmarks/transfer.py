@@ -70,9 +70,9 @@ BACKBONES = {b.name: b for b in (
     # ViT-Ti/4 at 32 px, narrowed to width 96 and 4 blocks: 65 tokens
     Backbone("vit", "vit_tiny_patch16_224",
              dict(img_size=32, patch_size=4, depth=4, embed_dim=96),
-             dict(train_size=4000, epochs=12, lr=1e-3, batch_size=64)),
+             dict(train_size=4000, epochs=8, lr=1e-3, batch_size=64)),
     Backbone("resnet", "resnet10t", {},
-             dict(train_size=4000, epochs=5, lr=2e-3, batch_size=64)),
+             dict(train_size=4000, epochs=4, lr=2e-3, batch_size=64)),
 )}
 PRETRAIN_TASK = "shapes"
 TASKS = ("position", "orientation", "count", "texture")
@@ -138,12 +138,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                           batch_size=a["batch_size"], opt="adamw", lr=a["lr"],
                           weight_decay=a["weight_decay"], seed=job["seed"], workers=0,
                           progress=False, checkpoint=False, output=str(Path(tmp) / "run"))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = train(cfg, splits=_SPLITS[task])
     label = job["method"] if weights is not None else "linear (reference: random-init base)"
     return dict(backbone=job["backbone"], method=label, task=task, seed=job["seed"],
                 test_acc=result.metrics["test_acc"], trainable=result.metrics["trainable_params"],
-                adapter_bytes=result.metrics["adapter_bytes"], seconds=time.perf_counter() - t0)
+                adapter_bytes=result.metrics["adapter_bytes"], seconds=time.perf_counter() - t0,
+                cpu_seconds=time.process_time() - c0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,12 +160,14 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
         row = rows.setdefault((r["backbone"], r["method"]), dict(
-            backbone=r["backbone"], method=r["method"], trainable=r["trainable"],
-            adapter_bytes=r["adapter_bytes"], per_task={}, per_seed={}))
+            backbone=r["backbone"], method=r["method"], sizes=[], per_task={}, per_seed={}))
+        row["sizes"].append((r["trainable"], r["adapter_bytes"]))  # the head differs by task
         row["per_task"].setdefault(r["task"], []).append(100 * r["test_acc"])
         row["per_seed"].setdefault(r["seed"], []).append(100 * r["test_acc"])
     out = []
     for row in rows.values():
+        row["trainable"] = round(statistics.fmean(t for t, _ in row["sizes"]))
+        row["adapter_bytes"] = round(statistics.fmean(b for _, b in row.pop("sizes")))
         row["tasks"] = {t: _mean_std(v) for t, v in row["per_task"].items()}
         # the spread of the task average over seeds
         row["mean"] = _mean_std([statistics.fmean(v) for v in row["per_seed"].values()])
@@ -212,7 +215,10 @@ def svg_plot(rows: list[dict[str, Any]], title: str) -> str:
                'parameters (log scale, head included)</text>')
     out.append(f'<text transform="translate(18,{(T + H - B) / 2}) rotate(-90)" '
                'text-anchor="middle">mean test accuracy over tasks (%)</text>')
-    for r in rows:
+    # boxes of the points and of the labels placed so far, which a new label must not cover
+    placed = [(px(math.log10(max(r["trainable"], 1))) - 5, py(r["mean"][0]) - 5,
+               px(math.log10(max(r["trainable"], 1))) + 5, py(r["mean"][0]) + 5) for r in rows]
+    for r in sorted(rows, key=lambda r: (r["trainable"], r["mean"][0])):
         c = colors[backbones.index(r["backbone"]) % len(colors)]
         x, (m, s) = px(math.log10(max(r["trainable"], 1))), r["mean"]
         out.append(f'<line x1="{x:.1f}" y1="{py(m - s):.1f}" x2="{x:.1f}" y2="{py(m + s):.1f}" '
@@ -220,7 +226,16 @@ def svg_plot(rows: list[dict[str, Any]], title: str) -> str:
         hollow = "reference" in r["method"]
         out.append(f'<circle cx="{x:.1f}" cy="{py(m):.1f}" r="4" fill="{"white" if hollow else c}" '
                    f'stroke="{c}"/>')
-        out.append(f'<text x="{x + 6:.1f}" y="{py(m) - 5:.1f}" fill="{c}">{r["method"]}</text>')
+        label = "linear, random-init base" if hollow else r["method"]
+        w = 6.2 * len(label)
+        for dx, dy in ((6, -5), (6, 13), (-6 - w, -5), (-6 - w, 13), (6, -17), (6, 25),
+                       (-w / 2, -9), (-w / 2, 19), (6, 37), (-6 - w, 25)):
+            box = (x + dx, py(m) + dy - 10, x + dx + w, py(m) + dy + 2)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in placed):
+                break
+        placed.append(box)
+        out.append(f'<text x="{box[0]:.1f}" y="{box[3] - 2:.1f}" fill="{c}">{label}</text>')
     for i, b in enumerate(backbones):
         y = T + 15 + 18 * i
         out.append(f'<circle cx="{W - R + 20}" cy="{y}" r="4" fill="{colors[i % len(colors)]}"/>')
@@ -242,7 +257,11 @@ def write_report(results: list[dict[str, Any]], pretrain: dict[str, dict], args:
         "# Transfer benchmark: every method on generated VTAB-style tasks (CPU)", "",
         f"Command: `{command}`", "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-        f"Total time {seconds / 60:.1f} min. Test accuracy (%) on 500 images per task, mean ± "
+        f"Wall time {seconds / 60:.1f} min with {args.jobs} worker process(es) of one thread "
+        f"each (the fine-tuning runs took {sum(r['cpu_seconds'] for r in results) / 60:.1f} "
+        f"CPU-minutes in all; pre-training, when not cached: "
+        f"{sum(i['seconds'] for i in pretrain.values()) / 60:.1f} min). "
+        "Test accuracy (%) on 500 images per task, mean ± "
         f"std over seeds {args.seeds}; `mean` is the task average (± its std over seeds). "
         f"Each run: 1000 training images (VTAB-1k size, final-run protocol: no validation "
         f"split, last epoch), {args.epochs} epochs of batch {args.batch_size}, AdamW lr "
@@ -261,7 +280,9 @@ def write_report(results: list[dict[str, Any]], pretrain: dict[str, dict], args:
                      f"held-out `{PRETRAIN_TASK}` images {100 * info['test_acc']:.1f}%.")
     lines += ["", "![accuracy vs trainable parameters](transfer.svg)", ""]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
-        lines += [f"## {backbone}", "",
+        lines += [f"## {backbone}", "", "`trainable` and `adapter` (the saved "
+                  "`adapter_model.safetensors`) include the head and are averaged over the tasks "
+                  "(6 to 9 classes).", "",
                   "| method | trainable | adapter | " + " | ".join(tasks) + " | mean |",
                   "|---|---:|---:|" + "---:|" * (len(tasks) + 1)]
         for r in sorted((r for r in rows if r["backbone"] == backbone),
@@ -277,7 +298,8 @@ def write_report(results: list[dict[str, Any]], pretrain: dict[str, dict], args:
     md = RESULTS / "transfer.md"
     md.write_text("\n".join(lines))
     (RESULTS / "transfer.json").write_text(json.dumps(
-        dict(env=env, command=command, args=vars(args), pretrain=pretrain, runs=results,
+        dict(env=env, command=command, args=vars(args), seconds=seconds, pretrain=pretrain,
+             runs=results,
              summary=[{k: v for k, v in r.items() if k not in ("per_task", "per_seed")}
                       for r in rows]), indent=2) + "\n")
     return md
@@ -309,7 +331,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="worker processes (one thread each) for the fine-tuning runs")
     parser.add_argument("--progress", action="store_true", help="progress bars of pre-training")
+    parser.add_argument("--replot", action="store_true",
+                        help="only rewrite the report and plot from results/transfer.json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((RESULTS / "transfer.json").read_text())
+        md = write_report(saved["runs"], saved["pretrain"], argparse.Namespace(**saved["args"]),
+                          saved["command"], saved["seconds"])
+        print(md.read_text())
+        return
     names = {"default": default_methods(), "all": timm_peft.list_methods()}.get(
         args.methods, args.methods.split(","))
     for n in names:
@@ -346,7 +376,8 @@ def main() -> None:
                                           r["seed"]), 0))
     command = "python -m benchmarks.transfer" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("seeds", "progress", "cache_dir", "jobs") and v != parser.get_default(k))
+        if k not in ("seeds", "progress", "cache_dir", "jobs", "replot")
+        and v != parser.get_default(k))
     if seeds != [int(s) for s in parser.get_default("seeds").split(",")]:
         command += f" --seeds {','.join(map(str, seeds))}"
     md = write_report(results, pretrain, args, command, time.perf_counter() - start)
