@@ -360,7 +360,10 @@ class PeftMethod:
         * ``"stages"``: list of ``(name, callable(model, ctx))`` run in order after the main
           training; ``ctx`` has ``train_loader``, ``loss_fn``, ``device`` and
           ``fit(model, epochs, desc)`` which re-runs the standard loop with a fresh optimiser over
-          the currently trainable parameters (e.g. E²VPT's score → prune → rewind).
+          the currently trainable parameters (e.g. E²VPT's score → prune → rewind); also
+          ``epochs`` (of the main training), ``val_loader``, ``autocast()`` and ``all_reduce(t)``
+          (sums a tensor over ``torchrun`` processes; identity on one), see
+          :class:`timm_peft.train.StageContext`.
         """
         return {}
 
