@@ -10,13 +10,13 @@ identical to another entry are measured once) is built on the same base and meas
 * peak extra memory of a training step and of inference (live tensor storage created during
   the call, :class:`benchmarks.common.PeakMemory`).
 
-Times are medians over rounds that call every model once each (alternating, so load from other
-processes hits all alike), after warm-up. Ratios are to the plain timm model (inference) and to
-full fine-tuning (training); absolute times depend on the machine.
+Times are medians over rounds that call every model once each (round-robin, so load from other
+processes hits all alike), after warm-up; ratios are medians of the per-round ratios, to the plain
+timm model (inference) and to full fine-tuning (training). Absolute times depend on the machine.
 
 Run from the repository root::
 
-    python -m benchmarks.efficiency                      # vit_small + resnet50 at 224, batch 8
+    python -m benchmarks.efficiency                      # vit_small + resnet50 at 224, batch 4
     python -m benchmarks.efficiency --archs convnext_tiny --batch-size 4
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from timm_peft.core import get_method, get_model_family, resolve_method
 from timm_peft.io import WEIGHTS_NAME
 from timm_peft.train import TrainConfig, create_optimizer
 
-from .common import peak_memory, write_report
+from .common import peak_memory, round_robin, write_report
 
 NUM_CLASSES = 100
 
@@ -69,10 +69,10 @@ def _build(arch: str, method: str | None) -> torch.nn.Module:
 
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    model.train()
     opt = create_optimizer(model, TrainConfig(opt="adamw", lr=1e-4))
 
     def step() -> None:
+        model.train()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -81,26 +81,16 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
 
 
 def _infer(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    model.eval()
-
     def run() -> None:
+        model.eval()
         with torch.no_grad():
             model(x)
     return run
 
 
-def _rounds(fns: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in alternating rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+def _ratio(times: dict[str, list[float]], key: str, ref: str) -> float:
+    """Median over rounds of the time ratio within a round (robust to load that drifts)."""
+    return statistics.median(a / b for a, b in zip(times[key], times[ref]))
 
 
 def _adapter_bytes(model: torch.nn.Module) -> int:
@@ -132,15 +122,16 @@ def measure_arch(arch: str, names: list[str], batch_size: int, warmup: int,
     infer_fns.update({f"{k} (merged)": _infer(m, x) for k, m in merged.items()})
     print(f"{arch}: timing {len(train_fns)} training steps and {len(infer_fns)} inferences "
           f"(batch {batch_size}, {tuple(input_size)}, {reps} rounds)", flush=True)
-    t_train = _rounds(train_fns, warmup, reps)
-    t_infer = _rounds(infer_fns, warmup, reps)
+    t_train = round_robin(train_fns, warmup, reps)
+    t_infer = round_robin(infer_fns, warmup, reps)
     mem_train = {k: peak_memory(fn) for k, fn in train_fns.items()}
     mem_infer = {k: peak_memory(fn) for k, fn in infer_fns.items() if "(merged)" not in k}
 
     total = sum(p.numel() for p in plain.parameters())
     rows = [dict(arch=arch, method="plain timm model", trainable=total, **{
         "trainable_%": 100.0, "adapter_KiB": "-", "train_ms": "-", "train_vs_full": "-",
-        "train_MiB": "-", "train_mem_vs_full": "-", "infer_ms": 1e3 * t_infer["plain"],
+        "train_MiB": "-", "train_mem_vs_full": "-",
+        "infer_ms": 1e3 * statistics.median(t_infer["plain"]),
         "infer_vs_plain": 1.0, "merged_infer_vs_plain": "-",
         "infer_MiB": mem_infer["plain"] / 2 ** 20, "infer_mem_vs_plain": 1.0})]
     for k, m in models.items():
@@ -148,11 +139,13 @@ def measure_arch(arch: str, names: list[str], batch_size: int, warmup: int,
         row = dict(arch=arch, method=k, trainable=trainable, **{
             "trainable_%": 100 * trainable / total,
             "adapter_KiB": _adapter_bytes(m) / 1024,
-            "train_ms": 1e3 * t_train[k], "train_vs_full": t_train[k] / t_train["full"],
+            "train_ms": 1e3 * statistics.median(t_train[k]),
+            "train_vs_full": _ratio(t_train, k, "full"),
             "train_MiB": mem_train[k] / 2 ** 20,
             "train_mem_vs_full": mem_train[k] / mem_train["full"],
-            "infer_ms": 1e3 * t_infer[k], "infer_vs_plain": t_infer[k] / t_infer["plain"],
-            "merged_infer_vs_plain": (t_infer[f"{k} (merged)"] / t_infer["plain"]
+            "infer_ms": 1e3 * statistics.median(t_infer[k]),
+            "infer_vs_plain": _ratio(t_infer, k, "plain"),
+            "merged_infer_vs_plain": (_ratio(t_infer, f"{k} (merged)", "plain")
                                       if f"{k} (merged)" in t_infer else "-"),
             "infer_MiB": mem_infer[k] / 2 ** 20,
             "infer_mem_vs_plain": mem_infer[k] / mem_infer["plain"]})
@@ -166,9 +159,9 @@ def main() -> None:
                         help="comma-separated timm archs (each at its default input size)")
     parser.add_argument("--methods", default="all",
                         help="comma-separated registry names; 'all': every method and preset")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--name", default="efficiency", help="report name under results/")
     args = parser.parse_args()
     names = timm_peft.list_methods() if args.methods == "all" else args.methods.split(",")
@@ -182,14 +175,18 @@ def main() -> None:
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if v != parser.get_default(k))
     notes = (f"{NUM_CLASSES}-class head, batch {args.batch_size}, random inputs at each arch's "
-             f"default input size; medians of {args.reps} alternating rounds after {args.warmup} "
-             "warm-up call(s). `train_*`: forward + backward + AdamW step of the optimiser the "
-             "training loop builds (with the method's optimiser hook), ratio to full fine-tuning. "
+             f"default input size; {args.reps} rounds that call every model once, after "
+             f"{args.warmup} warm-up call(s): times are medians, ratios the median of the ratios "
+             "within a round (robust to load from other processes). `train_*`: forward + backward "
+             "+ AdamW step of the optimiser the training loop builds (with the method's optimiser hook), ratio to full fine-tuning. "
              "`infer_*`: eval-mode forward without grad, ratio to the plain timm model; "
              "`merged_infer_vs_plain` after `merge_and_unload` ('-': the method does not merge). "
              "`*_MiB`: peak live tensor memory created during the call (activations, gradients, "
              "temporaries; the weights and the optimiser state exist before and are not counted). "
              "`adapter_KiB`: size of `adapter_model.safetensors` (for `full`: the whole model). "
+             "On a shared machine single ratios are noisy: methods whose inference is the plain "
+             "model's forward (`linear`, `bias`, `partial`, `full`, and any merged model) show "
+             "the noise level of the run. "
              f"Presets equal to another entry are measured once. Total time "
              f"{time.perf_counter() - start:.0f} s.")
     path = write_report(args.name, "Efficiency of every registered method", command, rows, notes)
