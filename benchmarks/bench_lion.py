@@ -38,10 +38,23 @@ from .common import inference, peak_memory, round_robin_medians, write_report
 NUM_CLASSES = 100
 
 
+#: extra create_model arguments per arch (set in main: img_size for models with a fixed size)
+ARCH_KWARGS: dict[str, dict] = {}
+
+
+def _size_kwargs(arch: str, img_size: int) -> dict:
+    """``img_size`` for archs built for one input size (ViT, Swin); none for ConvNets."""
+    try:
+        timm.create_model(arch, device="meta", img_size=img_size)
+    except TypeError:  # the model takes any size and has no such argument
+        return {}
+    return {"img_size": img_size}
+
+
 def _build(arch: str, method: str | None, **peft_cfg) -> torch.nn.Module:
     torch.manual_seed(0)  # the same random "pretrained" base for every model
     name = arch if method is None else f"{arch}.{method}"
-    return timm.create_model(name, num_classes=NUM_CLASSES,
+    return timm.create_model(name, num_classes=NUM_CLASSES, **ARCH_KWARGS.get(arch, {}),
                              **({"peft_cfg": peft_cfg} if peft_cfg else {}))
 
 
@@ -161,6 +174,7 @@ def main() -> None:
     y = torch.randint(0, NUM_CLASSES, (args.batch_size,))
     rows: list[dict] = []
     for arch in args.models.split(","):
+        ARCH_KWARGS[arch] = _size_kwargs(arch, args.img_size)
         rows += _bench_arch(arch, x, y, args.warmup, args.rounds, args.train_steps)
 
     defaults = timm_peft.methods.lion.LionConfig()

@@ -348,6 +348,10 @@ def test_pruned_adapter_is_smaller_and_reloads_to_the_masked_model(fam, base_fil
     torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=0)
     groups = [loaded.vpt] if fam == "vit" else list(loaded.vpt)
     assert groups[0].compact and groups[0].embeddings.shape == (2, 4, 6, groups[0].segment_width)
+    # the saved trainable count is the pruned one, as the compact rebuild counts it
+    saved = timm_peft.read_adapter_config(tmp_path / "pruned")["num_trainable_parameters"]
+    assert saved == timm_peft.get_nb_trainable_parameters(loaded)[0]
+    assert saved < timm_peft.read_adapter_config(tmp_path / "dense")["num_trainable_parameters"]
     # loaded onto a fresh unpruned model: prepare_load gives it the compact form first
     fresh = _build(fam, base_files, method="e2vpt_prune", num_prompts=8, seed=5)
     timm_peft.load_adapter(fresh, tmp_path / "pruned")

@@ -167,7 +167,7 @@ def test_ablation_presets_and_config_errors():
     assert no_p2.lion.p2 is None and no_p2.lion.p1 is not None
     assert no_p1(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     no_r = timm.create_model("resnet18.lion_no_robust", num_classes=3)
-    assert timm_peft.core.get_method("lion").training_hooks(no_r) == {}
+    assert set(timm_peft.core.get_method("lion").training_hooks(no_r)) == {"metrics"}
     with pytest.raises(ValueError, match="at least one of them"):
         LionConfig(use_p1=False, use_p2=False)
     with pytest.raises(ValueError, match="divisible by norm_groups"):
@@ -232,6 +232,26 @@ def test_cli_optimiser_is_the_robust_wrapper():
     assert isinstance(opt, RobustOptimizer)
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {
         id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_training_loop_logs_the_solver_statistics_of_each_epoch(vit_weights, tmp_path):
+    import json
+    from timm_peft.train import LOG_NAME, TrainConfig, train
+    cfg = TrainConfig(model="vit_tiny_patch16_224.lion", model_kwargs=TINY_VIT,
+                      peft_cfg=SMALL, pretrained_file=str(vit_weights), task="count",
+                      train_size=16, test_size=8, val_split=0.25, epochs=2, batch_size=4,
+                      lr=1e-3, workers=0, progress=False, output=str(tmp_path / "run"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DEQConvergenceWarning)
+        result = train(cfg)
+    epochs = [json.loads(line) for line in (result.output_dir / LOG_NAME).read_text().splitlines()
+              if json.loads(line).get("phase") == "train"]
+    assert len(epochs) == 2
+    for record in epochs:
+        for prompt in ("p1", "p2"):  # 3 steps per epoch: one forward and one backward solve each
+            assert record[f"lion/{prompt}/forward_solves"] == 3
+            assert record[f"lion/{prompt}/backward_solves"] == 3
+            assert record[f"lion/{prompt}/forward_mean_iterations"] >= 1
 
 
 def _training_step_peak(model, x, y):

@@ -229,9 +229,16 @@ class _Hooked(core.PeftMethod):
             m.blocks[-1].mlp.fc1.requires_grad_(False)
             return ctx.fit(m, 1, "extra")
 
+        def metrics(reset):
+            steps = calls.count("step")
+            if reset:
+                calls.append(("reset", steps))
+                return {}
+            return {"steps_since_reset": steps - [c for c in calls if c[0] == "reset"][-1][1]}
+
         return {"optimizer_wrapper": lambda opt, m: Wrapped(opt),
                 "no_weight_decay": {"blocks.1.mlp.fc2.weight"},
-                "stages": [("extra", stage)]}
+                "stages": [("extra", stage)], "metrics": metrics}
 
 
 @pytest.fixture
@@ -266,3 +273,6 @@ def test_hooks_drive_the_loop(hooked, weights, tmp_path):
     phases = [(r["phase"], r.get("epoch")) for r in _log(result.output_dir)]
     assert phases[:3] == [("train", 1), ("train", 2), ("extra", 1)]
     assert phases[-2:] == [("extra", None), ("final", None)]  # stage done, then the adapter
+    # the method's metrics: reset before each epoch, logged after it under the method's name
+    per_epoch = [r.get(f"{hooked.name}/steps_since_reset") for r in _log(result.output_dir)][:3]
+    assert per_epoch == [3, 3, 3]

@@ -364,6 +364,10 @@ class PeftMethod:
           ``epochs`` (of the main training), ``val_loader``, ``autocast()`` and ``all_reduce(t)``
           (sums a tensor over ``torchrun`` processes; identity on one), see
           :class:`timm_peft.train.StageContext`.
+        * ``"metrics"``: ``callable(reset: bool) -> dict[str, float]``, the method's own
+          statistics (e.g. LION's solver iterations). The loop calls it with ``reset=True``
+          before each training epoch and logs what it returns after the epoch under
+          ``"<method>/<key>"`` in the run's JSON log.
         """
         return {}
 

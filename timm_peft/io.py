@@ -406,7 +406,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike,
         warnings.warn(f"method {inner.peft_method!r} trains every parameter: the saved adapter is "
                       f"the whole model ({sum(t.numel() for t in tensors.values()):,d} values)",
                       stacklevel=2)
-    trainable, total = get_nb_trainable_parameters(inner)
+    _, total = get_nb_trainable_parameters(inner)
+    # counted in the saved form: a pruned-but-full-size tensor (E²VPT) trains only what it saves
+    trainable_names = {n for n, p in inner.named_parameters() if p.requires_grad}
+    trainable = sum(t.numel() for k, t in tensors.items() if k in trainable_names) + sum(
+        p.numel() for n, p in inner.named_parameters() if p.requires_grad and n not in tensors)
     arch, tag = base["architecture"], base.get("pretrained_tag")
     cfg = dict(
         format_version=FORMAT_VERSION,

@@ -58,7 +58,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 _CHECKPOINT_FORMAT = 1
 #: training-hook keys this loop understands (see PeftMethod.training_hooks)
-_HOOK_KEYS = ("optimizer_wrapper", "no_weight_decay", "stages")
+_HOOK_KEYS = ("optimizer_wrapper", "no_weight_decay", "stages", "metrics")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,12 +729,16 @@ class _Trainer:
             scheduler.step_update(start_epoch * steps)
         ddp_model = self._wrap(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        method_metrics = _training_hooks(self.model).get("metrics")
+        prefix = unwrap_features(self.model).peft_method
         val_loader = self.eval_loaders.get("val")
         for epoch in range(start_epoch, epochs):
             # one seed per (epoch, process): a resumed run draws the same numbers
             torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + dctx.rank)
             self.train_sampler.set_epoch(epoch)
             self.model.train()
+            if method_metrics is not None:
+                method_metrics(reset=True)
             stats = torch.zeros(3, dtype=torch.float64, device=self.device)
             t0 = time.perf_counter()
             bar = tqdm(self.train_loader, total=steps, desc=f"{phase} {epoch + 1}/{epochs}",
@@ -783,6 +787,8 @@ class _Trainer:
                 lr=optimizer.param_groups[0]["lr"], train_loss=stats[0].item() / stats[2].item(),
                 train_acc=stats[1].item() / stats[2].item(), epoch_time_s=round(elapsed, 3),
                 img_per_s=round(stats[2].item() / elapsed, 1))
+            if method_metrics is not None:  # this process's view (rank 0's under torchrun)
+                record.update({f"{prefix}/{k}": v for k, v in method_metrics(reset=False).items()})
             if val_loader is not None:
                 val = self.evaluate("val")
                 record.update(val_loss=val["loss"], val_acc=val["acc"])

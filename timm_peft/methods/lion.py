@@ -411,14 +411,22 @@ class Lion(PeftMethod):
 
     def training_hooks(self, model: nn.Module) -> dict[str, Any]:
         config: LionConfig = model.peft_config
-        if not config.robust:
-            return {}
+        prompts: LionPrompts = model.lion
 
-        def wrap(optimizer: torch.optim.Optimizer, model: nn.Module) -> RobustOptimizer:
-            return RobustOptimizer(optimizer, tau=config.robust_tau, scope=config.robust_scope,
-                                   shrink=config.robust_shrink)
+        def metrics(reset: bool) -> dict[str, float]:
+            # the solver statistics of the epoch: how hard the equilibria were to find
+            if reset:
+                prompts.reset_solver_stats()
+                return {}
+            return prompts.solver_stats()
 
-        return {"optimizer_wrapper": wrap}
+        hooks: dict[str, Any] = {"metrics": metrics}
+        if config.robust:
+            def wrap(optimizer: torch.optim.Optimizer, model: nn.Module) -> RobustOptimizer:
+                return RobustOptimizer(optimizer, tau=config.robust_tau,
+                                       scope=config.robust_scope, shrink=config.robust_shrink)
+            hooks["optimizer_wrapper"] = wrap
+        return hooks
 
 
 register_preset("lion_no_p1", "lion", use_p1=False)
