@@ -27,7 +27,6 @@ import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import timm

@@ -9,7 +9,6 @@ from torch import nn
 import timm_peft
 from timm_peft.core import (PeftConfig, PeftMethod, cfg_field, get_blocks, get_model_family,
                             register_method, register_preset, resolve_method)
-from timm_peft.methods.baselines import PartialConfig
 
 from conftest import TINY_VIT
 

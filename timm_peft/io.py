@@ -334,7 +334,7 @@ def make_model_card(cfg: dict[str, Any], nbytes: int, **card_info: Any) -> str:
                                              [(str(k), f"`{v!r}`") for k, v in training.items()])]
     if metrics:
         where = f"on `{dataset}`" if dataset else ""
-        parts += [f"## Results\n", _md_table(("metric", "value"),
+        parts += ["## Results\n", _md_table(("metric", "value"),
                                              [(f"{k} {where}".strip(), f"{v}") for k, v in metrics.items()])]
     parts += [
         "## Files\n",

@@ -41,7 +41,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .core import PeftConfig, cfg_field, get_method, get_nb_trainable_parameters, unwrap_features
 from .data import TASKS, DataSplits, TransformDataset, build_splits, list_tasks
