@@ -18,8 +18,8 @@ Protocol (a miniature of VTAB-1k, Zhai et al. 2019, as run by VPT, SSF and E2VPT
 One learning rate for every method is a deliberate simplification (the papers tune it per task
 and method); the numbers compare methods at an equal, tiny budget, not at their best.
 
-Run from the repository root (about 15 minutes on 2 CPU cores with the defaults; the pretrained
-backbones are cached in ``~/.cache/timm_peft/transfer``)::
+Run from the repository root (about 12 minutes on 2 idle CPU cores with the defaults, 9 once the
+pretrained backbones are cached in ``~/.cache/timm_peft/transfer``)::
 
     python -m benchmarks.transfer
     python -m benchmarks.transfer --backbones vit --seeds 0 --epochs 2   # a quicker look
