@@ -1,6 +1,6 @@
 """Quick start: fine-tune a PEFT method on a generated task, save the adapter, load it back.
 
-Runs offline on a CPU in about a minute and a half:
+Runs offline on a CPU in about a minute (2 idle cores):
 
 1. No pretrained weights can be downloaded here, so a small ResNet (timm's ``resnet10t`` at
    32 px) is first trained from scratch on the generated ``shapes`` task and saved as a local

@@ -1,6 +1,7 @@
 """The training loop: adapters it saves, resume, schedule, optimiser groups, method hooks."""
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -102,6 +103,26 @@ def test_resume_continues_from_the_saved_step(run, weights, tmp_path, monkeypatc
     assert not torch.equal(last[1]["head.weight"], best[1]["head.weight"]) or \
         reference.metrics["best_epoch"] == 2
     assert resumed.metrics["test_acc"] == reference.metrics["test_acc"]
+
+
+def test_overwrite_starts_a_finished_run_over(run, weights, tmp_path):
+    """A finished run without a checkpoint is still a run; --overwrite replaces it whole."""
+    out = tmp_path / "run"
+    first = train(_cfg(weights, out, epochs=1, warmup_epochs=0, checkpoint=False))
+    (first.adapter_dir / "stale.txt").write_text("from the first run")
+    with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl, args.json, "
+                                         r"summary.json, adapter\); start it over with --overwrite"):
+        train(_cfg(weights, out))
+    with pytest.raises(ValueError, match="either resume .* or overwrite"):
+        _cfg(weights, out, overwrite=True, resume=str(out))
+    second = train(_cfg(weights, out, overwrite=True))
+    assert [r["epoch"] for r in _log(out) if r["phase"] == "train"] == [1, 2]  # no stale lines
+    assert not (second.adapter_dir / "stale.txt").exists()
+    assert second.metrics["test_acc"] == run[1].metrics["test_acc"]  # same as a fresh directory
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in second.adapter_dir.iterdir():  # as open() would make them, not mkstemp's 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_resume_rejects_another_model_or_class_count(run, weights):

@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
@@ -54,13 +54,26 @@ class AdapterError(ValueError):
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
+
+    A temporary file next to ``path`` is renamed over it once complete, so a crash never leaves
+    a half-written file; it gets the permissions a plain ``open`` would (mkstemp's are 0600).
+
+    Example:
+        >>> import tempfile; p = Path(tempfile.mkdtemp()) / "x.bin"
+        >>> atomic_write(p, b"ab"); atomic_write(p, lambda fh: fh.write(b"c")); p.read_bytes()
+        b'c'
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            data(fh) if callable(data) else fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -432,12 +445,12 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike,
     card = make_model_card(cfg, nbytes=len(blob), **card_info)  # bad card_info writes nothing
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, blob)
-    _atomic_write(out / "README.md", card.encode())
-    _atomic_write(out / TIMM_CONFIG_NAME,
+    atomic_write(out / WEIGHTS_NAME, blob)
+    atomic_write(out / "README.md", card.encode())
+    atomic_write(out / TIMM_CONFIG_NAME,
                   (json.dumps(timm_config(model, cfg), indent=2) + "\n").encode())
     # the config is written last: it names the weights' hash, so a crash in between is detected
-    _atomic_write(out / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(out / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
     return out
 
 

@@ -31,7 +31,7 @@ import dataclasses
 import inspect
 import json
 import os
-import tempfile
+import shutil
 import time
 import typing
 from dataclasses import dataclass, field
@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .core import PeftConfig, cfg_field, get_method, get_nb_trainable_parameters, unwrap_features
 from .data import TASKS, DataSplits, TransformDataset, build_splits, list_tasks
-from .io import WEIGHTS_NAME, base_fingerprint, save_pretrained
+from .io import WEIGHTS_NAME, atomic_write, base_fingerprint, save_pretrained
 
 __all__ = ["TrainConfig", "Recipe", "RECIPES", "list_recipes", "get_recipe", "train",
            "TrainResult", "StageContext", "create_optimizer", "create_scheduler", "build_model",
@@ -57,6 +57,8 @@ TRAINING_ARGS_NAME = "training_args.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 _CHECKPOINT_FORMAT = 1
+#: what a run writes in its output directory (what --overwrite deletes)
+_RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "args.json", "summary.json", "adapter")
 #: training-hook keys this loop understands (see PeftMethod.training_hooks)
 _HOOK_KEYS = ("optimizer_wrapper", "no_weight_decay", "stages", "metrics")
 
@@ -128,6 +130,8 @@ class TrainConfig:
     device: str | None = cfg_field(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     output: str | None = cfg_field(None, help="run directory (default runs/<time>-<model>-<data>)")
     resume: str | None = cfg_field(None, help="checkpoint file or run directory to continue")
+    overwrite: bool = cfg_field(False, help="start over in an --output that holds a run, "
+                                "deleting that run's files")
     checkpoint: bool = cfg_field(True, help="write checkpoint.pt after every epoch (for resume)")
     progress: bool = cfg_field(True, help="tqdm progress bars")
     recipes: tuple[str, ...] = cfg_field((), help="recipes applied, in order")
@@ -146,6 +150,9 @@ class TrainConfig:
                              f"{list_optimizers()}")
         if self.task is not None and self.data_dir is not None:
             raise ValueError("give either task or data_dir, not both")
+        if self.overwrite and self.resume:
+            raise ValueError("give either resume (continue a run) or overwrite (start it over), "
+                             "not both")
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
                              f"({self.epochs}); pass --warmup-epochs 0 for no warm-up")
@@ -573,17 +580,6 @@ class TrainResult:
     rank: int = 0
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the adapter's tensors as they sit in the model (for checkpoints and the best
     epoch; the method's ``adapter_state_dict`` export is for the saved adapter only)."""
@@ -901,9 +897,15 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
             names = [str(out)]
             dist.broadcast_object_list(names, src=0)
             out = Path(names[0])
-    if resume_path is None and (out / CHECKPOINT_NAME).exists():
-        raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); continue it with "
-                         f"--resume {out} or choose another --output")
+    held = [n for n in _RUN_FILES if (out / n).exists()]
+    if resume_path is None and held:
+        if not cfg.overwrite:
+            hint = f"continue it with --resume {out}, " if CHECKPOINT_NAME in held else ""
+            raise ValueError(f"{out} already holds a run ({', '.join(held)}); {hint}start it over "
+                             "with --overwrite or choose another --output")
+        if dctx.is_main:
+            for name in held:
+                (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
     if dctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -947,14 +949,14 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
     def checkpoint(epoch: int, optimizer: torch.optim.Optimizer, best: dict[str, Any]) -> None:
         if not dctx.is_main:
             return
-        _atomic_torch_save(dict(
+        atomic_write(out / CHECKPOINT_NAME, lambda fh: torch.save(dict(
             format=_CHECKPOINT_FORMAT, model=cfg.model, model_kwargs=cfg.model_kwargs,
             peft_config=inner.peft_config.to_dict(), num_classes=len(splits.classes),
             classes=splits.classes, base_fingerprint=fingerprint, epoch=epoch,
             step=trainer.global_step, adapter=_trainable_state(model),
             optimizer=optimizer.state_dict(),
             scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None,
-            best=best, history=trainer.history), out / CHECKPOINT_NAME)
+            best=best, history=trainer.history), fh))
 
     main = trainer.run_epochs(cfg.epochs, "train", start_epoch=start_epoch,
                               resume_state=resume_state,
