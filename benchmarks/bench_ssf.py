@@ -88,7 +88,7 @@ def main() -> None:
     # ---- training step: forward, backward, AdamW step (the SSF authors' optimiser) ----
     trainers = {key: _build(args.model, method, args.img_size).train()
                 for key, method in (("full fine-tuning", "full"), ("linear probe", "linear"),
-                                    ("SSF", "ssf"))}
+                                    ("bias tuning", "bias"), ("SSF", "ssf"))}
     steps, opts = {}, {}
     for key, m in trainers.items():
         opt = opts[key] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
@@ -126,7 +126,10 @@ def main() -> None:
         "`params` counts the trainable ones. `peak_extra_MiB` is a call's peak live tensor "
         "memory beyond the weights and inputs (for a train step: activations kept for backward "
         "and gradients), `optimizer_state_MiB` is AdamW's state kept between steps, and "
-        "`total_MiB` = weights + optimizer state + peak extra.")
+        "`total_MiB` = weights + optimizer state + peak extra. 'bias tuning' back-propagates "
+        "through the same frozen backbone with no operation added, so its ratio is the floor "
+        "for SSF here: the difference between the two is the cost of SSF's γ ⊙ x + β passes "
+        "(memory-bound on a CPU).")
     path = write_report("bench_ssf", "SSF: merged inference and training cost on a ViT",
                         "python -m benchmarks.bench_ssf", rows, notes)
     print(path.read_text())
