@@ -104,6 +104,30 @@ def test_forward_follows_paper_equations(family, identity_prompt):
         assert torch.allclose(model.forward_head(model.forward_features(x), pre_logits=True),
                               z_t, atol=1e-5)
         assert torch.allclose(model.forward_features(x), base.forward_features(x_t), atol=1e-5)
+        # feature taps see the prompted image as well
+        got = model.forward_intermediates(x, intermediates_only=True)
+        want = base.forward_intermediates(x_t, intermediates_only=True)
+        assert len(got) == len(want) and all(torch.allclose(g, w, atol=1e-5)
+                                             for g, w in zip(got, want))
+
+
+def test_features_only_runs_the_backbone_on_the_prompted_image():
+    torch.manual_seed(0)
+    arch, kwargs = CONFIGS["resnet"]
+    model = timm.create_model(f"{arch}.lion", features_only=True, out_indices=(1, 3), **kwargs,
+                              peft_cfg=SMALL)
+    lion = timm_peft.core.unwrap_features(model).lion
+    with torch.no_grad():
+        for p in lion.p1.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = _input()
+    with torch.no_grad():
+        x_t = lion.prompt_input(x)
+        assert (x_t - x).abs().max() > 1e-3
+        plain = timm_peft.core.unwrap_features(model)._lion_base.forward_intermediates(
+            timm_peft.core.unwrap_features(model), x_t, indices=(1, 3), intermediates_only=True)
+        feats = model(x)
+    assert len(feats) == 2 and all(torch.allclose(f, p, atol=1e-5) for f, p in zip(feats, plain))
 
 
 def test_prompt_is_the_equilibrium_of_its_cell():

@@ -53,9 +53,10 @@ Choices where the paper is silent:
 * **Where it acts.** A cached subclass of the model's own timm class overrides
   ``forward_features`` (P₁ first) and ``forward_head`` (blend with P₂, then the classifier), so
   ``model(x)``, ``forward_features`` and ``forward_head(pre_logits=True)`` (which returns ``z̃``)
-  all include LION; ``forward_intermediates`` does not. The subclass keeps ``isinstance`` and
-  every base state-dict key; LION's modules live under ``model.lion``; ``unload`` restores the
-  plain class.
+  all include LION; ``forward_intermediates`` (hence ``features_only``) runs the backbone on
+  the prompted image ``x̃`` (P₂ acts after pooling, so no intermediate holds it). The subclass
+  keeps ``isinstance`` and every base state-dict key; LION's modules live under ``model.lion``;
+  ``unload`` restores the plain class.
 
 Ablations of the paper's Table 4 are presets: ``lion_no_p1`` (LION-P1), ``lion_no_p2``
 (LION-P2) and ``lion_no_robust`` (LION-R).
@@ -338,6 +339,11 @@ class _LionForward:
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         z = self.lion.blend_features(super().forward_head(x, pre_logits=True))
         return z if pre_logits else self.get_classifier()(z)
+
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # the backbone sees the prompted image here too, so features_only and feature taps
+        # describe the same forward as model(x)
+        return super().forward_intermediates(self.lion.prompt_input(x), *args, **kwargs)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the generated class is not importable by name: pickle/deepcopy rebuild it from the
