@@ -127,8 +127,9 @@ def measure_arch(arch: str, names: list[str], batch_size: int, warmup: int,
     mem_infer = {k: peak_memory(fn) for k, fn in infer_fns.items() if "(merged)" not in k}
 
     total = sum(p.numel() for p in plain.parameters())
+    full_bytes = _adapter_bytes(models["full"])
     rows = [dict(arch=arch, method="plain timm model", trainable=total, **{
-        "trainable_%": 100.0, "adapter_KiB": "-", "train_ms": "-", "train_vs_full": "-",
+        "trainable_%": 100.0, "adapter_KiB": "-", "adapter_vs_full": "-", "train_ms": "-", "train_vs_full": "-",
         "train_MiB": "-", "train_mem_vs_full": "-",
         "infer_ms": 1e3 * statistics.median(t_infer["plain"]),
         "infer_vs_plain": 1.0, "merged_infer_vs_plain": "-",
@@ -138,6 +139,7 @@ def measure_arch(arch: str, names: list[str], batch_size: int, warmup: int,
         row = dict(arch=arch, method=k, trainable=trainable, **{
             "trainable_%": 100 * trainable / total,
             "adapter_KiB": _adapter_bytes(m) / 1024,
+            "adapter_vs_full": _adapter_bytes(m) / full_bytes,
             "train_ms": 1e3 * statistics.median(t_train[k]),
             "train_vs_full": _ratio(t_train, k, "full"),
             "train_MiB": mem_train[k] / 2 ** 20,
@@ -182,7 +184,10 @@ def main() -> None:
              "`merged_infer_vs_plain` after `merge_and_unload` ('-': the method does not merge). "
              "`*_MiB`: peak live tensor memory created during the call (activations, gradients, "
              "temporaries; the weights and the optimiser state exist before and are not counted). "
-             "`adapter_KiB`: size of `adapter_model.safetensors` (for `full`: the whole model). "
+             "`adapter_KiB`: size of `adapter_model.safetensors` (for `full`: the whole model), "
+             "`adapter_vs_full` its ratio to full fine-tuning's. The plain model's training step "
+             "is full fine-tuning and full fine-tuning's inference is the plain model's, so each "
+             "measure has one reference that stands for both. "
              "On a shared machine single ratios are noisy: methods whose inference is the plain "
              "model's forward (`linear`, `bias`, `partial`, `full`, and any merged model) show "
              "the noise level of the run. "

@@ -115,6 +115,9 @@ def test_overwrite_starts_a_finished_run_over(run, weights, tmp_path):
         train(_cfg(weights, out))
     with pytest.raises(ValueError, match="either resume .* or overwrite"):
         _cfg(weights, out, overwrite=True, resume=str(out))
+    with pytest.raises(ValueError, match="names no PEFT method"):  # fails before deleting
+        train(_cfg(weights, out, overwrite=True, model="vit_tiny_patch16_224.nope"))
+    assert (first.adapter_dir / "stale.txt").exists() and (out / "log.jsonl").exists()
     second = train(_cfg(weights, out, overwrite=True))
     assert [r["epoch"] for r in _log(out) if r["phase"] == "train"] == [1, 2]  # no stale lines
     assert not (second.adapter_dir / "stale.txt").exists()

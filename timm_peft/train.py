@@ -903,11 +903,6 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
             hint = f"continue it with --resume {out}, " if CHECKPOINT_NAME in held else ""
             raise ValueError(f"{out} already holds a run ({', '.join(held)}); {hint}start it over "
                              "with --overwrite or choose another --output")
-        if dctx.is_main:
-            for name in held:
-                (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
-    if dctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
     # a generated task is rendered at the model's input size, so the model comes first; its
     # class count is known without rendering anything
@@ -941,6 +936,11 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
                     global_batch=cfg.batch_size * dctx.world_size,
                     lr=cfg.resolved_lr(dctx.world_size), device=str(dctx.device))
     if dctx.is_main:
+        # only now that model and data are ready: a run that fails to start leaves no trace
+        if resume_path is None:
+            for name in held:
+                (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
+        out.mkdir(parents=True, exist_ok=True)
         if cfg.progress:
             tqdm.write("run: " + ", ".join(f"{k}={v}" for k, v in run_info.items()))
         args = dict(cfg.to_dict(), classes=splits.classes, data_config=data_cfg, run=run_info)
