@@ -15,7 +15,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 import timm_peft
-from timm_peft.methods.ssf import ScaleShift, SSFConfig, ssf_sites
+from timm_peft.methods.ssf import ScaleShift, SSFConfig, _wired, ssf_sites
 
 from conftest import TINY_VIT
 
@@ -62,8 +62,9 @@ def _train(model: nn.Module, steps: int = 2, lr: float = 0.05) -> None:
     model.eval()
 
 
-def _ssf_hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
+def _ssf_wired(model: nn.Module) -> int:
+    """Sites whose output goes through SSF (a hook, or the scale and shift folded into a norm)."""
+    return sum(_wired(m) for m in model.modules())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,27 +146,67 @@ def _reference_axis(op: nn.Module) -> int:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_scale_shift_on_the_channel_axis(name):
     _, model = _build(name)
+    g = torch.Generator().manual_seed(5)
     seen = []
     for site in ssf_sites(model):
         op = model.get_submodule(site)
         axis = _reference_axis(op)
+        with torch.no_grad():  # non-trivial base affine params and statistics to fold into
+            for t in (op.weight, op.bias, getattr(op, "running_mean", None)):
+                if t is not None:
+                    t.add_(0.3 * torch.randn(t.shape, generator=g))
+            if getattr(op, "running_var", None) is not None:
+                op.running_var.uniform_(0.5, 2.0, generator=g)
 
-        def pre(mod, args, out, site=site):
+        def post(mod, args, out, site=site, axis=axis):
             seen.append(site)
-            mod._test_pre = out
-
-        def post(mod, args, out, axis=axis):
+            plain = type(mod).forward(mod, *args)  # the operation alone, without its SSF
             gamma, beta = mod.ssf.scale.detach(), mod.ssf.shift.detach()
             shape = [1] * out.ndim
             shape[axis] = -1
-            torch.testing.assert_close(out, mod._test_pre * gamma.view(shape) + beta.view(shape),
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out, plain * gamma.view(shape) + beta.view(shape),
+                                       rtol=1e-5, atol=1e-5)
 
-        op.register_forward_hook(pre, prepend=True)
         op.register_forward_hook(post)
     with torch.no_grad():
         model(_input())
     assert seen == ssf_sites(model)
+    # affine norms fold the map into their parameters, every other site runs a hook
+    fused = [s for s in seen if "forward" in vars(model.get_submodule(s))]
+    assert fused == [s for s in seen if isinstance(model.get_submodule(s),
+                                                   (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm))]
+    assert fused and (name == "resnet" or len(fused) < len(seen))
+
+
+@pytest.mark.parametrize("name", FOUR_FAMILIES)
+def test_norm_sites_fold_the_map_with_the_hooks_gradients(name):
+    """Folding γ, β into a norm's affine parameters gives the gradients of γ ⊙ norm(x) + β."""
+    import pickle
+    _, model = _build(name)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)) and m.weight is not None:
+                m.weight.add_(0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.add_(0.3 * torch.randn(m.bias.shape, generator=g))
+    reference = copy.deepcopy(model)
+    for m in reference.modules():  # every site through the plain hook: y = γ ⊙ op(x) + β
+        if "forward" in vars(m):
+            del m.forward
+            m.register_forward_hook(lambda mod, args, out: mod.ssf(out))
+    x, y = _input(), torch.arange(2) % NUM_CLASSES
+    for clone in (model, pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        grads = []
+        for m in (clone, reference):
+            m.train()
+            m.zero_grad()
+            torch.manual_seed(0)  # the same drop-path draws (Swin)
+            F.cross_entropy(m(x), y).backward()
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+        assert grads[0].keys() == grads[1].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=n: f"{n}: {m}")
 
 
 def _layouts():
@@ -279,10 +320,10 @@ def test_merge_unmerge_round_trip(trained, name):
     trained_model, x, ref = trained[name]
     model = copy.deepcopy(trained_model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = _ssf_hooks(model)
+    hooks = _ssf_wired(model)
 
     timm_peft.merge(model)
-    assert _ssf_hooks(model) == hooks - len(ssf_sites(model))  # the scale-shift hooks are gone
+    assert _ssf_wired(model) == hooks - len(ssf_sites(model))  # the scale-shift hooks are gone
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
     assert set(model.state_dict()) == set(before)  # the copies are not state
@@ -294,7 +335,7 @@ def test_merge_unmerge_round_trip(trained, name):
     after = model.state_dict()
     assert set(after) == set(before)
     assert all(torch.equal(after[k], before[k]) for k in before)  # bit-exact
-    assert _ssf_hooks(model) == hooks
+    assert _ssf_wired(model) == hooks
     with torch.no_grad():
         assert torch.equal(model(x), ref)
     _train(model, steps=1)  # training resumes: the scales move again
@@ -308,7 +349,7 @@ def test_merge_and_unload_gives_a_plain_timm_model(trained, name):
     arch, kwargs = CONFIGS[name]
     merged = timm_peft.merge_and_unload(copy.deepcopy(model))
     assert not any(isinstance(m, ScaleShift) for m in merged.modules())
-    assert _ssf_hooks(merged) == 0 and not hasattr(merged, "peft_config")
+    assert _ssf_wired(merged) == 0 and not hasattr(merged, "peft_config")
     with torch.no_grad():
         torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-5)
 
@@ -323,7 +364,7 @@ def test_unload_discards_ssf_and_restores_the_base():
     base, model = _build("convnext")
     _train(model)
     plain = timm_peft.unload(model)
-    assert not any(isinstance(m, ScaleShift) for m in plain.modules()) and _ssf_hooks(plain) == 0
+    assert not any(isinstance(m, ScaleShift) for m in plain.modules()) and _ssf_wired(plain) == 0
     assert list(plain.state_dict()) == list(base.state_dict())
     x = _input()
     with torch.no_grad():  # the trained head stays; the backbone is the base again
@@ -371,10 +412,10 @@ def test_unfoldable_site_is_reported_and_nothing_changes():
     model = timm.create_model(f"{arch}.ssf", num_classes=NUM_CLASSES, **kwargs,
                               norm_layer=functools.partial(nn.BatchNorm2d, affine=False))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = _ssf_hooks(model)
+    hooks = _ssf_wired(model)
     with pytest.raises(ValueError, match=r"cannot be merged exactly.*bn1 \(BatchNorm2d\).*affine"):
         timm_peft.merge(model)
-    assert _ssf_hooks(model) == hooks
+    assert _ssf_wired(model) == hooks
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     with pytest.raises(ValueError, match="cannot be merged exactly"):
