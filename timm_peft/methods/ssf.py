@@ -232,8 +232,9 @@ class _FusedNormForward:
     """``forward`` of an affine norm site: the norm's own code with ``γ ⊙ w`` and ``γ ⊙ b + β``.
 
     ``γ ⊙ norm(x; w, b) + β = norm(x; γ ⊙ w, γ ⊙ b + β)``, so SSF after a norm costs no pass over
-    the activations and keeps no extra one for backward (about 20% of SSF's training overhead on
-    a ViT, most of it on a ResNet, whose sites are all norms). It runs the norm class's own
+    the activations and keeps no extra one for backward (measured on a CPU: a ResNet-50 step,
+    whose sites are all norms, went from 0.80 to 0.61 of full fine-tuning and its memory from
+    1.30 to 0.88; on a ViT, two sites in six, mostly memory). It runs the norm class's own
     ``forward`` (BatchNorm's statistics, timm's fast-norm paths included) on a view of the module
     whose ``weight`` and ``bias`` are the folded tensors. A small class rather than a bound
     function, so the model still deep-copies and pickles.
