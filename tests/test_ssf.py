@@ -323,7 +323,7 @@ def test_merge_unmerge_round_trip(trained, name):
     hooks = _ssf_wired(model)
 
     timm_peft.merge(model)
-    assert _ssf_wired(model) == hooks - len(ssf_sites(model))  # the scale-shift hooks are gone
+    assert _ssf_wired(model) == hooks - len(ssf_sites(model))  # no site runs SSF any more
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-5)
     assert set(model.state_dict()) == set(before)  # the copies are not state
