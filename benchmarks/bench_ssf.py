@@ -7,8 +7,8 @@ activation gradients but no weight gradients, and the optimiser steps only over 
 head (target: at most 0.75 of a full fine-tuning step).
 
 Models are timed in alternating rounds (one call of each per round, in rotating order) and every
-ratio is the median over rounds of the ratio *within* a round, so that load from other processes hits the compared
-models alike. Peak memory is the live tensor memory a call allocates beyond the weights and inputs
+ratio is the median over rounds of the ratio *within* a round, so that load from other processes
+hits the compared models alike. Peak memory is the live tensor memory a call allocates beyond the weights and inputs
 (:func:`benchmarks.common.peak_memory`).
 
 Run from the repository root::
@@ -28,13 +28,9 @@ import torch.nn.functional as F
 
 import timm_peft
 
-from .common import inference, peak_memory, round_robin, write_report
+from .common import inference, median_ratio, peak_memory, round_robin, write_report
 
 NUM_CLASSES = 100
-
-
-def _ratio(times: dict[str, list[float]], key: str, ref: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[key], times[ref]))
 
 
 def _mib(tensors: Iterable[torch.Tensor]) -> float:
@@ -79,7 +75,7 @@ def main() -> None:
             measure="inference", model=key,
             params=sum(p.numel() for p in m.parameters()),
             time_ms=1e3 * statistics.median(times[key]),
-            ratio_vs_base=_ratio(times, key, "base (plain timm)"),
+            ratio_vs_base=median_ratio(times, key, "base (plain timm)"),
             peak_extra_MiB=peak,
             total_MiB=_weights_mib(m) + peak,
         ))
@@ -107,8 +103,8 @@ def main() -> None:
             measure="train step", model=key,
             params=timm_peft.get_nb_trainable_parameters(m)[0],
             time_ms=1e3 * statistics.median(times[key]),
-            ratio_vs_full=_ratio(times, key, "full fine-tuning"),
-            ratio_vs_linear=_ratio(times, key, "linear probe"),
+            ratio_vs_full=median_ratio(times, key, "full fine-tuning"),
+            ratio_vs_linear=median_ratio(times, key, "linear probe"),
             peak_extra_MiB=peak,
             optimizer_state_MiB=state,
             total_MiB=_weights_mib(m) + state + peak,

@@ -44,6 +44,15 @@ def round_robin(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> 
     return times
 
 
+def median_ratio(times: dict[str, list[float]], key: str, ref: str) -> float:
+    """Median over :func:`round_robin` rounds of ``key``'s time / ``ref``'s in the same round.
+
+    A ratio taken within a round sees the same machine load on both sides, so it stays
+    meaningful when the load drifts during a run.
+    """
+    return statistics.median(a / b for a, b in zip(times[key], times[ref]))
+
+
 def round_robin_medians(fns: dict[str, Callable[[], Any]], warmup: int,
                         rounds: int) -> dict[str, float]:
     """Median seconds per call of each fn, timed with :func:`round_robin`."""

@@ -39,7 +39,7 @@ from timm_peft.core import get_method, get_model_family, resolve_method
 from timm_peft.io import WEIGHTS_NAME
 from timm_peft.train import TrainConfig, create_optimizer
 
-from .common import peak_memory, round_robin, write_report
+from .common import median_ratio, peak_memory, round_robin, write_report
 
 NUM_CLASSES = 100
 
@@ -87,11 +87,6 @@ def _infer(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _ratio(times: dict[str, list[float]], key: str, ref: str) -> float:
-    """Median over rounds of the time ratio within a round (robust to load that drifts)."""
-    return statistics.median(a / b for a, b in zip(times[key], times[ref]))
-
-
 def _adapter_bytes(model: torch.nn.Module) -> int:
     import warnings
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
@@ -129,8 +124,8 @@ def measure_arch(arch: str, names: list[str], batch_size: int, warmup: int,
     total = sum(p.numel() for p in plain.parameters())
     full_bytes = _adapter_bytes(models["full"])
     rows = [dict(arch=arch, method="plain timm model", trainable=total, **{
-        "trainable_%": 100.0, "adapter_KiB": "-", "adapter_vs_full": "-", "train_ms": "-", "train_vs_full": "-",
-        "train_MiB": "-", "train_mem_vs_full": "-",
+        "trainable_%": 100.0, "adapter_KiB": "-", "adapter_vs_full": "-", "train_ms": "-",
+        "train_vs_full": "-", "train_MiB": "-", "train_mem_vs_full": "-",
         "infer_ms": 1e3 * statistics.median(t_infer["plain"]),
         "infer_vs_plain": 1.0, "merged_infer_vs_plain": "-",
         "infer_MiB": mem_infer["plain"] / 2 ** 20, "infer_mem_vs_plain": 1.0})]
@@ -141,12 +136,12 @@ def measure_arch(arch: str, names: list[str], batch_size: int, warmup: int,
             "adapter_KiB": _adapter_bytes(m) / 1024,
             "adapter_vs_full": _adapter_bytes(m) / full_bytes,
             "train_ms": 1e3 * statistics.median(t_train[k]),
-            "train_vs_full": _ratio(t_train, k, "full"),
+            "train_vs_full": median_ratio(t_train, k, "full"),
             "train_MiB": mem_train[k] / 2 ** 20,
             "train_mem_vs_full": mem_train[k] / mem_train["full"],
             "infer_ms": 1e3 * statistics.median(t_infer[k]),
-            "infer_vs_plain": _ratio(t_infer, k, "plain"),
-            "merged_infer_vs_plain": (_ratio(t_infer, f"{k} (merged)", "plain")
+            "infer_vs_plain": median_ratio(t_infer, k, "plain"),
+            "merged_infer_vs_plain": (median_ratio(t_infer, f"{k} (merged)", "plain")
                                       if f"{k} (merged)" in t_infer else "-"),
             "infer_MiB": mem_infer[k] / 2 ** 20,
             "infer_mem_vs_plain": mem_infer[k] / mem_infer["plain"]})
@@ -179,7 +174,8 @@ def main() -> None:
              f"default input size; {args.reps} rounds that call every model once, after "
              f"{args.warmup} warm-up call(s): times are medians, ratios the median of the ratios "
              "within a round (robust to load from other processes). `train_*`: forward + backward "
-             "+ AdamW step of the optimiser the training loop builds (with the method's optimiser hook), ratio to full fine-tuning. "
+             "+ AdamW step of the optimiser the training loop builds (with the method's "
+             "optimiser hook), ratio to full fine-tuning. "
              "`infer_*`: eval-mode forward without grad, ratio to the plain timm model; "
              "`merged_infer_vs_plain` after `merge_and_unload` ('-': the method does not merge). "
              "`*_MiB`: peak live tensor memory created during the call (activations, gradients, "
