@@ -58,7 +58,7 @@ class Bias(_NoModules):
 class PartialConfig(PeftConfig):
     """Config of ``partial``: how many of the last residual blocks train."""
 
-    num_blocks: int = cfg_field(1, ge=1, help="number of last residual blocks to train (Partial-k)")
+    num_blocks: int = cfg_field(1, ge=1, le=1024, help="number of last residual blocks to train (Partial-k)")
 
 
 @register_method

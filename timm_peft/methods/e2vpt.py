@@ -92,13 +92,13 @@ class E2VPTConfig(VPTConfig):
         8
     """
 
-    num_prompts: int = cfg_field(10, ge=0, help="visual prompt tokens per layer (T; paper: 1-50)")
-    num_kv_prompts: int = cfg_field(5, ge=0, help="key-value prompt tokens per layer (T_kv)")
+    num_prompts: int = cfg_field(10, ge=0, le=1000, help="visual prompt tokens per layer (T; paper: 1-50)")
+    num_kv_prompts: int = cfg_field(5, ge=0, le=1000, help="key-value prompt tokens per layer (T_kv)")
     share_kv: bool = cfg_field(True, help="one tensor serves as key and value prompts (paper)")
     kv_init: str = cfg_field("kaiming_uniform", choices=("kaiming_uniform", "trunc_normal"),
                              help="key-value prompt init: He (paper default) or N(0, 0.02) "
                                   "truncated at ±2σ (Table 5b)")
-    num_segments: int = cfg_field(8, ge=1, help="segments R per prompt token (paper 8, code 16)")
+    num_segments: int = cfg_field(8, ge=1, le=1024, help="segments R per prompt token (paper 8, code 16)")
     segment_layout: str = cfg_field("contiguous", choices=("contiguous", "strided"),
                                     help="segment r holds channels [r·d/R, (r+1)·d/R) "
                                          "(contiguous, paper) or j with j mod R = r (code)")
@@ -111,13 +111,13 @@ class E2VPTConfig(VPTConfig):
     token_importance: str = cfg_field("mask", choices=("mask", "segments"),
                                       help="score a token by its mask's gradient (paper) or by "
                                            "the sum of its segments' scores")
-    importance_batches: int | None = cfg_field(None, ge=1,
+    importance_batches: int | None = cfg_field(None, ge=1, le=100_000,
                                                help="batches in the importance pass (None: all)")
     rewind: str = cfg_field("initial", choices=("initial", "random"),
                             help="survivors restart from their initial values or a fresh init")
-    rewind_epochs: int | None = cfg_field(None, ge=1, help="epochs of the rewinding stage "
+    rewind_epochs: int | None = cfg_field(None, ge=1, le=10_000, help="epochs of the rewinding stage "
                                                             "(None: as many as the main training)")
-    swin_prune_stages: tuple[int, ...] = cfg_field((0,), ge=0,
+    swin_prune_stages: tuple[int, ...] = cfg_field((0,), ge=0, le=16,
                                                    help="Swin stages whose prompts are pruned")
     kept_segments: tuple[tuple[int, ...], ...] | None = cfg_field(
         None, ge=0, help="set by pruning: per layer, surviving token·R + segment indices")
