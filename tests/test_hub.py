@@ -238,7 +238,7 @@ def test_plain_timm_refuses_an_adapter(vit_weights, tmp_path, hub_cache, request
 
 def test_push_to_hub_uploads_exactly_the_adapter(vit_weights, tmp_path, fake_hub, monkeypatch):
     model = _trained(vit_weights, "partial")
-    card = dict(dataset="cifar100", metrics={"accuracy": 0.875}, training={"epochs": 3})
+    card = dict(dataset="uoft-cs/cifar100", metrics={"accuracy": 0.875}, training={"epochs": 3})
     info = push_to_hub(model, "org/name", private=True, revision="v1",
                                  commit_message="add adapter", token="hf_fake", **card)
     assert info.oid == "c" * 40
@@ -280,12 +280,13 @@ def test_push_to_hub_uploads_exactly_the_adapter(vit_weights, tmp_path, fake_hub
     meta = ModelCard(files["README.md"].decode()).data.to_dict()
     assert meta["library_name"] == "timm" and meta["pipeline_tag"] == "image-classification"
     assert {"timm", "image-classification", "partial"} <= set(meta["tags"])
-    assert meta["base_model"] == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    assert meta["base_model_relation"] == "adapter"
-    assert meta["datasets"] == ["cifar100"] and meta["license"] == "apache-2.0"
+    # the base came from a local file, not timm's weights: the card claims no timm base
+    assert "base_model" not in meta and "base_model_relation" not in meta and "license" not in meta
+    assert meta["datasets"] == ["uoft-cs/cifar100"]
     result = meta["model-index"][0]["results"][0]
     assert result["metrics"] == [{"type": "accuracy", "value": 0.875}]
-    assert 'timm_peft.from_pretrained("hf-hub:org/name")' in files["README.md"].decode()
+    assert 'timm_peft.from_pretrained("hf-hub:org/name", pretrained_cfg_overlay=' \
+        in files["README.md"].decode()
 
     # a second machine: the pushed files in its cache, offline, one line
     cache = tmp_path / "second_machine"
@@ -302,7 +303,7 @@ def test_push_to_hub_name_without_namespace_and_main(vit_weights, fake_hub):
     assert json.loads(fake_hub.requests[0][3])["organization"] is None
     assert fake_hub.paths()[-1] == ("POST", "/api/models/me/name/commit/main")
     commit = fake_hub.commits[("me/name", "main")]
-    assert 'from_pretrained("hf-hub:me/name")' in commit["files"]["README.md"].decode()
+    assert 'from_pretrained("hf-hub:me/name"' in commit["files"]["README.md"].decode()
     assert commit["summary"] == f"Upload linear adapter for {NAME} (timm_peft)"
 
 
@@ -342,6 +343,48 @@ def test_model_card_yaml_and_body(vit_weights, tmp_path):
     meta = ModelCard(card).data.to_dict()
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert meta["library_name"] == "timm"
+
+
+@pytest.fixture
+def timm_weights_cached(vit_weights, hub_cache):
+    """vit_weights as timm's own published weights for NAME, in the offline Hub cache."""
+    _cache_repo(hub_cache, f"timm/{NAME}", {"model.safetensors": vit_weights.read_bytes()})
+    return hub_cache
+
+
+def _meta(out):
+    return huggingface_hub.metadata_load(out / "README.md")
+
+
+def test_card_and_config_tell_where_the_base_came_from(vit_weights, timm_weights_cached, tmp_path):
+    kwargs = dict(num_classes=5, **TINY_VIT)
+    from_timm = timm.create_model(f"{NAME}.linear", pretrained=True, **kwargs)
+    from_file = timm.create_model(f"{NAME}.linear", pretrained=True,
+                                  pretrained_cfg_overlay=local_overlay(vit_weights), **kwargs)
+    random = timm.create_model(f"{NAME}.linear", pretrained=False, **kwargs)
+    metrics = dict(val_acc=0.912345, val_loss=0.123456789, best_epoch=3, stages=[{"a": 1}])
+    outs = {name: timm_peft.save_pretrained(m, tmp_path / name, dataset="digits", metrics=metrics)
+            for name, m in (("timm", from_timm), ("file", from_file), ("random", random))}
+    kinds = {n: timm_peft.read_adapter_config(o)["base_source"]["kind"] for n, o in outs.items()}
+    assert kinds == {"timm": "timm", "file": "file", "random": "random"}
+    meta = _meta(outs["timm"])
+    assert meta["base_model"] == f"timm/{NAME}" and meta["base_model_relation"] == "adapter"
+    assert meta["license"] == "apache-2.0"
+    assert {"timm", "timm_peft", "linear"} <= set(meta["tags"])
+    for name in ("file", "random"):
+        meta = _meta(outs[name])
+        assert not {"base_model", "base_model_relation", "license"} & set(meta), name
+        assert NAME not in (outs[name] / "README.md").read_text().split("---")[2].split("\n")[1]
+    # a generated task name is not a Hub dataset; only accuracy-like metrics, rounded
+    assert "datasets" not in meta
+    results = meta["model-index"][0]["results"]
+    assert [m for r in results for m in r["metrics"]] == [{"type": "val_acc", "value": 0.9123}]
+    # a file base is refused without the file, and loads with it
+    with pytest.raises(AdapterError, match="came from a local file"):
+        timm_peft.from_pretrained(outs["file"])
+    timm_peft.from_pretrained(outs["file"], pretrained_cfg_overlay=local_overlay(vit_weights))
+    # a timm base loads through timm's own source for the tag, nothing passed
+    assert torch.equal(_out(timm_peft.from_pretrained(outs["timm"])), _out(from_timm))
 
 
 @pytest.mark.parametrize("card_info, match", [

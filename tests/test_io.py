@@ -66,7 +66,7 @@ def test_files_hold_only_adapter_and_full_config(saved):
     assert cfg["base_model_name_or_path"] == NAME
     assert cfg["model_args"] == {"num_classes": 5, **TINY_VIT}
     assert cfg["num_trainable_parameters"] == timm_peft.get_nb_trainable_parameters(model)[0]
-    assert cfg["format_version"] == 1 and cfg["base_fingerprint"].startswith("sha256:")
+    assert cfg["format_version"] == 2 and cfg["base_fingerprint"].startswith("sha256:")
     for key in ("timm_version", "timm_peft_version", "weights_sha256"):
         assert cfg[key]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -90,27 +90,86 @@ def test_full_method_warns_that_it_saves_the_whole_model(tmp_path):
         assert set(f.keys()) == set(model.state_dict())
 
 
-def test_interrupted_write_leaves_previous_adapter_intact(saved, monkeypatch):
+@pytest.mark.parametrize("crash_at", ["writing", "swapping"])
+def test_interrupted_save_leaves_previous_adapter_loadable(saved, monkeypatch, crash_at):
+    from timm_peft.io import save_load
     model, out = saved
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_replace = os.replace
+    if crash_at == "writing":  # killed half-way through writing the new files
+        calls = []
 
-    def crash_on_config(src, dst):
-        if str(dst).endswith(CONFIG_NAME):
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("simulated crash")
+        monkeypatch.setattr(save_load.os, "fsync", fsync)
+    else:  # killed just before the new adapter replaces the old one
+        def exchange(a, b):
             raise KeyboardInterrupt("simulated crash")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crash_on_config)
+        monkeypatch.setattr(save_load, "_exchange", exchange)
     with torch.no_grad():
         model.head.bias.add_(1.0)  # a different adapter, so the weights file changes
     with pytest.raises(KeyboardInterrupt):
         timm_peft.save_pretrained(model, out)
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written file
-    assert (out / CONFIG_NAME).read_bytes() == before[CONFIG_NAME]
-    # the weights were replaced but the config was not: the mismatch is detected, never loaded
-    with pytest.raises(AdapterError, match="does not match adapter_config.json"):
-        timm_peft.load_adapter(model, out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    timm_peft.load_adapter(_build_like(model), out, check_base=False)
+    # the next save completes and replaces the old adapter as a whole
+    timm_peft.save_pretrained(model, out)
+    reloaded = timm_peft.load_adapter(_build_like(model), out, check_base=False)
+    assert torch.equal(reloaded.head.bias, model.head.bias)
+
+
+def _build_like(model):
+    return timm.create_model(f"{NAME}.partial", num_classes=5, **TINY_VIT)
+
+
+def test_stale_temporaries_are_removed_and_other_files_kept(saved):
+    model, out = saved
+    stale = out.parent / ".adapter.tmp-killed"  # a save killed with SIGKILL leaves this
+    stale.mkdir()
+    (stale / WEIGHTS_NAME).write_bytes(b"x" * 1000)
+    orphan = out / f".{WEIGHTS_NAME}.abc.tmp"  # an orphan of the old per-file writes
+    orphan.write_bytes(b"x" * 1000)
+    (out / "training_args.json").write_text("{}")
+    timm_peft.save_pretrained(model, out)
+    assert not stale.exists() and not orphan.exists()
+    assert (out / "training_args.json").read_text() == "{}"
+
+
+def test_save_refuses_a_directory_that_is_not_an_adapter(saved, tmp_path):
+    model, _ = saved
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("mine")
+    with pytest.raises(AdapterError, match="holds other files .*and no adapter"):
+        timm_peft.save_pretrained(model, tmp_path / "project")
+    assert (tmp_path / "project" / "notes.txt").read_text() == "mine"
+
+
+def test_concurrent_saves_are_serialised(saved):
+    import threading
+    model, out = saved
+    other = _build_like(model)
+    with torch.no_grad():
+        other.head.bias.fill_(3.0)
+    errors = []
+
+    def save(m):
+        try:
+            for _ in range(4):
+                timm_peft.save_pretrained(m, out)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=save, args=(m,)) for m in (model, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    loaded = timm_peft.load_adapter(_build_like(model), out, check_base=False)
+    assert any(torch.equal(loaded.head.bias, m.head.bias) for m in (model, other))
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
 def _edit_config(out, **changes):
@@ -130,9 +189,10 @@ def test_errors_for_other_method_arch_and_tensors(vit_weights, saved, tmp_path):
     with pytest.raises(AdapterError, match="is for arch 'vit_tiny_patch16_224', the model is "
                                            "'resnet10t'"):
         timm_peft.load_adapter(timm.create_model("resnet10t.partial"), out, check_base=False)
-    with pytest.raises(AdapterError, match=r"missing tensors \['blocks.0"):
+    with pytest.raises(AdapterError, match=r"field 'peft_config' differs .*num_blocks: adapter 1, "
+                                           r"model 2"):
         timm_peft.load_adapter(_build(vit_weights, peft_cfg=dict(num_blocks=2)), out)
-    with pytest.raises(AdapterError, match=r"missing tensors \[\], unexpected tensors \['blocks.0"):
+    with pytest.raises(AdapterError, match=r"num_blocks: adapter 2, model 1"):
         two = timm_peft.save_pretrained(_build(vit_weights, peft_cfg=dict(num_blocks=2)),
                                         tmp_path / "two")
         timm_peft.load_adapter(_build(vit_weights), two)
@@ -169,7 +229,7 @@ def test_errors_for_damaged_files(saved):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(format_version=2), "format_version 2, newer than this timm_peft reads .1.; upgrade"),
+    (dict(format_version=3), "format_version 3, newer than this timm_peft reads .2.; upgrade"),
     (dict(format_version="1"), "format_version must be a positive integer"),
     (dict(peft_type="lora"), "unknown PEFT method 'lora'"),
     (dict(architecture=None), r"incomplete: missing \['architecture'\]"),

@@ -1,0 +1,484 @@
+"""Save an adapter as one unit, and load it back exactly as trained.
+
+``save_pretrained`` writes every file of an adapter into a sibling temporary directory and swaps
+it in with one atomic rename, under a lock, so a reader sees the old adapter or the new one,
+never a mix. ``from_pretrained`` checks the whole adapter against a model built on the ``meta``
+device (nothing allocated) before building the real one, restores the data configuration and
+class names into ``model.pretrained_cfg``, and takes the base weights only from timm's source
+for the recorded tag or from what the caller passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..core import get_method, get_nb_trainable_parameters, get_peft_config, resolve_method, \
+    unwrap_features
+from .card import make_model_card, timm_config
+from .format import (CONFIG_NAME, FORMAT_VERSION, LIMITS, LOADING_KWARGS, TIMM_CONFIG_NAME,
+                     WEIGHTS_NAME, AdapterError, arch_profile, base_fingerprint, check_model_args,
+                     check_tensors, read_adapter_config, read_header, read_weights)
+
+__all__ = ["save_pretrained", "load_adapter", "from_pretrained", "verify_adapter"]
+
+_DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+# ----------------------------------------------------------------------------------------------
+# what an adapter records about its base and its data
+# ----------------------------------------------------------------------------------------------
+
+def _base_info(model: nn.Module) -> dict[str, Any]:
+    """Arch, weight tag, model args and whether weights were loaded (None: not known)."""
+    info = getattr(model, "peft_base", None) or getattr(unwrap_features(model), "peft_base", None)
+    if info is not None:
+        return {"pretrained": None, **info}
+    pc = getattr(unwrap_features(model), "pretrained_cfg", None) or {}
+    arch = pc.get("architecture")
+    if not arch:
+        raise AdapterError("cannot tell which timm architecture this model is (no pretrained_cfg); "
+                           "build it with timm.create_model")
+    args = dict(getattr(model, "_model_args", {}) or {})
+    args.setdefault("num_classes", getattr(model, "num_classes", None))
+    return dict(architecture=arch, pretrained_tag=pc.get("tag") or None, pretrained=None,
+                model_args=args)
+
+
+def _registry_cfg(arch: str, tag: str | None) -> dict[str, Any]:
+    """timm's registered pretrained_cfg for ``arch.tag``; empty when timm has none."""
+    from timm.models import get_pretrained_cfg
+    if not tag:
+        return {}
+    try:
+        pc = get_pretrained_cfg(f"{arch}.{tag}", allow_unregistered=False)
+    except (RuntimeError, ValueError):
+        return {}
+    return pc.to_dict() if pc is not None else {}
+
+
+def _base_source(model: nn.Module, arch: str, tag: str | None, pretrained: bool | None) -> dict:
+    """Where the frozen base weights really came from: timm's weights, a file, random init."""
+    pc = getattr(unwrap_features(model), "pretrained_cfg", None) or {}
+    if pretrained is False:
+        return dict(kind="random")
+    if pretrained is None:
+        return dict(kind="unknown")
+    if pc.get("file") or pc.get("state_dict") is not None:
+        return dict(kind="file")
+    reg = _registry_cfg(arch, tag)
+    same = reg and all(pc.get(k) == reg.get(k) for k in ("hf_hub_id", "url", "hf_hub_filename"))
+    if not same:
+        return dict(kind="other")
+    out = dict(kind="timm", name=f"{arch}.{tag}")
+    for key in ("hf_hub_id", "license"):
+        if reg.get(key):
+            out[key] = reg[key]
+    return out
+
+
+def _data_config(inner: nn.Module) -> dict[str, Any]:
+    """The data configuration the model expects now (timm's own resolution of its input)."""
+    try:
+        from timm.data import resolve_input_data_config as resolve
+    except ImportError:  # timm < 1.0.31
+        from timm.data import resolve_data_config as resolve  # type: ignore[no-redef]
+    if getattr(inner, "pretrained_cfg", None) is None:
+        return {}
+    dc = resolve(model=inner)
+    return {k: list(dc[k]) if isinstance(dc[k], tuple) else dc[k] for k in _DATA_KEYS if k in dc}
+
+
+def _label_names(inner: nn.Module, label_names: Any) -> list[str] | None:
+    num_classes = getattr(inner, "num_classes", None)
+    if label_names is None:
+        label_names = (getattr(inner, "pretrained_cfg", None) or {}).get("label_names")
+        if label_names is None or len(label_names) != num_classes:
+            return None  # the base's classes, not this head's
+    if isinstance(label_names, str) or not all(isinstance(n, str) for n in label_names):
+        raise TypeError("label_names must be a list of class-name strings")
+    if num_classes is not None and len(label_names) != num_classes:
+        raise ValueError(f"{len(label_names)} label_names for a model with {num_classes} classes")
+    return list(label_names)
+
+
+def restore_pretrained_cfg(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    """Put the adapter's data configuration and class names into ``model.pretrained_cfg``."""
+    inner = unwrap_features(model)
+    data = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in (cfg.get("data_config") or {}).items()}
+    for m in {id(model): model, id(inner): inner}.values():
+        pc = dict(getattr(m, "pretrained_cfg", None) or {})
+        pc.update(data)
+        if isinstance(getattr(inner, "num_classes", None), int):
+            pc["num_classes"] = inner.num_classes
+        if cfg.get("label_names"):
+            pc["label_names"] = tuple(cfg["label_names"])
+        else:
+            pc.pop("label_names", None)
+        m.pretrained_cfg = pc
+        if "default_cfg" in m.__dict__:
+            m.default_cfg = pc
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# one adapter, one atomic unit on disk
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise saves into ``directory`` (an advisory ``flock`` on it; a no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``; else two renames)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+    old = a.with_name(a.name + ".old")
+    os.rename(b, old)
+    os.rename(a, b)
+    os.rename(old, a)
+
+
+def _is_stale(name: str, target: str) -> bool:
+    return name.startswith(f".{target}.tmp-")
+
+
+def _write_unit(out: Path, files: dict[str, bytes]) -> None:
+    """Replace the adapter in ``out`` with ``files`` as one unit.
+
+    Files already in ``out`` that the adapter does not own (e.g. ``training_args.json``) are kept;
+    temporaries left by killed saves are removed.
+    """
+    out = Path(os.path.abspath(out))
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _locked(parent):
+        for p in parent.iterdir():  # we hold the lock: no other save is writing these
+            if _is_stale(p.name, out.name):
+                shutil.rmtree(p, ignore_errors=True)
+        if out.exists() and not out.is_dir():
+            raise AdapterError(f"cannot save an adapter to {out}: it is a file")
+        old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if old and CONFIG_NAME not in old:
+            raise AdapterError(f"cannot save an adapter to {out}: it holds other files "
+                               f"({old[:5]}) and no adapter; choose a new or empty directory")
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            for name, data in files.items():
+                with open(tmp / name, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            for name in old:
+                src = out / name
+                if name in files or (name.startswith(".") and name.endswith(".tmp")):
+                    continue  # ours, or a temporary of the old per-file writes
+                if src.is_dir():
+                    shutil.copytree(src, tmp / name, symlinks=True)
+                else:
+                    shutil.copy2(src, tmp / name, follow_symlinks=False)
+            if old or out.is_dir():
+                _exchange(tmp, out)
+            else:
+                os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the old adapter
+
+
+# ----------------------------------------------------------------------------------------------
+# save
+# ----------------------------------------------------------------------------------------------
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
+                    label_names: list[str] | None = None, **card_info: Any) -> Path:
+    """Save only the adapter of ``model`` (peft's name), as one atomic unit.
+
+    Writes ``adapter_model.safetensors`` (the method's tensors and the head, never a frozen base
+    tensor), ``adapter_config.json`` (method, config, base arch and tag, architecture arguments,
+    the data configuration ``timm.data`` resolves for the model, class names, where the base
+    weights came from and their fingerprint), timm's ``config.json`` and a model card. The class
+    names are ``label_names`` or ``model.pretrained_cfg["label_names"]`` (when it has one name
+    per class); set ``model.pretrained_cfg``'s ``input_size``/``mean``/``std``/... to the values
+    you trained with. ``card_info`` (e.g. ``dataset=``, ``metrics=``, ``training=``) goes to the
+    card. The previous adapter in ``save_directory`` stays loadable until the new one is
+    complete; concurrent saves to one place are serialised.
+
+    Example:
+        >>> import timm, timm_peft, tempfile
+        >>> m = timm.create_model("resnet18.linear", num_classes=2)
+        >>> d = timm_peft.save_pretrained(m, tempfile.mkdtemp(), label_names=["cat", "dog"])
+        >>> sorted(p.name for p in d.iterdir())
+        ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'config.json']
+    """
+    from safetensors.torch import save
+
+    config = get_peft_config(model)
+    inner = unwrap_features(model)
+    method = get_method(inner.peft_method)
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
+    out = Path(save_directory)
+    state = method.adapter_state_dict(inner)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterError(f"cannot save: adapter tensors {bad[:8]} hold NaN or Inf values")
+    # one metadata key: safetensors orders several at random, and the saved bytes are hashed
+    blob = save(tensors, metadata={"format": "pt"})
+    base = _base_info(model)
+    arch, tag = base["architecture"], base.get("pretrained_tag")
+    model_args = {k: v for k, v in base["model_args"].items() if k not in LOADING_KWARGS}
+    try:
+        model_args = json.loads(json.dumps(model_args))
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"model args {model_args!r} cannot be written as JSON ({e}); "
+                           "pass only JSON values (numbers, strings, lists) to create_model") from e
+    check_model_args(arch, model_args, out / CONFIG_NAME)  # never write what load would refuse
+    if method.saves_whole_model:
+        warnings.warn(f"method {inner.peft_method!r} trains every parameter: the saved adapter is "
+                      f"the whole model ({sum(t.numel() for t in tensors.values()):,d} values)",
+                      stacklevel=2)
+    _, total = get_nb_trainable_parameters(inner)
+    # counted in the saved form: a pruned-but-full-size tensor (E²VPT) trains only what it saves
+    trainable_names = {n for n, p in inner.named_parameters() if p.requires_grad}
+    trainable = sum(t.numel() for k, t in tensors.items() if k in trainable_names) + sum(
+        p.numel() for n, p in inner.named_parameters() if p.requires_grad and n not in tensors)
+    from .. import __version__
+    import timm
+    cfg = dict(
+        format_version=FORMAT_VERSION,
+        library_name="timm_peft",
+        peft_type=inner.peft_method,
+        peft_config=config.to_dict(),
+        base_model_name_or_path=f"{arch}.{tag}" if tag else arch,
+        architecture=arch,
+        pretrained_tag=tag,
+        base_source=_base_source(model, arch, tag, base.get("pretrained")),
+        model_args=model_args,
+        data_config=_data_config(inner),
+        label_names=_label_names(inner, label_names),
+        num_trainable_parameters=trainable,
+        num_parameters=total,
+        num_adapter_values=sum(t.numel() for t in tensors.values()),
+        inference_mode=True,
+        base_fingerprint=base_fingerprint(model),
+        weights_sha256=hashlib.sha256(blob).hexdigest(),
+        timm_peft_version=__version__, timm_version=timm.__version__,
+        torch_version=torch.__version__.split("+")[0],
+    )
+    if not cfg["data_config"]:
+        del cfg["data_config"]
+    card = make_model_card(cfg, nbytes=len(blob), **card_info)  # bad card_info writes nothing
+    _write_unit(out, {
+        WEIGHTS_NAME: blob,
+        CONFIG_NAME: (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode(),
+        TIMM_CONFIG_NAME: (json.dumps(timm_config(model, cfg), indent=2) + "\n").encode(),
+        "README.md": card.encode(),
+    })
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------
+
+def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{k}: adapter {saved[k]!r}, model {current.get(k)!r}"
+            for k in saved if saved[k] != current.get(k)]
+
+
+def load_adapter(model: nn.Module, adapter: str | os.PathLike, check_base: bool = True, *,
+                 revision: str | None = None) -> nn.Module:
+    """Load a saved adapter onto a model built with the same arch, method and config.
+
+    ``adapter`` is a directory, ``local-dir:<dir>`` or ``hf-hub:<org>/<name>``. Every mismatch
+    is an :class:`AdapterError`, found before any tensor data is read: another method, arch or
+    method config, missing, unexpected, mis-shaped or other-dtype tensors, or (unless
+    ``check_base=False``) different base weights. The adapter's data configuration and class
+    names go into ``model.pretrained_cfg``.
+
+    Example:
+        >>> import timm, timm_peft, tempfile
+        >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
+        >>> m = timm_peft.load_adapter(timm.create_model("resnet18.bias"), d, check_base=False)
+    """
+    from .hub import resolve_adapter_dir
+    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
+    cfg = read_adapter_config(adapter_dir)
+    inner = unwrap_features(model)
+    get_peft_config(model)
+    if resolve_method(cfg["peft_type"])[0] != inner.peft_method:
+        raise AdapterError(f"adapter in {adapter_dir} is for method {cfg['peft_type']!r}, the model "
+                           f"carries {inner.peft_method!r}")
+    method = get_method(inner.peft_method)
+    arch = (getattr(inner, "pretrained_cfg", None) or {}).get("architecture")
+    if arch is not None and arch != cfg["architecture"]:
+        raise AdapterError(f"adapter in {adapter_dir} is for arch {cfg['architecture']!r}, the model "
+                           f"is {arch!r}")
+    saved_config = method.config_cls.from_dict(cfg["peft_config"])  # checked on read
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"no {WEIGHTS_NAME} in {adapter_dir}")
+    header = read_header(weights)
+    method.prepare_load(inner, saved_config)
+    diff = _config_diff(saved_config.to_dict(), inner.peft_config.to_dict())
+    if diff:
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'peft_config' differs from the "
+                           f"model's {type(saved_config).__name__}: {diff[:8]}; build the model "
+                           "with the adapter's config (timm_peft.from_pretrained does)")
+    state = inner.state_dict()
+    check_tensors(weights, header, {k: state[k] for k in inner.peft_adapter_keys}, "the model")
+    tensors = read_weights(weights, cfg["weights_sha256"])
+    # after the structure checks: the fingerprint only means something for the same key set
+    if check_base:
+        fp = base_fingerprint(model)
+        if fp != cfg.get("base_fingerprint"):
+            kind = (cfg.get("base_source") or {}).get("kind", "unknown")
+            raise AdapterError(
+                f"the model's base weights differ from those the adapter in {adapter_dir} was "
+                f"trained on (field 'base_fingerprint': {fp[:19]}… vs "
+                f"{str(cfg.get('base_fingerprint'))[:19]}…; recorded origin: {kind}); build the "
+                "base with the recorded weights or pass check_base=False")
+    inner.load_state_dict(tensors, strict=False)
+    return restore_pretrained_cfg(model, cfg)
+
+
+def _model_name(cfg: dict[str, Any]) -> str:
+    return cfg["architecture"] + (f".{cfg['pretrained_tag']}" if cfg.get("pretrained_tag") else "")
+
+
+def check_against_meta(adapter_dir: Path, cfg: dict[str, Any],
+                       overrides: dict[str, Any] | None = None) -> None:
+    """Build base + method on the ``meta`` device (no memory) and check the weights header.
+
+    Bounds the base the architecture arguments ask for (at most ``base_params_scale`` times the
+    parameters of the default arch) and checks every tensor's name, shape and dtype.
+    """
+    import timm
+    from ..integration import install
+    install()
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"no {WEIGHTS_NAME} in {adapter_dir}")
+    header = read_header(weights)
+    kwargs = {**cfg["model_args"],
+              **{k: v for k, v in (overrides or {}).items() if k not in LOADING_KWARGS}}
+    name = _model_name(cfg)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = timm.create_model(name, pretrained=False, peft=cfg["peft_type"],
+                                     peft_cfg=cfg["peft_config"], **kwargs)
+    except Exception as e:  # timm and the method refuse bad arguments in many ways
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: fields 'model_args'/'peft_config' do "
+                           f"not build {name} with {cfg['peft_type']!r}: {type(e).__name__}: "
+                           f"{str(e)[:300]}") from e
+    inner = unwrap_features(meta)
+    keys = set(inner.peft_adapter_keys)
+    base_params = sum(p.numel() for n, p in inner.named_parameters() if n not in keys)
+    _, default_params = arch_profile(cfg["architecture"])
+    limit = LIMITS["base_params_scale"] * default_params
+    if base_params > limit:
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'model_args' makes a base of "
+                           f"{base_params:,d} parameters; at most {limit:,d} "
+                           f"({LIMITS['base_params_scale']}x {cfg['architecture']}'s) are allowed")
+    method = get_method(cfg["peft_type"])
+    method.prepare_load(inner, method.config_cls.from_dict(cfg["peft_config"]))
+    state = inner.state_dict()
+    check_tensors(weights, header, {k: state[k] for k in inner.peft_adapter_keys},
+                  f"{name} with {cfg['peft_type']!r}")
+
+
+def verify_adapter(adapter: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """Check a whole adapter without building a real model; returns its config.
+
+    The config is read and bounded, the weights header is checked against base + method built
+    on the ``meta`` device, and the weights are read to check their hash and that every value
+    is finite. ``timm-peft info`` runs this.
+
+    Example:
+        >>> import timm, timm_peft, tempfile
+        >>> from timm_peft.io import verify_adapter
+        >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
+        >>> verify_adapter(d)["peft_type"]
+        'bias'
+    """
+    from .hub import resolve_adapter_dir
+    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
+    cfg = read_adapter_config(adapter_dir)
+    check_against_meta(adapter_dir, cfg)
+    read_weights(adapter_dir / WEIGHTS_NAME, cfg["weights_sha256"])
+    return cfg
+
+
+def from_pretrained(adapter: str | os.PathLike, pretrained: bool | None = None,
+                    check_base: bool = True, revision: str | None = None,
+                    **overrides: Any) -> nn.Module:
+    """Rebuild base + method + adapter from an adapter directory or ``hf-hub:org/name``.
+
+    The base arch, weight tag, architecture arguments and method config come from
+    ``adapter_config.json``, and the whole adapter is checked against a ``meta``-device build
+    before anything is allocated. The base weights come from timm's pretrained source for the
+    recorded tag, or from what you pass in ``overrides`` (``timm.create_model`` keywords such as
+    ``pretrained_cfg_overlay=dict(file=...)``); the adapter never chooses them. ``pretrained``
+    defaults to the recorded origin (False for a randomly initialised base). The returned model's
+    ``pretrained_cfg`` holds the data configuration and class names it was trained with.
+
+    Example:
+        >>> import timm, timm_peft, tempfile
+        >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
+        >>> m = timm_peft.from_pretrained(d, pretrained=False, check_base=False)
+        >>> m.peft_method
+        'bias'
+    """
+    import timm
+    from .hub import resolve_adapter_dir
+
+    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
+    cfg = read_adapter_config(adapter_dir)
+    kind = (cfg.get("base_source") or {}).get("kind", "unknown")
+    if pretrained is None:
+        pretrained = kind != "random"
+    weights_given = any(k in overrides for k in ("pretrained_cfg_overlay", "pretrained_cfg",
+                                                 "checkpoint_path"))
+    if pretrained and kind == "file" and not weights_given:
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'base_source' says the base weights "
+                           "came from a local file, not from timm; pass that file with "
+                           "pretrained_cfg_overlay=dict(file=..., custom_load=False)")
+    check_against_meta(adapter_dir, cfg, overrides)
+    model = timm.create_model(_model_name(cfg), pretrained=pretrained, peft=cfg["peft_type"],
+                              peft_cfg=cfg["peft_config"], **{**cfg["model_args"], **overrides})
+    return load_adapter(model, adapter_dir, check_base=check_base)
