@@ -93,6 +93,7 @@ def _wrap(arch: str, entrypoint: Callable[..., nn.Module]) -> Callable[..., nn.M
         model.peft_base = dict(
             architecture=arch,
             pretrained_tag=pc.get("tag") or None,
+            pretrained=bool(kwargs.get("pretrained", False)),
             model_args={k: v for k, v in kwargs.items() if k not in _NON_ARCH_KWARGS},
         )
         return apply_method(model, method, peft_cfg)
