@@ -989,9 +989,16 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
     metrics.update(trainable_params=trainable, stages=stages)
     adapter_dir = out / "adapter"
     if dctx.is_main:
-        save_pretrained(model, adapter_dir, dataset=splits.source, metrics=metrics)
+        # the adapter records the data config it was trained with, and its class names
+        inner.pretrained_cfg = {**(inner.pretrained_cfg or {}), **{
+            k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()}}
+        save_pretrained(model, adapter_dir, label_names=list(splits.classes),
+                        dataset=splits.source, metrics=metrics)
         training_args = dict(cfg.to_dict(), classes=splits.classes, data_config=data_cfg,
                              metrics=metrics)
+        for key in ("pretrained_file", "data_dir"):  # usable from any working directory
+            if training_args.get(key):
+                training_args[key] = str(Path(training_args[key]).resolve())
         (adapter_dir / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=2) + "\n")
         metrics["adapter_bytes"] = (adapter_dir / WEIGHTS_NAME).stat().st_size
         trainer.log(dict(phase="final", step=trainer.global_step, **metrics))
@@ -1020,11 +1027,12 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
         >>> evaluate_adapter("runs/quickstart/adapter", "test")["acc"]  # doctest: +SKIP
         0.91
     """
-    from .io import from_pretrained, read_adapter_config
-    adapter_dir = Path(adapter_dir)
-    read_adapter_config(adapter_dir)
+    from .io import from_pretrained, read_adapter_config, resolve_adapter_dir
+    adapter_dir = resolve_adapter_dir(adapter_dir)  # a directory or hf-hub:<org>/<name>
+    adapter_cfg = read_adapter_config(adapter_dir)
     args_path = adapter_dir / TRAINING_ARGS_NAME
     saved = json.loads(args_path.read_text()) if args_path.is_file() else {}
+    saved.setdefault("classes", adapter_cfg.get("label_names"))
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; allowed: ['train', 'val', 'test']")
     if task is None and data_dir is None:
@@ -1033,7 +1041,8 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
         raise ValueError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
                          f"task ({list_tasks()}) or a data directory")
     pretrained_file = pretrained_file or saved.get("pretrained_file")
-    pretrained = saved.get("pretrained", True) or pretrained_file is not None
+    # without training args, the adapter's recorded base origin decides (None)
+    pretrained = saved.get("pretrained") or (True if pretrained_file is not None else None)
     overrides: dict[str, Any] = {}
     overlay = pretrained_overlay(saved.get("pretrained_cfg"), pretrained_file)
     if overlay:
