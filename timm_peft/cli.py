@@ -164,11 +164,15 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def _adapter_info(path: str) -> dict[str, Any]:
-    from .io import WEIGHTS_NAME, read_adapter_config
+    from .io import WEIGHTS_NAME, resolve_adapter_dir
+    from .io.save_load import verify_adapter
     from .train import TRAINING_ARGS_NAME
-    cfg = read_adapter_config(path)
+    cfg = verify_adapter(path)  # config, weights header, hash and values: an AdapterError exits 2
+    path = resolve_adapter_dir(path)
     weights = Path(path) / WEIGHTS_NAME
     info = dict(adapter=str(path), method=cfg["peft_type"], base=cfg.get("base_model_name_or_path"),
+                base_origin=(cfg.get("base_source") or {}).get("kind", "unknown"),
+                data_config=cfg.get("data_config"), num_labels=len(cfg.get("label_names") or []),
                 model_args=cfg["model_args"], peft_config=cfg["peft_config"],
                 trainable_params=cfg.get("num_trainable_parameters"),
                 total_params=cfg.get("num_parameters"),
