@@ -41,8 +41,8 @@ FORMAT_VERSION = 2
 LIMITS = dict(
     config_bytes=1 << 20,           # adapter_config.json
     json_depth=16,                  # nesting of any JSON value in it
-    header_bytes=16 << 20,          # the safetensors JSON header
-    tensors=100_000,                # tensors in the weights file
+    header_bytes=4 << 20,           # the safetensors JSON header
+    tensors=10_000,                 # tensors in the weights file
     tensor_dims=8,
     num_classes=100_000,
     label_chars=1024,               # one class name
@@ -258,7 +258,15 @@ def check_model_args(arch: str, model_args: dict[str, Any], path: Path) -> None:
         ok = ok and all(v is None or isinstance(v, (bool, int, float, str)) for v in items)
         _want(ok, path, field, f"a JSON scalar or a list of at most {LIMITS['list_items']} "
                                "scalars", value)
-        bound = _int_bound(key, defaults[key])
+        default = defaults[key]
+        if isinstance(default, (bool, int, float, str)) and not isinstance(value, list):
+            # a scalar default fixes the type: timm compares and multiplies these, so a
+            # string or float where an int belongs would fail deep inside the constructor
+            want = bool if isinstance(default, bool) else int if isinstance(default, int) else (
+                (int, float) if isinstance(default, float) else str)
+            ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+            _want(ok, path, field, f"{type(default).__name__} (like its default)", value)
+        bound = _int_bound(key, default)
         for v in items:
             if isinstance(v, str):
                 _check_str(path, field, v)
@@ -456,7 +464,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
             raise AdapterError(f"{where}: header entry must have exactly 'dtype', 'shape', "
                                f"'data_offsets', got {_short(info)}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise AdapterError(f"{where}: dtype {_short(dtype)} is not allowed; allowed: "
                                f"{sorted(_ST_DTYPES)}")
         if not (isinstance(shape, list) and len(shape) <= LIMITS["tensor_dims"]

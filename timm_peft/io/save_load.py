@@ -479,6 +479,7 @@ def from_pretrained(adapter: str | os.PathLike, pretrained: bool | None = None,
                            "came from a local file, not from timm; pass that file with "
                            "pretrained_cfg_overlay=dict(file=..., custom_load=False)")
     check_against_meta(adapter_dir, cfg, overrides)
+    read_weights(adapter_dir / WEIGHTS_NAME, cfg["weights_sha256"])  # hash, NaN: before building
     model = timm.create_model(_model_name(cfg), pretrained=pretrained, peft=cfg["peft_type"],
                               peft_cfg=cfg["peft_config"], **{**cfg["model_args"], **overrides})
     return load_adapter(model, adapter_dir, check_base=check_base)

@@ -1,0 +1,45 @@
+"""Hostile and broken adapters: every one ends in an AdapterError naming what is wrong, fast,
+without allocating; and a mutation fuzzer finds no other exception and no hang.
+
+The cases live in ``tests/adapter_cases.py``; they run in a fresh Python process so that its
+peak memory (``ru_maxrss``) measures what loading the bad adapters allocated.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(*args: str) -> dict:
+    env = {"PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    import os
+    env = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, str(HERE / "adapter_cases.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "verify"])
+def test_crafted_bad_adapters_fail_clearly_fast_and_without_allocating(loader):
+    res = _run("crafted", "--loader", loader)
+    cases = res["cases"]
+    assert len(cases) >= 100
+    wrong = [f"{c['name']}: {c['outcome']} {c['message'][:200]!r} (wanted /{c['pattern']}/)"
+             for c in cases if c["outcome"] != "adapter_error" or not c["matched"]]
+    assert not wrong, "\n".join(wrong)
+    slow = [f"{c['name']}: {c['seconds']} s" for c in cases if c["seconds"] >= 1.0]
+    assert not slow, slow
+    assert res["peak_rss_growth_mb"] < 100
+
+
+def test_fuzzer_small_run_finds_only_adapter_errors():
+    res = _run("fuzz", "--seed", "0", "--cases", "60")
+    assert res["cases"] == 60 and sum(res["counts"].values()) == 60
+    assert res["other_exceptions"] == 0 and res["hangs"] == 0, res["failures"]
+    assert res["counts"].get("adapter_error", 0) >= 30  # the mutations do damage
+    assert res["peak_rss_growth_mb"] < 100
