@@ -530,3 +530,20 @@ def test_hub_errors_are_clear(fake_hub, tmp_path, monkeypatch, repo, code, match
         monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
     with pytest.raises(AdapterError, match=match):
         resolve_adapter_dir(f"hf-hub:{repo}", revision="v9" if code == "RevisionNotFound" else None)
+
+
+@pytest.mark.parametrize("extra", [
+    {"pretrained_cfg_overlay": {"url": "http://127.0.0.1:9/evil.safetensors"}},
+    {"checkpoint_path": "/etc/passwd"},
+    {"num_classes": 7},
+])
+def test_config_json_cannot_choose_weights_or_arguments(vit_weights, tmp_path, extra):
+    # config.json is only a pointer: arguments it adds beyond adapter_config.json are refused
+    out = timm_peft.save_pretrained(_trained(vit_weights, "linear"), tmp_path / "adapter")
+    timm_cfg = json.loads((out / TIMM_CONFIG_NAME).read_text())
+    timm_cfg["model_args"].update(extra)
+    (out / TIMM_CONFIG_NAME).write_text(json.dumps(timm_cfg))
+    # (timm itself refuses a config.json pretrained_cfg_overlay, as a duplicate keyword)
+    with pytest.raises((AdapterError, TypeError),
+                       match=r"field 'model_args' of config.json .* differs|multiple values"):
+        timm.create_model(f"local-dir:{out}", pretrained=True)

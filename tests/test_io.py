@@ -279,3 +279,40 @@ def test_saving_twice_gives_identical_files(saved, tmp_path):
     again = timm_peft.save_pretrained(model, tmp_path / "again")
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_cli_info_verifies_weights_and_exits_non_zero(saved, capsys):
+    from timm_peft.cli import main
+    from safetensors.torch import load, save
+    import hashlib
+    model, out = saved
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["base_origin"] == "file" and info["data_config"]["input_size"] == [3, 32, 32]
+    tensors = load((out / WEIGHTS_NAME).read_bytes())
+    tensors["head.bias"][0] = float("nan")
+    blob = save(tensors, metadata={"format": "pt"})
+    (out / WEIGHTS_NAME).write_bytes(blob)
+    _edit_config(out, weights_sha256=hashlib.sha256(blob).hexdigest())  # a forged hash
+    assert main(["info", str(out)]) == 2
+    assert "tensor 'head.bias' holds NaN" in capsys.readouterr().err
+    _edit_config(out, weights_sha256=hashlib.sha256(blob).hexdigest()[::-1])
+    assert main(["info", str(out)]) == 2
+    assert "'weights_sha256' differs" in capsys.readouterr().err
+
+
+def test_load_adapter_names_what_is_wrong_for_bad_arguments(saved):
+    model, _ = saved
+    with pytest.raises(AdapterError, match="an adapter is a directory"):
+        timm_peft.load_adapter(model, None)
+
+
+def test_load_adapter_refuses_another_method_config(tmp_path):
+    # the same tensors, another behaviour: LION's identity_prompt (output differs by 0.89)
+    kw = dict(num_classes=3, **TINY_VIT)
+    small = dict(p1_width=4, p2_width=8, norm_groups=2)
+    model = timm.create_model("vit_tiny_patch16_224.lion", peft_cfg=dict(small, identity_prompt=True), **kw)
+    out = timm_peft.save_pretrained(model, tmp_path / "a")
+    other = timm.create_model("vit_tiny_patch16_224.lion", peft_cfg=dict(small, identity_prompt=False), **kw)
+    with pytest.raises(AdapterError, match="identity_prompt: adapter True, model False"):
+        timm_peft.load_adapter(other, out, check_base=False)

@@ -216,6 +216,11 @@ def _build_from_adapter_repo(entrypoint: Any, arch: str, kwargs: dict[str, Any])
     if cfg["architecture"] != arch:
         raise AdapterError(f"{adapter}: {TIMM_CONFIG_NAME} names arch {arch!r} but {CONFIG_NAME} "
                            f"names {cfg['architecture']!r}")
+    pointer_args = {k: v for k, v in from_config.items() if k != ADAPTER_MARKER}
+    if pointer_args != cfg["model_args"]:
+        raise AdapterError(f"{adapter}: field 'model_args' of {TIMM_CONFIG_NAME} "
+                           f"({sorted(pointer_args)}) differs from {CONFIG_NAME}'s "
+                           f"({sorted(cfg['model_args'])}); they must be equal")
     if kwargs.pop("pretrained", False):
         return from_pretrained(adapter_dir, **kwargs)
     import timm
