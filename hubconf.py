@@ -81,17 +81,19 @@ def _register_entrypoints() -> None:
 _register_entrypoints()
 
 
-def adapter(id_or_dir: str, pretrained: bool = True, revision: str | None = None, **kwargs):
+def adapter(id_or_dir: str, pretrained: bool | None = None, revision: str | None = None, **kwargs):
     """A saved adapter rebuilt with its base: ``hf-hub:<org>/<name>`` or a local directory.
 
-    The base arch, weight tag, model args and method come from the adapter's
-    ``adapter_config.json``; the base weights come through timm's usual pretrained path.
-    The same as ``timm_peft.from_pretrained(id_or_dir, ...)``.
+    The base arch, weight tag, architecture arguments and method come from the adapter's checked
+    ``adapter_config.json``; the base weights come through timm's usual pretrained path for the
+    recorded tag, or from what you pass (the adapter never chooses them). The model's
+    ``pretrained_cfg`` holds the data config and class names it was trained with. The same as
+    ``timm_peft.from_pretrained(id_or_dir, ...)``.
 
     Args:
         id_or_dir: ``hf-hub:<org>/<name>[@<revision>]`` or the directory ``save_pretrained`` wrote.
-        pretrained: load the base's pretrained weights (else the adapter lands on a random base,
-            which also needs ``check_base=False``).
+        pretrained: load the base's pretrained weights; None (default): as the adapter records
+            (False for a base that was randomly initialised).
         revision: branch, tag or commit of a Hub adapter.
         **kwargs: ``check_base`` and ``timm.create_model`` keywords (e.g.
             ``pretrained_cfg_overlay=dict(file=...)`` for base weights in a local file).
