@@ -748,7 +748,11 @@ class AdapterEma:
         live = unwrap_features(model).state_dict(keep_vars=True)
         view = nn.Module()
         for i, key in enumerate(self.keys):  # the model's own tensors, not copies
-            view.register_buffer(f"t{i}", live[key].detach())
+            t = live[key].detach()
+            if t.is_floating_point():  # ModelEmaV3 reads its device from the parameters
+                view.register_parameter(f"t{i}", nn.Parameter(t, requires_grad=False))
+            else:
+                view.register_buffer(f"t{i}", t)
         return view
 
     @torch.no_grad()
