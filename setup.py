@@ -14,6 +14,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["timm_peft", "timm_peft.*"]),
+    package_data={"timm_peft": ["paper_results.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

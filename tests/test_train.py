@@ -110,7 +110,7 @@ def test_overwrite_starts_a_finished_run_over(run, weights, tmp_path):
     out = tmp_path / "run"
     first = train(_cfg(weights, out, epochs=1, warmup_epochs=0, checkpoint=False))
     (first.adapter_dir / "stale.txt").write_text("from the first run")
-    with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl, args.json, "
+    with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl, log.txt, summary.csv, args.json, "
                                          r"summary.json, adapter\); start it over with --overwrite"):
         train(_cfg(weights, out))
     with pytest.raises(ValueError, match="either resume .* or overwrite"):

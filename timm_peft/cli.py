@@ -1,4 +1,4 @@
-"""The ``timm-peft`` command line: ``train``, ``eval`` and ``info``.
+"""The ``timm-peft`` command line: ``train``, ``eval``, ``reproduce`` and ``info``.
 
 ``train`` exposes every :class:`timm_peft.train.TrainConfig` field as a flag (``--batch-size``,
 ``--lr``, ``--no-aug`` ...); ``--recipe`` applies published settings first, flags given on the
@@ -13,12 +13,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -28,6 +30,12 @@ optionally val/ and test/, each holding one folder per class.
 recipes (applied in order, explicit flags win): {recipes}
 methods: {methods}
 distributed: torchrun --nproc_per_node N -m timm_peft train ... (or timm-peft via torchrun)"""
+
+
+#: other names of a flag (timm's or an older one of ours)
+_ALIASES = {"smoothing": ("--label-smoothing",)}
+#: flags that may be given without a value, and the value they then take
+_OPTIONAL_VALUE = {"torchcompile": "inductor"}
 
 
 def _parse_value(text: str) -> Any:
@@ -59,6 +67,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help="published settings to start from (repeatable)")
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag, *_ALIASES.get(f.name, ())]
         tp, meta = hints[f.name], f.metadata
         args = [t for t in typing.get_args(tp) if t is not type(None)] or [tp]
         base = args[0]
@@ -74,7 +83,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw.update(type=items[0], nargs="+" if items[-1] is Ellipsis else len(items))
         else:
             kw["type"] = base
-        parser.add_argument(flag, **kw)
+        if f.name in _OPTIONAL_VALUE:  # timm's `--torchcompile [backend]`
+            kw.update(nargs="?", const=_OPTIONAL_VALUE[f.name])
+        parser.add_argument(*flags, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="timm-peft", description="Parameter-efficient fine-tuning of timm models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,info}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,eval,reproduce,info}")
 
     p = sub.add_parser("train", help="fine-tune a method and save the best adapter",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    _add_reproduce_parser(sub)
+
     p = sub.add_parser("info", help="what an adapter holds, or the methods, recipes and tasks")
     p.add_argument("adapter", nargs="?", help="adapter directory; without it: list everything")
     p.add_argument("--recipe", choices=list_recipes(), help="show one recipe's settings")
@@ -111,9 +125,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_REPRODUCE_EPILOG = """\
+data layouts (--data-root):
+  vtab1k: <root>/<task>/{train800,val200,train800val200,test}.txt, lines 'relative/path label',
+          tasks: %s
+  fgvc:   <root>/<name>/{train,val,test}.json (VPT's splits, {"relative/path": label}) with the
+          images under <root>/<name>/<image folder>: %s
+tables go to <output>/<method>-<benchmark>.{md,json}; run it again to continue where it stopped.
+multi-GPU: torchrun --nproc_per_node N -m timm_peft reproduce ... (runs spread over the GPUs)"""
+
+
+def _add_reproduce_parser(sub: Any) -> None:
+    from .data import FGVC_DATASETS, VTAB1K_TASKS
+    from .reproduce import BENCHMARKS, PROTOCOLS
+    fgvc = ", ".join(f"{n} ({d or '.'}/)" for n, (d, _) in FGVC_DATASETS.items())
+    p = sub.add_parser("reproduce", help="a paper's protocol on VTAB-1k or FGVC, and a table of "
+                       "our accuracy beside the published one",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_REPRODUCE_EPILOG % (", ".join(VTAB1K_TASKS), fgvc))
+    p.add_argument("--method", required=True, choices=sorted(PROTOCOLS))
+    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    p.add_argument("--data-root", required=True, help="the benchmark's root folder")
+    p.add_argument("--model", default="vit_base_patch16_224.orig_in21k",
+                   help="backbone <arch>[.<weight tag>] (the papers': %(default)s)")
+    p.add_argument("--output", default="runs/reproduce", help="runs and tables (default %(default)s)")
+    p.add_argument("--tasks", nargs="+", help="a subset of the benchmark's tasks")
+    p.add_argument("--seeds", type=int, help="final runs per task (default: the paper's)")
+    p.add_argument("--grid", nargs="+", metavar="KEY=V1,V2",
+                   help="replace the method's grid, e.g. lr=0.01,0.001 peft_cfg.num_prompts=10,50")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs (a quick check)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--pretrained-file", help="local base weights (timm's pretrained path)")
+    p.add_argument("--no-pretrained", action="store_true", help="random base (tests only)")
+    p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", default=[])
+    p.add_argument("--train-args", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="any other timm-peft train setting, e.g. workers=8 amp_dtype=float16")
+    p.add_argument("--device")
+    p.add_argument("--dry-run", action="store_true", help="count the runs and training images, "
+                   "estimate GPU hours, and stop")
+    p.add_argument("--img-per-s", type=float, default=800.0, help="training throughput assumed "
+                   "by --dry-run (default %(default)s, see the README)")
+
+
 # ----------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------
+
+def _cmd_reproduce(ns: argparse.Namespace) -> int:
+    from .reproduce import estimate, reproduce
+    grid = None
+    if ns.grid:
+        grid = {}
+        for item in ns.grid:
+            key, eq, values = item.partition("=")
+            if not eq or not key or not values:
+                raise ValueError(f"--grid takes KEY=V1,V2,... (e.g. lr=0.01,0.001), got {item!r}")
+            grid[key.replace("-", "_")] = [_parse_value(v) for v in values.split(",")]
+    if ns.dry_run:
+        est = estimate(ns.method, ns.benchmark, tasks=ns.tasks, grid=grid, seeds=ns.seeds,
+                       epochs=ns.epochs)
+        hours = est["training_images"] / ns.img_per_s / 3600
+        print(f"{ns.method} on {ns.benchmark}: {est['runs']} runs ({est['tune_runs']} tuning, "
+              f"{est['final_runs']} final) of {est['epochs']} epochs, "
+              f"{est['training_images']:,d} training images: about {hours:.1f} GPU hours at "
+              f"{ns.img_per_s:g} images/s (evaluation not included)")
+        return 0
+    train_args = _parse_kv(ns.train_args, "--train-args")
+    for key in ("epochs", "batch_size", "pretrained_file", "device"):
+        if getattr(ns, key) is not None:
+            train_args[key] = getattr(ns, key)
+    if ns.no_pretrained:
+        train_args["pretrained"] = False
+    if ns.model_kwargs:
+        train_args["model_kwargs"] = _parse_kv(ns.model_kwargs, "--model-kwargs")
+    res = reproduce(ns.method, ns.benchmark, ns.data_root, ns.model, output=ns.output,
+                    tasks=ns.tasks, grid=grid, seeds=ns.seeds, train_args=train_args)
+    if res.table_md is not None:
+        print(res.table_md.read_text())
+        print(f"Wrote {res.table_md} and {res.table_json}")
+    return 0
+
+
+
+def _saved_run_args(resume: str) -> dict[str, Any]:
+    """The settings a run was started with (its ``args.json``), for ``--resume DIR`` alone."""
+    from .train import TrainConfig
+    run_dir = Path(resume)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    path = run_dir / "args.json"
+    if not path.is_file():
+        raise ValueError(f"--resume {resume}: no args.json in {run_dir} to take the run's "
+                         "settings from; give them again (--model, the data ...)")
+    saved = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in fields and k not in ("resume", "overwrite")}
+
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from .train import TrainConfig, train
@@ -122,7 +228,15 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         if key in given:
             given[key] = _parse_kv(given[key], "--" + key.replace("_", "-"))
     recipes = given.pop("recipes", [])
-    cfg = TrainConfig.from_recipes(recipes, **given)
+    if given.get("resume") and not recipes:
+        # `--resume DIR` alone continues the run as it was started; flags given win
+        saved = _saved_run_args(given["resume"])
+        recipes = saved.pop("recipes", [])
+        given = {**saved, **given}
+        values = dict(given, recipes=tuple(recipes))
+        cfg = TrainConfig(**values)
+    else:
+        cfg = TrainConfig.from_recipes(recipes, **given)
     result = train(cfg)
     if result.rank == 0:  # under torchrun, the process that wrote the run reports it
         _report_run(cfg, result)
@@ -256,11 +370,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     ns = parser.parse_args(argv)
-    commands = dict(train=_cmd_train, eval=_cmd_eval, info=_cmd_info)
+    commands = dict(train=_cmd_train, eval=_cmd_eval, reproduce=_cmd_reproduce, info=_cmd_info)
+    with _console_logging():
+        try:
+            return commands[ns.command](ns)
+        except (ValueError, TypeError, OSError, RuntimeError) as e:
+            if ns.debug:
+                raise
+            print(f"timm-peft {ns.command}: error: {e}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def _console_logging() -> Iterator[None]:
+    """The ``timm_peft`` log on stderr while a command runs (as timm's train.py sets up its
+    logging): run header, epoch summaries and warnings show with or without --no-progress."""
+    from .train import _TqdmHandler
+    pkg = logging.getLogger("timm_peft")
+    handler = _TqdmHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level, pkg.level = pkg.level, logging.INFO
+    pkg.addHandler(handler)
     try:
-        return commands[ns.command](ns)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        if ns.debug:
-            raise
-        print(f"timm-peft {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)

@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset
 
 __all__ = ["TASKS", "TaskSpec", "SyntheticTask", "list_tasks", "load_image_folder", "DataError",
-           "DataSplits", "build_splits", "holdout_split", "TransformDataset"]
+           "DataSplits", "build_splits", "holdout_split", "TransformDataset", "VTAB1K_TASKS",
+           "FGVC_DATASETS", "ListDataset", "load_dataset_split", "check_dataset_name"]
 
 Rng = np.random.Generator
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -423,23 +424,44 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Subset,
 def build_splits(task: str | None = None, data_dir: str | os.PathLike | None = None, *,
                  val_split: float = 0.0, seed: int = 0, image_size: int = 32,
                  train_size: int | None = None, val_size: int = 0,
-                 test_size: int | None = None) -> DataSplits:
-    """Train / validation / test sets from a built-in ``task`` or an ImageFolder ``data_dir``.
+                 test_size: int | None = None, dataset: str | None = None,
+                 train_split: str = "train", val_split_name: str | None = None,
+                 test_split: str | None = "test", download: bool = False) -> DataSplits:
+    """Train / validation / test sets from a built-in ``task``, an ImageFolder ``data_dir`` or a
+    named ``dataset`` (see :func:`load_dataset_split`) rooted at ``data_dir``.
 
     The validation set is held out of the training set when ``val_split > 0`` (VTAB-1k tuning:
-    0.2, FGVC: 0.1); otherwise it is ``data_dir/val`` (or the task's ``val`` split when
-    ``val_size > 0``), if any. Generated tasks draw the split seed from ``seed`` too.
+    0.2, FGVC: 0.1); otherwise it is the dataset's ``val_split_name`` split, ``data_dir/val``
+    (or the task's ``val`` split when ``val_size > 0``), if any. Generated tasks draw the split
+    seed from ``seed`` too.
 
     Example:
         >>> s = build_splits("orientation", val_split=0.2, train_size=100, test_size=20)
         >>> len(s.train), len(s.val), len(s.test), s.num_classes
         (80, 20, 20, 8)
     """
-    if (task is None) == (data_dir is None):
+    if (task is None) == (data_dir is None and dataset is None):
         raise DataError("give exactly one data source: a built-in task "
-                        f"({list_tasks()}) or an ImageFolder directory")
+                        f"({list_tasks()}), an ImageFolder directory or a dataset name")
     if not 0 <= val_split < 1:
         raise DataError(f"val_split must be in [0, 1), got {val_split}")
+    if dataset is not None:
+        load = lambda split, training=False: load_dataset_split(  # noqa: E731
+            dataset, data_dir, split, is_training=training, download=download)
+        train, classes = load(train_split, True)
+        val = test = None
+        for split_name, which in ((val_split_name, "val"), (test_split, "test")):
+            if split_name is None:
+                continue
+            ds, other = load(split_name)
+            if other != classes:
+                raise DataError(f"dataset {dataset!r}: the classes of split {split_name!r} differ "
+                                f"from those of {train_split!r} ({other[:6]}… vs {classes[:6]}…)")
+            val, test = (ds, test) if which == "val" else (val, ds)
+        if val_split > 0:
+            train, val = holdout_split(train, val_split, seed)
+        return DataSplits(train=train, val=val, test=test, classes=list(classes),
+                          source=f"{dataset}:{data_dir}" if data_dir is not None else dataset)
     if task is not None:
         make = lambda split, n: SyntheticTask(task, split, n, image_size=image_size, seed=seed)  # noqa: E731
         train, test = make("train", train_size), make("test", test_size)
@@ -466,3 +488,196 @@ class TransformDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         img, target = self.dataset[index]
         return (self.transform(img) if self.transform is not None else img), target
+
+
+# ----------------------------------------------------------------------------------------------
+# timm datasets and the benchmark layouts of the PEFT papers
+# ----------------------------------------------------------------------------------------------
+
+#: VTAB-1k (Zhai et al. 2019) in the folder layout the PEFT papers' code reads
+#: (``<root>/<task>/{train800,val200,train800val200,test}.txt``): task -> (group, classes)
+VTAB1K_TASKS: dict[str, tuple[str, int]] = {
+    "cifar": ("natural", 100), "caltech101": ("natural", 102), "dtd": ("natural", 47),
+    "oxford_flowers102": ("natural", 102), "oxford_iiit_pet": ("natural", 37),
+    "svhn": ("natural", 10), "sun397": ("natural", 397),
+    "patch_camelyon": ("specialized", 2), "eurosat": ("specialized", 10),
+    "resisc45": ("specialized", 45), "diabetic_retinopathy": ("specialized", 5),
+    "clevr_count": ("structured", 8), "clevr_dist": ("structured", 6), "dmlab": ("structured", 6),
+    "kitti": ("structured", 4), "dsprites_loc": ("structured", 16),
+    "dsprites_ori": ("structured", 16), "smallnorb_azi": ("structured", 18),
+    "smallnorb_ele": ("structured", 9),
+}
+VTAB1K_SPLITS = ("train800", "val200", "train800val200", "test")
+
+#: FGVC (as benchmarked by VPT, Jia et al. 2022, Sec. 4.1): name -> (image folder inside
+#: ``<root>/<name>/``, number of classes). Each ``<root>/<name>/`` holds VPT's split files
+#: ``train.json``, ``val.json`` (its random 90/10 split of the official training set where no
+#: official validation set exists) and ``test.json``, each mapping ``relative/path`` -> label.
+FGVC_DATASETS: dict[str, tuple[str, int]] = {
+    "cub": ("images", 200), "nabirds": ("images", 555), "flowers": ("", 102),
+    "dogs": ("Images", 120), "cars": ("", 196),
+}
+FGVC_SPLITS = ("train", "val", "test")
+_STREAMING = ("wds", "hfids", "tfds")
+
+
+def check_dataset_name(name: str, root: str | os.PathLike | None) -> None:
+    """Refuse a ``--dataset`` this library cannot train on, saying what is allowed.
+
+    Example:
+        >>> check_dataset_name("vtab1k/nope", "data")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_peft.data.DataError: unknown VTAB-1k task 'nope'; tasks: ['caltech101', ...]
+    """
+    prefix, sep, rest = name.partition("/")
+    prefix = prefix.lower() if sep else ""
+    if prefix in _STREAMING:
+        raise DataError(f"dataset {name!r} is a streaming (iterable) dataset; training here needs "
+                        "random access (a held-out split, a sampler per process): use folder, "
+                        "torch/<name>, hfds/<name>, vtab1k/<task> or fgvc/<name>")
+    if prefix == "vtab1k" and rest not in VTAB1K_TASKS:
+        raise DataError(f"unknown VTAB-1k task {rest!r}; tasks: {sorted(VTAB1K_TASKS)}")
+    if prefix == "fgvc" and rest not in FGVC_DATASETS:
+        raise DataError(f"unknown FGVC dataset {rest!r}; datasets: {sorted(FGVC_DATASETS)}")
+    if prefix in ("", "vtab1k", "fgvc", "torch") and root is None:
+        raise DataError(f"dataset {name!r} needs its root directory (--data-dir)")
+
+
+class ListDataset(Dataset):
+    """Images listed as ``(relative path, label)`` under ``root``; returns ``(PIL.Image, int)``.
+
+    The form of the VTAB-1k list files and of VPT's FGVC json splits.
+    """
+
+    def __init__(self, root: str | os.PathLike, items: Sequence[tuple[str, int]],
+                 classes: Sequence[str], source: str) -> None:
+        self.root, self.items, self.classes = Path(root), list(items), list(classes)
+        self.targets = [label for _, label in self.items]
+        bad = sorted({t for t in self.targets if not 0 <= t < len(self.classes)})
+        if bad:
+            raise DataError(f"{source}: labels {bad[:8]} are outside 0..{len(self.classes) - 1}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        rel, label = self.items[index]
+        path = self.root / rel
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except OSError as e:
+            raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def _read_vtab_list(path: Path) -> list[tuple[str, int]]:
+    if not path.is_file():
+        raise DataError(f"missing VTAB-1k split file {path} (expected {', '.join(VTAB1K_SPLITS)}"
+                        " .txt in each task folder, lines 'relative/path label')")
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rel, _, label = line.strip().rpartition(" ")
+        if not rel or not label.lstrip("-").isdigit():
+            raise DataError(f"{path}:{n}: expected 'relative/path label', got {line!r}")
+        items.append((rel, int(label)))
+    return items
+
+
+def _read_fgvc_json(path: Path) -> dict[str, int]:
+    import json
+    if not path.is_file():
+        raise DataError(f"missing FGVC split file {path} (expected VPT's train.json, val.json and "
+                        "test.json mapping 'relative/path' to a label)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+        raise DataError(f"{path} must map 'relative/path' to an integer label")
+    return data
+
+
+def _benchmark_split(kind: str, name: str, root: Path, split: str) -> ListDataset:
+    """A split (``a+b`` joins splits) of a VTAB-1k task or an FGVC dataset."""
+    parts = split.split("+")
+    if kind == "vtab1k":
+        allowed, folder = VTAB1K_SPLITS, root / name
+        classes = [str(i) for i in range(VTAB1K_TASKS[name][1])]
+        image_root = folder
+    else:
+        allowed, folder = FGVC_SPLITS, root / name
+        image_root = folder / FGVC_DATASETS[name][0]
+    bad = [p for p in parts if p not in allowed]
+    if bad:
+        raise DataError(f"{kind}/{name} has no split {bad[0]!r}; splits: {list(allowed)} "
+                        "(join with '+', e.g. train+val)")
+    if not folder.is_dir():
+        raise DataError(f"{kind}/{name}: folder {folder} does not exist")
+    items: list[tuple[str, int]] = []
+    if kind == "vtab1k":
+        for p in parts:
+            items += _read_vtab_list(folder / f"{p}.txt")
+    else:
+        # VPT's labels need not be contiguous (NABirds): classes are the sorted labels of train
+        train = _read_fgvc_json(folder / "train.json")
+        labels = sorted(set(train.values()))
+        index = {lab: i for i, lab in enumerate(labels)}
+        classes = [str(lab) for lab in labels]
+        for p in parts:
+            data = train if p == "train" else _read_fgvc_json(folder / f"{p}.json")
+            unknown = sorted(set(data.values()) - set(index))
+            if unknown:
+                raise DataError(f"{folder / (p + '.json')}: labels {unknown[:8]} do not occur in "
+                                "train.json")
+            items += [(rel, index[lab]) for rel, lab in data.items()]
+    return ListDataset(image_root, items, classes, f"{kind}/{name}[{split}]")
+
+
+def _classes_of(ds: Any, name: str) -> list[str]:
+    reader = getattr(ds, "reader", None)
+    mapping = getattr(reader, "class_to_idx", None) or getattr(ds, "class_to_idx", None)
+    if mapping:
+        return [str(c) for c, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    if getattr(ds, "classes", None):
+        return [str(c) for c in ds.classes]
+    raise DataError(f"dataset {name!r} names no classes (no class_to_idx or classes)")
+
+
+def load_dataset_split(name: str, root: str | os.PathLike | None, split: str, *,
+                       is_training: bool = False, download: bool = False,
+                       ) -> tuple[Dataset, list[str]]:
+    """One split of a named dataset and its class names: ``vtab1k/<task>``, ``fgvc/<name>``, or
+    anything :func:`timm.data.create_dataset` reads with random access (folder, ``torch/``,
+    ``hfds/``).
+
+    Example:
+        >>> ds, classes = load_dataset_split("vtab1k/dtd", "vtab-1k", "train800")  # doctest: +SKIP
+        >>> len(ds), len(classes)  # doctest: +SKIP
+        (800, 47)
+    """
+    check_dataset_name(name, root)
+    prefix, sep, rest = name.partition("/")
+    prefix = prefix.lower() if sep else ""
+    if prefix in ("vtab1k", "fgvc"):
+        ds = _benchmark_split(prefix, rest, Path(root), split)  # type: ignore[arg-type]
+        return ds, ds.classes
+    from timm.data import create_dataset
+    if prefix == "":
+        if name.lower() not in ("", "folder", "imagefolder"):
+            raise DataError(f"unknown dataset {name!r}: use folder, torch/<name>, hfds/<name>, "
+                            "vtab1k/<task> or fgvc/<name>")
+        # timm falls back to the root itself when <root>/<split> is missing: refuse instead
+        if not (Path(root) / split).is_dir():  # type: ignore[arg-type]
+            raise DataError(f"folder dataset {root} has no {split}/ folder")
+        name = ""
+    try:
+        ds = create_dataset(name, root=None if root is None else str(root), split=split,
+                            is_training=is_training, download=download)
+    except ImportError as e:
+        raise DataError(f"dataset {name!r} needs a package that is not installed: {e}") from e
+    except (AssertionError, FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot load dataset {name!r} split {split!r} from {root}: {e}") from e
+    return ds, _classes_of(ds, name)

@@ -30,10 +30,13 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import shutil
+import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
@@ -50,15 +53,25 @@ from .io import WEIGHTS_NAME, atomic_write, base_fingerprint, save_pretrained
 __all__ = ["TrainConfig", "Recipe", "RECIPES", "list_recipes", "get_recipe", "train",
            "TrainResult", "StageContext", "create_optimizer", "create_scheduler", "build_model",
            "build_transforms", "evaluate", "evaluate_adapter", "pretrained_overlay",
-           "TRAINING_ARGS_NAME",
-           "CHECKPOINT_NAME", "LOG_NAME"]
+           "TRAINING_ARGS_NAME", "AdapterEma",
+           "CHECKPOINT_NAME", "LOG_NAME", "LOG_TXT_NAME", "SUMMARY_CSV_NAME"]
 
 TRAINING_ARGS_NAME = "training_args.json"
+#: Our checkpoint, not timm's CheckpointSaver files (last.pth.tar, model_best.pth.tar): those
+#: hold the whole model's state dict every epoch (the frozen backbone included, hundreds of MB);
+#: ours holds the trainable tensors, optimiser, scaler, EMA, best state and the base's
+#: fingerprint (a resume on other base weights is refused), written atomically.
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
+#: the console log of a run, as a file
+LOG_TXT_NAME = "log.txt"
+#: timm's per-epoch summary (timm.utils.update_summary): epoch, train_*, eval_*, lr
+SUMMARY_CSV_NAME = "summary.csv"
 _CHECKPOINT_FORMAT = 1
 #: what a run writes in its output directory (what --overwrite deletes)
-_RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, "args.json", "summary.json", "adapter")
+_RUN_FILES = (CHECKPOINT_NAME, LOG_NAME, LOG_TXT_NAME, SUMMARY_CSV_NAME, "args.json",
+              "summary.json", "adapter")
+logger = logging.getLogger(__name__)
 #: training-hook keys this loop understands (see PeftMethod.training_hooks)
 _HOOK_KEYS = ("optimizer_wrapper", "no_weight_decay", "stages", "metrics")
 
@@ -88,9 +101,33 @@ class TrainConfig:
                                             "(timm pretrained_cfg_overlay file=...)")
     pretrained_cfg: dict = cfg_field(default_factory=dict, help="pretrained_cfg entries "
                                      "describing the weights, e.g. input_size=[3,32,32]")
+    drop_path: float | None = cfg_field(None, ge=0.0, lt=1.0, help="stochastic depth rate of the "
+                                        "backbone (timm's drop_path_rate)")
+    drop: float | None = cfg_field(None, ge=0.0, lt=1.0, help="dropout rate (timm's drop_rate)")
+    grad_checkpointing: bool = cfg_field(False, help="recompute the backbone's activations in "
+                                         "the backward pass (less memory, more compute)")
+    channels_last: bool = cfg_field(False, help="channels-last memory format for model and input")
+    torchcompile: str | None = cfg_field(None, help="torch.compile the model with this backend "
+                                         "(flag alone: inductor)")
+    torchcompile_mode: str | None = cfg_field(None, choices=(
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode")
+    model_ema: bool = cfg_field(False, help="keep an exponential moving average of the trainable "
+                                "tensors; validate and save the averaged adapter")
+    model_ema_decay: float = cfg_field(0.9998, gt=0.0, lt=1.0, help="EMA decay per update")
+    model_ema_warmup: bool = cfg_field(False, help="EMA decay warm-up (timm ModelEmaV3)")
     # --- data
     task: str | None = cfg_field(None, choices=list_tasks(), help="built-in generated task")
-    data_dir: str | None = cfg_field(None, help="ImageFolder root with train/ [val/] [test/]")
+    data_dir: str | None = cfg_field(None, help="data root: an ImageFolder tree with train/ [val/] "
+                                     "[test/], or the root for --dataset")
+    dataset: str | None = cfg_field(None, help="timm dataset (timm.data.create_dataset): folder, "
+                                    "torch/<name>, hfds/<name>; or vtab1k/<task>, fgvc/<name>")
+    train_split: str = cfg_field("train", help="--dataset split to train on (VTAB-1k: train800, "
+                                 "train800val200)")
+    val_split_name: str | None = cfg_field(None, help="--dataset split to validate on (timm's "
+                                           "--val-split; ours takes a fraction), e.g. val200")
+    test_split: str | None = cfg_field("test", help="--dataset split to test on (none: no test)")
+    dataset_download: bool = cfg_field(False, help="let torchvision download torch/ datasets")
     train_size: int | None = cfg_field(None, ge=1, help="generated task: training images (1000)")
     val_size: int = cfg_field(0, ge=0, help="generated task: separate validation images")
     test_size: int | None = cfg_field(None, ge=1, help="generated task: test images (500)")
@@ -104,10 +141,35 @@ class TrainConfig:
     crop_pct: float | None = cfg_field(None, gt=0.0, le=1.0, help="eval center-crop fraction")
     mean: tuple[float, ...] | None = cfg_field(None)
     std: tuple[float, ...] | None = cfg_field(None, gt=0.0)
-    aug: bool = cfg_field(False, help="random resized crop + horizontal flip (FGVC); off: resize")
+    aug: bool = cfg_field(False, help="timm's training transform: random resized crop, flip "
+                          "and the options below (FGVC); off: the eval transform (VTAB-1k)")
+    scale: tuple[float, float] | None = cfg_field(None, gt=0.0, help="random resized crop scale "
+                                                  "range (timm default 0.08 1.0)")
+    ratio: tuple[float, float] | None = cfg_field(None, gt=0.0, help="random resized crop aspect "
+                                                  "ratio range (timm default 3/4 4/3)")
+    hflip: float = cfg_field(0.5, ge=0.0, le=1.0, help="horizontal flip probability (with --aug)")
+    vflip: float = cfg_field(0.0, ge=0.0, le=1.0, help="vertical flip probability (with --aug)")
+    color_jitter: float = cfg_field(0.0, ge=0.0, help="color jitter strength (with --aug)")
+    aa: str | None = cfg_field(None, help="AutoAugment policy, e.g. rand-m9-mstd0.5-inc1, "
+                               "augmix-m5, v0 (with --aug)")
+    reprob: float = cfg_field(0.0, ge=0.0, le=1.0, help="random erasing probability (with --aug)")
+    remode: str = cfg_field("pixel", choices=("const", "rand", "pixel"), help="random erasing mode")
+    recount: int = cfg_field(1, ge=1, help="random erasing count")
+    mixup: float = cfg_field(0.0, ge=0.0, help="mixup alpha (active when > 0)")
+    cutmix: float = cfg_field(0.0, ge=0.0, help="cutmix alpha (active when > 0)")
+    cutmix_minmax: tuple[float, float] | None = cfg_field(None, ge=0.0, le=1.0, help="cutmix "
+                                                          "min/max box ratio (overrides alpha)")
+    mixup_prob: float = cfg_field(1.0, ge=0.0, le=1.0, help="probability of mixup or cutmix per batch")
+    mixup_switch_prob: float = cfg_field(0.5, ge=0.0, le=1.0, help="probability of cutmix "
+                                         "instead of mixup when both are on")
+    mixup_mode: str = cfg_field("batch", choices=("batch", "pair", "elem"))
+    mixup_off_epoch: int = cfg_field(0, ge=0, help="turn mixup/cutmix off from this epoch (0: never)")
+    smoothing: float = cfg_field(0.0, ge=0.0, lt=1.0, help="label smoothing (alias "
+                                 "--label-smoothing)")
     # --- optimisation
     epochs: int = cfg_field(10, ge=1)
-    warmup_epochs: float = cfg_field(1.0, ge=0.0)
+    warmup_epochs: float | None = cfg_field(None, ge=0.0, help="linear warm-up epochs (default: "
+                                            "1, none in a 1-epoch run)")
     batch_size: int = cfg_field(64, ge=1, help="per process; the global batch is x world size")
     opt: str = cfg_field("adamw", help="timm optimiser name (sgd, momentum, adam, adamw, ...)")
     lr: float | None = cfg_field(None, gt=0.0, help="learning rate; default lr_base scaled")
@@ -120,8 +182,11 @@ class TrainConfig:
     sched: str = cfg_field("cosine", choices=("cosine", "constant", "none"))
     min_lr: float = cfg_field(0.0, ge=0.0)
     warmup_lr: float = cfg_field(1e-6, ge=0.0)
-    clip_grad: float | None = cfg_field(None, gt=0.0, help="max gradient norm")
-    label_smoothing: float = cfg_field(0.0, ge=0.0, lt=1.0)
+    clip_grad: float | None = cfg_field(None, gt=0.0, help="gradient clipping threshold")
+    clip_mode: str = cfg_field("norm", choices=("norm", "value", "agc"), help="timm's "
+                               "dispatch_clip_grad mode")
+    grad_accum_steps: int = cfg_field(1, ge=1, help="batches per optimiser update (gradients "
+                                      "accumulated, loss averaged)")
     amp: bool | None = cfg_field(None, help="mixed precision (default: on for CUDA)")
     amp_dtype: str = cfg_field("bfloat16", choices=("bfloat16", "float16"))
     # --- run
@@ -133,7 +198,8 @@ class TrainConfig:
     overwrite: bool = cfg_field(False, help="start over in an --output that holds a run, "
                                 "deleting that run's files")
     checkpoint: bool = cfg_field(True, help="write checkpoint.pt after every epoch (for resume)")
-    progress: bool = cfg_field(True, help="tqdm progress bars")
+    progress: bool = cfg_field(True, help="tqdm progress bars (the run header and epoch "
+                               "summaries are logged either way)")
     recipes: tuple[str, ...] = cfg_field((), help="recipes applied, in order")
 
     def __post_init__(self) -> None:
@@ -148,18 +214,40 @@ class TrainConfig:
         if self.opt.lower() not in list_optimizers():
             raise ValueError(f"unknown optimiser {self.opt!r}; timm's optimisers: "
                              f"{list_optimizers()}")
-        if self.task is not None and self.data_dir is not None:
-            raise ValueError("give either task or data_dir, not both")
+        if self.task is not None and (self.data_dir is not None or self.dataset is not None):
+            raise ValueError("give either task or data_dir/dataset, not both")
+        if self.dataset is not None:
+            from .data import check_dataset_name
+            check_dataset_name(self.dataset, self.data_dir)
+            if self.val_split and self.val_split_name:
+                raise ValueError("give either val_split (a fraction held out of the training "
+                                 "split) or val_split_name (a split of the dataset), not both")
+        elif (self.val_split_name is not None or self.train_split != "train"
+              or self.test_split != "test"):
+            raise ValueError("train_split, val_split_name and test_split name splits of a "
+                             "--dataset; give one (e.g. --dataset vtab1k/cifar)")
         if self.overwrite and self.resume:
             raise ValueError("give either resume (continue a run) or overwrite (start it over), "
                              "not both")
+        if self.warmup_epochs is None:  # one epoch, but a 1-epoch run has no room for it
+            self.warmup_epochs = 1.0 if self.epochs > 1 else 0.0
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
                              f"({self.epochs}); pass --warmup-epochs 0 for no warm-up")
-        for key in ("num_classes", "pretrained", "peft", "peft_cfg", "pretrained_cfg_overlay"):
+        for key, why in (("num_classes", "from the data"), ("pretrained", "its own option"),
+                         ("peft", "its own option"), ("peft_cfg", "its own option"),
+                         ("pretrained_cfg_overlay", "its own option"),
+                         ("drop_path_rate", "--drop-path"), ("drop_rate", "--drop")):
             if key in self.model_kwargs:
-                raise ValueError(f"model_kwargs may not set {key!r}: it is set by the run "
-                                 f"({'from the data' if key == 'num_classes' else 'its own option'})")
+                raise ValueError(f"model_kwargs may not set {key!r}: it is set by the run ({why})")
+        if not self.aug:  # options of timm's training transform do nothing without it
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = [k for k in ("scale", "ratio", "hflip", "vflip", "color_jitter", "aa",
+                                 "reprob") if getattr(self, k) != defaults[k]]
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ValueError(f"{flags} set(s) timm's training augmentation, which is off "
+                                 "(the VTAB-1k recipe resizes only); add --aug")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of all fields."""
@@ -293,25 +381,31 @@ class _Dist:
 
 
 def _setup_distributed(device: str | None) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if world <= 1:
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+    """timm's ``init_distributed_device`` under torchrun (backend by device, env:// rendezvous);
+    a process group someone else started (a test harness, a larger program) is joined, not
+    re-initialised, and not destroyed at the end."""
+    from timm.utils.distributed import init_distributed_device_so, is_distributed_env
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not is_distributed_env() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _Dist(device=torch.device(device))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    owns = not dist.is_initialized()
-    if owns:
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev,
-                 owns_group=owns)
+    if dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device("cuda", local_rank) if device.startswith("cuda") else torch.device(device)
+        return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
+    info = init_distributed_device_so(device=device.split(":")[0])
+    return _Dist(rank=info["global_rank"], world_size=info["world_size"],
+                 device=torch.device(info["device"]), owns_group=True)
 
 
 class _ShardSampler(Sampler[int]):
-    """Every ``world``-th index from ``rank``, no padding: evaluation counts each image once."""
+    """Every ``world``-th index from ``rank``, no padding: evaluation counts each image once.
+
+    timm's ``OrderedDistributedSampler`` pads the last shard with repeated images so that every
+    process gets as many; the repeats then count twice in the accuracy. Our evaluation sums
+    correct predictions and counts over processes, so shards of unequal length are fine and the
+    accuracy is exact (the papers' numbers differ by tenths of a point).
+    """
 
     def __init__(self, n: int, rank: int, world: int) -> None:
         self.indices = list(range(rank, n, world))
@@ -368,16 +462,31 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     overlay = pretrained_overlay(cfg.pretrained_cfg, cfg.pretrained_file)
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.drop is not None:
+        kwargs["drop_rate"] = cfg.drop
     torch.manual_seed(cfg.seed)
     try:
-        return timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
-                                 peft_cfg=cfg.peft_cfg or None, **kwargs)
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes,
+                                  peft_cfg=cfg.peft_cfg or None, **kwargs)
     except (OSError, RuntimeError) as e:
         if cfg.pretrained and cfg.pretrained_file is None:
             raise RuntimeError(f"could not load pretrained weights for {cfg.model!r} ({e}); "
                                "pass a local weights file (--pretrained-file) or "
                                "--no-pretrained") from e
         raise
+    except TypeError as e:
+        if cfg.drop_path is not None or cfg.drop is not None:
+            raise ValueError(f"{cfg.model!r} does not take --drop-path/--drop ({e})") from e
+        raise
+    if cfg.grad_checkpointing:
+        inner = unwrap_features(model)
+        if not hasattr(inner, "set_grad_checkpointing"):
+            raise ValueError(f"{type(inner).__name__} has no set_grad_checkpointing(): drop "
+                             "--grad-checkpointing")
+        inner.set_grad_checkpointing(True)
+    return model
 
 
 def pretrained_overlay(pretrained_cfg: dict[str, Any] | None,
@@ -408,19 +517,33 @@ def _data_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()}
 
 
-def build_transforms(data_cfg: dict[str, Any], aug: bool) -> tuple[Callable, Callable]:
+def build_transforms(data_cfg: dict[str, Any], aug: bool | TrainConfig
+                     ) -> tuple[Callable, Callable]:
     """``(train, eval)`` transforms from timm's ``create_transform``.
 
-    Without ``aug`` the training images get the evaluation transform (resize and center crop by
-    ``crop_pct``; VTAB: resize only). With ``aug``: random resized crop and horizontal flip.
+    Without augmentation the training images get the evaluation transform (resize and center
+    crop by ``crop_pct``; VTAB: resize only). With it (``aug=True`` or a :class:`TrainConfig`
+    with ``aug``): timm's training transform, random resized crop and horizontal flip, plus the
+    config's ``scale``, ``ratio``, ``vflip``, ``color_jitter``, ``aa`` and random erasing.
+
+    Example:
+        >>> tf, _ = build_transforms(dict(input_size=[3, 32, 32], interpolation="bicubic",
+        ...     mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0), TrainConfig(aug=True, reprob=0.25))
+        >>> type(tf.transforms[-1]).__name__
+        'RandomErasing'
     """
     from timm.data import create_transform
     common = dict(input_size=tuple(data_cfg["input_size"]), interpolation=data_cfg["interpolation"],
                   mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
     eval_tf = create_transform(**common, crop_pct=data_cfg["crop_pct"],
                                crop_mode=data_cfg.get("crop_mode"))
-    train_tf = create_transform(**common, is_training=True, hflip=0.5, color_jitter=0.0) if aug \
-        else eval_tf
+    cfg = aug if isinstance(aug, TrainConfig) else TrainConfig(aug=bool(aug))
+    if not cfg.aug:
+        return eval_tf, eval_tf
+    train_tf = create_transform(
+        **common, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
+        vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa, re_prob=cfg.reprob,
+        re_mode=cfg.remode, re_count=cfg.recount)
     return train_tf, eval_tf
 
 
@@ -515,7 +638,8 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
              autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """Mean loss and top-1 accuracy of ``model`` over ``loader`` (summed over processes).
 
     Example:
@@ -530,6 +654,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x = x.contiguous(memory_format=memory_format)
         with autocast():
             logits = model(x)
         stats[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
@@ -598,6 +723,53 @@ def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], wher
     inner.load_state_dict(state, strict=False)
 
 
+class AdapterEma:
+    """Exponential moving average of a model's trainable tensors (``--model-ema``).
+
+    The averaging is timm's :class:`~timm.utils.ModelEmaV3` (decay, optional warm-up, foreach
+    lerp), run over a view that holds only the adapter's tensors: ``ModelEmaV3`` on the whole
+    model would deep-copy the frozen backbone (twice the model's memory) and average millions of
+    values that never change.
+
+    Example:
+        >>> import timm, timm_peft
+        >>> m = timm.create_model("resnet18.bias", num_classes=2)
+        >>> ema = AdapterEma(m, decay=0.5)
+        >>> sorted(ema.state_dict()) == sorted(m.peft_adapter_keys)
+        True
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
+        from timm.utils import ModelEmaV3
+        self.keys = list(unwrap_features(model).peft_adapter_keys)
+        self.ema = ModelEmaV3(self._view(model), decay=decay, use_warmup=warmup)
+
+    def _view(self, model: nn.Module) -> nn.Module:
+        live = unwrap_features(model).state_dict(keep_vars=True)
+        view = nn.Module()
+        for i, key in enumerate(self.keys):  # the model's own tensors, not copies
+            t = live[key].detach()
+            if t.is_floating_point():  # ModelEmaV3 reads its device from the parameters
+                view.register_parameter(f"t{i}", nn.Parameter(t, requires_grad=False))
+            else:
+                view.register_buffer(f"t{i}", t)
+        return view
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        self.ema.update(self._view(model), step=step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged tensors under the model's state-dict keys (on the CPU)."""
+        avg = self.ema.module.state_dict()
+        return {k: avg[f"t{i}"].detach().to("cpu", copy=True) for i, k in enumerate(self.keys)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        avg = self.ema.module.state_dict()
+        for i, k in enumerate(self.keys):
+            avg[f"t{i}"].copy_(state[k])
+
+
 class _Trainer:
     """One run: loaders, model, DDP wrapping, epochs, checkpoints, logging."""
 
@@ -606,8 +778,25 @@ class _Trainer:
         self.cfg, self.model, self.splits, self.dctx, self.out = cfg, model, splits, dctx, out
         self.device = dctx.device
         self.model.to(self.device)
-        train_tf, eval_tf = build_transforms(data_cfg, cfg.aug)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        train_tf, eval_tf = build_transforms(data_cfg, cfg)
+        # stages and evaluation get hard labels; the training loss may see mixed soft targets
+        self.hard_loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+        self.loss_fn: nn.Module = self.hard_loss_fn
+        self.mixup_fn = None
+        if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+            if cfg.batch_size % 2:
+                raise ValueError(f"--mixup/--cutmix mix pairs of images: --batch-size must be "
+                                 f"even, got {cfg.batch_size}")
+            self.mixup_fn = Mixup(
+                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                label_smoothing=cfg.smoothing, num_classes=len(splits.classes))
+            self.loss_fn = SoftTargetCrossEntropy()
         global_batch = cfg.batch_size * dctx.world_size
         if len(splits.train) < global_batch:
             raise ValueError(f"the training set has {len(splits.train)} images, fewer than one "
@@ -630,10 +819,15 @@ class _Trainer:
         amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
         self.amp_dtype = getattr(torch, cfg.amp_dtype)
         self.amp = amp
-        self.scaler = (torch.amp.GradScaler(self.device.type)
-                       if amp and self.amp_dtype == torch.float16 else None)
+        # as timm's train.py: a loss scaler only for float16 (bfloat16 has float32's range)
+        self.scaler = None
+        if amp and self.amp_dtype == torch.float16:
+            from timm.utils import NativeScaler
+            self.scaler = NativeScaler(device=self.device.type)
         self.history: list[dict[str, Any]] = []
         self.global_step = 0
+        self.ema: AdapterEma | None = None
+        self._forward: nn.Module | None = None  # the DDP-wrapped and/or compiled model
 
     # --- helpers -------------------------------------------------------------------------------
     def autocast(self) -> ContextManager:
@@ -641,11 +835,15 @@ class _Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _eval_model(self) -> nn.Module:
+        return self._forward if self._forward is not None else self.model
+
     def evaluate(self, split: str) -> dict[str, float] | None:
         loader = self.eval_loaders.get(split)
         if loader is None:
             return None
-        return evaluate(self.model, loader, self.device, self.autocast, self.dctx.all_reduce)
+        return evaluate(self._eval_model(), loader, self.device, self.autocast,
+                        self.dctx.all_reduce, memory_format=self.memory_format)
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -653,9 +851,19 @@ class _Trainer:
             with open(self.out / LOG_NAME, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if not self.dctx.enabled:
-            return model
+    def _wrap(self, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+        """``(forward module, DDP module or None)``: DDP over the trainable tensors, then
+        ``torch.compile`` (timm's order)."""
+        ddp = None
+        if self.dctx.enabled:
+            ddp = self._ddp(model)
+            model = ddp
+        if self.cfg.torchcompile:
+            model = torch.compile(model, backend=self.cfg.torchcompile,
+                                  mode=self.cfg.torchcompile_mode)
+        return model, ddp
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
         inner = unwrap_features(model)
         # Each process loaded the same frozen base itself; check that instead of sending it.
@@ -690,6 +898,19 @@ class _Trainer:
             if key not in params:
                 dist.broadcast(state[key], src=0)
 
+    @contextlib.contextmanager
+    def _ema_weights(self) -> Iterator[None]:
+        """The EMA's tensors in the model for the duration (a no-op without ``--model-ema``)."""
+        if self.ema is None:
+            yield
+            return
+        raw = _trainable_state(self.model)
+        _load_trainable_state(self.model, self.ema.state_dict(), "the EMA state")
+        try:
+            yield
+        finally:
+            _load_trainable_state(self.model, raw, "the raw state")
+
     # --- epochs ---------------------------------------------------------------------------------
     def fit_stage(self, model: nn.Module, epochs: int, desc: str) -> dict[str, Any]:
         """``StageContext.fit``: the standard loop again, fresh optimiser, same model."""
@@ -698,16 +919,23 @@ class _Trainer:
                              "stage received")
         return self.run_epochs(epochs, desc)
 
+    def updates_per_epoch(self) -> int:
+        return -(-len(self.train_loader) // self.cfg.grad_accum_steps)
+
     def run_epochs(self, epochs: int, phase: str, start_epoch: int = 0,
                    resume_state: dict[str, Any] | None = None,
                    checkpoint: Callable[[int, Any, dict[str, Any]], None] | None = None,
                    ) -> dict[str, Any]:
         """Train ``epochs`` epochs with a fresh optimiser; keep the best validation state."""
+        from timm.utils import dispatch_clip_grad
         from tqdm.auto import tqdm
         cfg, dctx = self.cfg, self.dctx
         optimizer = create_optimizer(self.model, cfg, dctx.world_size)
-        steps = len(self.train_loader)
-        scheduler = create_scheduler(optimizer, cfg, epochs, steps)
+        batches, accum = len(self.train_loader), cfg.grad_accum_steps
+        updates = self.updates_per_epoch()
+        scheduler = create_scheduler(optimizer, cfg, epochs, updates)
+        self.ema = AdapterEma(self.model, cfg.model_ema_decay, cfg.model_ema_warmup) \
+            if cfg.model_ema else None
         best: dict[str, Any] = dict(acc=-1.0, epoch=-1, state=None)
         if resume_state is not None:
             fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -720,10 +948,16 @@ class _Trainer:
                 group.update(hyper)  # this run's lr / weight decay win over the saved ones
             if self.scaler is not None and resume_state.get("scaler"):
                 self.scaler.load_state_dict(resume_state["scaler"])
+            if self.ema is not None:
+                if not resume_state.get("ema"):
+                    raise ValueError("the checkpoint holds no EMA state: resume without "
+                                     "--model-ema, as the run was started")
+                self.ema.load_state_dict(resume_state["ema"])
             best = resume_state["best"]
         if scheduler is not None and start_epoch:
-            scheduler.step_update(start_epoch * steps)
-        ddp_model = self._wrap(self.model)
+            scheduler.step_update(start_epoch * updates)
+        forward, ddp = self._wrap(self.model)
+        self._forward = forward
         params = [p for p in self.model.parameters() if p.requires_grad]
         method_metrics = _training_hooks(self.model).get("metrics")
         prefix = unwrap_features(self.model).peft_method
@@ -732,39 +966,54 @@ class _Trainer:
             # one seed per (epoch, process): a resumed run draws the same numbers
             torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + dctx.rank)
             self.train_sampler.set_epoch(epoch)
+            if self.mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+                self.mixup_fn.mixup_enabled = False
             self.model.train()
             if method_metrics is not None:
                 method_metrics(reset=True)
             stats = torch.zeros(3, dtype=torch.float64, device=self.device)
             t0 = time.perf_counter()
-            bar = tqdm(self.train_loader, total=steps, desc=f"{phase} {epoch + 1}/{epochs}",
+            bar = tqdm(self.train_loader, total=batches, desc=f"{phase} {epoch + 1}/{epochs}",
                        unit="step", disable=not (cfg.progress and dctx.is_main), leave=True,
                        dynamic_ncols=True)
             for step, (x, y) in enumerate(bar):
-                x = x.to(self.device, non_blocking=True)
+                x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
                 y = y.to(self.device, non_blocking=True)
-                with self.autocast():
-                    logits = ddp_model(x)
-                    loss = self.loss_fn(logits, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at {phase} epoch {epoch + 1} "
-                                             f"step {step + 1}; lower the learning rate")
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    if cfg.clip_grad is not None:
-                        self.scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                    self.scaler.step(optimizer)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    if cfg.clip_grad is not None:
-                        nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-                if scheduler is not None:
-                    scheduler.step_update((epoch * steps) + step + 1)
+                target = y
+                if self.mixup_fn is not None:
+                    x, target = self.mixup_fn(x, y)
+                update_idx = step // accum
+                need_update = (step + 1) % accum == 0 or step + 1 == batches
+                # the last update of an epoch may gather fewer batches (as in timm's train.py)
+                in_update = accum if update_idx < batches // accum else batches % accum
+                sync = ddp.no_sync() if ddp is not None and not need_update \
+                    else contextlib.nullcontext()
+                with sync:
+                    with self.autocast():
+                        logits = forward(x)
+                        loss = self.loss_fn(logits, target)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at {phase} epoch "
+                                                 f"{epoch + 1} step {step + 1}; lower the "
+                                                 "learning rate")
+                    scaled = loss / in_update if in_update > 1 else loss
+                    if self.scaler is not None:
+                        self.scaler(scaled, optimizer, clip_grad=cfg.clip_grad,
+                                    clip_mode=cfg.clip_mode, parameters=params,
+                                    need_update=need_update)
+                    else:
+                        scaled.backward()
+                        if need_update:
+                            if cfg.clip_grad is not None:
+                                dispatch_clip_grad(params, cfg.clip_grad, mode=cfg.clip_mode)
+                            optimizer.step()
+                if need_update:
+                    optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+                    if self.ema is not None:
+                        self.ema.update(self.model, step=self.global_step)
+                    if scheduler is not None:
+                        scheduler.step_update(epoch * updates + update_idx + 1)
                 stats[0] += loss.detach().float() * y.numel()
                 stats[1] += (logits.detach().argmax(-1) == y).sum()
                 stats[2] += y.numel()
@@ -786,23 +1035,82 @@ class _Trainer:
             if method_metrics is not None:  # this process's view (rank 0's under torchrun)
                 record.update({f"{prefix}/{k}": v for k, v in method_metrics(reset=False).items()})
             if val_loader is not None:
-                val = self.evaluate("val")
-                record.update(val_loss=val["loss"], val_acc=val["acc"])
-                if val["acc"] > best["acc"]:
-                    best = dict(acc=val["acc"], epoch=epoch + 1, state=_trainable_state(self.model))
+                if self.ema is not None:  # timm's choice: the EMA is what gets selected
+                    record["val_acc_raw"] = self.evaluate("val")["acc"]
+                with self._ema_weights():
+                    val = self.evaluate("val")
+                    record.update(val_loss=val["loss"], val_acc=val["acc"])
+                    if val["acc"] > best["acc"]:
+                        best = dict(acc=val["acc"], epoch=epoch + 1,
+                                    state=_trainable_state(self.model))
                 record["best_val_acc"] = best["acc"]
             self.log(record)
-            if dctx.is_main and cfg.progress:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
-                         if k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-                tqdm.write(f"{phase} epoch {epoch + 1}/{epochs}: {shown}")
+            if dctx.is_main:
+                _log_epoch(record, self.out if phase == "train" else None)
             if checkpoint is not None:
                 checkpoint(epoch + 1, optimizer, best)
         if best["state"] is not None:
             _load_trainable_state(self.model, best["state"], "the best epoch's state")
+        elif self.ema is not None:  # no validation: the last average is the result
+            _load_trainable_state(self.model, self.ema.state_dict(), "the EMA state")
         result = dict(best_val_acc=best["acc"] if best["state"] is not None else None,
                       best_epoch=best["epoch"] if best["state"] is not None else epochs)
         return result
+
+
+def _log_epoch(record: dict[str, Any], summary_dir: Path | None) -> None:
+    """One console/log-file line per epoch; main-phase epochs also go to timm's summary.csv."""
+    shown = [f"{k}={record[k]:.4f}" for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+             if k in record]
+    logger.info(f"{record['phase']} epoch {record['epoch']}/{record['epochs']}: "
+                + " ".join(shown) + f" lr={record['lr']:.3g} time={record['epoch_time_s']:.1f}s")
+    if summary_dir is not None:
+        from timm.utils import update_summary
+        train_m = dict(loss=record["train_loss"], acc=record["train_acc"])
+        eval_m = {k[4:]: record[k] for k in ("val_loss", "val_acc") if k in record}
+        update_summary(record["epoch"], train_m, eval_m, str(summary_dir / SUMMARY_CSV_NAME),
+                       lr=record["lr"])
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console log lines that do not tear tqdm's progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's contract: never raise from a handler
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _run_logging(is_main: bool) -> Iterator[Callable[[Path], None]]:
+    """For the duration of a run, log ``timm_peft`` messages to the console (unless the
+    application configured logging itself) and, once the run directory exists, to its
+    ``log.txt``: the context yields ``attach(out)`` for that."""
+    pkg = logging.getLogger("timm_peft")
+    added: list[logging.Handler] = []
+
+    def attach(out: Path) -> None:
+        if is_main:
+            added.append(logging.FileHandler(out / LOG_TXT_NAME))
+            added[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            pkg.addHandler(added[-1])
+
+    if is_main and not pkg.handlers and not logging.getLogger().handlers:
+        added.append(_TqdmHandler(sys.stderr))
+        added[-1].setFormatter(logging.Formatter("%(message)s"))
+        pkg.addHandler(added[-1])
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    try:
+        yield attach
+    finally:
+        for h in added:
+            pkg.removeHandler(h)
+            h.close()
+        pkg.setLevel(old_level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -852,24 +1160,30 @@ def _read_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module,
 # ----------------------------------------------------------------------------------------------
 
 def _default_output(cfg: TrainConfig) -> Path:
-    data = cfg.task or Path(cfg.data_dir or "data").name
+    data = cfg.task or (cfg.dataset or "").replace("/", "-") or Path(cfg.data_dir or "data").name
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{data}"
 
 
 def _make_splits(cfg: TrainConfig, image_size: int | None) -> DataSplits:
     return build_splits(cfg.task, cfg.data_dir, val_split=cfg.val_split, seed=cfg.seed,
                         image_size=cfg.task_image_size or image_size or 32,
-                        train_size=cfg.train_size, val_size=cfg.val_size, test_size=cfg.test_size)
+                        train_size=cfg.train_size, val_size=cfg.val_size, test_size=cfg.test_size,
+                        dataset=cfg.dataset, train_split=cfg.train_split,
+                        val_split_name=cfg.val_split_name, test_split=cfg.test_split,
+                        download=cfg.dataset_download)
 
 
-def train(cfg: TrainConfig, splits: DataSplits | None = None) -> TrainResult:
+def train(cfg: TrainConfig, splits: DataSplits | None = None, *,
+          distributed: bool = True) -> TrainResult:
     """Fine-tune ``cfg.model`` on the configured data and save the best adapter.
 
     Writes to the run directory: ``adapter/`` (:func:`timm_peft.save_pretrained` output plus
     ``training_args.json``), ``checkpoint.pt`` (last epoch, for ``resume``), ``log.jsonl`` (one
     JSON record per epoch) and ``summary.json``. ``splits`` replaces the data named in ``cfg``
     (e.g. datasets built once and shared by many runs). Under ``torchrun`` every process calls
-    this; only rank 0 writes.
+    this; only rank 0 writes. ``distributed=False`` trains on this process alone even under
+    ``torchrun`` (one run per process, as ``timm-peft reproduce`` spreads its runs).
+    Progress goes to the ``timm_peft`` logger, and to ``log.txt`` in the run directory.
 
     Example:
         >>> cfg = TrainConfig(model="resnet18.bias", task="texture", pretrained=False,
@@ -877,9 +1191,11 @@ def train(cfg: TrainConfig, splits: DataSplits | None = None) -> TrainResult:
         >>> train(cfg).metrics["test_acc"]  # doctest: +SKIP
         0.23
     """
-    if cfg.task is None and cfg.data_dir is None and splits is None:
-        raise ValueError(f"no data: give a built-in task ({list_tasks()}) or a data directory")
-    dctx = _setup_distributed(cfg.device)
+    if cfg.task is None and cfg.data_dir is None and cfg.dataset is None and splits is None:
+        raise ValueError(f"no data: give a built-in task ({list_tasks()}), a data directory or "
+                         "a dataset")
+    dctx = _setup_distributed(cfg.device) if distributed else _Dist(
+        device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     try:
         return _train(cfg, splits, dctx)
     finally:
@@ -888,7 +1204,6 @@ def train(cfg: TrainConfig, splits: DataSplits | None = None) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainResult:
-    from tqdm.auto import tqdm
     resume_path = _resolve_resume(cfg.resume) if cfg.resume else None
     out = Path(cfg.output) if cfg.output else (resume_path.parent if resume_path else None)
     if out is None:
@@ -904,6 +1219,15 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
             raise ValueError(f"{out} already holds a run ({', '.join(held)}); {hint}start it over "
                              "with --overwrite or choose another --output")
 
+    with _run_logging(dctx.is_main) as attach_log:
+        if resume_path is not None:
+            attach_log(out)
+        return _train_logged(cfg, splits, dctx, out, resume_path, held, attach_log)
+
+
+def _train_logged(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist, out: Path,
+                  resume_path: Path | None, held: list[str],
+                  attach_log: Callable[[Path], None]) -> TrainResult:
     # a generated task is rendered at the model's input size, so the model comes first; its
     # class count is known without rendering anything
     if splits is None and cfg.task is None:
@@ -922,9 +1246,9 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
         start_epoch, trainer.global_step = ckpt["epoch"], ckpt["step"]
         resume_state = ckpt
         trainer.history = list(ckpt.get("history", []))
-        if dctx.is_main and cfg.progress:
-            tqdm.write(f"resuming {resume_path} at epoch {start_epoch + 1}/{cfg.epochs}, "
-                       f"step {trainer.global_step}")
+        if dctx.is_main:
+            logger.info(f"resuming {resume_path} at epoch {start_epoch + 1}/{cfg.epochs}, "
+                        f"step {trainer.global_step}")
     fingerprint = base_fingerprint(model)
     trainable, total = get_nb_trainable_parameters(model)
     inner = unwrap_features(model)
@@ -933,16 +1257,22 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
                     val_images=len(splits.val) if splits.val is not None else 0,
                     test_images=len(splits.test) if splits.test is not None else 0,
                     trainable_params=trainable, total_params=total, world_size=dctx.world_size,
-                    global_batch=cfg.batch_size * dctx.world_size,
-                    lr=cfg.resolved_lr(dctx.world_size), device=str(dctx.device))
+                    global_batch=cfg.batch_size * dctx.world_size * cfg.grad_accum_steps,
+                    lr=cfg.resolved_lr(dctx.world_size), device=str(dctx.device),
+                    updates_per_epoch=trainer.updates_per_epoch())
     if dctx.is_main:
         # only now that model and data are ready: a run that fails to start leaves no trace
         if resume_path is None:
             for name in held:
                 (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.progress:
-            tqdm.write("run: " + ", ".join(f"{k}={v}" for k, v in run_info.items()))
+            out.mkdir(parents=True, exist_ok=True)
+            attach_log(out)
+        logger.info(f"run {out}: " + ", ".join(f"{k}={v}" for k, v in run_info.items()))
+        if getattr(get_method(inner.peft_method), "saves_whole_model", False):
+            logger.warning(f"--model {cfg.model}: this method trains every parameter; the saved "
+                           f"adapter will be the whole model ({trainable:,d} values), not a "
+                           "small file. For a parameter-efficient run pick another method "
+                           "suffix (timm-peft info lists them).")
         args = dict(cfg.to_dict(), classes=splits.classes, data_config=data_cfg, run=run_info)
         (out / "args.json").write_text(json.dumps(args, indent=2) + "\n")
 
@@ -956,6 +1286,7 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
             step=trainer.global_step, adapter=_trainable_state(model),
             optimizer=optimizer.state_dict(),
             scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            ema=trainer.ema.state_dict() if trainer.ema is not None else None,
             best=best, history=trainer.history), fh))
 
     main = trainer.run_epochs(cfg.epochs, "train", start_epoch=start_epoch,
@@ -967,14 +1298,14 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
     hooks = _training_hooks(model)
     ctx = StageContext(
         train_loader=trainer.train_loader, val_loader=trainer.eval_loaders.get("val"),
-        loss_fn=trainer.loss_fn, device=dctx.device, epochs=cfg.epochs,
+        loss_fn=trainer.hard_loss_fn, device=dctx.device, epochs=cfg.epochs,
         fit=trainer.fit_stage,
         all_reduce=dctx.all_reduce, autocast=trainer.autocast, rank=dctx.rank,
         world_size=dctx.world_size)
     stages = []
     for name, stage in hooks.get("stages", ()):
-        if dctx.is_main and cfg.progress:
-            tqdm.write(f"stage {name!r} of method {inner.peft_method!r}")
+        if dctx.is_main:
+            logger.info(f"stage {name!r} of method {inner.peft_method!r}")
         result = stage(inner, ctx)
         stages.append(dict(stage=name, **(result if isinstance(result, dict) else {})))
         trainer.log(dict(phase=name, stage_done=True, step=trainer.global_step))
@@ -992,8 +1323,10 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
         # the adapter records the data config it was trained with, and its class names
         inner.pretrained_cfg = {**(inner.pretrained_cfg or {}), **{
             k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()}}
-        save_pretrained(model, adapter_dir, label_names=list(splits.classes),
-                        dataset=splits.source, metrics=metrics)
+        with warnings.catch_warnings():  # said at the start, against the user's --model
+            warnings.filterwarnings("ignore", message=".*trains every parameter")
+            save_pretrained(model, adapter_dir, label_names=list(splits.classes),
+                            dataset=splits.source, metrics=metrics)
         training_args = dict(cfg.to_dict(), classes=splits.classes, data_config=data_cfg,
                              metrics=metrics)
         for key in ("pretrained_file", "data_dir"):  # usable from any working directory
@@ -1004,6 +1337,9 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
         trainer.log(dict(phase="final", step=trainer.global_step, **metrics))
         (out / "summary.json").write_text(json.dumps(dict(run=run_info, metrics=metrics),
                                                      indent=2) + "\n")
+        logger.info(f"saved the adapter to {adapter_dir} ("
+                    + ", ".join(f"{k}={metrics[k]:.4f}" for k in ("val_acc", "test_acc")
+                                if k in metrics) + ")")
     dctx.barrier()
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics,
                        history=trainer.history, rank=dctx.rank)

@@ -1,0 +1,217 @@
+"""``timm-peft reproduce`` end to end on tiny generated stand-ins of the VTAB-1k and FGVC layouts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from timm_peft.cli import main
+from timm_peft.data import build_splits
+from timm_peft.reproduce import estimate, paper_results, plan, reproduce
+from timm_peft.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+#: a few steps per run: 1 epoch, batch 4
+QUICK = dict(epochs=1, warmup_epochs=0, batch_size=4, workers=0, pretrained=False,
+             model_kwargs=TINY)
+
+
+def _image(path, label, rng):
+    """A 16x16 image whose mean colour encodes the label (learnable in a few steps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = np.full((16, 16, 3), 40 + 60 * label, np.uint8)
+    noise = rng.integers(0, 30, size=base.shape, dtype=np.uint8)
+    Image.fromarray(base + noise).save(path)
+
+
+def make_fake_vtab(root, tasks=("dtd", "clevr_count"), classes=3, sizes=(8, 4, 6)):
+    """``<root>/<task>/{train800,val200,train800val200,test}.txt`` over a few generated images."""
+    rng = np.random.default_rng(0)
+    for task in tasks:
+        lines = {}
+        for split, n in zip(("train800", "val200", "test"), sizes):
+            lines[split] = []
+            for i in range(n):
+                rel = f"images/{split}_{i}.png"
+                _image(root / task / rel, i % classes, rng)
+                lines[split].append(f"{rel} {i % classes}")
+        lines["train800val200"] = lines["train800"] + lines["val200"]
+        for split, items in lines.items():
+            (root / task / f"{split}.txt").write_text("\n".join(items) + "\n")
+    return root
+
+
+def make_fake_fgvc(root, names=("cub", "flowers"), sizes=(8, 4, 6)):
+    """VPT's FGVC layout: ``<root>/<name>/{train,val,test}.json`` and the images in the
+    dataset's image folder, labels as in the originals (CUB counts from 1)."""
+    from timm_peft.data import FGVC_DATASETS
+    rng = np.random.default_rng(1)
+    for name in names:
+        image_dir = root / name / FGVC_DATASETS[name][0]
+        for split, n in zip(("train", "val", "test"), sizes):
+            anno = {}
+            for i in range(n):
+                rel = f"{i % 2:03d}.class/{split}_{i}.jpg"
+                _image(image_dir / rel, i % 2, rng)
+                anno[rel] = i % 2 + 1
+            (root / name / f"{split}.json").write_text(json.dumps(anno))
+    return root
+
+
+class Counting:
+    """``train`` that records the runs it was asked for."""
+
+    def __init__(self):
+        self.runs = []
+
+    def __call__(self, cfg, **kw):
+        self.runs.append(cfg)
+        return train(cfg, **kw)
+
+
+def test_vtab1k_reproduction_runs_the_protocol_resumes_and_tabulates(tmp_path):
+    data = make_fake_vtab(tmp_path / "vtab-1k")
+    out = tmp_path / "out"
+    spy = Counting()
+    kw = dict(output=out, grid={"lr": [0.05, 0.001]}, seeds=2, train_args=QUICK, run=spy)
+    res = reproduce("bias", "vtab1k", data, "vit_tiny_patch16_224", tasks=["dtd", "clevr_count"],
+                    **kw)
+    # 2 tasks x (2 grid points on train800/val200 + 2 seeds on train800val200)
+    assert len(spy.runs) == 8
+    tune = [c for c in spy.runs if c.val_split_name == "val200"]
+    assert {(c.dataset, c.train_split, c.lr) for c in tune} == {
+        (f"vtab1k/{t}", "train800", lr) for t in ("dtd", "clevr_count") for lr in (0.05, 0.001)}
+    final = [c for c in spy.runs if c.val_split_name is None]
+    assert {(c.train_split, c.seed) for c in final} == {("train800val200", 0), ("train800val200", 1)}
+    # the recipes' settings, the method's suffix and the overrides
+    assert all(c.model == "vit_tiny_patch16_224.bias" and c.opt == "momentum" and not c.aug
+               and c.crop_pct == 1.0 for c in spy.runs)
+
+    rows = {r["task"]: r for r in res.rows}
+    for task in ("dtd", "clevr_count"):
+        # the chosen point is the one with the best validation accuracy
+        vals = {lr: json.loads((out / "bias/vtab1k" / task / "tune" / f"lr={lr}" / "summary.json")
+                               .read_text())["metrics"]["val_acc"] for lr in (0.05, 0.001)}
+        best = max(vals.values())
+        assert rows[task]["chosen"] == {"lr": next(lr for lr, v in vals.items() if v == best)}
+        # ours = mean test accuracy of the seeds, as the runs measured it on the 6 test images
+        accs = [json.loads((out / "bias/vtab1k" / task / "final" / f"seed{s}" / "summary.json")
+                           .read_text())["metrics"]["test_acc"] * 100 for s in (0, 1)]
+        assert rows[task]["ours"] == pytest.approx(sum(accs) / 2, abs=0.01)
+        paper = paper_results()["bias"]["vtab1k"]["per_task"][task]
+        assert rows[task]["paper"] == paper
+        assert rows[task]["diff"] == pytest.approx(rows[task]["ours"] - paper, abs=0.02)
+    groups = {g["group"]: g for g in res.groups}
+    assert groups["natural"]["tasks"] == "1/7" and groups["natural"]["diff"] is None  # incomplete
+    assert groups["natural"]["paper"] == 73.30  # VPT Table 1's own group mean
+    table = res.table_md.read_text()
+    assert "| dtd | natural |" in table and "ssf-neurips2022.txt Table 4" in table
+
+    # the same command again: nothing to run, same table
+    spy.runs.clear()
+    again = reproduce("bias", "vtab1k", data, "vit_tiny_patch16_224", tasks=["dtd", "clevr_count"],
+                      **kw)
+    assert spy.runs == [] and again.rows == res.rows
+    # a run lost (interrupted before it finished): only that run again
+    (out / "bias/vtab1k/dtd/final/seed1/summary.json").unlink()
+    reproduce("bias", "vtab1k", data, "vit_tiny_patch16_224", tasks=["dtd", "clevr_count"], **kw)
+    assert [(c.dataset, c.seed) for c in spy.runs] == [("vtab1k/dtd", 1)]
+
+
+def test_fgvc_reproduction_through_the_cli(tmp_path, capsys):
+    data = make_fake_fgvc(tmp_path / "fgvc")
+    out = tmp_path / "out"
+    argv = ["reproduce", "--method", "ssf", "--benchmark", "fgvc", "--data-root", str(data),
+            "--model", "vit_tiny_patch16_224", "--tasks", "cub", "flowers", "--output", str(out),
+            "--seeds", "1", "--grid", "lr=0.01", "--epochs", "1", "--batch-size", "4",
+            "--no-pretrained", "--model-kwargs", *[f"{k}={v}" for k, v in TINY.items()],
+            "--train-args", "workers=0"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| cub | fgvc |" in printed and "| flowers | fgvc |" in printed
+    report = json.loads((out / "ssf-fgvc.json").read_text())
+    assert [r["task"] for r in report["rows"]] == ["cub", "flowers"]
+    assert report["rows"][0]["paper"] == 89.5  # SSF Table 3
+    # one grid point: no tuning runs; the final run trains on train+val (8 + 4) with flips
+    args = json.loads((out / "ssf/fgvc/cub/final/seed0/args.json").read_text())
+    assert args["run"]["train_images"] == 12 and args["run"]["test_images"] == 6
+    assert args["aug"] and args["opt"] == "adamw" and args["classes"] == ["1", "2"]
+    assert not (out / "ssf/fgvc/cub/tune").exists()
+
+
+def test_vtab1k_and_fgvc_splits_read_the_layouts(tmp_path):
+    vtab = make_fake_vtab(tmp_path / "v", tasks=("eurosat",))
+    s = build_splits(dataset="vtab1k/eurosat", data_dir=vtab, train_split="train800",
+                     val_split_name="val200")
+    assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (8, 4, 6, 10)
+    img, label = s.train[1]
+    assert img.size == (16, 16) and label == 1
+    (vtab / "eurosat" / "val200.txt").write_text("images/a.png x\n")
+    with pytest.raises(ValueError, match=r"val200.txt:1: expected 'relative/path label'"):
+        build_splits(dataset="vtab1k/eurosat", data_dir=vtab, train_split="train800",
+                     val_split_name="val200")
+    with pytest.raises(ValueError, match="has no split 'train1000'"):
+        build_splits(dataset="vtab1k/eurosat", data_dir=vtab, train_split="train1000")
+    with pytest.raises(ValueError, match="unknown VTAB-1k task 'eurosatt'"):
+        build_splits(dataset="vtab1k/eurosatt", data_dir=vtab)
+    fgvc = make_fake_fgvc(tmp_path / "f", names=("dogs",))
+    s = build_splits(dataset="fgvc/dogs", data_dir=fgvc, train_split="train+val")
+    assert (len(s.train), s.val, len(s.test), s.classes) == (12, None, 6, ["1", "2"])
+    assert (fgvc / "dogs" / "Images").is_dir()  # VPT's image folder for Stanford Dogs
+
+
+def test_plan_and_estimate():
+    p = plan("vpt", "vtab1k", "o")
+    assert len(p.points) == 40 and len(p.tune) == 19 * 40 and len(p.final) == 19 * 3
+    est = estimate("vpt", "vtab1k")
+    assert est["training_images"] == 100 * (19 * 40 * 800 + 19 * 3 * 1000)
+    with pytest.raises(ValueError, match="unknown vtab1k task"):
+        plan("vpt", "vtab1k", "o", tasks=["cifar10"])
+    with pytest.raises(ValueError, match="no reproduction protocol for method 'nope'"):
+        plan("nope", "vtab1k", "o")
+
+
+def test_paper_numbers_name_their_tables():
+    papers = Path("/work/shared/papers")
+    for method, benches in paper_results().items():
+        if method.startswith("_"):
+            continue
+        for bench, entry in benches.items():
+            for key in ("per_task_source", "group_means_source"):
+                if key in entry:
+                    file = entry[key].split()[0]
+                    assert file.endswith(".txt"), entry[key]
+                    if papers.is_dir():
+                        assert (papers / file).is_file(), file
+    # spot checks against the papers' tables
+    assert paper_results()["ssf"]["vtab1k"]["per_task"]["smallnorb_ele"] == 37.9
+    assert paper_results()["vpt"]["vtab1k"]["group_means"]["structured"] == 54.98
+
+
+def test_reproduce_spreads_runs_over_torchrun_processes(tmp_path):
+    data = make_fake_vtab(tmp_path / "vtab-1k", tasks=("dtd",))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "timm_peft", "reproduce", "--method", "linear", "--benchmark", "vtab1k",
+         "--data-root", str(data), "--model", "vit_tiny_patch16_224", "--tasks", "dtd",
+         "--output", str(out), "--seeds", "2", "--grid", "lr=0.1,0.01", "--epochs", "1",
+         "--batch-size", "4", "--no-pretrained", "--model-kwargs",
+         *[f"{k}={v}" for k, v in TINY.items()], "--train-args", "workers=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stderr
+    # each process ran one tuning and one final run
+    for rank in (0, 1):
+        assert log.count(f"[rank {rank}] tune dtd") == 1, log[-2000:]
+        assert log.count(f"[rank {rank}] final dtd") == 1
+    assert proc.stdout.count("| dtd | natural |") == 1  # rank 0 writes the table
+    report = json.loads((out / "linear-vtab1k.json").read_text())
+    assert len(report["rows"][0]["seeds"]) == 2

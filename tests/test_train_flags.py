@@ -1,0 +1,251 @@
+"""timm train.py flags in ``timm-peft train``: each one a few steps, with its effect asserted."""
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from timm_peft import train as train_mod
+from timm_peft.cli import main
+from timm_peft.train import (CHECKPOINT_NAME, LOG_NAME, AdapterEma, TrainConfig, build_model,
+                             build_transforms, train)
+
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48)
+TINY_ARGS = [f"{k}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny_vit.safetensors"
+    model = timm.create_model("vit_tiny_patch16_224", **TINY)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _cfg(weights, out, **kw):
+    values = dict(model="vit_tiny_patch16_224.bias", model_kwargs=TINY, pretrained_file=str(weights),
+                  task="count", train_size=24, test_size=8, epochs=1, batch_size=12, lr=0.05,
+                  opt="momentum", workers=0, progress=False, output=str(out))
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _adapter(result):
+    return load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+
+
+def test_grad_checkpointing_recomputes_blocks_with_the_same_gradients(weights):
+    grads, calls = [], []
+    for flag in (False, True):
+        cfg = TrainConfig(model="vit_tiny_patch16_224.bias", model_kwargs=TINY,
+                          pretrained_file=str(weights), grad_checkpointing=flag)
+        model = build_model(cfg, num_classes=3).train()
+        n = []
+        model.blocks[0].mlp.fc1.register_forward_hook(lambda *a: n.append(1))
+        torch.manual_seed(0)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        calls.append(len(n))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert calls == [1, 2]  # the checkpointed block runs again in the backward pass
+    assert grads[0].keys() == grads[1].keys() and any("blocks.0" in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k])
+
+
+def test_channels_last_reaches_the_forward(weights, tmp_path, monkeypatch):
+    seen = []
+
+    def hook(module, args):
+        seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    real = train_mod.build_model
+
+    def spy(cfg, num_classes):
+        m = real(cfg, num_classes)
+        m.patch_embed.proj.register_forward_pre_hook(hook)
+        return m
+    monkeypatch.setattr(train_mod, "build_model", spy)
+    train(_cfg(weights, tmp_path / "cl", channels_last=True))
+    assert seen and all(seen)
+    seen.clear()
+    train(_cfg(weights, tmp_path / "plain"))
+    assert seen and not any(seen)
+
+
+def test_torchcompile_compiles_the_training_model(weights, tmp_path, monkeypatch):
+    compiled = []
+    real = torch.compile
+
+    def spy(model, **kw):
+        compiled.append((type(model).__name__, kw))
+        return real(model, **kw)
+    monkeypatch.setattr(torch, "compile", spy)
+    a = train(_cfg(weights, tmp_path / "c", torchcompile="eager", torchcompile_mode="default"))
+    assert compiled == [("VisionTransformer", dict(backend="eager", mode="default"))]
+    b = train(_cfg(weights, tmp_path / "e"))
+    for k, v in _adapter(a).items():  # the eager backend computes what eager mode computes
+        torch.testing.assert_close(v, _adapter(b)[k], rtol=1e-4, atol=1e-6)
+
+
+def test_model_ema_saves_the_average_not_the_raw_weights(weights, tmp_path):
+    res = train(_cfg(weights, tmp_path / "ema", model_ema=True, model_ema_decay=0.5))
+    ckpt = torch.load(tmp_path / "ema" / CHECKPOINT_NAME, weights_only=True)
+    saved = _adapter(res)
+    moved = [k for k in saved if not torch.equal(ckpt["ema"][k], ckpt["adapter"][k])]
+    assert moved  # the average lags the raw weights
+    for k in saved:
+        torch.testing.assert_close(saved[k], ckpt["ema"][k])
+
+
+def test_adapter_ema_is_timms_average_of_the_trainable_tensors_only():
+    model = timm.create_model("vit_tiny_patch16_224.bias", num_classes=2, **TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = AdapterEma(model, decay=0.75)
+    assert sorted(ema.state_dict()) == sorted(model.peft_adapter_keys)
+    for step in (1, 2):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+        ema.update(model, step=step)
+    # timm's schedule: the first update copies, later ones keep 0.75 of the average
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, 0.75 * (before[k] + 1) + 0.25 * (before[k] + 2))
+    frozen = [k for k in before if k not in ema.state_dict()]
+    assert frozen and all(torch.equal(model.state_dict()[k], before[k]) for k in frozen)
+
+
+def test_mixup_and_cutmix_give_soft_targets(weights, tmp_path, monkeypatch):
+    from timm.loss import SoftTargetCrossEntropy
+    targets = []
+    real = SoftTargetCrossEntropy.forward
+
+    def spy(self, x, target):
+        targets.append(target.detach().clone())
+        return real(self, x, target)
+    monkeypatch.setattr(SoftTargetCrossEntropy, "forward", spy)
+    train(_cfg(weights, tmp_path / "m", mixup=0.8, cutmix=1.0, smoothing=0.1))
+    assert len(targets) == 2
+    t = torch.cat(targets)
+    assert t.shape == (24, 6)
+    torch.testing.assert_close(t.sum(1), torch.ones(24))
+    assert (t.max(1).values < 0.95).all()  # mixed and smoothed, never one-hot
+    with pytest.raises(ValueError, match="--batch-size must be even"):
+        train(_cfg(weights, tmp_path / "odd", mixup=0.8, batch_size=5))
+
+
+def test_grad_accumulation_equals_the_larger_batch(weights, tmp_path):
+    big = train(_cfg(weights, tmp_path / "big", batch_size=12))
+    acc = train(_cfg(weights, tmp_path / "acc", batch_size=6, grad_accum_steps=2))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "acc" / LOG_NAME).read_text().splitlines()]
+    assert steps[0] == 2  # 24 images, 4 batches of 6, 2 updates
+    a, b = _adapter(big), _adapter(acc)
+    assert any(not torch.equal(a[k], load_file(str(weights)).get(k, a[k])) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_drop_path_and_drop_reach_the_model(weights):
+    m = build_model(TrainConfig(model="vit_tiny_patch16_224.bias", model_kwargs=TINY,
+                                pretrained_file=str(weights), drop_path=0.2, drop=0.1), 3)
+    assert m.blocks[1].drop_path1.drop_prob == pytest.approx(0.2)  # timm: linear in depth
+    assert m.head_drop.p == 0.1
+    with pytest.raises(ValueError, match="may not set 'drop_path_rate'.*--drop-path"):
+        TrainConfig(model_kwargs=dict(drop_path_rate=0.1))
+
+
+def test_augmentation_flags_build_timms_training_transform():
+    data_cfg = dict(input_size=[3, 32, 32], interpolation="bicubic", mean=[0.5] * 3,
+                    std=[0.5] * 3, crop_pct=1.0)
+    tf, eval_tf = build_transforms(data_cfg, TrainConfig(aug=True, aa="rand-m9-mstd0.5",
+                                                         reprob=0.25, vflip=0.5))
+    names = [type(t).__name__ for t in tf.transforms]
+    assert "RandAugment" in names and "RandomErasing" in names and "RandomVerticalFlip" in names
+    assert tf is not eval_tf
+    plain, _ = build_transforms(data_cfg, TrainConfig())
+    assert plain is _  # VTAB-1k: no augmentation
+    with pytest.raises(ValueError, match="--aa, --reprob set.*add --aug"):
+        TrainConfig(aa="rand-m9", reprob=0.25)
+
+
+def test_warmup_default_fits_a_one_epoch_run():
+    assert TrainConfig(epochs=1).warmup_epochs == 0.0
+    assert TrainConfig(epochs=5).warmup_epochs == 1.0
+
+
+def _cli_args(weights, out, *extra):
+    return ["train", "--model", "vit_tiny_patch16_224.bias", "--model-kwargs", *TINY_ARGS,
+            "--pretrained-file", str(weights), "--task", "count", "--train-size", "24",
+            "--test-size", "8", "--val-split", "0.25", "--batch-size", "6", "--workers", "0",
+            "--no-progress", "--output", str(out), *extra]
+
+
+def test_cli_logs_header_and_epochs_resumes_from_the_directory_alone(weights, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_cli_args(weights, out, "--epochs", "1", "--label-smoothing", "0.1")) == 0
+    err = capsys.readouterr().err
+    assert f"run {out}: model=vit_tiny_patch16_224.bias" in err  # --no-progress keeps the log
+    assert "train epoch 1/1: train_loss=" in err and " lr=" in err and "time=" in err
+    logfile = (out / "log.txt").read_text()
+    assert "train epoch 1/1" in logfile and "run " in logfile
+    csv = (out / "summary.csv").read_text().splitlines()
+    assert csv[0] == "epoch,train_loss,train_acc,eval_loss,eval_acc,lr" and len(csv) == 2
+    assert json.loads((out / "args.json").read_text())["smoothing"] == 0.1
+
+    # continue to 3 epochs with nothing but the directory and the new length
+    assert main(["train", "--resume", str(out), "--epochs", "3"]) == 0
+    log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["phase"] == "train"] == [1, 2, 3]
+    args = json.loads((out / "args.json").read_text())
+    assert args["smoothing"] == 0.1 and args["epochs"] == 3 and args["task"] == "count"
+    assert len((out / "summary.csv").read_text().splitlines()) == 4
+    capsys.readouterr()
+    (tmp_path / "nothing").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no args.json" in capsys.readouterr().err
+
+
+def test_full_warning_names_the_users_flag(weights, tmp_path, capsys, recwarn):
+    args = _cli_args(weights, tmp_path / "full", "--epochs", "1")
+    args[args.index("vit_tiny_patch16_224.bias")] = "vit_tiny_patch16_224.full"
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "--model vit_tiny_patch16_224.full: this method trains every parameter" in err
+    assert not [w for w in recwarn if "trains every parameter" in str(w.message)]
+
+
+def test_dataset_folder_through_timm_create_dataset(weights, tmp_path):
+    for split, n in (("train", 6), ("validation", 2), ("test", 2)):
+        for c in ("ant", "bee"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (200 if c == "bee" else 0, 0, i)).save(
+                    tmp_path / "d" / split / c / f"{i}.png")
+    res = train(_cfg(weights, tmp_path / "run", task=None, dataset="folder",
+                     data_dir=str(tmp_path / "d"), val_split_name="validation", batch_size=4))
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["classes"] == ["ant", "bee"]
+    assert (args["run"]["train_images"], args["run"]["val_images"], args["run"]["test_images"]) == (12, 4, 4)
+    assert "val_acc" in res.metrics
+    with pytest.raises(ValueError, match="has no nope/ folder"):
+        train(_cfg(weights, tmp_path / "r2", task=None, dataset="folder",
+                   data_dir=str(tmp_path / "d"), train_split="nope"))
+    with pytest.raises(ValueError, match="streaming"):
+        TrainConfig(dataset="wds/x", data_dir="d")
+
+
+def test_dataset_hfds_from_a_local_hugging_face_dataset(weights, tmp_path):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face `datasets` is not installed")
+    feats = datasets.Features({"image": datasets.Image(),
+                               "label": datasets.ClassLabel(names=["ant", "bee"])})
+    for split in ("train", "test"):
+        rows = dict(image=[Image.new("RGB", (16, 16), (60 * i, 0, 0)) for i in range(8)],
+                    label=[i % 2 for i in range(8)])
+        datasets.Dataset.from_dict(rows, features=feats).to_parquet(
+            str(tmp_path / "hf" / f"{split}.parquet"))
+    res = train(_cfg(weights, tmp_path / "run", task=None, dataset=f"hfds/{tmp_path / 'hf'}",
+                     batch_size=4))
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["classes"] == ["ant", "bee"]
+    assert "test_acc" in res.metrics
