@@ -354,3 +354,35 @@ def test_masked_deq_compiles_whole_for_training_and_inference_and_exports():
         assert torch.allclose(compiled(u), deq(u))
     exported = torch.export.export(deq, (u.detach(),))
     assert torch.allclose(exported.module()(u.detach()), deq(u.detach()))
+
+
+def test_lion_compiles_whole_with_the_masked_loop():
+    """LION's two equilibria switched to the masked loop: the whole model trains under
+    ``torch.compile(fullgraph=True)`` like in eager, and exports."""
+    import timm
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224.lion", img_size=32, depth=1, num_classes=5,
+                              peft_cfg=dict(max_iter=3, eval_max_iter=3, backward_max_iter=3,
+                                            p2_width=16))
+    deqs = list(model.lion.deqs().values())
+    assert len(deqs) == 2
+    for deq in deqs:
+        deq.loop = "masked"
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(m):
+        return torch.autograd.grad(F.cross_entropy(m(x), y), params)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DEQConvergenceWarning)
+        eager = step(model)
+        compiled = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+        for a, b in zip(compiled, eager):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert any(float(g.abs().max()) > 0 for g in compiled[:-2])  # not just the head
+        assert all(d.forward_stats.solves == 2 for d in deqs)  # eager and compiled
+        model.eval()
+        exported = torch.export.export(model, (x,))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-6)
