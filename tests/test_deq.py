@@ -247,6 +247,26 @@ def test_autocast_and_low_precision():
     assert half(u.detach().bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("loop", ["early_exit", "masked"])
+def test_autocast_injection_from_a_layer_backward_reevaluates_under_autocast(loop):
+    # as in LION: u comes out of a layer under autocast (bfloat16) while the cell's weights are
+    # float32, so the adjoint's re-evaluation of f must run under the same autocast
+    torch.manual_seed(0)
+    inject, cell = nn.Linear(6, 6), LinearCell(gain=0.5)
+    deq = DEQ(cell, tol=1e-2, backward_tol=1e-2, loop=loop)
+    x = torch.randn(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = inject(x)
+        assert u.dtype == torch.bfloat16
+        z = deq(u)
+    z.float().square().sum().backward()
+    for p in (*inject.parameters(), *cell.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    ref = torch.autograd.grad(DEQ(cell, tol=1e-6, backward_tol=1e-6)(inject(x)).square().sum(),
+                              inject.weight)[0]
+    assert _cos(inject.weight.grad.flatten(), ref.flatten()) > 0.98
+
+
 # ----------------------------------------------------------------------------------------------
 # The masked loop: same results as the early-exit loop, compiles whole, exports
 # ----------------------------------------------------------------------------------------------

@@ -301,6 +301,10 @@ class _ImplicitFixedPoint(torch.autograd.Function):
                 *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         result = deq._run(lambda v: deq.f(v, u), z0, backward=False)
         ctx.deq = deq
+        # backward re-evaluates f: under the forward's autocast state, or the cell would see
+        # low-precision activations next to float32 weights
+        dev = u.device.type
+        ctx.amp = dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
         ctx.save_for_backward(result.z, u, *params)
         ctx.mark_non_differentiable(result.iterations, result.residual)
         return result.z, result.iterations, result.residual
@@ -310,10 +314,13 @@ class _ImplicitFixedPoint(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, *_: torch.Tensor):  # noqa: ANN001, ANN205
         deq: DEQ = ctx.deq
         z_star, u, *params = ctx.saved_tensors
+        dev, amp, amp_dtype = ctx.amp
         if deq.loop == "masked":
-            return (None, *_masked_adjoint(deq, grad, z_star, u, params, ctx.needs_input_grad))
+            with torch.autocast(dev, dtype=amp_dtype, enabled=amp):
+                return (None, *_masked_adjoint(deq, grad, z_star, u, params,
+                                               ctx.needs_input_grad))
         wants_u, wants_p = ctx.needs_input_grad[1], ctx.needs_input_grad[3:]
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=amp):
             z = z_star.detach().requires_grad_()
             u_ = u.detach().requires_grad_(wants_u)
             fz = deq.f(z, u_)  # the one f step whose vector-Jacobian products solve the adjoint
