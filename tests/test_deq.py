@@ -245,3 +245,164 @@ def test_autocast_and_low_precision():
     assert deq.forward_stats.last.converged and deq.backward_stats.last.converged
     half = DEQ(ConvCell().bfloat16(), tol=1e-2)
     assert half(u.detach().bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("loop", ["early_exit", "masked"])
+def test_autocast_injection_from_a_layer_backward_reevaluates_under_autocast(loop):
+    # as in LION: u comes out of a layer under autocast (bfloat16) while the cell's weights are
+    # float32, so the adjoint's re-evaluation of f must run under the same autocast
+    torch.manual_seed(0)
+    inject, cell = nn.Linear(6, 6), LinearCell(gain=0.5)
+    deq = DEQ(cell, tol=1e-2, backward_tol=1e-2, loop=loop)
+    x = torch.randn(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = inject(x)
+        assert u.dtype == torch.bfloat16
+        z = deq(u)
+    z.float().square().sum().backward()
+    for p in (*inject.parameters(), *cell.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    ref = torch.autograd.grad(DEQ(cell, tol=1e-6, backward_tol=1e-6)(inject(x)).square().sum(),
+                              inject.weight)[0]
+    assert _cos(inject.weight.grad.flatten(), ref.flatten()) > 0.98
+
+
+# ----------------------------------------------------------------------------------------------
+# The masked loop: same results as the early-exit loop, compiles whole, exports
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("solver", [anderson, fixed_point_iteration])
+def test_masked_loop_gives_the_early_exit_point_and_statistics(solver):
+    torch.manual_seed(0)
+    cell = ConvCell()
+    # samples of very different scale converge at different iterations
+    u = torch.randn(3, 4, 6, 6) * torch.tensor([0.1, 1.0, 3.0]).view(3, 1, 1, 1)
+    z_exit, s_exit = solver(lambda z: cell(z, u), torch.zeros_like(u), max_iter=60, tol=1e-5)
+    z_mask, s_mask = solver(lambda z: cell(z, u), torch.zeros_like(u), max_iter=60, tol=1e-5,
+                            masked=True)
+    assert s_exit.converged and s_exit.iterations < 60  # the masked loop ran on after this
+    assert torch.equal(z_exit, z_mask)
+    assert s_exit == s_mask
+    assert len(set(s_exit.sample_iterations)) > 1
+    assert max(s_exit.sample_iterations) == s_exit.iterations
+    # per-sample counts are the first iteration whose residual is below tol: the plain loop
+    # from zero, run by hand, must agree
+    if solver is fixed_point_iteration:
+        z, first = torch.zeros_like(u), [0, 0, 0]
+        for k in range(1, s_exit.iterations + 1):
+            fz = cell(z, u)
+            for i, r in enumerate(relative_residual(fz, z).tolist()):
+                first[i] = first[i] or (k if r < 1e-5 else 0)
+            z = fz
+        assert tuple(first) == s_exit.sample_iterations
+
+
+def test_masked_loop_not_converged_matches_too():
+    torch.manual_seed(0)
+    cell = LinearCell(gain=0.95)
+    u = torch.randn(4, 6)
+    for solver in (anderson, fixed_point_iteration):
+        a = solver(lambda z: cell(z, u), torch.zeros_like(u), max_iter=3, tol=1e-12)
+        b = solver(lambda z: cell(z, u), torch.zeros_like(u), max_iter=3, tol=1e-12, masked=True)
+        assert torch.equal(a[0], b[0]) and a[1] == b[1] and not a[1].converged
+        assert a[1].sample_iterations == (3, 3, 3, 3)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_masked_deq_same_values_gradients_and_counters(backward):
+    torch.manual_seed(0)
+    cell = ConvCell()
+    u = torch.randn(2, 4, 6, 6, requires_grad=True)
+    kw = dict(max_iter=30, tol=1e-5, backward_max_iter=30, backward_tol=1e-6, backward=backward)
+    results = {}
+    for loop in ("early_exit", "masked"):
+        deq = DEQ(cell, loop=loop, **kw)
+        z = deq(u)
+        grads = torch.autograd.grad(z.square().sum(), [u, *cell.parameters()])
+        results[loop] = z, grads, deq.stats()
+    (z_e, g_e, s_e), (z_m, g_m, s_m) = results["early_exit"], results["masked"]
+    assert torch.equal(z_e, z_m)
+    for a, b in zip(g_e, g_m):  # the masked adjoint takes vjps with torch.func: same maths
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert s_e.keys() == s_m.keys()
+    for k in s_e:
+        assert s_e[k] == pytest.approx(s_m[k], rel=1e-5), k
+    assert s_m["forward_solves"] == 1 and s_m["forward_last_iterations"] > 1
+
+
+def test_masked_deq_counts_nonconvergence_and_nonfinite_without_raising():
+    deq = DEQ(LinearCell(gain=0.95), max_iter=2, tol=1e-12, loop="masked")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DEQConvergenceWarning)
+        deq(torch.randn(3, 6))  # nothing read on the host: no warning yet
+    with pytest.warns(DEQConvergenceWarning, match="1 of 1 masked solves"):
+        assert deq.forward_stats.nonconverged == 1
+
+    class Blowup(nn.Module):
+        def forward(self, z, u):
+            return 1e30 * (z + u) ** 3 + u
+
+    bad = DEQ(Blowup(), solver="fixed_point", max_iter=30, loop="masked")
+    bad(torch.ones(2, 3))  # counted, not raised (raising would need the host)
+    with pytest.warns(DEQConvergenceWarning, match="1 non-finite"):
+        assert bad.stats()["forward_nonfinite"] == 1
+    bad.reset_stats()
+    assert bad.stats()["forward_solves"] == 0
+    with pytest.raises(ValueError, match="loop must be one of"):
+        DEQ(LinearCell(), loop="while")
+
+
+def test_masked_deq_compiles_whole_for_training_and_inference_and_exports():
+    torch.manual_seed(0)
+    cell = ConvCell()
+    deq = DEQ(cell, max_iter=4, tol=1e-4, backward_max_iter=4, loop="masked")
+    u = torch.randn(2, 4, 6, 6, requires_grad=True)
+    params = [u, *cell.parameters()]
+    z = deq(u)
+    eager = torch.autograd.grad(z.square().sum(), params)
+    deq.reset_stats()
+    # fullgraph=True: any graph break (a host sync, data-dependent control flow) is an error
+    compiled = torch.compile(deq, fullgraph=True, backend="aot_eager")
+    z_c = compiled(u)
+    grads = torch.autograd.grad(z_c.square().sum(), params)
+    assert torch.allclose(z_c, z)
+    for a, b in zip(grads, eager):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert deq.forward_stats.solves == 1 and deq.forward_stats.last.iterations == 4
+    deq.eval()
+    with torch.no_grad():
+        assert torch.allclose(compiled(u), deq(u))
+    exported = torch.export.export(deq, (u.detach(),))
+    assert torch.allclose(exported.module()(u.detach()), deq(u.detach()))
+
+
+def test_lion_compiles_whole_with_the_masked_loop():
+    """LION's two equilibria switched to the masked loop: the whole model trains under
+    ``torch.compile(fullgraph=True)`` like in eager, and exports."""
+    import timm
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224.lion", img_size=32, depth=1, num_classes=5,
+                              peft_cfg=dict(max_iter=3, eval_max_iter=3, backward_max_iter=3,
+                                            p2_width=16))
+    deqs = list(model.lion.deqs().values())
+    assert len(deqs) == 2
+    for deq in deqs:
+        deq.loop = "masked"
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(m):
+        return torch.autograd.grad(F.cross_entropy(m(x), y), params)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DEQConvergenceWarning)
+        eager = step(model)
+        compiled = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+        for a, b in zip(compiled, eager):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert any(float(g.abs().max()) > 0 for g in compiled[:-2])  # not just the head
+        assert all(d.forward_stats.solves == 2 for d in deqs)  # eager and compiled
+        model.eval()
+        exported = torch.export.export(model, (x,))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-6)

@@ -28,13 +28,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["DEQ", "SolverStats", "DEQCounters", "DEQConvergenceWarning", "anderson",
-           "fixed_point_iteration", "SOLVERS", "relative_residual"]
+__all__ = ["DEQ", "SolverStats", "SolveResult", "DEQCounters", "DEQConvergenceWarning", "anderson",
+           "fixed_point_iteration", "SOLVERS", "LOOPS", "relative_residual"]
 
 Solver = Callable[..., tuple[torch.Tensor, "SolverStats"]]
 
@@ -46,11 +46,13 @@ class DEQConvergenceWarning(RuntimeWarning):
 @dataclass(frozen=True)
 class SolverStats:
     """Outcome of one solve: iterations (evaluations of the map), the largest per-sample
-    relative residual of the returned point, and whether it is below the tolerance."""
+    relative residual of the returned point, whether it is below the tolerance, and per sample
+    the iteration at which its residual first fell below the tolerance (the total if never)."""
 
     iterations: int
     residual: float
     converged: bool
+    sample_iterations: tuple[int, ...] = ()
 
 
 @dataclass
@@ -66,6 +68,7 @@ class DEQCounters:
     iterations: int = 0
     nonconverged: int = 0
     last: SolverStats | None = field(default=None)
+    nonfinite: int = 0
 
     def add(self, stats: SolverStats) -> None:
         self.solves += 1
@@ -78,7 +81,7 @@ class DEQCounters:
         return self.iterations / self.solves if self.solves else 0.0
 
     def reset(self) -> None:
-        self.solves = self.iterations = self.nonconverged = 0
+        self.solves = self.iterations = self.nonconverged = self.nonfinite = 0
         self.last = None
 
 
@@ -94,57 +97,160 @@ def relative_residual(fz: torch.Tensor, z: torch.Tensor, eps: float = 1e-9) -> t
 
 
 class _Best:
-    """Per-sample best iterate seen so far (lowest relative residual)."""
+    """Per-sample best iterate seen so far (lowest relative residual) and, per sample, the
+    iteration at which its best residual first fell below ``tol`` (0 while it has not).
 
-    def __init__(self, z0: torch.Tensor) -> None:
+    Only tensor operations (``torch.where``, no boolean indexing), so the masked loop has no
+    data-dependent shapes; the early-exit loop uses the same arithmetic, hence the same results.
+    """
+
+    def __init__(self, z0: torch.Tensor, tol: float) -> None:
         self.z = z0.clone()
         self.res = torch.full((z0.shape[0],), math.inf, device=z0.device)
+        self.first = torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device)
+        self.tol = tol
 
-    def update(self, z: torch.Tensor, res: torch.Tensor) -> float:
+    def update(self, z: torch.Tensor, res: torch.Tensor, k: int,
+               running: torch.Tensor | None) -> torch.Tensor:
+        """Take ``z`` where it is better (and, masked, while ``running``); the worst best residual."""
         better = res < self.res
+        if running is not None:
+            better = better & running
         self.res = torch.where(better, res, self.res)
-        self.z[better] = z[better]
-        return float(self.res.max())
+        self.z = torch.where(better.view(-1, *(1,) * (z.ndim - 1)), z, self.z)
+        self.first = torch.where((self.first == 0) & (self.res < self.tol), k, self.first)
+        return self.res.max()
 
 
-def _finish(best: _Best, iterations: int, tol: float) -> tuple[torch.Tensor, SolverStats]:
-    worst = float(best.res.max())
-    return best.z, SolverStats(iterations=iterations, residual=worst, converged=worst < tol)
+class SolveResult(NamedTuple):
+    """What a solver loop returns, all tensors (no host sync): the point, the number of map
+    evaluations, the largest per-sample residual of the point, and per sample the iteration at
+    which its residual first fell below the tolerance (the total if it never did)."""
+
+    z: torch.Tensor
+    iterations: torch.Tensor
+    residual: torch.Tensor
+    sample_iterations: torch.Tensor
+
+
+class _Loop:
+    """The two ways of running ``max_iter`` iterations with the same arithmetic.
+
+    ``masked=False`` (early exit): a Python loop that stops once every sample's best residual is
+    below ``tol``, reading that maximum on the host each iteration. ``masked=True``: always
+    ``max_iter`` evaluations, but from the iteration at which the early-exit loop would stop
+    nothing changes any more (``running`` turns False and gates every update), so the point and
+    the statistics are those of the early-exit loop, without data-dependent Python control flow
+    or host synchronisation: the loop compiles whole (``torch.compile(fullgraph=True)``) and
+    exports (``torch.export``).
+    """
+
+    def __init__(self, z0: torch.Tensor, tol: float, masked: bool) -> None:
+        self.best = _Best(z0, tol)
+        self.tol, self.masked = tol, masked
+        self.running = torch.ones((), dtype=torch.bool, device=z0.device) if masked else None
+        self.iterations: torch.Tensor | int = (torch.zeros((), dtype=torch.long, device=z0.device)
+                                               if masked else 0)
+
+    def step(self, x: torch.Tensor, fx: torch.Tensor, k: int) -> bool:
+        """Record iteration ``k`` (``fx = f(x)``); False when the early-exit loop stops here."""
+        worst = self.best.update(x, relative_residual(fx, x), k, self.running)
+        if not self.masked:
+            self.iterations = k
+            return not float(worst) < self.tol
+        self.iterations = self.iterations + self.running.long()
+        self.running = self.running & ~(worst < self.tol)  # NaN never counts as converged
+        return True
+
+    def keep(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """``new`` while running, else ``old`` (masked); plainly ``new`` in the early-exit loop."""
+        return new if self.running is None else torch.where(self.running, new, old)
+
+    def result(self) -> SolveResult:
+        best = self.best
+        iterations = torch.as_tensor(self.iterations, device=best.z.device)
+        return SolveResult(best.z, iterations, best.res.max(),
+                           torch.where(best.first == 0, iterations, best.first))
+
+
+def _stats(result: SolveResult, tol: float) -> SolverStats:
+    worst = float(result.residual)
+    return SolverStats(iterations=int(result.iterations), residual=worst, converged=worst < tol,
+                       sample_iterations=tuple(result.sample_iterations.tolist()))
+
+
+@torch.no_grad()
+def _fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
+                 max_iter: int = 50, tol: float = 1e-3, masked: bool = False) -> SolveResult:
+    loop, z = _Loop(z0, tol, masked), z0
+    for k in range(1, max_iter + 1):
+        fz = f(z)
+        if not loop.step(z, fz, k):
+            break
+        z = loop.keep(fz, z)
+    return loop.result()
 
 
 @torch.no_grad()
 def fixed_point_iteration(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
-                          max_iter: int = 50, tol: float = 1e-3
+                          max_iter: int = 50, tol: float = 1e-3, masked: bool = False
                           ) -> tuple[torch.Tensor, SolverStats]:
     """Plain iteration ``z ← f(z)`` from ``z0`` (batched, first dim is the batch).
 
     Returns the iterate with the lowest residual per sample and its :class:`SolverStats`.
+    ``masked=True`` runs the same iteration without early exit (see :class:`DEQ` ``loop``);
+    the result is the same.
 
     Example:
         >>> z, s = fixed_point_iteration(lambda z: 0.5 * z + 1, torch.zeros(1, 3), tol=1e-6)
         >>> torch.allclose(z, torch.full((1, 3), 2.0), atol=1e-5), s.converged
         (True, True)
     """
-    best, z, k = _Best(z0), z0, 0
+    result = _fixed_point(f, z0, max_iter=max_iter, tol=tol, masked=masked)
+    return result.z, _stats(result, tol)
+
+
+@torch.no_grad()
+def _anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
+              max_iter: int = 50, tol: float = 1e-3, m: int = 5, lam: float = 1e-4,
+              beta: float = 1.0, masked: bool = False) -> SolveResult:
+    bsz, shape, dtype = z0.shape[0], z0.shape, z0.dtype
+    # the history and the mixing stay in (at least) float32, also under autocast
+    x0 = z0.reshape(bsz, -1).to(torch.promote_types(dtype, torch.float32))
+    # ring buffers of f(xᵢ) and of the residuals f(xᵢ) - xᵢ (xᵢ = f(xᵢ) - residual): allocated
+    # once, and nothing below allocates more than a few z per iteration
+    fs = x0.new_zeros(bsz, m, x0.shape[1])
+    rs = torch.zeros_like(fs)
+    loop, x = _Loop(x0, tol, masked), x0
     for k in range(1, max_iter + 1):
-        fz = f(z)
-        if best.update(z, relative_residual(fz, z)) < tol:
+        i = k - 1
+        if i == 1:
+            x = loop.keep(fs[:, 0].clone(), x)
+        elif i > 1:
+            with torch.autocast(x0.device.type, enabled=False):
+                x = loop.keep(_anderson_mix(fs, rs, min(i, m), lam, beta, masked), x)
+        slot = i % m
+        fx = f(x.view(shape).to(dtype)).reshape(bsz, -1).to(fs.dtype)
+        fs[:, slot] = loop.keep(fx, fs[:, slot])
+        rs[:, slot] = loop.keep(fx - x, rs[:, slot])
+        if not loop.step(x, fx, k):
             break
-        z = fz
-    return _finish(best, k, tol)
+    result = loop.result()
+    return result._replace(z=result.z.view(shape).to(dtype))
 
 
 @torch.no_grad()
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
              max_iter: int = 50, tol: float = 1e-3, m: int = 5, lam: float = 1e-4,
-             beta: float = 1.0) -> tuple[torch.Tensor, SolverStats]:
+             beta: float = 1.0, masked: bool = False) -> tuple[torch.Tensor, SolverStats]:
     """Anderson acceleration of ``z ← f(z)`` with memory ``m``, per sample of the batch.
 
     Each step takes the combination ``Σ αᵢ f(xᵢ)`` (damped by ``beta``) of the last ``m``
     iterates whose residuals ``f(xᵢ) - xᵢ`` combine to the least norm under ``Σ αᵢ = 1``; the
     normal equations get ``lam`` times their mean diagonal as ridge. The history is allocated once
     (``2·m`` copies of ``z``) and each step allocates at most a few more ``z``, so memory does not
-    depend on ``max_iter``.
+    depend on ``max_iter``. ``masked=True`` runs the same iteration without early exit (see
+    :class:`DEQ` ``loop``); the result is the same.
 
     Example:
         >>> A = torch.tensor([[0.9, 0.3], [-0.3, 0.9]])
@@ -152,42 +258,22 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
         >>> s.converged, s.iterations < 20
         (True, True)
     """
-    bsz, shape, dtype = z0.shape[0], z0.shape, z0.dtype
-    # the history and the mixing stay in (at least) float32, also under autocast
-    x0 = z0.reshape(bsz, -1).to(torch.promote_types(dtype, torch.float32))
-    # ring buffers of f(xᵢ) and of the residuals f(xᵢ) - xᵢ (xᵢ = f(xᵢ) - residual): allocated
-    # once, and nothing below allocates more than one z per iteration
-    fs = x0.new_zeros(bsz, m, x0.shape[1])
-    rs = torch.zeros_like(fs)
-    best, k = _Best(x0), 0
-    for k in range(1, max_iter + 1):
-        i = k - 1
-        if i == 0:
-            x = x0
-        elif i == 1:
-            x = fs[:, 0].clone()
-        else:
-            with torch.autocast(x0.device.type, enabled=False):
-                x = _anderson_mix(fs, rs, min(i, m), lam, beta)
-        slot = i % m
-        fx = f(x.view(shape).to(dtype)).reshape(bsz, -1).to(fs.dtype)
-        fs[:, slot] = fx
-        rs[:, slot] = fx - x
-        if best.update(x, relative_residual(fx, x)) < tol:
-            break
-    z, stats = _finish(best, k, tol)
-    return z.view(shape).to(dtype), stats
+    result = _anderson(f, z0, max_iter=max_iter, tol=tol, m=m, lam=lam, beta=beta, masked=masked)
+    return result.z, _stats(result, tol)
 
 
-def _anderson_mix(fs: torch.Tensor, rs: torch.Tensor, n: int, lam: float, beta: float
-                  ) -> torch.Tensor:
+def _anderson_mix(fs: torch.Tensor, rs: torch.Tensor, n: int, lam: float, beta: float,
+                  masked: bool = False) -> torch.Tensor:
     """Next Anderson iterate from the first ``n`` slots of ``fs`` (f(xᵢ)) and ``rs`` (residuals)."""
     bsz = fs.shape[0]
     gram = (rs[:, :n] @ rs[:, :n].transpose(1, 2)).double()
     ridge = lam * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
     gram = gram + ridge[:, None, None] * torch.eye(n, dtype=gram.dtype, device=gram.device)
     # min ‖Σ αᵢ rᵢ‖ s.t. Σ αᵢ = 1  ⇔  α ∝ gram⁻¹·1
-    alpha = torch.linalg.solve(gram, torch.ones(bsz, n, 1, dtype=gram.dtype, device=gram.device))
+    ones = torch.ones(bsz, n, 1, dtype=gram.dtype, device=gram.device)
+    # the masked loop must not check for singular systems on the host (solve_ex: same LU solve,
+    # no check); it only mixes while running, where the early-exit loop's check passed
+    alpha = torch.linalg.solve_ex(gram, ones)[0] if masked else torch.linalg.solve(gram, ones)
     alpha = (alpha / alpha.sum(1, keepdim=True)).to(fs.dtype).transpose(1, 2)  # (B, 1, n)
     # β·Σαf(x) + (1-β)·Σαx  =  Σαf(x) - (1-β)·Σα(f(x) - x)
     x = (alpha @ fs[:, :n])[:, 0]
@@ -196,27 +282,45 @@ def _anderson_mix(fs: torch.Tensor, rs: torch.Tensor, n: int, lam: float, beta: 
 
 #: solvers selectable by name in :class:`DEQ` (``solver=``)
 SOLVERS: dict[str, Solver] = {"anderson": anderson, "fixed_point": fixed_point_iteration}
+_SOLVER_LOOPS: dict[str, Callable[..., SolveResult]] = {"anderson": _anderson,
+                                                         "fixed_point": _fixed_point}
+#: ways of running a solver's iterations (:class:`DEQ` ``loop=``)
+LOOPS = ("early_exit", "masked")
 
 
 class _ImplicitFixedPoint(torch.autograd.Function):
-    """``z* = f(z*, u)``: forward solves without autograd, backward solves the adjoint."""
+    """``z* = f(z*, u)``: forward solves without autograd, backward solves the adjoint.
+
+    Returns ``(z*, iterations, residual)``; the last two (the forward solve's statistics) are not
+    differentiable and are recorded by the caller, outside the function, so that a compiled graph
+    has no side effect inside it.
+    """
 
     @staticmethod
     def forward(ctx, deq: "DEQ", u: torch.Tensor, z0: torch.Tensor,  # noqa: ANN001
-                *params: torch.Tensor) -> torch.Tensor:
-        z = deq._solve(lambda v: deq.f(v, u), z0, backward=False)
+                *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        result = deq._run(lambda v: deq.f(v, u), z0, backward=False)
         ctx.deq = deq
-        ctx.save_for_backward(z, u)
-        return z
+        # backward re-evaluates f: under the forward's autocast state, or the cell would see
+        # low-precision activations next to float32 weights
+        dev = u.device.type
+        ctx.amp = dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+        ctx.save_for_backward(result.z, u, *params)
+        ctx.mark_non_differentiable(result.iterations, result.residual)
+        return result.z, result.iterations, result.residual
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad: torch.Tensor, *_: torch.Tensor):  # noqa: ANN001, ANN205
         deq: DEQ = ctx.deq
-        z_star, u = ctx.saved_tensors
-        params = [p for p in deq.f.parameters()]
+        z_star, u, *params = ctx.saved_tensors
+        dev, amp, amp_dtype = ctx.amp
+        if deq.loop == "masked":
+            with torch.autocast(dev, dtype=amp_dtype, enabled=amp):
+                return (None, *_masked_adjoint(deq, grad, z_star, u, params,
+                                               ctx.needs_input_grad))
         wants_u, wants_p = ctx.needs_input_grad[1], ctx.needs_input_grad[3:]
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=amp):
             z = z_star.detach().requires_grad_()
             u_ = u.detach().requires_grad_(wants_u)
             fz = deq.f(z, u_)  # the one f step whose vector-Jacobian products solve the adjoint
@@ -230,6 +334,25 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         grad_u = grads.pop(0) if wants_u else None
         grad_params = [grads.pop(0) if w else None for w in wants_p]
         return (None, grad_u, None, *grad_params)
+
+
+def _masked_adjoint(deq: "DEQ", grad: torch.Tensor, z_star: torch.Tensor, u: torch.Tensor,
+                    params: list[torch.Tensor], needs: tuple[bool, ...]) -> list[Any]:
+    """The adjoint solve of the masked loop, with ``torch.func.vjp`` of one re-evaluated ``f``
+    step (``torch.autograd.grad`` cannot be traced by ``torch.compile``); the adjoint's
+    statistics are recorded only outside compiled code (a compiled backward has no side effect)."""
+    names = [n for n, _ in deq.f.named_parameters()]
+
+    def step(z: torch.Tensor, u_: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(deq.f, dict(zip(names, ps)), (z, u_))
+
+    _, vjp = torch.func.vjp(step, z_star, u, *params)
+    result = deq._run(lambda g: vjp(g)[0] + grad, grad, backward=True)
+    if not torch.compiler.is_compiling():
+        deq._record("backward", result, deq.backward_tol)
+    _, grad_u, *grad_params = vjp(result.z)
+    return [grad_u if needs[1] else None, None,
+            *(g if w else None for g, w in zip(grad_params, needs[3:]))]
 
 
 class DEQ(nn.Module):
@@ -247,9 +370,23 @@ class DEQ(nn.Module):
             ``backward_max_iter`` / ``backward_tol``) or ``"phantom"`` (back-propagate through
             ``phantom_steps`` steps ``z ← (1-λ)z + λf(z, u)``, ``λ = phantom_damping``).
         anderson_m / anderson_lam / anderson_beta: Anderson memory, relative ridge and damping.
+        loop: how the solver's iterations run (an attribute, may be changed at any time).
+            ``"early_exit"`` (default): a Python loop that stops as soon as every sample has
+            converged; it reads the residual on the host every iteration, so ``torch.compile``
+            breaks the graph there. ``"masked"``: always the full cap, but from the iteration at
+            which the early-exit loop stops every update is masked off, so the equilibrium, the
+            iteration count and the residual are the same (the same arithmetic, bit for bit in
+            eager), with no data-dependent Python control flow and no host synchronisation: the
+            layer compiles whole (``torch.compile(fullgraph=True)``, inference and training) and
+            exports (``torch.export``). It costs the cap's worth of ``f`` evaluations per solve
+            in eager (``benchmarks/results/efficiency.md`` has the measured ratio).
 
     After every forward, :attr:`forward_stats` / :attr:`backward_stats` count the solves
     (:class:`DEQCounters`, with the ``last`` :class:`SolverStats`); :meth:`stats` flattens them.
+    With ``loop="masked"`` the counts are kept in tensors (non-persistent buffers) and read only
+    when asked for; a non-converged solve is then warned about when the counters are read, and a
+    non-finite one is counted (``*_nonfinite``) rather than raised, since raising needs the host.
+    Under ``torch.compile`` the adjoint (backward) solves of the masked loop are not counted.
 
     Example:
         >>> class Cell(nn.Module):
@@ -262,13 +399,16 @@ class DEQ(nn.Module):
         >>> z = deq(u); z.sum().backward()
         >>> deq.forward_stats.last.converged and u.grad is not None
         True
+        >>> deq.loop = "masked"  # compiles whole: torch.compile(deq, fullgraph=True)
+        >>> torch.equal(deq(u), z)
+        True
     """
 
     def __init__(self, f: nn.Module, *, solver: str = "anderson", max_iter: int = 30,
                  eval_max_iter: int | None = None, tol: float = 1e-3, backward: str = "implicit",
                  backward_max_iter: int = 30, backward_tol: float = 1e-3, phantom_steps: int = 1,
                  phantom_damping: float = 1.0, anderson_m: int = 5, anderson_lam: float = 1e-4,
-                 anderson_beta: float = 1.0) -> None:
+                 anderson_beta: float = 1.0, loop: str = "early_exit") -> None:
         super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"DEQ solver must be one of {sorted(SOLVERS)}, got {solver!r}")
@@ -283,25 +423,47 @@ class DEQ(nn.Module):
             raise ValueError(f"DEQ phantom_damping must be in (0, 1], got {phantom_damping!r}")
         self.f = f
         self.solver = solver
+        self.loop = loop
+        self._check_loop()
         self.max_iter, self.eval_max_iter = max_iter, eval_max_iter or max_iter
         self.tol, self.backward = tol, backward
         self.backward_max_iter, self.backward_tol = backward_max_iter, backward_tol
         self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
         self.anderson_kwargs = dict(m=anderson_m, lam=anderson_lam, beta=anderson_beta)
-        self.forward_stats = DEQCounters()
-        self.backward_stats = DEQCounters()
+        self._counters = {"forward": DEQCounters(), "backward": DEQCounters()}
+        # the masked loop's counters: [solves, iterations, nonconverged, nonfinite,
+        # last iterations] and the last residual, per direction; never saved with the model
+        for which in ("forward", "backward"):
+            self.register_buffer(f"_{which}_counts", torch.zeros(5, dtype=torch.long),
+                                 persistent=False)
+            self.register_buffer(f"_{which}_last_residual", torch.zeros(1), persistent=False)
         self._warned = False
 
     def extra_repr(self) -> str:
         return (f"solver={self.solver}, max_iter={self.max_iter}, eval_max_iter="
-                f"{self.eval_max_iter}, tol={self.tol}, backward={self.backward}")
+                f"{self.eval_max_iter}, tol={self.tol}, backward={self.backward}, loop={self.loop}")
+
+    def _check_loop(self) -> None:
+        if self.loop not in LOOPS:
+            raise ValueError(f"DEQ loop must be one of {list(LOOPS)}, got {self.loop!r}")
+
+    def _cap_tol(self, backward: bool) -> tuple[int, float]:
+        if backward:
+            return self.backward_max_iter, self.backward_tol
+        return (self.max_iter if self.training else self.eval_max_iter), self.tol
+
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
+             backward: bool) -> SolveResult:
+        """One solve; the early-exit loop also records it (and warns / raises) here."""
+        if self.loop != "masked":
+            return SolveResult(self._solve(fn, z0, backward), *(torch.empty(()),) * 3)
+        cap, tol = self._cap_tol(backward)
+        kwargs = self.anderson_kwargs if self.solver == "anderson" else {}
+        return _SOLVER_LOOPS[self.solver](fn, z0, max_iter=cap, tol=tol, masked=True, **kwargs)
 
     def _solve(self, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
                backward: bool) -> torch.Tensor:
-        if backward:
-            cap, tol = self.backward_max_iter, self.backward_tol
-        else:
-            cap, tol = (self.max_iter if self.training else self.eval_max_iter), self.tol
+        cap, tol = self._cap_tol(backward)
         kwargs = self.anderson_kwargs if self.solver == "anderson" else {}
         z, stats = SOLVERS[self.solver](fn, z0, max_iter=cap, tol=tol, **kwargs)
         what = "adjoint (backward)" if backward else "forward"
@@ -310,32 +472,73 @@ class DEQ(nn.Module):
                 f"DEQ {what} solve produced non-finite values (solver={self.solver}, "
                 f"{stats.iterations} iterations): the cell is not a contraction at this input; "
                 "lower the learning rate or check the input for NaN/inf")
-        (self.backward_stats if backward else self.forward_stats).add(stats)
-        if not stats.converged and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"DEQ {what} solve did not converge: relative residual {stats.residual:.2e} > "
-                f"tol {tol:g} after {stats.iterations} iterations (solver={self.solver}); further "
-                "non-converged solves are only counted in forward_stats/backward_stats."
-                "nonconverged", DEQConvergenceWarning, stacklevel=3)
+        self._counters["backward" if backward else "forward"].add(stats)
+        if not stats.converged:
+            self._warn(what, f"relative residual {stats.residual:.2e} > tol {tol:g} after "
+                             f"{stats.iterations} iterations")
         return z
+
+    def _warn(self, what: str, detail: str) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"DEQ {what} solve did not converge: {detail} (solver={self.solver}); further "
+            "non-converged solves are only counted in forward_stats/backward_stats.nonconverged",
+            DEQConvergenceWarning, stacklevel=4)
+
+    def _record(self, which: str, result: SolveResult, tol: float) -> None:
+        """Add a masked solve to the tensor counters (in place: no host sync, compiles)."""
+        counts: torch.Tensor = getattr(self, f"_{which}_counts")
+        it = result.iterations.to(counts)
+        one = torch.ones_like(it)
+        bad = (~(result.residual < tol)).to(counts)
+        nonfinite = (~torch.isfinite(result.residual)).to(counts)
+        counts.add_(torch.stack([one, it, bad, nonfinite, it - counts[4]]))
+        getattr(self, f"_{which}_last_residual").copy_(result.residual.reshape(1))
+
+    def _counters_of(self, which: str) -> DEQCounters:
+        if self.loop != "masked":
+            return self._counters[which]
+        solves, iterations, bad, nonfinite, last_it = getattr(self, f"_{which}_counts").tolist()
+        residual = float(getattr(self, f"_{which}_last_residual"))
+        tol = self.backward_tol if which == "backward" else self.tol
+        last = (SolverStats(last_it, residual, residual < tol) if solves else None)
+        if bad:
+            self._warn(which, f"{bad} of {solves} masked solves ended above the tolerance"
+                              + (f", {nonfinite} non-finite" if nonfinite else ""))
+        return DEQCounters(solves=solves, iterations=iterations, nonconverged=bad, last=last,
+                           nonfinite=nonfinite)
+
+    @property
+    def forward_stats(self) -> DEQCounters:
+        """Counters of the forward solves."""
+        return self._counters_of("forward")
+
+    @property
+    def backward_stats(self) -> DEQCounters:
+        """Counters of the adjoint (backward) solves."""
+        return self._counters_of("backward")
 
     def forward(self, u: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
         """The equilibrium for injection ``u``, started from ``z0`` (default zeros like ``u``)."""
+        self._check_loop()
         z0 = torch.zeros_like(u) if z0 is None else z0.detach()
         params = [p for p in self.f.parameters()]
         needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad
                                                                          for p in params))
-        if not needs_grad:
+        if needs_grad and self.backward == "implicit":
+            result = SolveResult(*_ImplicitFixedPoint.apply(self, u, z0, *params), None)
+        else:
             with torch.no_grad():
-                return self._solve(lambda v: self.f(v, u), z0, backward=False)
-        if self.backward == "implicit":
-            return _ImplicitFixedPoint.apply(self, u, z0, *params)
-        with torch.no_grad():
-            z = self._solve(lambda v: self.f(v, u), z0, backward=False)
-        lam = self.phantom_damping
-        for _ in range(self.phantom_steps):
-            z = self.f(z, u) if lam == 1.0 else (1 - lam) * z + lam * self.f(z, u)
+                result = self._run(lambda v: self.f(v, u), z0, backward=False)
+        if self.loop == "masked":
+            self._record("forward", result, self.tol)
+        z = result.z
+        if needs_grad and self.backward == "phantom":
+            lam = self.phantom_damping
+            for _ in range(self.phantom_steps):
+                z = self.f(z, u) if lam == 1.0 else (1 - lam) * z + lam * self.f(z, u)
         return z
 
     def stats(self) -> dict[str, float]:
@@ -343,13 +546,15 @@ class DEQ(nn.Module):
 
         Example:
             >>> sorted(DEQ(nn.Identity()).stats())[:3]
-            ['backward_mean_iterations', 'backward_nonconverged', 'backward_solves']
+            ['backward_mean_iterations', 'backward_nonconverged', 'backward_nonfinite']
         """
         out: dict[str, float] = {}
-        for name, c in (("forward", self.forward_stats), ("backward", self.backward_stats)):
+        for name in ("forward", "backward"):
+            c = self._counters_of(name)
             out[f"{name}_solves"] = c.solves
             out[f"{name}_mean_iterations"] = c.mean_iterations
             out[f"{name}_nonconverged"] = c.nonconverged
+            out[f"{name}_nonfinite"] = c.nonfinite
             if c.last is not None:
                 out[f"{name}_last_iterations"] = c.last.iterations
                 out[f"{name}_last_residual"] = c.last.residual
@@ -357,5 +562,7 @@ class DEQ(nn.Module):
 
     def reset_stats(self) -> None:
         """Zero :attr:`forward_stats` and :attr:`backward_stats` (e.g. at each epoch)."""
-        self.forward_stats.reset()
-        self.backward_stats.reset()
+        for which in ("forward", "backward"):
+            self._counters[which].reset()
+            getattr(self, f"_{which}_counts").zero_()
+            getattr(self, f"_{which}_last_residual").zero_()

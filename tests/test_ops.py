@@ -1,0 +1,196 @@
+"""Memory-lean operations (timm_peft.ops) against the plain formulations they replace."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_peft.ops import floor_magnitude, kv_prompt_attention, prompted_qkv, scale_shift
+
+
+def _saved_storages(fn):
+    """Storage pointers of every tensor autograd saves while running ``fn()``."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+# ----------------------------------------------------------------------------------------------
+# scale_shift
+# ----------------------------------------------------------------------------------------------
+
+CASES = [((4, 6), -1), ((2, 5, 6), -1), ((2, 6, 3, 3), 1), ((2, 3, 3, 6), -1), ((3, 6), 1)]
+
+
+@pytest.mark.parametrize("shape,dim", CASES)
+@pytest.mark.parametrize("with_shift", [True, False])
+def test_scale_shift_matches_autograd_of_the_formula(shape, dim, with_shift):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    gamma = (1 + 0.3 * torch.randn(shape[dim])).requires_grad_()
+    beta = torch.randn(shape[dim], requires_grad=True) if with_shift else None
+    bshape = [1] * len(shape)
+    bshape[dim] = -1
+    ref = x * gamma.view(bshape) + (0 if beta is None else beta.view(bshape))
+    out = scale_shift(x, gamma, beta, dim=dim)
+    assert torch.allclose(out, ref, atol=1e-6)
+    w = torch.randn(shape)
+    params = [x, gamma] + ([beta] if with_shift else [])
+    for a, b in zip(torch.autograd.grad((out * w).sum(), params),
+                    torch.autograd.grad((ref * w).sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,dim", CASES[:3])
+def test_scale_shift_gradcheck_float64(shape, dim):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    gamma = (1 + 0.3 * torch.randn(shape[dim], dtype=torch.float64)).requires_grad_()
+    beta = torch.randn(shape[dim], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, g, b: scale_shift(a, g, b, dim=dim),
+                                    (x, gamma, beta))
+    assert torch.autograd.gradcheck(lambda a, g: scale_shift(a, g, None, dim=dim), (x, gamma))
+
+
+def test_scale_shift_saves_its_output_not_its_input():
+    x = torch.randn(4, 8, 6, requires_grad=True)
+    gamma, beta = torch.ones(6, requires_grad=True), torch.zeros(6, requires_grad=True)
+    out, saved = _saved_storages(lambda: scale_shift(x, gamma, beta))
+    big = [p for p in saved if p not in (gamma.untyped_storage().data_ptr(),
+                                         beta.untyped_storage().data_ptr())]
+    assert x.untyped_storage().data_ptr() not in saved
+    assert out.untyped_storage().data_ptr() in saved
+    # the reference formula keeps the input: what the op is there to avoid
+    _, ref_saved = _saved_storages(lambda: x * gamma + beta)
+    assert x.untyped_storage().data_ptr() in ref_saved
+    assert len(big) == 2  # the output and the floored γ (a small new tensor)
+
+
+def test_scale_shift_output_modified_in_place_is_an_error():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = scale_shift(x, torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True))
+    y.relu_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_scale_shift_floors_tiny_scales_and_passes_their_gradient_through():
+    x = torch.randn(5, 3)
+    gamma = torch.tensor([1e-6, -1e-6, 0.5], requires_grad=True)
+    beta = torch.tensor([1.0, 2.0, 3.0])
+    y = scale_shift(x, gamma, beta, min_scale=1e-3)
+    g = floor_magnitude(gamma.detach(), 1e-3)
+    assert g.tolist() == pytest.approx([1e-3, -1e-3, 0.5])
+    assert torch.allclose(y, x * g + beta)
+    y.sum().backward()
+    # straight through the floor: the gradient of γ̃ ⊙ x + β with respect to γ̃
+    assert torch.allclose(gamma.grad, x.sum(0), rtol=1e-3, atol=1e-3)
+
+
+def test_scale_shift_low_precision_and_compile():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, dtype=torch.bfloat16, requires_grad=True)
+    gamma = (1 + 0.1 * torch.randn(6)).requires_grad_()
+    beta = torch.randn(6, requires_grad=True)
+    y = scale_shift(x, gamma, beta)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert gamma.grad.dtype == torch.float32 and beta.grad.dtype == torch.float32
+    ref = (x.detach().float() * gamma.detach() + beta.detach())
+    assert torch.allclose(y.float(), ref, atol=3e-2)
+    xf = x.detach().float().requires_grad_()
+    compiled = torch.compile(scale_shift, fullgraph=True, backend="aot_eager")
+    out = compiled(xf, gamma, beta)
+    assert torch.allclose(out, xf * gamma + beta, atol=1e-6)
+    out.sum().backward()
+    assert torch.allclose(xf.grad, gamma.detach().expand(4, 8, 6))
+
+
+def test_scale_shift_bad_arguments_are_explained():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="dim must be 1"):
+        scale_shift(x, torch.ones(3), dim=2)
+    with pytest.raises(ValueError, match=r"shape \(x.shape\[-1\],\) = \(4,\)"):
+        scale_shift(x, torch.ones(3))
+    with pytest.raises(ValueError, match="min_scale must be > 0"):
+        scale_shift(x, torch.ones(4), min_scale=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# key-value prompts
+# ----------------------------------------------------------------------------------------------
+
+def _reference(qkv, heads, pk, pv, **kw):
+    """E²VPT's formulation: timm's q, k, v, then the prompts concatenated to k and to v."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    k = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], 2)
+    v = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], 2)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def _inputs(dtype=torch.float32, B=2, N=7, H=3, T=4, d=8):
+    torch.manual_seed(0)
+    qkv = torch.randn(B, N, 3 * H * d, dtype=dtype, requires_grad=True)
+    pk = torch.randn(H, T, d, dtype=dtype, requires_grad=True)
+    pv = torch.randn(H, T, d, dtype=dtype, requires_grad=True)
+    return qkv, H, pk, pv
+
+
+def _masks(N=7, T=4):
+    torch.manual_seed(1)
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    boolean = torch.cat([torch.ones(N, T, dtype=torch.bool), causal], 1)
+    additive = torch.randn(2, 1, N, T + N)
+    return [None, boolean, additive]
+
+
+@pytest.mark.parametrize("mask", range(3))
+def test_kv_prompt_attention_matches_sdpa_on_concatenated_kv(mask):
+    qkv, H, pk, pv = _inputs()
+    attn_mask = _masks()[mask]
+    out = kv_prompt_attention(qkv, H, pk, pv, attn_mask=attn_mask)
+    ref = _reference(qkv, H, pk, pv, attn_mask=attn_mask)
+    assert out.shape == ref.shape == (2, 3, 7, 8)
+    assert torch.allclose(out, ref, atol=1e-6)
+    w = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), [qkv, pk, pv]),
+                    torch.autograd.grad((ref * w).sum(), [qkv, pk, pv])):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kv_prompt_attention_gradcheck_float64():
+    qkv, H, pk, pv = _inputs(torch.float64, B=2, N=3, H=2, T=2, d=3)
+    mask = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: kv_prompt_attention(a, H, b, c, attn_mask=mask, scale=0.7), (qkv, pk, pv))
+
+
+def test_prompted_qkv_makes_one_copy_that_q_k_and_v_share():
+    qkv, H, pk, pv = _inputs()
+    q, k, v = prompted_qkv(qkv, H, pk, pv)
+    ptr = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    assert len(ptr) == 1 and qkv.untyped_storage().data_ptr() not in ptr
+    rq, rk, rv = qkv.detach().reshape(2, 7, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    assert torch.equal(q, rq) and torch.equal(k[:, :, 4:], rk) and torch.equal(v[:, :, 4:], rv)
+    assert torch.equal(k[0, :, :4], pk) and torch.equal(v[1, :, :4], pv)
+    # what attention keeps for backward lives in that one buffer (and the small prompts)
+    _, saved = _saved_storages(lambda: kv_prompt_attention(qkv, H, pk, pv))
+    assert qkv.untyped_storage().data_ptr() not in saved
+    assert max(saved.count(p) for p in saved) == 3  # q, k and v: one storage
+    _, ref_saved = _saved_storages(lambda: _reference(qkv, H, pk, pv))
+    assert qkv.untyped_storage().data_ptr() in ref_saved  # q keeps the qkv output alive
+
+
+def test_kv_prompt_attention_compiles_and_bad_shapes_are_explained():
+    qkv, H, pk, pv = _inputs()
+    compiled = torch.compile(kv_prompt_attention, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(qkv, H, pk, pv), _reference(qkv, H, pk, pv), atol=1e-6)
+    with pytest.raises(ValueError, match="qkv must be"):
+        prompted_qkv(qkv[..., :-1], H, pk, pv)
+    with pytest.raises(ValueError, match=r"\(heads, T, head_dim\) = \(3, T, 8\)"):
+        prompted_qkv(qkv, H, pk[:, :, :4], pv)

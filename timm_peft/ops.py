@@ -1,0 +1,182 @@
+"""Memory-lean operations for PEFT sites of a frozen backbone.
+
+A frozen ``Linear`` or ``Conv2d`` needs only its weight to pass a gradient back to its input, so
+it keeps no activation for backward. What a method adds after it should not undo that:
+
+* :func:`scale_shift` is SSF's ``y = γ ⊙ x + β`` (Lian et al., "Scaling & Shifting Your
+  Features", NeurIPS 2022, Eq. 4) as an autograd function that saves its *output* instead of its
+  input: backward recovers ``x = (y − β) / γ``. The output is what the next operation (GELU, a
+  norm, the attention) saves anyway, so an SSF site after a frozen Linear or Conv keeps no extra
+  activation alive; autograd's ``x * γ + β`` (or the inference batch-norm SSF uses for speed)
+  saves ``x``, one more tensor of the site's size.
+* :func:`prompted_qkv` / :func:`kv_prompt_attention` prepend key-value prompts (E²VPT, Han et al.
+  ICCV 2023, Eq. 5) with one concatenation of the packed ``qkv`` projection: q, k and v are views
+  of one buffer, so the attention saves that buffer only. Concatenating the prompts to k and to v
+  separately (``torch.cat([P_K, k])``, ``torch.cat([P_V, v])``) creates two more tensors, saved
+  next to the ``qkv`` output that q still keeps alive.
+
+Both match the plain formulation to floating-point rounding, forward and backward
+(``tests/test_ops.py``); the memory they save is measured in ``benchmarks/efficiency.py``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["scale_shift", "ScaleShiftFunction", "floor_magnitude", "prompted_qkv",
+           "kv_prompt_attention", "DEFAULT_MIN_SCALE"]
+
+#: smallest magnitude of γ that :func:`scale_shift` applies (see there)
+DEFAULT_MIN_SCALE = 1e-3
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-channel ``t`` (C,) shaped to broadcast along axis ``dim`` of ``x``."""
+    return t if dim in (-1, x.ndim - 1) else t.view(-1, *(1,) * (x.ndim - dim - 1))
+
+
+def _reduce_dims(x: torch.Tensor, dim: int) -> list[int]:
+    d = dim % x.ndim
+    return [i for i in range(x.ndim) if i != d]
+
+
+def floor_magnitude(scale: torch.Tensor, min_scale: float) -> torch.Tensor:
+    """``scale`` with every entry's magnitude raised to at least ``min_scale`` (0 → +min_scale).
+
+    Example:
+        >>> floor_magnitude(torch.tensor([2.0, 1e-5, -1e-5, 0.0]), 1e-3).tolist()
+        [2.0, 0.001, -0.001, 0.001]
+    """
+    floor = torch.where(scale < 0, -min_scale, min_scale).to(scale.dtype)
+    return torch.where(scale.abs() < min_scale, floor, scale)
+
+
+class ScaleShiftFunction(torch.autograd.Function):
+    """``y = γ̃ ⊙ x + β`` along axis ``dim``, saving ``(y, γ̃, β)`` rather than ``x``.
+
+    ``γ̃`` is ``γ`` with its magnitude floored at ``min_scale`` (:func:`floor_magnitude`), which
+    keeps ``x = (y − β) / γ̃`` well defined; the gradient with respect to ``γ`` is the one with
+    respect to ``γ̃`` (straight through the floor, so a γ at the floor can still move away). In
+    backward: ``∂L/∂x = γ̃ ⊙ g``, ``∂L/∂β = Σ g`` and ``∂L/∂γ = Σ g ⊙ (y − β) / γ̃`` (sums over
+    every axis but ``dim``, accumulated in at least float32).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
+                dim: int, min_scale: float) -> torch.Tensor:
+        gamma = floor_magnitude(scale, min_scale)
+        g = _channel_view(gamma.to(x.dtype), x, dim)
+        y = x * g if shift is None else torch.addcmul(_channel_view(shift.to(x.dtype), x, dim), x, g)
+        ctx.dim, ctx.has_shift = dim, shift is not None
+        ctx.dtypes = scale.dtype, None if shift is None else shift.dtype
+        ctx.save_for_backward(y, gamma, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, gamma, shift = ctx.saved_tensors
+        dim = ctx.dim
+        dims = _reduce_dims(y, dim)
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
+        grad_x = grad * _channel_view(gamma.to(grad.dtype), grad, dim) if need_x else None
+        grad_scale = grad_shift = None
+        if need_scale:
+            # γ̃ ⊙ x = y − β, recovered elementwise (subtracting before summing: no cancellation
+            # between large sums when |β| ≫ |γ̃ ⊙ x|)
+            gx = y if shift is None else y - _channel_view(shift.to(y.dtype), y, dim)
+            grad_scale = ((grad * gx).sum(dims, dtype=acc) / gamma.to(acc)).to(ctx.dtypes[0])
+        if need_shift and ctx.has_shift:
+            grad_shift = grad.sum(dims, dtype=acc).to(ctx.dtypes[1])
+        return grad_x, grad_scale, grad_shift, None, None
+
+
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None,
+                dim: int = -1, min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
+    """SSF's ``γ ⊙ x + β`` along channel axis ``dim``, keeping no copy of ``x`` for backward.
+
+    ``scale`` (γ) and ``shift`` (β, or None) have shape ``(x.shape[dim],)``. The output, saved
+    for backward, must not be modified in place afterwards (autograd then raises). γ is applied
+    with its magnitude floored at ``min_scale`` (default 1e-3; SSF starts γ at N(1, 0.02²)): for
+    ``|γ| ≥ min_scale`` this is exactly ``γ ⊙ x + β``. Recovering ``x`` costs accuracy when
+    ``|γ|`` is tiny: its error is about the dtype's epsilon times ``|y| / |γ|``. See
+    :class:`ScaleShiftFunction`.
+
+    Example:
+        >>> x = torch.randn(2, 5, 4, requires_grad=True)
+        >>> g, b = torch.full((4,), 2.0, requires_grad=True), torch.ones(4, requires_grad=True)
+        >>> y = scale_shift(x, g, b)
+        >>> torch.allclose(y, x * g + b)
+        True
+        >>> y.sum().backward(); torch.allclose(g.grad, x.detach().sum((0, 1)))
+        True
+    """
+    if dim not in (1, -1):
+        raise ValueError(f"scale_shift: dim must be 1 (channels first) or -1 (channels last), "
+                         f"got {dim}")
+    if x.ndim < 2 or scale.shape != (x.shape[dim],) or (
+            shift is not None and shift.shape != scale.shape):
+        raise ValueError(f"scale_shift: scale and shift must have shape (x.shape[{dim}],) = "
+                         f"({x.shape[dim] if x.ndim >= 2 else '?'},) for x of shape "
+                         f"{tuple(x.shape)} (at least 2-D); got scale {tuple(scale.shape)}, shift "
+                         f"{None if shift is None else tuple(shift.shape)}")
+    if not min_scale > 0:
+        raise ValueError(f"scale_shift: min_scale must be > 0, got {min_scale!r}")
+    return ScaleShiftFunction.apply(x, scale, shift, dim, min_scale)
+
+
+def prompted_qkv(qkv: torch.Tensor, num_heads: int, prompt_k: torch.Tensor,
+                 prompt_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a packed ``qkv`` projection with key-value prompts in front of k and v.
+
+    ``qkv`` is the output of timm's ``Attention.qkv`` Linear, ``(B, N, 3·H·d)``; ``prompt_k`` and
+    ``prompt_v`` are ``(H, T, d)``. Returns ``q`` ``(B, H, N, d)`` and ``k = [P_K; K]``,
+    ``v = [P_V; V]`` ``(B, H, T+N, d)``, in the layout ``F.scaled_dot_product_attention`` takes.
+    One concatenation builds a ``(B, T+N, 3, H, d)`` buffer of which all three are views (the q
+    slots of the T prompt rows are zeros, never read), so what attention saves for backward is
+    that buffer; the ``qkv`` output itself is free once this returns.
+
+    Example:
+        >>> qkv = torch.randn(2, 10, 3 * 4 * 8)
+        >>> q, k, v = prompted_qkv(qkv, 4, torch.randn(4, 5, 8), torch.randn(4, 5, 8))
+        >>> q.shape, k.shape, k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        (torch.Size([2, 4, 10, 8]), torch.Size([2, 4, 15, 8]), True)
+    """
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"prompted_qkv: qkv must be (B, N, 3·heads·head_dim) with heads="
+                         f"{num_heads}, got shape {tuple(qkv.shape)}")
+    B, N, C3 = qkv.shape
+    head_dim = C3 // (3 * num_heads)
+    if prompt_k.ndim != 3 or prompt_k.shape[0] != num_heads or prompt_k.shape[2] != head_dim \
+            or prompt_v.shape != prompt_k.shape:
+        raise ValueError(f"prompted_qkv: prompt_k and prompt_v must both be (heads, T, head_dim) "
+                         f"= ({num_heads}, T, {head_dim}), got {tuple(prompt_k.shape)} and "
+                         f"{tuple(prompt_v.shape)}")
+    T = prompt_k.shape[1]
+    pk, pv = prompt_k.to(qkv.dtype).transpose(0, 1), prompt_v.to(qkv.dtype).transpose(0, 1)
+    rows = torch.stack([torch.zeros_like(pk), pk, pv], dim=1)  # (T, 3, H, d): tiny
+    buf = torch.cat([rows.expand(B, -1, -1, -1, -1), qkv.view(B, N, 3, num_heads, head_dim)], 1)
+    q, k, v = buf.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T+N, d)
+    return q[:, :, T:], k, v
+
+
+def kv_prompt_attention(qkv: torch.Tensor, num_heads: int, prompt_k: torch.Tensor,
+                        prompt_v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+                        dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q [P_K; K]ᵀ · scale + mask) [P_V; V]`` with :func:`prompted_qkv`'s single copy.
+
+    ``attn_mask`` is over the ``T + N`` keys (prompts first), as for
+    ``F.scaled_dot_product_attention`` on the concatenated keys; returns ``(B, H, N, d)``.
+    Equal to ``F.scaled_dot_product_attention(q, cat([P_K, K]), cat([P_V, V]), ...)`` to
+    rounding, values and gradients (``tests/test_ops.py``).
+
+    Example:
+        >>> qkv = torch.randn(2, 10, 3 * 4 * 8)
+        >>> kv_prompt_attention(qkv, 4, torch.randn(4, 5, 8), torch.randn(4, 5, 8)).shape
+        torch.Size([2, 4, 10, 8])
+    """
+    q, k, v = prompted_qkv(qkv, num_heads, prompt_k, prompt_v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          scale=scale)
