@@ -306,11 +306,13 @@ def _scan_cache(cache_dir: str | os.PathLike | None) -> Iterator[AdapterInfo]:
 
     One record per repo: the revision ``main`` points to, else the latest cached one.
     """
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        cache = scan_cache_dir(cache_dir)
+        # read the cache location now, as hf_hub_download does (scan_cache_dir's default is
+        # fixed when huggingface_hub is imported)
+        cache = scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
     except CacheNotFound:
         return
     for repo in sorted(cache.repos, key=lambda r: r.repo_id):
