@@ -31,7 +31,7 @@ SPECS = {
                                                       metrics={"accuracy": 0.91, "top5": 0.99})),
     "org/vit-bias-cifar100": (f"{VIT}.{TAG}.bias", dict(dataset="cifar100", metrics={"accuracy": 0.75})),
     "other/vit-ssf-in21k": (f"{VIT}.{OTHER_TAG}.ssf", dict(dataset="cifar10", metrics={"accuracy": 0.5})),
-    "org/resnet-linear": ("resnet18.a1_in1k.linear", dict(dataset="cifar100", metrics={"accuracy": 0.6})),
+    "org/resnet-linear": ("resnet10t.c3_in1k.linear", dict(dataset="cifar100", metrics={"accuracy": 0.6})),
 }
 CUSTOM = "me/vit-ssf-own-weights"  # base weights timm has no Hub repo for: no base_model on the card
 
@@ -49,17 +49,17 @@ def _expected(source="hub"):
                                       {"accuracy": 0.75}, f"timm/{VIT}.{TAG}", source=source),
         "other/vit-ssf-in21k": _rec("other/vit-ssf-in21k", "ssf", f"{VIT}.{OTHER_TAG}", "cifar10",
                                     {"accuracy": 0.5}, f"timm/{VIT}.{OTHER_TAG}", source=source),
-        "org/resnet-linear": _rec("org/resnet-linear", "linear", "resnet18.a1_in1k", "cifar100",
-                                  {"accuracy": 0.6}, "timm/resnet18.a1_in1k", source=source),
+        "org/resnet-linear": _rec("org/resnet-linear", "linear", "resnet10t.c3_in1k", "cifar100",
+                                  {"accuracy": 0.6}, "timm/resnet10t.c3_in1k", source=source),
     }
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """Local 'pretrained' files for the tiny ViT and resnet18 (any weight tag reads them)."""
+    """Local 'pretrained' files for the tiny ViT and resnet10t (any weight tag reads them)."""
     from safetensors.torch import save_file
     out = {}
-    for arch, kwargs in ((VIT, TINY_VIT), ("resnet18", {})):
+    for arch, kwargs in ((VIT, TINY_VIT), ("resnet10t", {})):
         torch.manual_seed(0)
         path = tmp_path_factory.mktemp("weights") / f"{arch}.safetensors"
         save_file({k: v.contiguous() for k, v in timm.create_model(arch, **kwargs).state_dict().items()},
@@ -207,8 +207,8 @@ def test_hub_lists_every_adapter_with_its_card(hub):
     (dict(base=f"hf-hub:timm/{VIT}.{OTHER_TAG}", method="ssf"),
      ["ssf", f"base_model:adapter:timm/{VIT}.{OTHER_TAG}"], {"other/vit-ssf-in21k"}),
     (dict(task="cifar100"), ["dataset:cifar100"], {"org/vit-bias-cifar100", "org/resnet-linear"}),
-    (dict(base="resnet18.a1_in1k", task="cifar100", method="linear"),
-     ["linear", "dataset:cifar100", "base_model:adapter:timm/resnet18.a1_in1k"], {"org/resnet-linear"}),
+    (dict(base="resnet10t.c3_in1k", task="cifar100", method="linear"),
+     ["linear", "dataset:cifar100", "base_model:adapter:timm/resnet10t.c3_in1k"], {"org/resnet-linear"}),
 ])
 def test_hub_filters_go_to_the_hub(hub, kwargs, filters, expected):
     got = timm_peft.list_adapters(**kwargs)
