@@ -163,8 +163,26 @@ class FakeHub:
         return httpx2.Response(200, json=page, headers=headers)
 
 
+@pytest.fixture(autouse=True)
+def no_network():
+    """Every request fails the test unless a test installs a FakeHub (hub_with)."""
+    if not hasattr(huggingface_hub, "set_client_factory"):
+        yield
+        return
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def refuse(request):
+        raise AssertionError(f"a test touched the network: {request.method} {request.url}")
+    # huggingface_hub's request hook stays: it is what refuses requests in offline mode
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(
+        transport=httpx2.MockTransport(refuse), event_hooks={"request": [_http.hf_request_event_hook]}))
+    yield
+    huggingface_hub.set_client_factory(_http.default_client_factory)
+
+
 @pytest.fixture
-def hub_with(monkeypatch):
+def hub_with(monkeypatch, no_network):
     """``make(entries)``: a FakeHub of those entries becomes huggingface_hub's transport, online."""
     if not hasattr(huggingface_hub, "set_client_factory"):
         pytest.skip("the fake Hub plugs into huggingface_hub's httpx client (huggingface_hub >= 1.0)")
@@ -178,8 +196,7 @@ def hub_with(monkeypatch):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         return hub
     monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)  # no back-off between retries
-    yield make
-    huggingface_hub.set_client_factory(_http.default_client_factory)
+    return make
 
 
 @pytest.fixture
@@ -277,6 +294,17 @@ def test_hub_bad_cards_are_recorded_not_fatal(saved, hub_with):
     assert any("datasets must be a str or a list of str" in p for p in s.problems)
 
 
+def test_hub_metrics_are_those_on_the_task(saved, hub_with):
+    entry = _hub_entry("org/vit-ssf-cifar10", saved["org/vit-ssf-cifar10"]["README.md"])
+    results = entry["cardData"]["model-index"][0]["results"]
+    results.insert(0, {"task": {"type": "image-classification"},
+                       "dataset": {"type": "imagenet-1k", "name": "imagenet-1k"},
+                       "metrics": [{"type": "accuracy", "value": 0.3}, {"type": "loss", "value": 2.0}]})
+    hub_with([entry])
+    (info,) = timm_peft.list_adapters()
+    assert info.task == "cifar10" and info.metrics == {"accuracy": 0.91, "top5": 0.99}
+
+
 def test_hub_card_that_breaks_huggingface_hub_ends_the_listing_with_a_warning(saved, hub_with):
     entries = [_hub_entry(r, saved[r]["README.md"]) for r in list(SPECS)[:2]]
     broken = dict(entries[0], id="bad/tags", cardData={"tags": 5})  # ModelInfo itself raises
@@ -365,6 +393,17 @@ def test_cache_lists_adapters_offline(cache, hub_with):
 ])
 def test_cache_filters(cache, kwargs, expected):
     assert {a.repo_id for a in timm_peft.list_adapters(**kwargs)} == expected
+
+
+def test_cache_arch_is_matched_whole(cache, saved):
+    # an arch matches the base's whole arch: resnet10t is not resnet10t_x
+    _cache_repo(cache, "org/resnet-linear", saved["org/resnet-linear"])
+    cfg = {**json.loads(saved["org/resnet-linear"][CONFIG_NAME]), "architecture": "resnet10t_x",
+           "base_model_name_or_path": "resnet10t_x.c3_in1k"}
+    _cache_repo(cache, "org/resnet-x", {**saved["org/resnet-linear"], CONFIG_NAME: json.dumps(cfg).encode()})
+    assert [a.base for a in timm_peft.list_adapters(method="linear")] == ["resnet10t.c3_in1k",
+                                                                          "resnet10t_x.c3_in1k"]
+    assert [a.repo_id for a in timm_peft.list_adapters(base="resnet10t")] == ["org/resnet-linear"]
 
 
 def test_listed_cache_adapter_loads_offline(cache, saved, weights):
