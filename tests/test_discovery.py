@@ -20,6 +20,9 @@ from timm_peft.io import CONFIG_NAME, TIMM_CONFIG_NAME, WEIGHTS_NAME, make_model
 
 from conftest import TINY_VIT, local_overlay
 
+#: an unexpected warning (e.g. "the Hub cannot be reached" in offline mode) fails the test
+pytestmark = pytest.mark.filterwarnings("error")
+
 VIT = "vit_tiny_patch16_224"
 TAG = "augreg_in21k_ft_in1k"
 OTHER_TAG = "augreg_in21k"
@@ -273,7 +276,7 @@ def test_hub_bad_cards_are_recorded_not_fatal(saved, hub_with):
     bad_metric["id"] = "bad/metric"
     result = bad_metric["cardData"]["model-index"][0]["results"][0]
     result["metrics"] = [{"type": "accuracy", "value": "high"}, {"type": "top5", "value": 0.5},
-                         {"type": "bool", "value": True}]
+                         {"type": "bool", "value": True}, {"type": "huge", "value": 10 ** 400}]
     several = json.loads(json.dumps(good))
     several["id"] = "bad/several"
     several["cardData"].update(tags=["timm", "timm_peft", "ssf", "bias"], base_model=["a/b", "c/d"],
@@ -285,7 +288,7 @@ def test_hub_bad_cards_are_recorded_not_fatal(saved, hub_with):
     assert got["org/vit-ssf-cifar10"] == _expected()["org/vit-ssf-cifar10"]
     m = got["bad/metric"]
     assert (m.method, m.base, m.task, m.metrics) == ("ssf", f"{VIT}.{TAG}", "cifar10", {"top5": 0.5})
-    assert len(m.problems) == 2 and "'accuracy'" in m.problems[0] and "'bool'" in m.problems[1]
+    assert len(m.problems) == 3 and all(f"'{k}'" in p for k, p in zip(["accuracy", "bool", "huge"], m.problems))
     s = got["bad/several"]
     assert (s.method, s.base, s.base_model) == (None, None, None)
     assert s.task == "cifar10"  # no usable datasets: the model-index still names it
@@ -303,6 +306,27 @@ def test_hub_metrics_are_those_on_the_task(saved, hub_with):
     hub_with([entry])
     (info,) = timm_peft.list_adapters()
     assert info.task == "cifar10" and info.metrics == {"accuracy": 0.91, "top5": 0.99}
+
+
+@pytest.mark.parametrize("where", ["hub", "cache"])
+def test_a_reader_failure_on_one_card_is_recorded(saved, hub_with, tmp_path, monkeypatch, where):
+    record = discovery._record
+
+    def flaky(repo_id, *args, **kwargs):
+        if repo_id == "org/vit-bias-cifar100":
+            raise RecursionError("deeply nested card")
+        return record(repo_id, *args, **kwargs)
+    monkeypatch.setattr(discovery, "_record", flaky)
+    repos = ["org/vit-ssf-cifar10", "org/vit-bias-cifar100", "org/resnet-linear"]
+    hub_with([_hub_entry(r, saved[r]["README.md"]) for r in repos])
+    for r in repos:
+        _cache_repo(tmp_path, r, saved[r])
+    with pytest.warns(UserWarning, match=r"1 adapter card\(s\) have problems \(org/vit-bias-cifar100\)"):
+        got = timm_peft.list_adapters(local_files_only=where == "cache", cache_dir=tmp_path)
+    assert [a.repo_id for a in got] == (sorted(repos) if where == "cache" else repos)
+    bad = next(a for a in got if a.repo_id == "org/vit-bias-cifar100")
+    assert bad.method is None and "RecursionError('deeply nested card')" in bad.problems[0]
+    assert all(a.method for a in got if a is not bad)
 
 
 def test_hub_card_that_breaks_huggingface_hub_ends_the_listing_with_a_warning(saved, hub_with):
@@ -364,7 +388,7 @@ def cache(saved, tmp_path, monkeypatch):
     return cache
 
 
-def test_cache_lists_adapters_offline(cache, hub_with):
+def test_cache_lists_adapters_offline(cache, saved, hub_with):
     want = _expected("cache")
     want["org/vit-bias-cifar100"] = _rec("org/vit-bias-cifar100", "bias", f"{VIT}.{TAG}", None, {}, None,
                                          source="cache")  # no card cached: task and metrics unknown
@@ -372,6 +396,8 @@ def test_cache_lists_adapters_offline(cache, hub_with):
     want[CUSTOM] = _rec(CUSTOM, "ssf", f"{VIT}.own_weights", "cifar10", {"accuracy": 0.8}, None,
                         source="cache")  # adapter_config.json names the base the card could not
     del want["org/resnet-linear"]
+    # a later branch of a repo whose main is cached: main is what hf-hub:<repo> loads
+    _cache_repo(cache, "org/vit-ssf-cifar10", saved["org/vit-bias-cifar100"], ref="v2")
     got = timm_peft.list_adapters()
     assert got == sorted(want.values(), key=lambda a: a.repo_id)
     assert [a.hub_id for a in got if a.revision] == ["hf-hub:other/vit-ssf-in21k@v1"]

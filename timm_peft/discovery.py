@@ -189,10 +189,10 @@ def _metrics(eval_results: Any, task: str | None, problems: list[str]) -> dict[s
         if task is not None and getattr(r, "dataset_type", None) != task:
             continue
         kind, value = getattr(r, "metric_type", None), getattr(r, "metric_value", None)
-        ok = (isinstance(kind, str) and isinstance(value, (int, float))
-              and not isinstance(value, bool) and math.isfinite(value))
-        if ok:
-            out[kind] = float(value)
+        number = (float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and abs(value) < 1e300 else math.nan)  # an int too large for a float is no metric
+        if isinstance(kind, str) and math.isfinite(number):
+            out[kind] = number
         else:
             problems.append(f"{_CARD_NAME}: model-index metric {kind!r:.40} has no finite number "
                             f"value ({value!r:.40})")
