@@ -19,6 +19,7 @@ from .integration import create_model, install, list_models
 from .io import (AdapterError, base_fingerprint, from_pretrained, load_adapter, push_to_hub,
                  read_adapter_config, save_pretrained)
 from .deq import DEQ, DEQConvergenceWarning
+from .discovery import AdapterInfo, list_adapters
 from .methods.e2vpt import E2VPTConfig, train_prune_rewind
 from .methods.lion import LionConfig, RobustOptimizer
 from .methods.ssf import SSFConfig
