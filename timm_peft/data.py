@@ -1,4 +1,5 @@
-"""Datasets for fine-tuning: procedurally generated VTAB-style tasks and ImageFolder trees.
+"""Datasets for fine-tuning: generated VTAB-style tasks, ImageFolder trees, timm datasets and
+the benchmark layouts of the PEFT papers (VTAB-1k list files, VPT's FGVC json splits).
 
 The generated tasks need no download and are deterministic: image ``i`` of a split is drawn from
 its own random stream seeded by ``(task, seed, split, i)``, so any subset, any order and any

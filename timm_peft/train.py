@@ -10,6 +10,12 @@ factory and a cosine schedule with linear warm-up stepped per update, no weight 
 tensors, a separate head learning rate, optional AMP and gradient clipping. The best epoch on the
 validation set (the last one when there is none) is saved with :func:`timm_peft.save_pretrained`.
 
+timm ``train.py``'s options keep their names and meaning (grad checkpointing, channels-last,
+``torch.compile``, an EMA of the trainable tensors, drop path, gradient accumulation, mixup /
+cutmix, label smoothing, RandAugment, random erasing ...), and timm's utilities do the work
+(``NativeScaler``, ``dispatch_clip_grad``, ``ModelEmaV3``, ``init_distributed_device``,
+``update_summary``). Progress goes through :mod:`logging` to the console and ``log.txt``.
+
 Under ``torchrun`` the same code runs data-parallel: each process builds the same frozen base from
 the same weights, and ``DistributedDataParallel`` all-reduces the gradients of the trainable
 tensors only (the adapter and the head) - the backbone is never communicated.
