@@ -44,6 +44,52 @@ def round_robin(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int) -> 
     return times
 
 
+class Clock:
+    """Wall and process CPU seconds of one call; on a CUDA device the wall time comes from CUDA
+    events around the call (the device's own time), after a synchronisation.
+
+    CPU time counts every thread of this process and nothing of the others, so on a machine
+    shared with other processes the ratio of two CPU times is steadier than the ratio of two wall
+    times (the wall clock also counts the time other processes held the cores).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, float]:
+        if self.cuda:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            torch.cuda.synchronize()
+            c0 = time.process_time()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def round_robin_clocks(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int,
+                       device: torch.device | str = "cpu"
+                       ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """:func:`round_robin`, timing each call with :class:`Clock`: ``(wall, cpu)`` seconds."""
+    clock = Clock(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    keys = list(fns)
+    wall: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            w, c = clock(fns[k])
+            wall[k].append(w)
+            cpu[k].append(c)
+    return wall, cpu
+
+
 def median_ratio(times: dict[str, list[float]], key: str, ref: str) -> float:
     """Median over :func:`round_robin` rounds of ``key``'s time / ``ref``'s in the same round.
 
@@ -129,9 +175,20 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak extra bytes of live tensor storage while running ``fn()``."""
+def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak extra bytes of live tensor storage while running ``fn()``.
+
+    On CPU by :class:`PeakMemory`; on a CUDA device from the caching allocator's statistics
+    (``max_memory_allocated`` over the call, less what was allocated before it).
+    """
     gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     with PeakMemory() as pm:
         fn()
     return pm.peak

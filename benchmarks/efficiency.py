@@ -1,152 +1,403 @@
-"""Efficiency of every registered method: parameters, adapter bytes, step time, inference, memory.
+"""Efficiency of every registered method against its peers and its limit, in one run.
 
-For each arch, every method and preset in the registry whose families include the arch's (presets
-identical to another entry are measured once) is built on the same base and measured in one run:
+For each arch, every method and preset of the registry that builds on it (a method that refuses
+the arch raises ``ValueError`` at build time and is left out; presets identical to another entry
+are measured once) is built on the same base and measured next to:
 
-* trainable parameters and the bytes of the saved adapter (``save_pretrained``);
-* one training step (forward, backward and the step of the optimiser the training loop builds,
-  so a method's optimiser hook such as LION's robust update is included);
-* inference (eval mode, no grad), and after ``merge_and_unload`` for methods that merge;
-* peak extra memory of a training step and of inference (live tensor storage created during
-  the call, :class:`benchmarks.common.PeakMemory`).
+* ``full``: full fine-tuning, the reference of training cost;
+* the **frozen-backbone limit**: the plain model with every weight frozen except the head and the
+  input requiring grad, so backward computes every activation gradient and no weight gradient:
+  what any method that trains something early in the network pays at least;
+* **HF peft LoRA** r=8 on ``qkv``, and on every linear of the blocks (``qkv, proj, fc1, fc2``),
+  head trained (``modules_to_save``), where the arch has those modules and ``peft`` is installed;
+* **previews** of the memory-lean operations of :mod:`timm_peft.ops` and the masked DEQ loop,
+  patched onto instances of the current methods (``ssf`` with :func:`timm_peft.ops.scale_shift`
+  at its Linear/Conv sites, ``e2vpt`` with :func:`timm_peft.ops.prompted_qkv`, ``lion`` with
+  ``DEQ.loop = "masked"``): what wiring them into the methods will change.
 
-Times are medians over rounds that call every model once each (round-robin, so load from other
-processes hits all alike), after warm-up; ratios are medians of the per-round ratios, to the plain
-timm model (inference) and to full fine-tuning (training). Absolute times depend on the machine.
+Measured: trainable parameters, saved adapter bytes, one training step (forward, backward, and
+the step of the optimiser the training loop builds, so a method's optimiser hook is included),
+inference (eval, no grad; also after ``merge_and_unload`` where it merges), and the peak extra
+memory of both. Wall and CPU times are medians over rounds that call every model once each
+(interleaved, so load from other processes hits all alike); ratios are medians of the per-round
+ratios to full fine-tuning and to the limit (training) or to the plain model (inference).
+
+Devices and modes: on CPU memory is the peak of live tensor storage (``PeakMemory``); on CUDA the
+allocator's peak, and times come from CUDA events. ``--amp bf16`` runs forward under autocast;
+``--modes eager,compiled`` measures each model eagerly and ``torch.compile``-d (memory of
+compiled models is reported on CUDA only: inductor's buffers bypass the CPU tracker).
 
 Run from the repository root::
 
-    python -m benchmarks.efficiency                      # vit_small + resnet50 at 224, batch 4
-    python -m benchmarks.efficiency --archs convnext_tiny --batch-size 4
+    python -m benchmarks.efficiency                              # CPU: vit_small + resnet50
+    python -m benchmarks.efficiency --device cuda --amp bf16 --modes eager,compiled \\
+        --batch-size 64 --name efficiency_cuda                  # the same table on a GPU
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import tempfile
 import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_data_config
+from torch import nn
 
 import timm_peft
-from timm_peft.core import get_method, get_model_family, resolve_method
 from timm_peft.io import WEIGHTS_NAME
 from timm_peft.train import TrainConfig, create_optimizer
 
-from .common import median_ratio, peak_memory, round_robin, write_report
+from .common import RESULTS, median_ratio, peak_memory, round_robin_clocks, write_report
 
 NUM_CLASSES = 100
+LR = 1e-4
+LORA_TARGETS = {"HF peft LoRA r=8 (qkv)": ["qkv"],
+                "HF peft LoRA r=8 (qkv, proj, fc1, fc2)": ["qkv", "proj", "fc1", "fc2"]}
+LIMIT = "frozen-backbone limit"
 
 
-def methods_for(arch: str, names: list[str]) -> list[str]:
-    """Registry names applicable to ``arch``'s family, one per distinct (method, config)."""
-    family = get_model_family(timm.create_model(arch, pretrained=False, device="meta"))
-    out, seen = [], set()
+@dataclass
+class Entry:
+    """One model to measure and how to train it."""
+
+    model: nn.Module
+    kind: str  # "method", "reference", "peer" or "preview"
+    optimizer: torch.optim.Optimizer | None = None
+    input_grad: bool = False
+    adapter_bytes: int | None = None
+    merged: nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------
+
+def _build(arch: str, method: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    torch.manual_seed(0)
+    name = arch if method is None else f"{arch}.{method}"
+    return timm.create_model(name, num_classes=NUM_CLASSES, **kwargs)
+
+
+def _config_key(name: str, model: nn.Module) -> str:
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return name
+    return json.dumps([type(cfg).__name__, cfg.to_dict()], sort_keys=True, default=str)
+
+
+def build_methods(arch: str, names: list[str], kwargs: dict[str, Any],
+                  skipped: list[str]) -> dict[str, nn.Module]:
+    """Every registry name that builds on ``arch`` (refusals are ValueErrors), one per config."""
+    out, seen = {}, set()
     for name in names:
-        impl = get_method(name)
-        if impl.families is not None and family not in impl.families:
+        try:
+            model = _build(arch, name, kwargs)
+        except ValueError as e:
+            skipped.append(f"{arch}.{name}: refused ({str(e).splitlines()[0][:120]})")
             continue
-        method, overrides = resolve_method(name)
-        key = json.dumps([method, impl.config_cls(**overrides).to_dict()], sort_keys=True)
+        key = _config_key(name, model)
         if key not in seen:
             seen.add(key)
-            out.append(name)
+            out[name] = model
     return out
 
 
-def _build(arch: str, method: str | None) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if method is None:
-        return timm.create_model(arch, num_classes=NUM_CLASSES)
-    return timm.create_model(f"{arch}.{method}", num_classes=NUM_CLASSES)
+def _timm_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """What the training loop would build for a model it did not adapt: timm's AdamW over the
+    trainable parameters (no weight decay on 1-D tensors), the same lr and weight decay."""
+    from timm.optim import create_optimizer_v2
+    return create_optimizer_v2(model, opt="adamw", lr=LR,
+                               weight_decay=TrainConfig().weight_decay)
 
 
-def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = create_optimizer(model, TrainConfig(opt="adamw", lr=1e-4))
+def build_limit(arch: str, kwargs: dict[str, Any]) -> Entry:
+    model = _build(arch, None, kwargs)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.get_classifier().parameters():
+        p.requires_grad_(True)
+    return Entry(model, "reference", _timm_optimizer(model), input_grad=True)
+
+
+def build_lora(arch: str, kwargs: dict[str, Any], targets: list[str],
+               skipped: list[str]) -> Entry | None:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        skipped.append("HF peft LoRA rows: peft is not installed (pip install peft)")
+        return None
+    model = _build(arch, None, kwargs)
+    head = [n for n, m in model.named_modules() if m is model.get_classifier()]
+    config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                        modules_to_save=head)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:  # peft's "target modules not found" is a ValueError
+        skipped.append(f"{arch} LoRA on {targets}: {str(e).splitlines()[0][:120]}")
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        size = sum(f.stat().st_size for f in Path(d).rglob("*.safetensors"))
+    return Entry(model, "peer", _timm_optimizer(model), adapter_bytes=size)
+
+
+def _lean_scale_shift(ss: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from timm_peft.ops import scale_shift
+    return scale_shift(x, ss.scale, ss.shift, ss.dim)
+
+
+def preview_ssf(model: nn.Module) -> int:
+    """Route SSF's Linear/Conv sites through :func:`timm_peft.ops.scale_shift` (instance
+    patches, norms keep their folding); the number of sites patched."""
+    n = 0
+    for op in model.modules():
+        ss = getattr(op, "ssf", None)
+        if ss is not None and isinstance(op, (nn.Linear, nn.Conv2d)):
+            ss.forward = functools.partial(_lean_scale_shift, ss)
+            n += 1
+    return n
+
+
+def _lean_kv_attention(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                       is_causal: bool = False) -> torch.Tensor:
+    from timm_peft.ops import prompted_qkv
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("the preview handles unmasked attention only")
+    B, N, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    pk, pv = attn.kv_prompt.prompts()
+    q, k, v = prompted_qkv(attn.qkv(x), attn.num_heads, pk, pv)
+    x = F.scaled_dot_product_attention(attn.q_norm(q), k, v,
+                                       dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = x.transpose(1, 2).reshape(B, N, -1)
+    x = getattr(attn, "norm", nn.Identity())(x)
+    if gate is not None:
+        x = x * gate
+    return attn.proj_drop(attn.proj(x))
+
+
+def preview_e2vpt(model: nn.Module) -> int:
+    """Route E²VPT's prompted timm ``Attention`` layers through
+    :func:`timm_peft.ops.prompted_qkv` (instance patches); the number of layers patched."""
+    n = 0
+    for attn in model.modules():
+        if (hasattr(attn, "kv_prompt") and hasattr(attn, "qkv") and hasattr(attn, "head_dim")
+                and isinstance(getattr(attn, "k_norm", None), nn.Identity)):
+            attn.forward = functools.partial(_lean_kv_attention, attn)
+            n += 1
+    return n
+
+
+def preview_lion(model: nn.Module) -> int:
+    """Switch LION's equilibrium layers to the masked loop; the number switched."""
+    deqs = list(model.lion.deqs().values()) if hasattr(model, "lion") else []
+    for deq in deqs:
+        deq.loop = "masked"
+    return len(deqs)
+
+
+PREVIEWS: dict[str, tuple[str, Callable[[nn.Module], int]]] = {
+    "ssf + ops.scale_shift (preview)": ("ssf", preview_ssf),
+    "e2vpt + ops.prompted_qkv (preview)": ("e2vpt", preview_e2vpt),
+    "lion, masked DEQ loop": ("lion", preview_lion),
+}
+
+
+def _adapter_bytes(model: nn.Module) -> int:
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 'full' warns that it saves everything
+        return (timm_peft.save_pretrained(model, d) / WEIGHTS_NAME).stat().st_size
+
+
+def build_entries(arch: str, names: list[str], kwargs: dict[str, Any],
+                  skipped: list[str]) -> dict[str, Entry]:
+    methods = build_methods(arch, names, kwargs, skipped)
+    if "full" not in methods:
+        methods["full"] = _build(arch, "full", kwargs)
+    entries = {}
+    for name, model in methods.items():
+        entry = Entry(model, "method", create_optimizer(model, TrainConfig(opt="adamw", lr=LR)),
+                      adapter_bytes=_adapter_bytes(model))
+        try:
+            entry.merged = timm_peft.merge_and_unload(copy.deepcopy(model))
+        except (NotImplementedError, ValueError):
+            pass
+        entries[name] = entry
+    entries[LIMIT] = build_limit(arch, kwargs)
+    for label, targets in LORA_TARGETS.items():
+        lora = build_lora(arch, kwargs, targets, skipped)
+        if lora is not None:
+            entries[label] = lora
+    for label, (method, patch) in PREVIEWS.items():
+        if method not in methods:
+            continue
+        model = _build(arch, method, kwargs)
+        if patch(model) == 0:
+            skipped.append(f"{arch} {label}: nothing to patch")
+            continue
+        entries[label] = Entry(model, "preview",
+                               create_optimizer(model, TrainConfig(opt="adamw", lr=LR)))
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, amp: str | None) -> Any:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _train_step(entry: Entry, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor, device: torch.device, amp: str | None) -> Callable[[], None]:
+    model, opt = entry.model, entry.optimizer
 
     def step() -> None:
         model.train()
-        loss = F.cross_entropy(model(x), y)
+        xi = x.detach().requires_grad_() if entry.input_grad else x
+        with _autocast(device, amp):
+            loss = F.cross_entropy(forward(xi).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def _infer(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _infer(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+           device: torch.device, amp: str | None) -> Callable[[], None]:
     def run() -> None:
         model.eval()
-        with torch.no_grad():
-            model(x)
+        with torch.no_grad(), _autocast(device, amp):
+            forward(x)
     return run
 
 
-def _adapter_bytes(model: torch.nn.Module) -> int:
-    import warnings
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # 'full' warns that it saves everything
-        return (timm_peft.save_pretrained(model, d) / WEIGHTS_NAME).stat().st_size
+def _forward(model: nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.compile(model) if mode == "compiled" else model
 
 
-def measure_arch(arch: str, names: list[str], batch_size: int, warmup: int,
-                 reps: int) -> list[dict[str, Any]]:
-    """One row per method (and one for the plain model) on ``arch``."""
-    plain = _build(arch, None)
+def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
+            skipped: list[str]) -> list[dict[str, Any]]:
+    """One row per entry (and one for the plain model) on ``arch`` in ``mode``."""
+    device = torch.device(args.device)
+    kwargs = args.model_kwargs
+    plain = _build(arch, None, kwargs).to(device)
+    entries = build_entries(arch, names, kwargs, skipped)
+    for e in entries.values():
+        e.model.to(device)
+        if e.merged is not None:
+            e.merged.to(device)
     input_size = resolve_data_config(model=plain)["input_size"]
-    x = torch.randn(batch_size, *input_size)
-    y = torch.randint(0, NUM_CLASSES, (batch_size,))
-    models = {name: _build(arch, name) for name in methods_for(arch, names)}
-    if "full" not in models:
-        models["full"] = _build(arch, "full")
+    if args.input_size:
+        input_size = (input_size[0], args.input_size, args.input_size)
+    x = torch.randn(args.batch_size, *input_size, device=device)
+    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
 
-    train_fns = {k: _train_step(m, x, y) for k, m in models.items()}
-    infer_fns = {"plain": _infer(plain, x), **{k: _infer(m, x) for k, m in models.items()}}
-    merged = {}
-    for k, m in models.items():
-        try:
-            merged[k] = timm_peft.merge_and_unload(copy.deepcopy(m))
-        except NotImplementedError:
-            continue
-    infer_fns.update({f"{k} (merged)": _infer(m, x) for k, m in merged.items()})
-    print(f"{arch}: timing {len(train_fns)} training steps and {len(infer_fns)} inferences "
-          f"(batch {batch_size}, {tuple(input_size)}, {reps} rounds)", flush=True)
-    t_train = round_robin(train_fns, warmup, reps)
-    t_infer = round_robin(infer_fns, warmup, reps)
-    mem_train = {k: peak_memory(fn) for k, fn in train_fns.items()}
-    mem_infer = {k: peak_memory(fn) for k, fn in infer_fns.items() if "(merged)" not in k}
+    train_fns = {k: _train_step(e, _forward(e.model, mode), x, y, device, args.amp)
+                 for k, e in entries.items()}
+    infer_fns = {"plain": _infer(plain, _forward(plain, mode), x, device, args.amp)}
+    infer_fns.update({k: _infer(e.model, _forward(e.model, mode), x, device, args.amp)
+                      for k, e in entries.items()})
+    infer_fns.update({f"{k} (merged)": _infer(e.merged, _forward(e.merged, mode), x, device,
+                                              args.amp)
+                      for k, e in entries.items() if e.merged is not None})
+    print(f"{arch} [{mode}]: timing {len(train_fns)} training steps and {len(infer_fns)} "
+          f"inferences (batch {args.batch_size}, {tuple(input_size)}, {args.reps} rounds)",
+          flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. DEQ convergence warnings of random weights
+        tw_train, tc_train = round_robin_clocks(train_fns, args.warmup, args.reps, device)
+        tw_infer, tc_infer = round_robin_clocks(infer_fns, args.warmup, args.reps, device)
+        track = device.type == "cuda" or mode == "eager"
+        mem_train = {k: peak_memory(fn, device) if track else None for k, fn in train_fns.items()}
+        mem_infer = {k: peak_memory(fn, device) if track else None for k, fn in infer_fns.items()
+                     if "(merged)" not in k}
+
+    def mib(v: int | None) -> Any:
+        return "-" if v is None else v / 2 ** 20
+
+    def mem_ratio(a: int | None, b: int | None) -> Any:
+        return "-" if a is None or not b else a / b
 
     total = sum(p.numel() for p in plain.parameters())
-    full_bytes = _adapter_bytes(models["full"])
-    rows = [dict(arch=arch, method="plain timm model", trainable=total, **{
-        "trainable_%": 100.0, "adapter_KiB": "-", "adapter_vs_full": "-", "train_ms": "-",
-        "train_vs_full": "-", "train_MiB": "-", "train_mem_vs_full": "-",
-        "infer_ms": 1e3 * statistics.median(t_infer["plain"]),
-        "infer_vs_plain": 1.0, "merged_infer_vs_plain": "-",
-        "infer_MiB": mem_infer["plain"] / 2 ** 20, "infer_mem_vs_plain": 1.0})]
-    for k, m in models.items():
-        trainable, _ = timm_peft.get_nb_trainable_parameters(m)
-        row = dict(arch=arch, method=k, trainable=trainable, **{
+    full_bytes = entries["full"].adapter_bytes
+    base = dict(arch=arch, mode=mode)
+    rows = [dict(base, method="plain timm model", kind="reference", trainable=total, **{
+        "trainable_%": 100.0, "adapter_KiB": "-", "adapter_vs_full": "-",
+        # its training step is full fine-tuning's (the next rows): one reference for each
+        **dict.fromkeys(["train_ms", "train_vs_full", "train_cpu_vs_full", "train_vs_limit",
+                         "train_cpu_vs_limit", "train_MiB", "train_mem_vs_full",
+                         "train_mem_vs_limit"], "-"),
+        "infer_ms": 1e3 * statistics.median(tw_infer["plain"]), "infer_vs_plain": 1.0,
+        "infer_cpu_vs_plain": 1.0, "merged_infer_vs_plain": "-",
+        "infer_MiB": mib(mem_infer["plain"]), "infer_mem_vs_plain": 1.0})]
+    for k, e in entries.items():
+        trainable = sum(p.numel() for p in e.model.parameters() if p.requires_grad)
+        row = dict(base, method=k, kind=e.kind, trainable=trainable, **{
             "trainable_%": 100 * trainable / total,
-            "adapter_KiB": _adapter_bytes(m) / 1024,
-            "adapter_vs_full": _adapter_bytes(m) / full_bytes,
-            "train_ms": 1e3 * statistics.median(t_train[k]),
-            "train_vs_full": median_ratio(t_train, k, "full"),
-            "train_MiB": mem_train[k] / 2 ** 20,
-            "train_mem_vs_full": mem_train[k] / mem_train["full"],
-            "infer_ms": 1e3 * statistics.median(t_infer[k]),
-            "infer_vs_plain": median_ratio(t_infer, k, "plain"),
-            "merged_infer_vs_plain": (median_ratio(t_infer, f"{k} (merged)", "plain")
-                                      if f"{k} (merged)" in t_infer else "-"),
-            "infer_MiB": mem_infer[k] / 2 ** 20,
-            "infer_mem_vs_plain": mem_infer[k] / mem_infer["plain"]})
+            "adapter_KiB": "-" if e.adapter_bytes is None else e.adapter_bytes / 1024,
+            "adapter_vs_full": "-" if e.adapter_bytes is None else e.adapter_bytes / full_bytes,
+            "train_ms": 1e3 * statistics.median(tw_train[k]),
+            "train_vs_full": median_ratio(tw_train, k, "full"),
+            "train_cpu_vs_full": median_ratio(tc_train, k, "full"),
+            "train_vs_limit": median_ratio(tw_train, k, LIMIT),
+            "train_cpu_vs_limit": median_ratio(tc_train, k, LIMIT),
+            "train_MiB": mib(mem_train[k]),
+            "train_mem_vs_full": mem_ratio(mem_train[k], mem_train["full"]),
+            "train_mem_vs_limit": mem_ratio(mem_train[k], mem_train[LIMIT]),
+            "infer_ms": 1e3 * statistics.median(tw_infer[k]),
+            "infer_vs_plain": median_ratio(tw_infer, k, "plain"),
+            "infer_cpu_vs_plain": median_ratio(tc_infer, k, "plain"),
+            "merged_infer_vs_plain": (median_ratio(tw_infer, f"{k} (merged)", "plain")
+                                      if f"{k} (merged)" in tw_infer else "-"),
+            "infer_MiB": mib(mem_infer[k]),
+            "infer_mem_vs_plain": mem_ratio(mem_infer[k], mem_infer["plain"])})
         rows.append(row)
     return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training step time vs peak training memory, both relative to full fine-tuning, one panel
+    per (arch, mode); None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = list(dict.fromkeys((r["arch"], r["mode"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+    markers = {"method": "o", "reference": "s", "peer": "^", "preview": "D"}
+    for ax, (arch, mode) in zip(axes[0], panels):
+        for r in rows:
+            if (r["arch"], r["mode"]) != (arch, mode) or not isinstance(
+                    r.get("train_mem_vs_full"), float):
+                continue
+            ax.scatter(r["train_mem_vs_full"], r["train_cpu_vs_full"],
+                       marker=markers.get(r["kind"], "o"), s=40)
+            ax.annotate(r["method"], (r["train_mem_vs_full"], r["train_cpu_vs_full"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("peak training memory / full fine-tuning")
+        ax.set_ylabel("training step CPU time / full fine-tuning")
+        ax.set_title(f"{arch} ({mode}); ■ references, ▲ HF peft, ◆ previews", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -155,41 +406,71 @@ def main() -> None:
                         help="comma-separated timm archs (each at its default input size)")
     parser.add_argument("--methods", default="all",
                         help="comma-separated registry names; 'all': every method and preset")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help='JSON kwargs of create_model, e.g. \'{"img_size": 32, "depth": 2}\'')
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="square input size (default: each arch's pretrained_cfg)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="forward under torch.autocast with this dtype")
+    parser.add_argument("--modes", default="eager", help="comma-separated: eager, compiled")
     parser.add_argument("--name", default="efficiency", help="report name under results/")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = args.modes.split(",")
+    if not set(modes) <= {"eager", "compiled"}:
+        parser.error(f"--modes must be eager and/or compiled, got {args.modes}")
     names = timm_peft.list_methods() if args.methods == "all" else args.methods.split(",")
-    for name in names:
-        resolve_method(name)  # unknown names fail before any measuring
     start = time.perf_counter()
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for arch in args.archs.split(","):
-        rows += measure_arch(arch, names, args.batch_size, args.warmup, args.reps)
+        for mode in modes:
+            rows += measure(arch, names, args, mode, skipped)
     command = "python -m benchmarks.efficiency" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        f" --{k.replace('_', '-')} {repr(json.dumps(v)) if isinstance(v, dict) else v}"
+        for k, v in vars(args).items()
         if v != parser.get_default(k))
-    notes = (f"{NUM_CLASSES}-class head, batch {args.batch_size}, random inputs at each arch's "
-             f"default input size; {args.reps} rounds that call every model once, after "
-             f"{args.warmup} warm-up call(s): times are medians, ratios the median of the ratios "
-             "within a round (robust to load from other processes). `train_*`: forward + backward "
-             "+ AdamW step of the optimiser the training loop builds (with the method's "
-             "optimiser hook), ratio to full fine-tuning. "
-             "`infer_*`: eval-mode forward without grad, ratio to the plain timm model; "
-             "`merged_infer_vs_plain` after `merge_and_unload` ('-': the method does not merge). "
-             "`*_MiB`: peak live tensor memory created during the call (activations, gradients, "
-             "temporaries; the weights and the optimiser state exist before and are not counted). "
-             "`adapter_KiB`: size of `adapter_model.safetensors` (for `full`: the whole model), "
-             "`adapter_vs_full` its ratio to full fine-tuning's. The plain model's training step "
-             "is full fine-tuning and full fine-tuning's inference is the plain model's, so each "
-             "measure has one reference that stands for both. "
-             "On a shared machine single ratios are noisy: methods whose inference is the plain "
-             "model's forward (`linear`, `bias`, `partial`, `full`, and any merged model) show "
-             "the noise level of the run. "
-             f"Presets equal to another entry are measured once. Total time "
-             f"{time.perf_counter() - start:.0f} s.")
-    path = write_report(args.name, "Efficiency of every registered method", command, rows, notes)
+    figure = plot(rows, RESULTS / f"{args.name}.svg")
+    device = torch.device(args.device)
+    notes = (
+        f"Device {device.type}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + f", modes {', '.join(modes)}, autocast {args.amp or 'off'}. "
+        f"{NUM_CLASSES}-class head, batch {args.batch_size}, random inputs at "
+        + (f"{args.input_size}x{args.input_size}" if args.input_size
+           else "each arch's default input size")
+        + (f", models built with {json.dumps(args.model_kwargs)}" if args.model_kwargs else "")
+        + f"; "
+        f"{args.reps} rounds that call every model once, after {args.warmup} warm-up call(s): "
+        "times are medians, ratios the median of the ratios within a round. `*_cpu_*` ratios use "
+        "the process CPU time (all threads of this process, none of the others): on a machine "
+        "shared with other processes they are steadier than the wall-clock ratios next to them. "
+        "`train_*`: forward + backward + AdamW step (for methods, of the optimiser the training "
+        "loop builds, with the method's optimiser hook; for the limit and LoRA, timm's AdamW over "
+        "the trainable parameters, same lr and weight decay), as ratios to full fine-tuning "
+        f"(`_vs_full`) and to the **{LIMIT}** (`_vs_limit`: the plain model, every weight frozen "
+        "except the head, the input requiring grad, so backward computes all activation "
+        "gradients and no weight gradient). `infer_*`: eval-mode forward without grad, ratio to "
+        "the plain timm model; `merged_infer_vs_plain` after `merge_and_unload`. `*_MiB`: peak "
+        "extra memory of the call (CPU: live tensor storage created during it; CUDA: the "
+        "allocator's peak; weights and optimiser state exist before and are not counted; "
+        "'-': compiled on CPU, not tracked). `adapter_KiB`: `adapter_model.safetensors` (for "
+        "`full` the whole model; LoRA: peft's `save_pretrained`). `kind`: `preview` rows are "
+        "current methods with `timm_peft.ops` / the masked DEQ loop patched onto the instance, "
+        "i.e. what wiring them into the methods will measure. Methods whose inference is the "
+        "plain model's (`linear`, `bias`, `partial`, `full`, merged models) show the noise level. "
+        + (f"Left out: {'; '.join(skipped)}. " if skipped else "")
+        + (f"Plot: `{figure.name}` (training CPU time vs memory, relative to full). "
+           if figure else "Plot skipped: matplotlib is not installed. ")
+        + f"Total time {time.perf_counter() - start:.0f} s.")
+    path = write_report(args.name, "Efficiency of every registered method, its peers and its "
+                        "limit", command, rows, notes)
     print(path.read_text())
 
 
