@@ -264,6 +264,18 @@ def test_hub_limit_stops_paging(hub):
     assert "cursor" not in hub.requests[0] and hub.requests[-1]["cursor"] == ["4"]
 
 
+def test_hub_base_weights_from_another_repo(saved, hub_with):
+    # a card may name any Hub repo as its base; that repo is then what base= asks for
+    readme = saved[CUSTOM]["README.md"].replace(
+        b"library_name: timm\n", b"library_name: timm\nbase_model: my-org/my-vit\nbase_model_relation: adapter\n")
+    hub = hub_with([_hub_entry(CUSTOM, readme), _hub_entry("org/vit-ssf-cifar10", saved["org/vit-ssf-cifar10"]["README.md"])])
+    assert timm_peft.list_adapters(base="my-org/my-vit") == [
+        _rec(CUSTOM, "ssf", None, "cifar10", {"accuracy": 0.8}, "my-org/my-vit")]
+    assert "base_model:adapter:my-org/my-vit" in hub.requests[0]["filter"]
+    hub.ignore_filters = True
+    assert [a.repo_id for a in timm_peft.list_adapters(base="my-org/my-vit")] == [CUSTOM]
+
+
 def test_hub_author(hub):
     got = timm_peft.list_adapters(author="org", method="ssf")
     assert [a.repo_id for a in got] == ["org/vit-ssf-cifar10"]
