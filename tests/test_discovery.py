@@ -267,8 +267,10 @@ def test_hub_limit_stops_paging(hub):
 def test_hub_base_weights_from_another_repo(saved, hub_with):
     # a card may name any Hub repo as its base; that repo is then what base= asks for
     readme = saved[CUSTOM]["README.md"].replace(
-        b"library_name: timm\n", b"library_name: timm\nbase_model: my-org/my-vit\nbase_model_relation: adapter\n")
-    hub = hub_with([_hub_entry(CUSTOM, readme), _hub_entry("org/vit-ssf-cifar10", saved["org/vit-ssf-cifar10"]["README.md"])])
+        b"library_name: timm\n",
+        b"library_name: timm\nbase_model: my-org/my-vit\nbase_model_relation: adapter\n")
+    other = "org/vit-ssf-cifar10"
+    hub = hub_with([_hub_entry(CUSTOM, readme), _hub_entry(other, saved[other]["README.md"])])
     assert timm_peft.list_adapters(base="my-org/my-vit") == [
         _rec(CUSTOM, "ssf", None, "cifar10", {"accuracy": 0.8}, "my-org/my-vit")]
     assert "base_model:adapter:my-org/my-vit" in hub.requests[0]["filter"]
@@ -300,7 +302,8 @@ def test_hub_bad_cards_are_recorded_not_fatal(saved, hub_with):
     assert got["org/vit-ssf-cifar10"] == _expected()["org/vit-ssf-cifar10"]
     m = got["bad/metric"]
     assert (m.method, m.base, m.task, m.metrics) == ("ssf", f"{VIT}.{TAG}", "cifar10", {"top5": 0.5})
-    assert len(m.problems) == 3 and all(f"'{k}'" in p for k, p in zip(["accuracy", "bool", "huge"], m.problems))
+    assert len(m.problems) == 3
+    assert all(f"'{k}'" in p for k, p in zip(["accuracy", "bool", "huge"], m.problems))
     s = got["bad/several"]
     assert (s.method, s.base, s.base_model) == (None, None, None)
     assert s.task == "cifar10"  # no usable datasets: the model-index still names it
