@@ -348,7 +348,7 @@ def test_hub_card_that_breaks_huggingface_hub_ends_the_listing_with_a_warning(sa
     entries = [_hub_entry(r, saved[r]["README.md"]) for r in list(SPECS)[:2]]
     broken = dict(entries[0], id="bad/tags", cardData={"tags": 5})  # ModelInfo itself raises
     hub_with([entries[0], broken, entries[1]])
-    with pytest.warns(UserWarning, match="stopped early at a malformed model card"):
+    with pytest.warns(UserWarning, match="stopped early at a malformed entry or model card"):
         got = timm_peft.list_adapters()
     assert [a.repo_id for a in got] == [list(SPECS)[0]]
 
