@@ -264,6 +264,20 @@ def test_hub_limit_stops_paging(hub):
     assert "cursor" not in hub.requests[0] and hub.requests[-1]["cursor"] == ["4"]
 
 
+def test_hub_base_weights_from_another_repo(saved, hub_with):
+    # a card may name any Hub repo as its base; that repo is then what base= asks for
+    readme = saved[CUSTOM]["README.md"].replace(
+        b"library_name: timm\n",
+        b"library_name: timm\nbase_model: my-org/my-vit\nbase_model_relation: adapter\n")
+    other = "org/vit-ssf-cifar10"
+    hub = hub_with([_hub_entry(CUSTOM, readme), _hub_entry(other, saved[other]["README.md"])])
+    assert timm_peft.list_adapters(base="my-org/my-vit") == [
+        _rec(CUSTOM, "ssf", None, "cifar10", {"accuracy": 0.8}, "my-org/my-vit")]
+    assert "base_model:adapter:my-org/my-vit" in hub.requests[0]["filter"]
+    hub.ignore_filters = True
+    assert [a.repo_id for a in timm_peft.list_adapters(base="my-org/my-vit")] == [CUSTOM]
+
+
 def test_hub_author(hub):
     got = timm_peft.list_adapters(author="org", method="ssf")
     assert [a.repo_id for a in got] == ["org/vit-ssf-cifar10"]
@@ -288,7 +302,8 @@ def test_hub_bad_cards_are_recorded_not_fatal(saved, hub_with):
     assert got["org/vit-ssf-cifar10"] == _expected()["org/vit-ssf-cifar10"]
     m = got["bad/metric"]
     assert (m.method, m.base, m.task, m.metrics) == ("ssf", f"{VIT}.{TAG}", "cifar10", {"top5": 0.5})
-    assert len(m.problems) == 3 and all(f"'{k}'" in p for k, p in zip(["accuracy", "bool", "huge"], m.problems))
+    assert len(m.problems) == 3
+    assert all(f"'{k}'" in p for k, p in zip(["accuracy", "bool", "huge"], m.problems))
     s = got["bad/several"]
     assert (s.method, s.base, s.base_model) == (None, None, None)
     assert s.task == "cifar10"  # no usable datasets: the model-index still names it
@@ -333,7 +348,7 @@ def test_hub_card_that_breaks_huggingface_hub_ends_the_listing_with_a_warning(sa
     entries = [_hub_entry(r, saved[r]["README.md"]) for r in list(SPECS)[:2]]
     broken = dict(entries[0], id="bad/tags", cardData={"tags": 5})  # ModelInfo itself raises
     hub_with([entries[0], broken, entries[1]])
-    with pytest.warns(UserWarning, match="stopped early at a malformed model card"):
+    with pytest.warns(UserWarning, match="stopped early at a malformed entry or model card"):
         got = timm_peft.list_adapters()
     assert [a.repo_id for a in got] == [list(SPECS)[0]]
 

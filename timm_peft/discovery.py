@@ -103,7 +103,8 @@ def _parse_base(base: str) -> _BaseQuery:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
-    name = _check_str(base, "base", "vit_base_patch16_224.augreg2_in21k_ft_in1k").removeprefix(HUB_PREFIX)
+    example = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    name = _check_str(base, "base", example).removeprefix(HUB_PREFIX)
     if "/" in name:
         try:
             validate_repo_id(name)
@@ -358,9 +359,9 @@ def _list_hub(filters: list[str], task: str | None, author: str | None, hub_limi
         except StopIteration:
             return
         except (TypeError, ValueError, KeyError, AttributeError) as e:
-            # huggingface_hub failed to parse an entry's card; its listing cannot go past it
-            warnings.warn(f"the Hub listing stopped early at a malformed model card ({e!r:.200}); "
-                          "the adapters after it are not listed", stacklevel=3)
+            # huggingface_hub could not parse an entry (its card): its listing cannot go past it
+            warnings.warn(f"the Hub listing stopped early at a malformed entry or model card "
+                          f"({e!r:.200}); the adapters after it are not listed", stacklevel=3)
             return
         info = _from_hub(model_info)
         if info is not None:
@@ -385,9 +386,10 @@ def list_adapters(
     """Find published timm_peft adapters: on the Hugging Face Hub, or offline in the local Hub cache.
 
     Args:
-        base: the backbone: a timm name with weight tag (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``,
-            those exact weights), an architecture (``"vit_base_patch16_224"``, any weights), or the
-            base weights' Hub repo (``"timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"``).
+        base: the backbone: a timm name with weight tag
+            (``"vit_base_patch16_224.augreg2_in21k_ft_in1k"``: those exact weights), an
+            architecture (``"vit_base_patch16_224"``: any weights), or the base weights' Hub repo
+            (``"timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"``).
         method: a PEFT method name (``"ssf"``; see :func:`timm_peft.list_methods`).
         task: the dataset the adapter was trained on, as its card names it (``"cifar100"``).
         author: a Hub user or organisation.
