@@ -79,21 +79,68 @@ def test_families_and_blocks():
     cnx = timm.create_model("convnext_atto")
     swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2,
                              depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1))
-    mlp = timm.create_model("mobilenetv3_small_050")
-    assert [get_model_family(m) for m in (vit, deit, res, cnx, swin, mlp)] == \
-        ["vit", "vit", "resnet", "convnext", "swin", None]
+    mnv3 = timm.create_model("mobilenetv3_small_050")
+    mixer = timm.create_model("mixer_s32_224", device="meta")
+    assert [get_model_family(m) for m in (vit, deit, res, cnx, swin, mnv3, mixer)] == \
+        ["vit", "vit", "resnet", "convnext", "swin", "convnets", "generic"]
     assert get_blocks(vit) == list(vit.blocks)
     assert len(get_blocks(res)) == 4 and get_blocks(res)[-1] is res.layer4[-1]
     assert len(get_blocks(swin)) == 4
-    with pytest.raises(ValueError, match="not in a known family"):
-        get_blocks(mlp)
+    # the generic answer comes from timm's group_matcher: MobileNetV3's numbered blocks
+    assert get_blocks(mnv3) == [b for stage in mnv3.blocks for b in stage]
+    assert get_blocks(mixer) == list(mixer.blocks)
+    with pytest.raises(ValueError, match="cannot locate the blocks"):
+        get_blocks(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_family_restriction_names_supported():
-    mlp = timm.create_model("mobilenetv3_small_050")
-    with pytest.raises(ValueError, match=r"supports model families \['vit', 'swin', 'convnext', "
-                                         r"'resnet'\]; MobileNetV3 is not in any of them"):
-        timm_peft.apply_method(mlp, "partial")
+def test_generic_layer_groups_follow_group_matcher():
+    from timm_peft.families import GENERIC
+    mnv3 = timm.create_model("mobilenetv3_small_050")
+    groups = GENERIC.layer_groups(mnv3)
+    # tail: everything after the last block but the classifier (conv_head, its norm, ...)
+    tail_names = {n for n, m in mnv3.named_modules() if any(m is t for t in groups.tail)}
+    assert tail_names == {"conv_head"}
+    assert all(m is not mnv3.classifier for m in groups.tail)
+
+
+def test_family_registry_rules():
+    from timm_peft.families import Family, family_of_arch, get_family, list_families, register_family
+    assert {"vit", "swin", "convnext", "resnet", "convnets"} <= set(list_families())
+    assert family_of_arch("efficientnet_b0").name == "convnets"
+    assert family_of_arch("mixer_s32_224").name == "generic"
+    assert get_family("vit").name == "vit"
+    with pytest.raises(KeyError, match="unknown family 'nope'"):
+        get_family("nope")
+    with pytest.raises(ValueError, match=r"timm modules \['resnet'\] already belong to \['resnet'\]"):
+        register_family(type("Dup", (Family,), {"name": "dup", "modules": ("resnet",)}))
+    with pytest.raises(ValueError, match="other than 'generic'"):
+        register_family(type("G", (Family,), {"name": "generic"}))
+
+
+def test_family_restriction_names_what_is_missing():
+    mixer = timm.create_model("mixer_s32_224", device="meta")
+    with pytest.raises(ValueError, match=r"method 'vpt' needs a token sequence, windowed attention "
+                                         r"or a ConvNet's image input, which the 'generic' family "
+                                         r"\(MlpMixer\) does not provide; see "
+                                         r"timm_peft.list_models\(method='vpt'\)"):
+        timm_peft.apply_method(mixer, "vpt")
+    assert not hasattr(mixer, "vpt") and type(mixer).__name__ == "MlpMixer"
+
+
+def test_partial_k_on_any_model_with_group_matcher():
+    mnv3 = timm.create_model("mobilenetv3_small_050", num_classes=4)
+    blocks = [b for stage in mnv3.blocks for b in stage]
+    timm_peft.apply_method(mnv3, "partial", dict(num_blocks=2))
+    trainable = {n for n, p in mnv3.named_parameters() if p.requires_grad}
+    expected = {f"blocks.{i}.{j}.{n}" for i, stage in enumerate(mnv3.blocks)
+                for j, b in enumerate(stage) if any(b is x for x in blocks[-2:])
+                for n, _ in b.named_parameters()}
+    expected |= {f"conv_head.{n}" for n, _ in mnv3.conv_head.named_parameters()}
+    expected |= {"classifier.weight", "classifier.bias"}
+    assert trainable == expected
+    with pytest.raises(ValueError, match=rf"PartialConfig.num_blocks must be <= {len(blocks)}"):
+        timm_peft.apply_method(timm.create_model("mobilenetv3_small_050"), "partial",
+                               dict(num_blocks=len(blocks) + 1))
 
 
 def test_linear_trains_head_only_and_counts_like_peft():
@@ -195,6 +242,79 @@ def test_frozen_model_pickles_and_copies_with_frozen_statistics():
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         clone.train()
         assert clone.training and not clone.bn1.training
-        assert clone.bn1.train.module is clone.bn1  # bound to the copy, not the original
+        assert "train" not in clone.bn1.__dict__  # the class says it, nothing bound to a module
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(clone.eval()(x), model.eval()(x))
+
+
+_NO_TIMM_PEFT = """
+import builtins, sys
+real_import = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name == "timm_peft" or name.startswith("timm_peft."):
+        raise ImportError("timm_peft is blocked in this process")
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = guarded
+import torch
+for path in sys.argv[1:]:
+    model = torch.load(path, weights_only=False)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    model.train()
+    assert all(bn.training for bn in norms), "BatchNorm must follow train() again"
+    print("ok", type(model).__module__, type(model).__name__)
+"""
+
+
+def _load_without_timm_peft(*paths):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", _NO_TIMM_PEFT, *map(str, paths)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unloaded_models_are_plain_timm_and_load_without_timm_peft(tmp_path):
+    import warnings
+    cases = [("resnet10t.bias", "merge_and_unload"), ("resnet10t.ssf", "merge_and_unload"),
+             ("resnet10t.vpt", "unload"), ("resnet10t.lion", "unload"),
+             ("vit_tiny_patch16_224.e2vpt", "unload")]
+    paths = []
+    for name, how in cases:
+        model = timm.create_model(name, num_classes=3, **(TINY_VIT if "vit" in name else {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plain = getattr(timm_peft, how)(model)
+        assert all(type(m).__module__.split(".")[0] in ("timm", "torch") for m in plain.modules())
+        assert not any(k.startswith("_peft") or k.startswith("peft_") for m in plain.modules()
+                       for k in m.__dict__), name
+        for bn in plain.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                assert type(bn) is nn.BatchNorm2d and "train" not in bn.__dict__
+        plain.train()
+        assert all(m.training for m in plain.modules())  # train() behaves normally again
+        paths.append(tmp_path / f"{len(paths)}.pt")
+        torch.save(plain, paths[-1])
+    res = _load_without_timm_peft(*paths)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("ok timm.models.") == len(cases)
+
+
+def test_blocked_import_guard_works(tmp_path):
+    """The guard above must fail for a model that still needs timm_peft."""
+    torch.save(timm.create_model("resnet10t.vpt", num_classes=3), tmp_path / "peft.pt")
+    res = _load_without_timm_peft(tmp_path / "peft.pt")
+    assert res.returncode != 0 and "timm_peft is blocked" in res.stderr
+
+
+def test_vpt_config_round_trips_json_with_every_field_type():
+    import json
+    from timm_peft.methods.e2vpt import E2VPTConfig
+    from timm_peft.methods.vpt import VPTConfig
+    cfg = VPTConfig(img_size=(32, 48), projection_dim=8, dropout=0.1, init="normal", deep=False)
+    back = VPTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.img_size == (32, 48)
+    assert VPTConfig.from_dict(json.loads(json.dumps(VPTConfig(img_size=32).to_dict()))).img_size == 32
+    e = E2VPTConfig(kept_segments=((0, 1), (2,)), swin_prune_stages=(0, 1), img_size=(16, 16))
+    back = E2VPTConfig.from_dict(json.loads(json.dumps(e.to_dict())))
+    assert back == e and back.kept_segments == ((0, 1), (2,))
+    with pytest.raises(TypeError, match="VPTConfig.img_size"):
+        VPTConfig(img_size=[32, 32, 3])

@@ -432,7 +432,8 @@ def test_config_errors_say_what_is_allowed(cfg, match, base_files):
 
 
 def test_other_errors():
-    with pytest.raises(ValueError, match=r"supports model families \['vit', 'swin'\]"):
+    with pytest.raises(ValueError, match=r"'e2vpt' needs a token sequence or windowed attention, "
+                                         r"which the 'resnet' family \(ResNet\) does not provide"):
         timm.create_model("resnet18.e2vpt")
     m = timm.create_model("vit_tiny_patch16_224.e2vpt", **TINY_VIT)
     prune(m, [{"token": torch.rand(2, 10), "segment": torch.rand(2, 10, 8)}], 0.5, 0.0)

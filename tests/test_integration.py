@@ -162,7 +162,10 @@ def test_list_models():
     assert all(n.endswith(".partial") for n in names)
     tagged = timm_peft.list_models("vit_base_patch16_224.augreg*", method="linear", pretrained=True)
     assert "vit_base_patch16_224.augreg2_in21k_ft_in1k.linear" in tagged
-    assert not timm_peft.list_models("mobilenetv3_*", method="partial")  # family not supported
+    assert "mobilenetv3_large_100.partial" in timm_peft.list_models("mobilenetv3_*", method="partial")
+    assert "mobilenetv3_large_100.vpt" in timm_peft.list_models("mobilenetv3_*", method="vpt")
+    assert not timm_peft.list_models("mobilenetv3_*", method="e2vpt")  # no tokens, no attention
+    assert not timm_peft.list_models("mixer_*", method="vpt")  # generic family: no prompt site
     assert "mobilenetv3_small_050.linear" in timm_peft.list_models("mobilenetv3_*", method="linear")
 
 

@@ -16,6 +16,7 @@ from torch import nn
 import timm_peft
 from benchmarks.common import PeakMemory
 from timm_peft.deq import DEQConvergenceWarning
+from timm_peft.layers import original_class
 from timm_peft.methods.lion import LionConfig, RobustOptimizer, lion_class
 
 from conftest import TINY_VIT, local_overlay
@@ -124,7 +125,7 @@ def test_features_only_runs_the_backbone_on_the_prompted_image():
     with torch.no_grad():
         x_t = lion.prompt_input(x)
         assert (x_t - x).abs().max() > 1e-3
-        plain = timm_peft.core.unwrap_features(model)._lion_base.forward_intermediates(
+        plain = original_class(timm_peft.core.unwrap_features(model)).forward_intermediates(
             timm_peft.core.unwrap_features(model), x_t, indices=(1, 3), intermediates_only=True)
         feats = model(x)
     assert len(feats) == 2 and all(torch.allclose(f, p, atol=1e-5) for f, p in zip(feats, plain))

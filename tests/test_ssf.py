@@ -15,7 +15,9 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 import timm_peft
-from timm_peft.methods.ssf import ScaleShift, SSFConfig, _wired, ssf_sites
+from timm_peft.layers import is_swapped, original_class, restore_class
+from timm_peft.layers.scale_shift import ScaleShiftNorm
+from timm_peft.methods.ssf import ScaleShift, SSFConfig, scale_shift_attached, ssf_sites
 
 from conftest import TINY_VIT
 
@@ -64,7 +66,7 @@ def _train(model: nn.Module, steps: int = 2, lr: float = 0.05) -> None:
 
 def _ssf_wired(model: nn.Module) -> int:
     """Sites whose output goes through SSF (a hook, or the scale and shift folded into a norm)."""
-    return sum(_wired(m) for m in model.modules())
+    return sum(scale_shift_attached(m) for m in model.modules())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +162,7 @@ def test_scale_shift_on_the_channel_axis(name):
 
         def post(mod, args, out, site=site, axis=axis):
             seen.append(site)
-            plain = type(mod).forward(mod, *args)  # the operation alone, without its SSF
+            plain = original_class(mod).forward(mod, *args)  # the operation alone, without SSF
             gamma, beta = mod.ssf.scale.detach(), mod.ssf.shift.detach()
             shape = [1] * out.ndim
             shape[axis] = -1
@@ -171,8 +173,8 @@ def test_scale_shift_on_the_channel_axis(name):
     with torch.no_grad():
         model(_input())
     assert seen == ssf_sites(model)
-    # affine norms fold the map into their parameters, every other site runs a hook
-    fused = [s for s in seen if "forward" in vars(model.get_submodule(s))]
+    # affine norms fold the map into their parameters, every other site scales its output
+    fused = [s for s in seen if is_swapped(model.get_submodule(s), ScaleShiftNorm)]
     assert fused == [s for s in seen if isinstance(model.get_submodule(s),
                                                    (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm))]
     assert fused and (name == "resnet" or len(fused) < len(seen))
@@ -190,9 +192,9 @@ def test_norm_sites_fold_the_map_with_the_hooks_gradients(name):
                 m.weight.add_(0.3 * torch.randn(m.weight.shape, generator=g))
                 m.bias.add_(0.3 * torch.randn(m.bias.shape, generator=g))
     reference = copy.deepcopy(model)
-    for m in reference.modules():  # every site through the plain hook: y = γ ⊙ op(x) + β
-        if "forward" in vars(m):
-            del m.forward
+    for m in reference.modules():  # every site through a plain hook: y = γ ⊙ op(x) + β
+        if is_swapped(m, ScaleShiftNorm):
+            restore_class(m, ScaleShiftNorm)
             m.register_forward_hook(lambda mod, args, out: mod.ssf(out))
     x, y = _input(), torch.arange(2) % NUM_CLASSES
     for clone in (model, pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
@@ -406,20 +408,33 @@ def test_merged_state_dict_loads_into_timm_without_timm_peft(trained, tmp_path):
     assert res.stdout.count("ok") == len(FOUR_FAMILIES)
 
 
-def test_unfoldable_site_is_reported_and_nothing_changes():
-    arch, kwargs = CONFIGS["resnet"]
+def test_unfoldable_sites_are_skipped_and_reported_and_merge_stays_exact():
     torch.manual_seed(0)
-    model = timm.create_model(f"{arch}.ssf", num_classes=NUM_CLASSES, **kwargs,
+    kwargs = dict(TINY_VIT, norm_layer=functools.partial(nn.LayerNorm, elementwise_affine=False))
+    with pytest.warns(UserWarning, match=r"SSF skips 5 operation\(s\).*blocks\.0\.norm1 "
+                                         r"\(LayerNorm: it has no affine weight"):
+        model = timm.create_model("vit_tiny_patch16_224.ssf", num_classes=NUM_CLASSES, **kwargs)
+    skipped = ssf_sites(model, skipped=True)
+    assert [n for n, _ in skipped] == ["blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1",
+                                       "blocks.1.norm2", "norm"]
+    assert not set(n for n, _ in skipped) & set(ssf_sites(model))
+    assert not any(hasattr(model.get_submodule(n), "ssf") for n, _ in skipped)
+    _train(model, steps=1)
+    x = _input()
+    with torch.no_grad():
+        ref = model.eval()(x)
+    merged = timm_peft.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), ref, rtol=0, atol=1e-5)
+
+
+def test_nothing_to_follow_is_refused():
+    arch, kwargs = CONFIGS["resnet"]
+    with pytest.raises(ValueError, match=r"'ssf' needs operations SSF can follow and fold into"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            timm.create_model(f"{arch}.ssf", num_classes=NUM_CLASSES, **kwargs,
                               norm_layer=functools.partial(nn.BatchNorm2d, affine=False))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    hooks = _ssf_wired(model)
-    with pytest.raises(ValueError, match=r"cannot be merged exactly.*bn1 \(BatchNorm2d\).*affine"):
-        timm_peft.merge(model)
-    assert _ssf_wired(model) == hooks
-    after = model.state_dict()
-    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
-    with pytest.raises(ValueError, match="cannot be merged exactly"):
-        timm_peft.merge_and_unload(model)
 
 
 def test_bias_free_operation_gets_a_bias_by_default():
@@ -519,9 +534,26 @@ def test_config_validation():
         timm.create_model("vit_tiny_patch16_224.ssf", peft_cfg=dict(scale_init=1.0), **TINY_VIT)
 
 
-def test_other_families_are_refused():
-    with pytest.raises(ValueError, match=r"supports model families \['vit', 'swin', 'convnext', "
-                                         r"'resnet'\]"):
-        timm.create_model("mobilenetv3_small_050.ssf", device="meta")
-    with pytest.raises(ValueError, match="SSF supports model families"):
-        ssf_sites(nn.Sequential(nn.Linear(2, 2)))
+def test_generic_sites_by_type_on_other_families():
+    """Beyond the four families the sites come from module types: every Linear, Conv and affine
+    norm (timm's BatchNormAct2d included) but the classifier; merging is exact."""
+    from timm.layers import BatchNormAct2d
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050.ssf", num_classes=NUM_CLASSES)
+    plain = timm.create_model("mobilenetv3_small_050", num_classes=NUM_CLASSES)
+    sites = ssf_sites(model)
+    expected = [n for n, m in plain.named_modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) and n != "classifier"]
+    assert sites == expected
+    assert any(isinstance(model.get_submodule(s), BatchNormAct2d) for s in sites)
+    _train(model, steps=1)
+    x = _input()
+    with torch.no_grad():
+        ref = model.eval()(x)
+    merged = timm_peft.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), ref, rtol=1e-4, atol=1e-4)
+    assert set(merged.state_dict()) <= set(plain.state_dict()) | {
+        f"{s}.bias" for s in sites}
+    with pytest.raises(ValueError, match="'ssf' needs operations SSF can follow"):
+        timm_peft.apply_method(nn.Sequential(nn.ReLU()), "ssf")

@@ -15,8 +15,12 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import nn
 
+from .families import Family, get_family, family_of_arch, list_families, GENERIC
+from .layers.swap import (AdapterModule, Swappable, is_swapped, restore_class, restore_classes,
+                          swap_class)
+
 __all__ = [
-    "PeftConfig", "PeftMethod", "ModelFamily", "AdapterModule", "cfg_field",
+    "PeftConfig", "PeftMethod", "AdapterModule", "FrozenNorm", "cfg_field",
     "register_method", "register_preset", "list_methods", "get_method", "resolve_method",
     "get_model_family", "get_blocks", "freeze", "unfreeze", "apply_method", "get_peft_config",
     "get_nb_trainable_parameters", "print_trainable_parameters", "adapter_keys",
@@ -81,6 +85,26 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def _from_json(value: Any, tp: Any) -> Any:
+    """``value`` with lists turned into tuples wherever ``tp`` declares a tuple."""
+    if not isinstance(value, list):
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) is tuple:
+                return _from_json(value, arg)
+        return value
+    if origin is not tuple:
+        return value
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_from_json(v, args[0]) for v in value)
+    if len(args) == len(value):
+        return tuple(_from_json(v, a) for v, a in zip(value, args))
+    return tuple(value)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -101,12 +125,11 @@ class PeftConfig:
     train_head: bool = cfg_field(True, help="train the classifier head along with the method")
 
     def __post_init__(self) -> None:
-        # JSON has no tuples: accept lists where a tuple is declared.
+        # JSON has no tuples: accept lists where a tuple is declared (alone or in a union,
+        # e.g. ``int | tuple[int, int] | None``), nested ones included.
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple:
-                setattr(self, f.name, tuple(value))
+            setattr(self, f.name, _from_json(getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self) -> None:
@@ -171,41 +194,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model families
+# Model families (the family wing answers; these are shortcuts for shared code)
 # ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """A group of timm architectures that share one model class (and so one surgery).
-
-    ``class_path`` is checked with ``isinstance`` (so subclasses, e.g. DeiT's distilled ViT, belong
-    to the family); ``modules`` are the timm model modules whose archs are listed for the family.
-    ``blocks`` returns the residual blocks in forward order.
-    """
-
-    name: str
-    class_path: str
-    modules: tuple[str, ...]
-    blocks: Callable[[nn.Module], list[nn.Module]]
-
-    def model_class(self) -> type:
-        mod, _, cls = self.class_path.rpartition(".")
-        return getattr(__import__(mod, fromlist=[cls]), cls)
-
-
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
-    ModelFamily("vit", "timm.models.vision_transformer.VisionTransformer",
-                ("vision_transformer", "vision_transformer_hybrid", "deit"),
-                lambda m: list(m.blocks)),
-    ModelFamily("swin", "timm.models.swin_transformer.SwinTransformer", ("swin_transformer",),
-                lambda m: [b for stage in m.layers for b in stage.blocks]),
-    ModelFamily("convnext", "timm.models.convnext.ConvNeXt", ("convnext",),
-                lambda m: [b for stage in m.stages for b in stage.blocks]),
-    ModelFamily("resnet", "timm.models.resnet.ResNet", ("resnet",),
-                lambda m: [b for name in ("layer1", "layer2", "layer3", "layer4")
-                           for b in getattr(m, name)]),
-)}
-
 
 def unwrap_features(model: nn.Module) -> nn.Module:
     """The timm model inside a ``features_only`` wrapper.
@@ -223,46 +213,43 @@ def unwrap_features(model: nn.Module) -> nn.Module:
     return model
 
 
-def get_model_family(model: nn.Module) -> str | None:
-    """Name of the :data:`FAMILIES` entry the model belongs to, or None.
+def get_model_family(model: nn.Module) -> str:
+    """Name of the model's family (``"generic"`` when no registered family claims it).
 
     Example:
         >>> import timm
         >>> get_model_family(timm.create_model("resnet18"))
         'resnet'
     """
-    model = unwrap_features(model)
-    for fam in FAMILIES.values():
-        if isinstance(model, fam.model_class()):
-            return fam.name
-    return None
+    return get_family(model).name
 
 
 def get_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's residual blocks in forward order (for families in :data:`FAMILIES`)."""
-    fam = get_model_family(model)
-    if fam is None:
-        raise ValueError(f"{type(model).__name__} is not in a known family "
-                         f"({sorted(FAMILIES)}): its blocks cannot be located")
-    return FAMILIES[fam].blocks(unwrap_features(model))
+    """The model's residual blocks in forward order, as its family sees them."""
+    fam = get_family(model)
+    blocks = fam.blocks(unwrap_features(model))
+    if blocks is None:
+        raise ValueError(f"the {fam.name!r} family cannot locate the blocks of "
+                         f"{type(unwrap_features(model)).__name__} (no group_matcher that numbers "
+                         "them)")
+    return blocks
 
 
 # ----------------------------------------------------------------------------------------------
 # Freezing
 # ----------------------------------------------------------------------------------------------
 
-class _FrozenNormTrain:
-    """``train`` of a frozen BatchNorm: it keeps using, and never updates, its running statistics.
+class FrozenNorm(Swappable):
+    """A frozen BatchNorm: it keeps using, and never updates, its running statistics.
 
     The statistics belong to the frozen base, so training must not change them behind the
-    adapter's back. A small class rather than a bound function, so the model still pickles.
+    adapter's back: ``train(mode)`` leaves the norm in eval mode.
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    prefix = "Frozen"
 
-    def __call__(self, mode: bool = True) -> nn.Module:
-        return nn.Module.train(self.module, False)
+    def train(self, mode: bool = True) -> nn.Module:
+        return nn.Module.train(self, False)
 
 
 def freeze(module: nn.Module) -> None:
@@ -276,8 +263,8 @@ def freeze(module: nn.Module) -> None:
     """
     module.requires_grad_(False)
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train = _FrozenNormTrain(m)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_swapped(m, FrozenNorm):
+            swap_class(m, FrozenNorm)
             m.train(False)
 
 
@@ -285,12 +272,7 @@ def unfreeze(module: nn.Module) -> None:
     """Undo :func:`freeze` for ``module`` and everything in it."""
     module.requires_grad_(True)
     for m in module.modules():
-        if "train" in m.__dict__:
-            del m.train
-
-
-class AdapterModule(nn.Module):
-    """Marker base class of every module a method inserts: all its state is adapter state."""
+        restore_class(m, FrozenNorm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,16 +296,30 @@ class PeftMethod:
 
     name: ClassVar[str]
     config_cls: ClassVar[type[PeftConfig]] = PeftConfig
-    #: family names from :data:`FAMILIES` this method supports; None means any timm model
-    families: ClassVar[tuple[str, ...] | None] = None
     #: one line for listings and model cards
     description: ClassVar[str] = ""
     #: True when the saved adapter is the whole model (the user is told so)
     saves_whole_model: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, config: PeftConfig) -> nn.Module:
-        """Insert the method's modules into a frozen ``model`` and unfreeze what it trains."""
+        """Insert the method's modules into a frozen ``model`` and unfreeze what it trains.
+
+        Ask :func:`timm_peft.families.get_family` about the model's structure; where the family
+        cannot answer, raise :func:`timm_peft.families.refuse`'s error.
+        """
         raise NotImplementedError
+
+    def supports(self, family: Family) -> bool:
+        """Whether every model of ``family`` can take the method (from ``family.capabilities``,
+        without building a model); drives :func:`timm_peft.list_models`. Default: any model."""
+        return True
+
+    @property
+    def families(self) -> tuple[str, ...] | None:
+        """Registered families the method supports; None when it supports any timm model."""
+        if self.supports(GENERIC):
+            return None
+        return tuple(f for f in list_families() if self.supports(get_family(f)))
 
     # --- optional behaviours ------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
@@ -489,11 +485,6 @@ def apply_method(
     if getattr(model, "peft_config", None) is not None:
         raise ValueError(f"model already carries PEFT method {model.peft_method!r}; "
                          "build a fresh model to apply another")
-    family = get_model_family(model)
-    if impl.families is not None and family not in impl.families:
-        raise ValueError(f"method {method_name!r} supports model families {list(impl.families)}; "
-                         f"{type(unwrap_features(model)).__name__} is "
-                         f"{'not in any of them' if family is None else repr(family)}")
     target = unwrap_features(model)
     freeze(target)
     out = impl.apply(target, config)
@@ -589,6 +580,8 @@ _PEFT_MODEL_ARGS = ("peft", "peft_cfg", "timm_peft_adapter")
 
 def _strip(model: nn.Module) -> nn.Module:
     """Make a plain timm model again: its recorded args must not ask for timm_peft."""
+    # the frozen norms go back to their timm class: nothing of timm_peft is left to pickle
+    restore_classes(unwrap_features(model))
     for m in {id(model): model, id(unwrap_features(model)): unwrap_features(model)}.values():
         for attr in ("peft_method", "peft_config", "peft_adapter_keys", "peft_base"):
             m.__dict__.pop(attr, None)
@@ -626,7 +619,8 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def iter_family_archs(family_names: Iterable[str] | None) -> list[str]:
-    """timm arch names (no tags) whose model module belongs to the families (all if None)."""
+    """timm arch names (no tags) whose family is one of ``family_names`` (every arch if None)."""
     from timm.models import _registry
-    mods = None if family_names is None else {m for f in family_names for m in FAMILIES[f].modules}
-    return sorted(a for a, mod in _registry._model_to_module.items() if mods is None or mod in mods)
+    names = None if family_names is None else set(family_names)
+    return sorted(a for a in _registry._model_to_module
+                  if names is None or family_of_arch(a).name in names)

@@ -18,13 +18,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .core import (FAMILIES, PeftConfig, apply_method, get_method, iter_family_archs,
-                   list_methods, resolve_method)
+from .core import (PeftConfig, apply_method, get_method, iter_family_archs, list_methods,
+                   resolve_method)
 
 __all__ = ["create_model", "list_models", "split_method", "install", "BUILD_HOOKS"]
 
 _WRAPPED_ATTR = "__timm_peft_original__"
-FAMILY_MODULES = {mod for fam in FAMILIES.values() for mod in fam.modules}
 # kwargs of create_model that describe loading, not the architecture (not recorded for rebuild)
 _NON_ARCH_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
                     "device", "dtype", "pretrained_model_args", "features_only", "out_indices",
@@ -85,7 +84,7 @@ def _wrap(arch: str, entrypoint: Callable[..., nn.Module]) -> Callable[..., nn.M
                                  f"model name or pass peft=<one of {list_methods()}>")
             return entrypoint(*args, **kwargs)
         resolve_method(method)  # fail on an unknown method before building anything
-        if kwargs.get("features_only") and _registry_module(arch) in FAMILY_MODULES:
+        if kwargs.get("features_only"):
             # the getter wrapper keeps the whole model, which the surgery needs
             kwargs.setdefault("feature_cls", "getter")
         model = entrypoint(*args, **kwargs)
@@ -100,11 +99,6 @@ def _wrap(arch: str, entrypoint: Callable[..., nn.Module]) -> Callable[..., nn.M
 
     setattr(wrapper, _WRAPPED_ATTR, entrypoint)
     return wrapper
-
-
-def _registry_module(arch: str) -> str | None:
-    from timm.models import _registry
-    return _registry._model_to_module.get(arch)
 
 
 def _ensure_wrapped(arch: str) -> None:
@@ -162,8 +156,8 @@ def list_models(
 ) -> list[str]:
     """Model names usable with a method suffix, e.g. ``vit_base_patch16_224.ssf``.
 
-    Archs are matched by their timm module against the families the method supports (every timm
-    arch for family-agnostic methods). With ``pretrained=True`` each weight tag is listed
+    An arch is listed when its family (:func:`timm_peft.families.family_of_arch`, from its timm
+    model module) provides what the method needs (:meth:`PeftMethod.supports`). With ``pretrained=True`` each weight tag is listed
     (``arch.tag.method``) and ``filter`` may include a tag pattern. Without ``method`` every
     registered method and preset is listed.
 

@@ -3,7 +3,9 @@
 * ``linear`` — head only (VPT paper, "Linear"; SSF paper, "Linear probing").
 * ``bias`` — every bias plus the head (BitFit, Zaken et al. 2021; "Bias" in VPT and SSF tables).
 * ``partial`` — the last ``num_blocks`` residual blocks, the final norm and the head
-  ("Partial-k" in VPT, Jia et al. 2022, Sec. 4.1).
+  ("Partial-k" in VPT, Jia et al. 2022, Sec. 4.1). The blocks come from the model's family; by
+  default from timm's own ``group_matcher`` (the groups its ``blocks`` patterns number, and every
+  later group but the classifier as the final norms), so it works on any timm model that has one.
 * ``full`` — everything trains; the saved "adapter" is then the whole model.
 """
 from __future__ import annotations
@@ -12,8 +14,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core import (PeftConfig, PeftMethod, cfg_field, get_blocks, register_method,
-                    register_preset, unfreeze, unwrap_features)
+from ..core import (PeftConfig, PeftMethod, cfg_field, register_method, register_preset,
+                    unfreeze, unwrap_features)
+from ..families import Family, get_family, refuse
 
 
 class _NoModules(PeftMethod):
@@ -67,20 +70,25 @@ class Partial(_NoModules):
 
     name = "partial"
     config_cls = PartialConfig
-    families = ("vit", "swin", "convnext", "resnet")
     description = "partial tuning: the last k blocks and the head train"
 
+    def supports(self, family: Family) -> bool:
+        return "layer_groups" in family.capabilities
+
     def apply(self, model: nn.Module, config: PartialConfig) -> nn.Module:
-        blocks = get_blocks(model)
-        if config.num_blocks > len(blocks):
-            raise ValueError(f"PartialConfig.num_blocks must be <= {len(blocks)} (the model's "
-                             f"blocks), got {config.num_blocks}")
-        for block in blocks[-config.num_blocks:]:
-            unfreeze(block)
-        for name in ("norm", "fc_norm", "head_norm"):
-            mod = getattr(model, name, None)
-            if isinstance(mod, nn.Module):
-                unfreeze(mod)
+        family = get_family(model)
+        groups = family.layer_groups(model)
+        if groups is None:
+            raise refuse(self.name, "its residual blocks (a group_matcher that numbers them)",
+                         model, family)
+        if config.num_blocks > len(groups.blocks):
+            raise ValueError(f"PartialConfig.num_blocks must be <= {len(groups.blocks)} (the "
+                             f"model's blocks), got {config.num_blocks}")
+        for group in groups.blocks[-config.num_blocks:]:
+            for module in group:
+                unfreeze(module)
+        for module in groups.tail:
+            unfreeze(module)
         return model
 
 

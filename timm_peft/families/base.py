@@ -1,0 +1,253 @@
+"""The family protocol: what methods may ask about a model's structure.
+
+A :class:`Family` answers structural questions about the timm models of one model file (timm
+keeps one file per family, and so do we: ``timm_peft/families/<family>.py``). Methods ask these
+questions and never look at a family's name; a family that cannot answer one returns ``None``, and
+the method refuses at build time with :func:`refuse`'s message.
+
+The base class answers from what every timm model exposes (``group_matcher``,
+``get_classifier``, ``pretrained_cfg``), so the generic fallback family is the base class itself;
+a family module overrides only what its models do differently.
+
+Questions:
+
+* :meth:`Family.layer_groups`: the residual blocks (Partial-k) and the modules after them.
+* :meth:`Family.token_sequence`: a token model's blocks, prefix tokens, width and patch size
+  (token prompts: VPT, E²VPT).
+* :meth:`Family.kv_attention`: attention layers that accept key-value prompts (E²VPT).
+* :meth:`Family.window_attention`: windowed attention layers that accept extra keys and values
+  shared by every window (VPT and E²VPT on Swin-style models).
+* :meth:`Family.pixel_input`: where pixel prompts go and the input they are sized for (VPT on
+  ConvNets).
+* :meth:`Family.ssf_sites`: the operations SSF follows, and the ones it must skip (with why).
+* :meth:`Family.final_norms`: the norms between the last block and the head.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+from torch import nn
+
+__all__ = ["Family", "TokenSequence", "WindowLayer", "PixelInput", "LayerGroups", "SsfSite",
+           "FamilyCapabilityError", "classifier_modules"]
+
+
+class FamilyCapabilityError(ValueError):
+    """A method needs something the model's family does not provide (raised at build time)."""
+
+
+@dataclass
+class TokenSequence:
+    """A token model as token prompts see it: ``[prefix tokens, patch tokens]`` through ``blocks``.
+
+    Prompts are inserted after the ``num_prefix_tokens`` prefix tokens (class, register and
+    distillation tokens), after the position embedding, so they carry none.
+    """
+
+    blocks: list[nn.Module]
+    num_prefix_tokens: int
+    dim: int
+    patch_size: tuple[int, int]
+    #: attention layers that treat their ``num_prefix_tokens`` first tokens apart (rotary
+    #: embeddings skip them): prompts join that prefix (:class:`~timm_peft.layers.PromptsAsPrefix`)
+    prefix_attention: list[nn.Module] = field(default_factory=list)
+
+
+@dataclass
+class WindowLayer:
+    """One block of a windowed-attention stage: its pre-attention norm and its attention."""
+
+    norm: nn.Module
+    attn: nn.Module
+    dim: int
+
+
+@dataclass
+class PixelInput:
+    """Where a ConvNet reads its image: channels, the input size it is built for, normalisation."""
+
+    in_chans: int
+    img_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class LayerGroups:
+    """Residual blocks (each a list of modules) in forward order, and the modules after them."""
+
+    blocks: list[list[nn.Module]]
+    tail: list[nn.Module] = field(default_factory=list)
+
+
+@dataclass
+class SsfSite:
+    """An operation SSF follows (``reason`` None) or skips (``reason`` says why)."""
+
+    name: str
+    op: nn.Module
+    reason: str | None = None
+
+
+def classifier_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's classifier module(s) (two for distilled models), from ``get_classifier``."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    heads = head if isinstance(head, (tuple, list)) else (head,)
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class Family:
+    """Structural knowledge of one timm model family; the base class is the generic fallback.
+
+    Subclass in ``timm_peft/families/<name>.py``, set ``name`` and ``modules`` (the timm model
+    modules whose archs belong to the family, e.g. ``("swin_transformer",)``), override the
+    questions the generic answers get wrong, and decorate with :func:`register_family`.
+    ``capabilities`` says which questions the family answers for every model it lists, so that
+    ``list_models`` can decide without building a model.
+
+    Example:
+        >>> import timm
+        >>> from timm_peft.families import get_family
+        >>> fam = get_family(timm.create_model("resnet18"))
+        >>> fam.name, len(fam.layer_groups(timm.create_model("resnet18")).blocks)
+        ('resnet', 8)
+    """
+
+    name: ClassVar[str] = "generic"
+    modules: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[frozenset[str]] = frozenset({"layer_groups", "ssf"})
+
+    # --- membership ----------------------------------------------------------------------------
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to the family: its class is defined in one of ``modules``."""
+        mod = type(model).__module__
+        return any(mod == f"timm.models.{m}" for m in self.modules)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name!r}>"
+
+    # --- blocks and layer groups ---------------------------------------------------------------
+    def layer_groups(self, model: nn.Module) -> LayerGroups | None:
+        """Blocks from timm's ``group_matcher(coarse=False)``: the groups its ``blocks`` patterns
+        number; the tail is every later group but the classifier (final norms, pre-logits)."""
+        matcher_fn = getattr(model, "group_matcher", None)
+        if not callable(matcher_fn):
+            return None
+        from timm.models._manipulate import group_modules
+        try:
+            matcher = matcher_fn(coarse=False)
+        except (NotImplementedError, TypeError):
+            return None
+        specs = matcher.get("blocks") if isinstance(matcher, dict) else None
+        if specs is None:
+            return None
+        specs = [specs] if isinstance(specs, str) else [s[0] for s in specs]
+        numbered = [re.compile(s) for s in specs if re.compile(s).groups > 0]
+        lid = group_modules(model, matcher, reverse=True)
+        named = dict(model.named_modules())
+        heads = {id(h) for h in classifier_modules(model)}
+        head_names = {n for n, m in named.items() if id(m) in heads}
+        # a block is the module its pattern matched (``blocks.3`` of ``blocks.3.attn.qkv``)
+        matched: dict[str, str] = {}
+        for n in lid:
+            for r in numbered:
+                hit = r.match(n)
+                if hit is not None:
+                    matched[n] = hit.group(0).rstrip(".")
+                    break
+        block_ids = sorted({lid[n] for n in matched})
+        if not block_ids:
+            return None
+        groups = [[named[b] for b in dict.fromkeys(matched[n] for n in matched if lid[n] == g)]
+                  for g in block_ids]
+        # timm puts the final norm in the last block's group (MATCH_PREV_GROUP): it is tail
+        tail = [named[n] for n in lid if lid[n] >= block_ids[-1] and n not in matched
+                and not any(n == h or n.startswith(h + ".") for h in head_names)]
+        return LayerGroups(groups, tail)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module] | None:
+        """The residual blocks in forward order, when they are single modules."""
+        groups = self.layer_groups(model)
+        if groups is None or any(len(g) != 1 for g in groups.blocks):
+            return None
+        return [g[0] for g in groups.blocks]
+
+    def final_norms(self, model: nn.Module) -> list[nn.Module]:
+        """Norms between the last block and the classifier."""
+        groups = self.layer_groups(model)
+        return list(groups.tail) if groups is not None else []
+
+    # --- tokens and attention ------------------------------------------------------------------
+    def token_sequence(self, model: nn.Module) -> TokenSequence | None:
+        """The token sequence token prompts join; None: not a token model we can prompt."""
+        return None
+
+    def prompted_model_mixin(self, model: nn.Module) -> type | None:
+        """Mixin (for :func:`timm_peft.layers.swap_class`) that hides prompt tokens from callers."""
+        return None
+
+    def kv_attention(self, model: nn.Module) -> list[nn.Module] | None:
+        """Attention layers, one per block, that take key-value prompts."""
+        return None
+
+    def window_attention(self, model: nn.Module) -> list[list[WindowLayer]] | None:
+        """Per stage, the blocks' windowed attention (extra keys and values for every window)."""
+        return None
+
+    # --- pixels --------------------------------------------------------------------------------
+    def pixel_input(self, model: nn.Module) -> PixelInput | None:
+        """A ConvNet's image input (pixel prompts); None for models that are not ConvNets."""
+        return None
+
+    def in_chans(self, model: nn.Module) -> int | None:
+        """Image channels, read from the layer timm's ``pretrained_cfg['first_conv']`` names
+        (the layer timm itself adapts to ``in_chans``)."""
+        pc = getattr(model, "pretrained_cfg", None) or {}
+        first = pc.get("first_conv")
+        if isinstance(first, (tuple, list)):
+            first = first[0]
+        try:
+            conv = model.get_submodule(first) if first else None
+        except AttributeError:
+            conv = None
+        in_chans = getattr(conv, "in_channels", None)
+        if in_chans is None:  # e.g. a Linear patch embedding: its input is flattened patches
+            in_chans = getattr(model, "in_chans", None)
+        return in_chans
+
+    def _pretrained_pixel_input(self, model: nn.Module) -> PixelInput | None:
+        """Channels from :meth:`in_chans`, size from ``pretrained_cfg['input_size']``."""
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        pc = getattr(model, "pretrained_cfg", None) or {}
+        in_chans = self.in_chans(model)
+        if in_chans is None:
+            return None
+        return PixelInput(in_chans, _pair(tuple(pc.get("input_size", (3, 224, 224))[-2:])),
+                          tuple(pc.get("mean", IMAGENET_DEFAULT_MEAN)),
+                          tuple(pc.get("std", IMAGENET_DEFAULT_STD)))
+
+    # --- SSF -----------------------------------------------------------------------------------
+    def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
+        """Every operation of a type SSF knows, outside the classifier; the rest is reported.
+
+        SSF's :func:`~timm_peft.methods.ssf.site_reason` decides per operation whether the map
+        can follow it and fold into it exactly.
+        """
+        from ..layers.scale_shift import scan
+        return list(scan(model, ("",), skip_unfoldable=True,
+                         exclude=tuple(classifier_modules(model))))
+
+    # --- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def submodules(model: nn.Module, names: tuple[str, ...]) -> Iterator[nn.Module]:
+        for n in names:
+            m = getattr(model, n, None)
+            if isinstance(m, nn.Module):
+                yield m

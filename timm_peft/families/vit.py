@@ -1,0 +1,48 @@
+"""ViT family: timm's ``VisionTransformer`` and its subclasses (DeiT incl. distilled, DeiT-III,
+hybrid ViTs, CLIP/SigLIP/DINOv2 ViTs), files ``vision_transformer*.py`` and ``deit.py``."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers.prompts import PromptedViT
+from ..layers.scale_shift import scan
+from ..layers.swap import original_class
+from . import register_family
+from .base import Family, LayerGroups, SsfSite, TokenSequence, _pair
+
+
+@register_family
+class ViT(Family):
+    name = "vit"
+    modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
+    capabilities = frozenset({"layer_groups", "ssf", "tokens", "kv_attention"})
+
+    def matches(self, model: nn.Module) -> bool:
+        from timm.models.vision_transformer import VisionTransformer
+        return isinstance(model, VisionTransformer)
+
+    def layer_groups(self, model: nn.Module) -> LayerGroups:
+        return LayerGroups([[b] for b in model.blocks], self.final_norms(model))
+
+    def final_norms(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.submodules(model, ("norm", "fc_norm", "head_norm")))
+
+    def token_sequence(self, model: nn.Module) -> TokenSequence:
+        return TokenSequence(list(model.blocks), model.num_prefix_tokens, model.embed_dim,
+                             _pair(getattr(model.patch_embed, "patch_size", 16)))
+
+    def prompted_model_mixin(self, model: nn.Module) -> type:
+        return PromptedViT
+
+    def kv_attention(self, model: nn.Module) -> list[nn.Module] | None:
+        attns = [getattr(b, "attn", None) for b in model.blocks]
+        if any(a is None for a in attns):  # parallel blocks: attention fused with the MLP
+            return None
+        return attns
+
+    def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
+        # a hybrid ViT's CNN stem (patch_embed.backbone) is a backbone of its own, not a site
+        return list(scan(model, ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm",
+                                 "attn_pool"),
+                         keep=lambda name, op: not name.startswith("patch_embed.backbone"),
+                         skip_unfoldable=True))

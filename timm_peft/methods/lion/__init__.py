@@ -1,0 +1,79 @@
+"""LION: implicit vision prompt tuning (Wang et al., "LION: Implicit Vision Prompt Tuning",
+AAAI 2024; arXiv:2303.09992).
+
+Two deep-equilibrium prompt blocks sit at the two ends of a frozen backbone ``F`` and the head
+``H`` reads the blended features (paper Eq. 1-3)::
+
+    x̃ = α₁·x + β₁·P₁(x)                 P₁: implicit conv layer on the image
+    z̃ = α₂·F(x̃) + β₂·MLP(P₂(F(x̃)))      P₂: implicit layer on the pooled features
+    (αᵢ, βᵢ) = softmax(g_αᵢ, g_βᵢ)        logits = H(z̃)
+
+and all trainable parameters (P₁, P₂, the projection, the gates and the head) are trained with
+the paper's robust rule (Eq. 7-11, :class:`RobustOptimizer`). No code of LION is public, so every
+choice below is ours; each is a :class:`LionConfig` field.
+
+Choices where the paper is silent:
+
+* **Cell.** "A ResNet layer" with input injection: ``f(z, u) = GN(relu(u + W₂·relu(W₁·z)))``,
+  a residual block whose skip carries the injection ``u``; ``u`` is GroupNorm-ed once (no
+  affine), so the cell's gain depends neither on the scale of the backbone's features nor on a
+  learned rescaling. GroupNorm (``norm_groups``) keeps each sample's equilibrium independent of
+  the rest of the batch. ``W₁, W₂`` start at N(0, 0.01²) and their Frobenius norms are capped at
+  ``cell_max_norm`` (0.5), which keeps ``f`` a contraction through training (without the cap,
+  Adam at usual learning rates makes the cell expansive within tens of steps); ``z₀ = 0``. The
+  DEQ paper's cell normalises ``W₁z`` and adds ``z`` before its last norm; both make the map
+  expansive here, so they are left out (see :class:`EquilibriumCell`).
+* **P₁** works on the normalised image at stride ``p1_stride``: injection ``u`` = 3×3 conv
+  (``in_chans → p1_width``, stride ``p1_stride``); the prompt is read out by a 1×1 conv to
+  ``in_chans·stride²`` channels and a pixel shuffle, so it has full resolution while the
+  equilibrium is solved on a ``stride²``-times smaller map.
+* **P₂** reads the backbone's pooled pre-logits features ``F(x̃)`` (one backbone pass; the paper's
+  Eq. 2 writes ``P₂(zᵢ)`` with ``zᵢ = F(xᵢ)``, which would need a second pass): injection
+  ``Linear(d → p2_width)``, the same cell on vectors, and "MLP" = ``Linear(p2_width → d)``.
+* **Initialisation.** Both read-outs (P₁'s 1×1 conv, P₂'s projection) start at zero. With
+  ``identity_prompt=True`` (default) each prompt block is residual like the ResNet layer it is
+  built from, ``P₁(x) = x + R₁(x)`` and ``MLP(P₂(F)) = F + R₂(F)``, so the blends are
+  ``x + β₁R₁(x)`` and ``F + β₂R₂(F)``: at step 0 the model *is* the frozen backbone for any gate
+  value, and the gates start neutral (``gate_init = β = 0.5``, i.e. ``g_α = g_β = 0``). With
+  ``identity_prompt=False`` the blends are the literal ``α·x + β·R(x)``; then pick a small
+  ``gate_init`` (e.g. 0.01) to start close to the backbone.
+* **Solver.** Anderson acceleration (memory ``anderson_m``) or plain iteration (``solver``),
+  tolerance ``tol`` on the per-sample relative residual, caps ``max_iter`` (training) and
+  ``eval_max_iter``; gradients by implicit differentiation (adjoint solved to ``backward_tol``
+  within ``backward_max_iter``) or the phantom gradient (``backward="phantom"``). See
+  :mod:`timm_peft.deq`.
+* **Robust training.** τ is the *fraction* of elements that are non-crucial (the paper writes a
+  threshold on ``|g·θ|`` but sweeps τ in 0.2-0.8 like a ratio). Elements are ranked within each
+  tensor by default (``robust_scope="tensor"``): ranked over all tensors at once, whole tensors
+  whose gradients are small in absolute terms (everything behind a zero-initialised read-out, at
+  first) would be non-crucial at every step and only ever shrink. The shrink step is the group's
+  learning rate (``robust_shrink`` scales it) and never crosses zero; the wrapped optimiser keeps
+  its state for every element (see :class:`RobustOptimizer`). The training loop picks the
+  wrapper up through :meth:`Lion.training_hooks` (``"optimizer_wrapper"``).
+* **Where it acts.** A class swap (:mod:`timm_peft.layers.swap`) of the model's own timm class
+  overrides
+  ``forward_features`` (P₁ first) and ``forward_head`` (blend with P₂, then the classifier), so
+  ``model(x)``, ``forward_features`` and ``forward_head(pre_logits=True)`` (which returns ``z̃``)
+  all include LION; ``forward_intermediates`` (hence ``features_only``) runs the backbone on
+  the prompted image ``x̃`` (P₂ acts after pooling, so no intermediate holds it). The subclass
+  keeps ``isinstance`` and every base state-dict key; LION's modules live under ``model.lion``;
+  ``unload`` restores the plain class. P₁'s image channels come from the model's family
+  (``pretrained_cfg['first_conv']``).
+
+Ablations of the paper's Table 4 are presets: ``lion_no_p1`` (LION-P1), ``lion_no_p2``
+(LION-P2) and ``lion_no_robust`` (LION-R).
+
+Example:
+    >>> import timm, timm_peft
+    >>> m = timm.create_model("resnet18.lion", num_classes=10)
+    >>> m(torch.randn(1, 3, 64, 64)).shape
+    torch.Size([1, 10])
+"""
+from .config import LionConfig
+from .layers import (BlendGate, EquilibriumCell, ImplicitFeaturePrompt, ImplicitImagePrompt,
+                     LionPrompts)
+from .method import Lion, LionForward, lion_class
+from .robust import RobustOptimizer
+
+__all__ = ["LionConfig", "Lion", "LionPrompts", "EquilibriumCell", "ImplicitImagePrompt",
+           "ImplicitFeaturePrompt", "BlendGate", "RobustOptimizer", "lion_class", "LionForward"]

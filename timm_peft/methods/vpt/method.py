@@ -1,0 +1,106 @@
+"""VPT's surgery: which prompts go where, decided by what the model's family provides."""
+from __future__ import annotations
+
+from torch import nn
+
+from ...core import PeftMethod, register_method, register_preset
+from ...families import Family, get_family, refuse
+from ...layers.kv_attention import ExtraKVWindowAttention
+from ...layers.prompts import (PixelPromptedModel, PixelPrompts, PromptedBlock, PromptsAsPrefix,
+                               VisualPrompts)
+from ...layers.swap import AdapterModule, restore_classes, swap_class
+from .config import VPTConfig
+
+__all__ = ["VPT"]
+
+
+def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _place(module: nn.Module, model: nn.Module) -> nn.Module:
+    ref = next(model.parameters())
+    return module.to(device=ref.device, dtype=ref.dtype)
+
+
+@register_method
+class VPT(PeftMethod):
+    """Visual prompt tuning on token models, windowed-attention models and ConvNets.
+
+    Token prompts where the family provides a token sequence, window prompts where it provides
+    windowed attention, a pixel border where it provides a ConvNet's image input (see
+    :mod:`timm_peft.methods.vpt`).
+    """
+
+    name = "vpt"
+    config_cls = VPTConfig
+    description = "visual prompt tuning: learnable prompt tokens (every block if deep) and the head train"
+
+    def supports(self, family: Family) -> bool:
+        return bool(family.capabilities & {"tokens", "windows", "pixels"})
+
+    def make_prompts(self, config: VPTConfig, num_layers: int, dim: int,
+                     patch_size: tuple[int, int]) -> VisualPrompts:
+        """The prompt container of ``num_layers`` layers of width ``dim`` (override point)."""
+        return VisualPrompts(num_layers, config.num_prompts, dim, prompt_dim=config.projection_dim,
+                             dropout=config.dropout, init=config.init, patch_size=patch_size)
+
+    def apply(self, model: nn.Module, config: VPTConfig) -> nn.Module:
+        family = get_family(model)
+        if family.token_sequence(model) is not None:
+            return self._apply_tokens(model, config, family)
+        if family.window_attention(model) is not None:
+            return self._apply_windows(model, config, family)
+        if family.pixel_input(model) is not None:
+            return self._apply_pixels(model, config, family)
+        raise refuse(self.name, "a token sequence, windowed attention or a ConvNet's image input",
+                     model, family)
+
+    def _apply_tokens(self, model: nn.Module, config: VPTConfig, family: Family) -> nn.Module:
+        seq = family.token_sequence(model)
+        prompts = _place(self.make_prompts(config, len(seq.blocks) if config.deep else 1,
+                                           seq.dim, seq.patch_size), model)
+        model.vpt = prompts
+        for i, block in enumerate(seq.blocks if config.deep else seq.blocks[:1]):
+            swap_class(block, PromptedBlock, vpt_prompts=prompts, vpt_layer=i, vpt_insert=i == 0,
+                       vpt_num_prefix=seq.num_prefix_tokens)
+        for attn in seq.prefix_attention:
+            swap_class(attn, PromptsAsPrefix, vpt_prompts=prompts)
+        swap_class(model, family.prompted_model_mixin(model))
+        return model
+
+    def _apply_windows(self, model: nn.Module, config: VPTConfig, family: Family) -> nn.Module:
+        if not config.deep:
+            raise ValueError("VPTConfig.deep=False (VPT-Shallow) is not supported on Swin: prompt "
+                             "outputs carried across local windows are not defined by the paper; "
+                             "allowed on Swin: deep=True (preset 'vpt')")
+        patch = _pair(model.patch_embed.patch_size)
+        stages = nn.ModuleList()
+        for layers in family.window_attention(model):
+            prompts = _place(self.make_prompts(config, len(layers), layers[0].dim, patch), model)
+            stages.append(prompts)
+            for j, layer in enumerate(layers):
+                swap_class(layer.attn, ExtraKVWindowAttention,
+                           window_prompts=(prompts, j, layer.norm))
+        model.vpt = stages
+        return model
+
+    def _apply_pixels(self, model: nn.Module, config: VPTConfig, family: Family) -> nn.Module:
+        if config.projection_dim is not None:
+            raise ValueError("VPTConfig.projection_dim applies to prompt tokens; ConvNet prompts "
+                             "are pixels: leave projection_dim=None")
+        pixel = family.pixel_input(model)
+        size = _pair(config.img_size) if config.img_size is not None else pixel.img_size
+        prompts = PixelPrompts(pixel.in_chans, size, config.pad_size, mean=pixel.mean,
+                               std=pixel.std, init=config.init, dropout=config.dropout)
+        model.vpt = _place(prompts, model)
+        swap_class(model, PixelPromptedModel)
+        return model
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        del model.vpt
+        restore_classes(model)
+        return model
+
+
+register_preset("vpt_shallow", "vpt", deep=False)
