@@ -340,7 +340,7 @@ def crafted_cases() -> list[Case]:
     add("model_args_not_an_argument", setk("model_args.evil", 1),
         r"field 'model_args.evil' is not allowed: it is not an argument of")
     add("model_args_depth_huge", setk("model_args.depth", 10 ** 6),
-        r"field 'model_args.depth' must be within \[-48, 48\]")
+        r"field 'model_args.depth' must be within \[-24, 24\]")
     add("model_args_embed_dim_huge", setk("model_args.embed_dim", 10 ** 6),
         r"field 'model_args.embed_dim' must be within")
     add("model_args_img_size_huge", setk("model_args.img_size", 10 ** 5),
@@ -359,7 +359,8 @@ def crafted_cases() -> list[Case]:
         r"field 'model_args.img_size' must be a JSON scalar or a list of at most 64")
     add("model_args_bad_act_layer", setk("model_args.act_layer", "no_such_layer"),
         r"fields 'model_args'/'peft_config' do not build")
-    add("model_args_wider_base", edit(lambda c: c["model_args"].update(embed_dim=768, depth=12)),
+    add("model_args_wider_base", edit(lambda c: c["model_args"].update(embed_dim=384,
+                                                                         mlp_ratio=64.0)),
         r"field 'model_args' makes a base of [\d,]+ parameters; at most")
     add("model_args_mlp_ratio_huge", setk("model_args.mlp_ratio", 1e6),
         r"field 'model_args' makes a base of")

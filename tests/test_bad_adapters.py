@@ -5,6 +5,7 @@ The cases live in ``tests/adapter_cases.py``; they run in a fresh Python process
 peak memory (``ru_maxrss``) measures what loading the bad adapters allocated.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _run(*args: str) -> dict:
-    env = {"PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    import os
-    env = {**os.environ, **env}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(HERE / "adapter_cases.py"), *args],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -91,7 +91,7 @@ def test_composed_tag_pretrained_offline(vit_weights):
     assert timm.data.resolve_data_config(model=model) == timm.data.resolve_data_config(model=plain)
     assert model.pretrained_cfg == plain.pretrained_cfg
     assert model.peft_base == dict(architecture="vit_tiny_patch16_224",
-                                   pretrained_tag="augreg_in21k_ft_in1k",
+                                   pretrained_tag="augreg_in21k_ft_in1k", pretrained=True,
                                    model_args=dict(num_classes=7, **TINY_VIT))
     # only the method's tensors train
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

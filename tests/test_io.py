@@ -63,7 +63,9 @@ def test_files_hold_only_adapter_and_full_config(saved):
     assert cfg["peft_type"] == "partial" and cfg["peft_config"] == {"train_head": True, "num_blocks": 1}
     assert cfg["architecture"] == "vit_tiny_patch16_224"
     assert cfg["pretrained_tag"] == "augreg_in21k_ft_in1k"
-    assert cfg["base_model_name_or_path"] == NAME
+    # the base came from a local file: its name does not claim timm's weights
+    assert cfg["base_model_name_or_path"] == "vit_tiny_patch16_224"
+    assert cfg["base_source"] == {"kind": "file"}
     assert cfg["model_args"] == {"num_classes": 5, **TINY_VIT}
     assert cfg["num_trainable_parameters"] == timm_peft.get_nb_trainable_parameters(model)[0]
     assert cfg["format_version"] == 2 and cfg["base_fingerprint"].startswith("sha256:")

@@ -197,8 +197,6 @@ def make_model_card(cfg: dict[str, Any], nbytes: int, **card_info: Any) -> str:
     kind = source["kind"]
     base_hub = source.get("hf_hub_id") if kind == "timm" else None
     license_ = card_info.get("license") or (source.get("license") if kind == "timm" else None)
-    if kind != "timm":  # the tag then names only the architecture's configuration
-        base_name = cfg["architecture"]
     name = repo_id or f"{base_name}.{peft_type}"
     tags = list(dict.fromkeys(["timm", "timm_peft", peft_type, "peft", "image-classification",
                                *[str(t) for t in card_info.get("tags") or ()]]))

@@ -179,7 +179,7 @@ def _write_unit(out: Path, files: dict[str, bytes]) -> None:
     Files already in ``out`` that the adapter does not own (e.g. ``training_args.json``) are kept;
     temporaries left by killed saves are removed.
     """
-    out = Path(os.path.abspath(out))
+    out = Path(os.path.realpath(out))  # a link to an adapter: replace what it points to
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
     with _locked(parent):
@@ -278,15 +278,17 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
         p.numel() for n, p in inner.named_parameters() if p.requires_grad and n not in tensors)
     from .. import __version__
     import timm
+    source = _base_source(model, arch, tag, base.get("pretrained"))
     cfg = dict(
         format_version=FORMAT_VERSION,
         library_name="timm_peft",
         peft_type=inner.peft_method,
         peft_config=config.to_dict(),
-        base_model_name_or_path=f"{arch}.{tag}" if tag else arch,
+        # the weights' name only when they are timm's; the tag still selects the arch's config
+        base_model_name_or_path=source.get("name", arch),
         architecture=arch,
         pretrained_tag=tag,
-        base_source=_base_source(model, arch, tag, base.get("pretrained")),
+        base_source=source,
         model_args=model_args,
         data_config=_data_config(inner),
         label_names=_label_names(inner, label_names),
@@ -397,11 +399,21 @@ def check_against_meta(adapter_dir: Path, cfg: dict[str, Any],
     kwargs = {**cfg["model_args"],
               **{k: v for k, v in (overrides or {}).items() if k not in LOADING_KWARGS}}
     name = _model_name(cfg)
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
+
+    def build(device: str) -> nn.Module:
+        with torch.device(device), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            meta = timm.create_model(name, pretrained=False, peft=cfg["peft_type"],
+            return timm.create_model(name, pretrained=False, peft=cfg["peft_type"],
                                      peft_cfg=cfg["peft_config"], **kwargs)
+    try:
+        try:
+            meta = build("meta")
+        except NotImplementedError as e:
+            if "meta" not in str(e):
+                raise
+            # a surgery that reads tensor values (E²VPT's pruned structure): build it for real,
+            # within the bounds the config and architecture arguments have already passed
+            meta = build("cpu")
     except Exception as e:  # timm and the method refuse bad arguments in many ways
         raise AdapterError(f"{adapter_dir / CONFIG_NAME}: fields 'model_args'/'peft_config' do "
                            f"not build {name} with {cfg['peft_type']!r}: {type(e).__name__}: "
@@ -409,7 +421,7 @@ def check_against_meta(adapter_dir: Path, cfg: dict[str, Any],
     inner = unwrap_features(meta)
     keys = set(inner.peft_adapter_keys)
     base_params = sum(p.numel() for n, p in inner.named_parameters() if n not in keys)
-    _, default_params = arch_profile(cfg["architecture"])
+    _, default_params = arch_profile(cfg["architecture"])  # inspected by read_adapter_config
     limit = LIMITS["base_params_scale"] * default_params
     if base_params > limit:
         raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'model_args' makes a base of "
