@@ -343,7 +343,7 @@ def _crafted():
 
 def test_robust_sgd_step_per_tensor_hand_computed():
     a, b = _crafted()
-    opt = RobustOptimizer(torch.optim.SGD([a, b], lr=0.1), tau=0.4)
+    opt = RobustOptimizer(torch.optim.SGD([a, b], lr=0.1), tau=0.4, criterion="paper")
     masks = opt.noncrucial_masks([a, b])
     # a: floor(0.4·5) = 2 lowest: c=.005 (idx 4) and the first of the tied .1s (idx 0)
     assert masks[0].tolist() == [True, False, False, False, True]
@@ -358,7 +358,8 @@ def test_robust_sgd_step_per_tensor_hand_computed():
 
 def test_robust_sgd_step_global_scope_and_no_overshoot():
     a, b = _crafted()
-    opt = RobustOptimizer(torch.optim.SGD([a, b], lr=0.1), tau=0.4, scope="global", shrink=1.0)
+    opt = RobustOptimizer(torch.optim.SGD([a, b], lr=0.1), tau=0.4, scope="global", shrink=1.0,
+                          criterion="paper")
     masks = opt.noncrucial_masks([a, b])
     # all 8 elements: floor(3.2) = 3 lowest: .005 (a4), .04 (b2), .1 (a0, first of the ties a0/a2)
     assert masks[0].tolist() == [True, False, False, False, True]
@@ -368,6 +369,55 @@ def test_robust_sgd_step_global_scope_and_no_overshoot():
     opt.step()
     assert a.tolist() == pytest.approx([0.9, -2.01, 0.05 - 0.2, 2.9, 0.0])
     assert b.tolist() == pytest.approx([0.2 - 0.1, -0.3 - 0.1, 3.9])
+
+
+def test_robust_floored_criterion_ranks_zeros_by_gradient_and_revives_them():
+    p = nn.Parameter(torch.zeros(10))  # a zero-initialised tensor, as LION's read-outs
+    g = torch.linspace(1.0, 0.1, 10)   # the first elements matter most
+    paper = RobustOptimizer(torch.optim.SGD([p], lr=0.1), tau=0.4, criterion="paper")
+    floored = RobustOptimizer(torch.optim.SGD([p], lr=0.1), tau=0.4)
+    p.grad = g.clone()
+    # the literal Eq. 7 ties every zero and takes the first 4 by position: the most important ones
+    assert paper.noncrucial_masks([p])[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    # floored: c = |g|·max(|θ|, η) ranks them by gradient, so the 4 smallest gradients shrink
+    assert floored.noncrucial_masks([p])[0].nonzero().flatten().tolist() == [6, 7, 8, 9]
+    # hand-computed against the formula, with a non-zero element above the floor
+    q = nn.Parameter(torch.tensor([0.0, 0.05, -0.5, 2.0]))
+    q.grad = torch.tensor([1.0, 1.0, 0.3, 0.01])
+    opt = RobustOptimizer(torch.optim.SGD([q], lr=0.1), tau=0.5)
+    c = opt.criticality(q, 0.1)
+    assert torch.allclose(c, torch.tensor([0.1, 0.1, 0.15, 0.02]))
+    floored.step()
+    assert (p[:6] != 0).all() and (p[6:] == 0).all()
+    # a zero whose gradient becomes large is crucial again (the paper does not eliminate it)
+    p.grad = torch.tensor([0.01] * 6 + [5.0, 0.01, 0.01, 0.01])
+    floored.step()
+    assert p[6] != 0
+
+
+def test_robust_lion_training_does_not_pin_zero_initialised_tensors_by_position():
+    _, model = _build("vit")
+    hooks = timm_peft.core.get_method("lion").training_hooks(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero_init = {n: p for n, p in model.named_parameters() if p.requires_grad and not p.any()}
+    assert len(zero_init) >= 3  # the read-outs, P2's projection, the head bias
+    opt = hooks["optimizer_wrapper"](torch.optim.Adam(params, lr=1e-2), model)
+    x, y = _task()
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DEQConvergenceWarning)
+        for _ in range(4):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for name, p in zero_init.items():
+        flat = p.detach().flatten()
+        k = int(0.4 * flat.numel())
+        if k == 0:
+            continue
+        # the paper's literal criterion leaves exactly these first k elements at zero
+        assert flat[:k].any(), f"{name}: the first {k} elements were pinned at zero"
+        assert (flat == 0).float().mean() < 0.4, name
 
 
 def test_robust_adam_updates_crucial_elements_only_and_keeps_state():

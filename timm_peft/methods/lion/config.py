@@ -44,6 +44,10 @@ class LionConfig(PeftConfig):
                                   help="rank criticality within each tensor or over all")
     robust_shrink: float = cfg_field(1.0, ge=0.0, help="shrink step of non-crucial elements, "
                                                        "as a multiple of the learning rate")
+    robust_criterion: str = cfg_field("floored", choices=("floored", "paper"),
+                                      help="criticality: |g|·max(|θ|, shrink step) (default; "
+                                           "zeros are ranked by their gradient) or the paper's "
+                                           "literal |g·θ| (zeros stay pinned)")
 
     def validate(self) -> None:
         super().validate()

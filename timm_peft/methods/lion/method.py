@@ -100,7 +100,8 @@ class Lion(PeftMethod):
         if config.robust:
             def wrap(optimizer: torch.optim.Optimizer, model: nn.Module) -> RobustOptimizer:
                 return RobustOptimizer(optimizer, tau=config.robust_tau,
-                                       scope=config.robust_scope, shrink=config.robust_shrink)
+                                       scope=config.robust_scope, shrink=config.robust_shrink,
+                                       criterion=config.robust_criterion)
             hooks["optimizer_wrapper"] = wrap
         return hooks
 

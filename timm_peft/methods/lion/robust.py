@@ -7,26 +7,41 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["RobustOptimizer"]
+__all__ = ["RobustOptimizer", "CRITERIA"]
+
+#: criticality scores :class:`RobustOptimizer` offers (see its docstring)
+CRITERIA = ("floored", "paper")
 
 
 class RobustOptimizer(torch.optim.Optimizer):
     """LION's robust update around any torch optimiser (paper Eq. 7-11).
 
-    Each :meth:`step`, for every parameter element with a gradient: criticality
-    ``c = |∂L/∂θ ⊙ θ|`` (Eq. 7); the ``floor(tau·n)`` elements of lowest ``c`` are non-crucial
-    (Eq. 9; ``n`` counts the elements of one tensor for ``scope="tensor"``, of all tensors for
-    ``scope="global"``; ties are broken by position). Crucial elements get the wrapped optimiser's
-    update (Eq. 10, with e.g. Adam in place of SGD as in the paper's experiments); non-crucial ones
-    are shrunk toward zero instead, ``θ ← sign(θ)·max(|θ| - η, 0)`` (Eq. 11 without overshooting
-    zero), ``η = shrink × the group's learning rate``.
+    Each :meth:`step`, for every parameter element with a gradient, a criticality score ranks the
+    elements; the ``floor(tau·n)`` of lowest score are non-crucial (Eq. 9; ``n`` counts the elements
+    of one tensor for ``scope="tensor"``, of all tensors for ``scope="global"``). Crucial elements
+    get the wrapped optimiser's update (Eq. 10, with e.g. Adam in place of SGD as in the paper's
+    experiments); non-crucial ones are shrunk toward zero instead, ``θ ← sign(θ)·max(|θ| - η, 0)``
+    (Eq. 11 without overshooting zero), ``η = shrink × the group's learning rate``.
+
+    Criticality (``criterion``):
+
+    * ``"floored"`` (default): ``c = |∂L/∂θ| ⊙ max(|θ|, η)``. The paper's Eq. 7 with the value
+      floored at one shrink step. Why: with the literal ``|∂L/∂θ ⊙ θ|`` an element at exactly zero
+      has zero criticality whatever its gradient, so it is non-crucial at every step and can never
+      leave zero. LION starts its read-outs, projection and head bias at zero (so the prompted
+      model starts as the backbone), which makes every element of those tensors tie at step 1: the
+      first ``tau`` of them by position were shrunk to zero and pinned there for good (e.g. P1 never
+      changed its first colour channel). The floor ranks an element at zero by its gradient, as if
+      it sat one step away, and leaves every element with ``|θ| ≥ η`` ranked exactly as Eq. 7 ranks
+      it. It also keeps the paper's "we do not eliminate the non-crucial parameters": a zero whose
+      gradient grows becomes crucial again.
+    * ``"paper"``: ``c = |∂L/∂θ ⊙ θ|`` literally (zeros stay pinned; ties broken by position).
 
     Optimiser state: the wrapped optimiser sees every element's true gradient, so its state
     (e.g. Adam's moments and step count) keeps tracking all elements; for non-crucial elements
-    only its write to the parameter is replaced by the shrink. An element that reaches exactly
-    zero has zero criticality and stays there while it is ranked non-crucial (lottery-ticket
-    pruning). ``param_groups``, ``state``, ``state_dict`` and ``zero_grad`` are the wrapped
-    optimiser's, so LR schedulers and checkpoints work unchanged.
+    only its write to the parameter is replaced by the shrink. ``param_groups``, ``state``,
+    ``state_dict`` and ``zero_grad`` are the wrapped optimiser's, so LR schedulers and checkpoints
+    work unchanged.
 
     Example:
         >>> p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]))
@@ -37,7 +52,7 @@ class RobustOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, tau: float = 0.4, scope: str = "tensor",
-                 shrink: float = 1.0) -> None:
+                 shrink: float = 1.0, criterion: str = "floored") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"RobustOptimizer wraps a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -47,9 +62,12 @@ class RobustOptimizer(torch.optim.Optimizer):
             raise ValueError(f"RobustOptimizer scope must be 'tensor' or 'global', got {scope!r}")
         if shrink < 0:
             raise ValueError(f"RobustOptimizer shrink must be >= 0, got {shrink!r}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"RobustOptimizer criterion must be one of {list(CRITERIA)}, got "
+                             f"{criterion!r}")
         # not Optimizer.__init__: parameters, groups and state all belong to the wrapped optimiser
         self.optimizer = optimizer
-        self.tau, self.scope, self.shrink = tau, scope, shrink
+        self.tau, self.scope, self.shrink, self.criterion = tau, scope, shrink, criterion
         self.defaults = optimizer.defaults
         for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                       "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -70,7 +88,7 @@ class RobustOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (f"RobustOptimizer(tau={self.tau}, scope={self.scope!r}, shrink={self.shrink}, "
-                f"optimizer={self.optimizer!r})")
+                f"criterion={self.criterion!r}, optimizer={self.optimizer!r})")
 
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
@@ -84,10 +102,24 @@ class RobustOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
 
-    def noncrucial_masks(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        """Boolean masks of the non-crucial elements of ``params`` (which all have gradients)."""
+    def criticality(self, p: torch.Tensor, lr: float) -> torch.Tensor:
+        """Criticality of every element of ``p`` (which has a gradient) under ``self.criterion``."""
+        if self.criterion == "paper":
+            return (p.grad * p).abs()
+        floor = (self.shrink or 1.0) * lr  # one shrink step (one lr step when shrink is 0)
+        return p.grad.abs() * p.detach().abs().clamp_min(floor)
+
+    def noncrucial_masks(self, params: Iterable[torch.Tensor],
+                         lrs: Iterable[float] | None = None) -> list[torch.Tensor]:
+        """Boolean masks of the non-crucial elements of ``params`` (which all have gradients).
+
+        ``lrs`` are the learning rates of the params' groups (default: each one's group's).
+        """
         params = list(params)
-        crit = [(p.grad * p).abs().flatten() for p in params]
+        if lrs is None:
+            group_lr = {id(q): float(g["lr"]) for g in self.param_groups for q in g["params"]}
+            lrs = [group_lr[id(p)] for p in params]
+        crit = [self.criticality(p, lr).flatten() for p, lr in zip(params, lrs)]
         if self.scope == "global" and crit:
             flat = _lowest(torch.cat([c.float() for c in crit]), self.tau)
             masks = list(flat.split([c.numel() for c in crit]))
@@ -104,7 +136,7 @@ class RobustOptimizer(torch.optim.Optimizer):
         entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p, _ in entries):
             raise RuntimeError("RobustOptimizer does not support sparse gradients")
-        masks = self.noncrucial_masks(p for p, _ in entries)
+        masks = self.noncrucial_masks([p for p, _ in entries], [float(g["lr"]) for _, g in entries])
         before = [p.detach().clone() for p, _ in entries]
         self.optimizer.step()
         total = noncrucial = 0
