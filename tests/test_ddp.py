@@ -1,8 +1,8 @@
 """Data-parallel training under torchrun (2 processes, gloo, CPU) equals one process.
 
-The same ``timm-peft train`` command runs under ``torchrun``; with the per-process batch halved,
-each step sees the same global batch, so the adapter after N steps must be the single-process
-adapter (up to float rounding of the gradient all-reduce).
+The same ``timm-peft train`` command runs under ``torchrun``; with the per-process batch a quarter
+and two batches accumulated per update, each update sees the same global batch, so the adapter
+after N updates must be the single-process adapter (up to float rounding of the all-reduce).
 """
 import json
 import os
@@ -35,7 +35,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
              "--pretrained-file", str(weights), "--task", "texture", "--train-size", "32",
              "--test-size", "11", "--epochs", "2", "--warmup-epochs", "0.5", "--opt", "momentum",
              "--lr", "0.05", "--seed", "3", "--workers", "0", "--no-progress",
-             "--batch-size", "4", "--output", str(tmp_path / "ddp")]
+             # 2 processes x 2 accumulated batches of 2: the gradient all-reduce runs only on
+             # the update's last batch (DDP no_sync before it), and the global batch is still 8
+             "--batch-size", "2", "--grad-accum-steps", "2", "--output", str(tmp_path / "ddp")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(

@@ -126,12 +126,15 @@ def test_mixup_and_cutmix_give_soft_targets(weights, tmp_path, monkeypatch):
         targets.append(target.detach().clone())
         return real(self, x, target)
     monkeypatch.setattr(SoftTargetCrossEntropy, "forward", spy)
-    train(_cfg(weights, tmp_path / "m", mixup=0.8, cutmix=1.0, smoothing=0.1))
-    assert len(targets) == 2
-    t = torch.cat(targets)
+    train(_cfg(weights, tmp_path / "m", mixup=0.8, cutmix=1.0, smoothing=0.1, epochs=2,
+               mixup_off_epoch=1))
+    assert len(targets) == 4
+    t = torch.cat(targets[:2])
     assert t.shape == (24, 6)
     torch.testing.assert_close(t.sum(1), torch.ones(24))
     assert (t.max(1).values < 0.95).all()  # mixed and smoothed, never one-hot
+    off = torch.cat(targets[2:])  # --mixup-off-epoch 1: the second epoch is smoothed only
+    assert torch.allclose(off.max(1).values, torch.full((24,), 0.9 + 0.1 / 6))
     with pytest.raises(ValueError, match="--batch-size must be even"):
         train(_cfg(weights, tmp_path / "odd", mixup=0.8, batch_size=5))
 
@@ -249,3 +252,18 @@ def test_dataset_hfds_from_a_local_hugging_face_dataset(weights, tmp_path):
                      batch_size=4))
     assert json.loads((tmp_path / "run" / "args.json").read_text())["classes"] == ["ant", "bee"]
     assert "test_acc" in res.metrics
+
+
+def test_clip_grad_goes_through_timms_dispatch_with_the_mode(weights, tmp_path, monkeypatch):
+    import timm.utils
+    seen = []
+    real = timm.utils.dispatch_clip_grad
+
+    def spy(parameters, value, mode="norm", **kw):
+        parameters = list(parameters)
+        real(parameters, value, mode=mode, **kw)
+        seen.append((value, mode, max(p.grad.abs().max().item() for p in parameters)))
+    monkeypatch.setattr(timm.utils, "dispatch_clip_grad", spy)
+    train(_cfg(weights, tmp_path / "clip", clip_grad=1e-3, clip_mode="value"))
+    assert len(seen) == 2 and all(v == 1e-3 and m == "value" and g <= 1e-3 * (1 + 1e-6)
+                                  for v, m, g in seen)

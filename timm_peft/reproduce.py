@@ -255,9 +255,12 @@ def reproduce(method: str, benchmark: str, data_root: str | os.PathLike, model: 
     if not Path(data_root).is_dir():
         raise FileNotFoundError(f"data root {data_root} does not exist")
     jobs = plan(method, benchmark, output, tasks=tasks, grid=grid, seeds=seeds)
+    extra = dict(train_args or {})
+    for key in ("output", "resume", "overwrite", "dataset", "train_split", "val_split_name"):
+        if key in extra:
+            raise ValueError(f"train_args may not set {key!r}: reproduce sets it per run")
     rank, world, device, owns = _process_group()
     try:
-        extra = dict(train_args or {})
         if device is not None and "device" not in extra:
             extra["device"] = device
         recipes = [bench.recipe, proto.recipe]
@@ -266,9 +269,6 @@ def reproduce(method: str, benchmark: str, data_root: str | os.PathLike, model: 
             extra["warmup_epochs"] = defaults["warmup_epochs"] * extra["epochs"] / defaults["epochs"]
         base = dict(defaults, **extra, model=f"{model}.{method}", recipes=recipes,
                     val_split=0.0, task=None, data_dir=str(data_root), test_split=bench.test)
-        for key in ("output", "resume", "overwrite", "dataset", "train_split", "val_split_name"):
-            if key in extra:
-                raise ValueError(f"train_args may not set {key!r}: reproduce sets it per run")
 
         def values(job: Job, point: dict[str, Any]) -> dict[str, Any]:
             tune = job.phase == "tune"
