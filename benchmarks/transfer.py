@@ -359,7 +359,8 @@ def verdict(claim: Claim, a: dict[int, float], b: dict[int, float]) -> dict[str,
     and ``se`` its standard error over seeds, a ``">"`` claim is *confirmed* when
     ``d - 2 se > 0`` and ``d >= MARGIN``, *contradicted* when ``d + 2 se < 0`` and
     ``d <= -MARGIN``; a ``">="`` claim is confirmed when ``d - 2 se > -MARGIN`` and contradicted
-    when ``d + 2 se < -MARGIN``. Anything else is *not resolved* at this scale.
+    when ``d + 2 se < -MARGIN``. Anything else, and any claim seen with one seed, is *not
+    resolved*.
 
     Example:
         >>> c = Claim("P", "a beats b", "a", "b")
@@ -370,7 +371,9 @@ def verdict(claim: Claim, a: dict[int, float], b: dict[int, float]) -> dict[str,
     diffs = [a[s] - b[s] for s in seeds]
     d, sd = _mean_std(diffs)
     se = sd / math.sqrt(len(diffs))
-    if claim.kind == ">":
+    if len(diffs) < 2:  # one seed has no spread to compare a difference with
+        ok = bad = False
+    elif claim.kind == ">":
         ok, bad = d - 2 * se > 0 and d >= MARGIN, d + 2 * se < 0 and d <= -MARGIN
     elif claim.kind == ">=":
         ok, bad = d - 2 * se > -MARGIN, d + 2 * se < -MARGIN
@@ -546,7 +549,8 @@ def write_report(data: dict[str, Any], out_dir: Path = RESULTS) -> Path:
                   f"exceeds twice its standard error and {MARGIN:g} point, *contradicted* when the "
                   f"same holds the other way; a claim that `a` is no worse than `b` is "
                   f"confirmed when the difference's lower bound (mean - 2 s.e.) is above "
-                  f"-{MARGIN:g} point. Anything else is *not resolved* at this scale.", "",
+                  f"-{MARGIN:g} point. Anything else is *not resolved* at this scale. With "
+                  f"{len(a.seeds)} seeds this is a coarse screen, not a significance test.", "",
                   "| paper | claim | a | b | a - b | verdict |", "|---|---|---|---|---:|---|"]
         for c, v in found:
             lines.append(f"| {c.paper} | {c.text} | `{c.a}` | `{c.b}` | "
