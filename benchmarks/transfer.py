@@ -462,6 +462,19 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def _grids_text(runs: list[dict[str, Any]]) -> str:
+    """The learning-rate grids the runs tried, each with the methods that used it."""
+    grids: dict[str, set[float]] = defaultdict(set)
+    for r in runs:
+        if r["stage"] == "select":
+            grids[r["method"]].add(r["lr"])
+    users: dict[tuple[float, ...], list[str]] = defaultdict(list)
+    for m, g in grids.items():
+        users[tuple(sorted(g))].append(m)
+    return "; ".join(", ".join(_fmt_lr(x) for x in g) + ": " + ", ".join(f"`{m}`" for m in ms)
+                     for g, ms in sorted(users.items(), key=lambda kv: -len(kv[1])))
+
+
 def write_report(data: dict[str, Any], out_dir: Path = RESULTS) -> Path:
     """Write ``transfer.md``, ``transfer.svg`` and ``transfer.json`` to ``out_dir`` from the
     record :func:`main` builds (runs, chosen rates, timings, pre-training records)."""
@@ -485,8 +498,11 @@ def write_report(data: dict[str, Any], out_dir: Path = RESULTS) -> Path:
     lines += [
         f"Command: `{data['command']}` (timm_peft at `{data['commit']}`)", "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in data["env"].items()), "",
-        f"Time: {t['wall'] / 60:.1f} min wall, {t['cpu'] / 60:.1f} CPU-minutes "
-        f"({t['runs_cpu'] / 60:.1f} of them inside the {len(data['runs'])} fine-tuning runs), "
+        f"Time: {t['wall'] / 60:.1f} min wall, "
+        + (f"{t['cpu'] / 60:.1f} CPU-minutes in all ({t['runs_cpu'] / 60:.1f} of them inside "
+           f"the {len(data['runs'])} fine-tuning runs), " if data.get("complete", True) else
+           f"{t['runs_cpu'] / 60:.1f} CPU-minutes inside the {len(data['runs'])} finished "
+           "fine-tuning runs (the workers' own total is only known once they exit), ") +
         f"{a.jobs} worker process(es) of one thread; load average {t['load'][0]:.1f} at the "
         f"start, {t['load'][1]:.1f} at the end on {os.cpu_count()} cores (a shared machine "
         "stretches wall time; CPU time is what the run costs). Pre-training "
@@ -503,8 +519,7 @@ def write_report(data: dict[str, Any], out_dir: Path = RESULTS) -> Path:
         f"what a method exempts), cosine schedule with {a.warmup_epochs} warm-up epoch(s); "
         "the epoch with the best validation accuracy is kept. The learning rate (head "
         "included) is chosen per method and task by validation accuracy with seed "
-        f"{a.seeds[0]}, from {', '.join(_fmt_lr(x) for x in LR_GRID)} (methods that tune "
-        f"backbone weights: {', '.join(_fmt_lr(x) for x in LR_GRID_BACKBONE)}); seeds "
+        f"{a.seeds[0]} from a grid ({_grids_text(data['runs'])}); seeds "
         f"{', '.join(map(str, a.seeds[1:])) or '(none)'} then run at the chosen rate. Test "
         f"accuracy (%) is the mean ± std over seeds {a.seeds}; `mean` is the task average "
         "(± its std over seeds). The papers train 100 epochs on 224 px ViT-B/16 with a wider "
