@@ -462,6 +462,17 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def _at_grid_edge(runs: list[dict[str, Any]], chosen: dict[str, float],
+                  backbone: str) -> list[str]:
+    """``method/task`` of the groups of ``backbone`` whose chosen rate is an end of their grid."""
+    grids: dict[str, set[float]] = defaultdict(set)
+    for r in runs:
+        if r["stage"] == "select" and r["backbone"] == backbone:
+            grids[r["group"]].add(r["lr"])
+    return [g.split("/", 1)[1] for g, lr in chosen.items()
+            if g in grids and len(grids[g]) > 2 and lr in (min(grids[g]), max(grids[g]))]
+
+
 def _grids_text(runs: list[dict[str, Any]]) -> str:
     """The learning-rate grids the runs tried, each with the methods that used it."""
     grids: dict[str, set[float]] = defaultdict(set)
@@ -551,6 +562,12 @@ def write_report(data: dict[str, Any], out_dir: Path = RESULTS) -> Path:
             lines.append(f"| {r['method']} | {_fmt_params(r['trainable'])} | "
                          f"{r['adapter_bytes'] / 1024:,.0f} KiB | " + " | ".join(cells) +
                          f" | **{r['mean'][0]:.1f} ± {r['mean'][1]:.1f}** | {lrs} |")
+        edge = _at_grid_edge(data["runs"], data["chosen"], backbone)
+        if edge:
+            lines += ["", f"The chosen rate is the grid's largest or smallest in {len(edge)} of "
+                      f"{sum(g.startswith(backbone + '/') for g in data['chosen'])} method-task "
+                      "pairs (" + ", ".join(f"`{g}`" for g in edge) + "): there the grid may not "
+                      "hold the best rate."]
         lines += ["", "`linear (reference: random-init base)` is a linear probe on the same "
                   "architecture with random weights: the gap to `linear` is what the "
                   "pre-training transfers.", ""]
