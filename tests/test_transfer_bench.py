@@ -42,6 +42,8 @@ def test_verdict_is_a_paired_test_over_seeds():
     assert v["std"] == pytest.approx(statistics.stdev([5.0, -2.0, 1.5]))
     # a steady gain below the margin is no win
     assert tb.verdict(beats, {0: 50.5, 1: 60.5}, {0: 50.0, 1: 60.0})["verdict"] == "not resolved"
+    # one seed: no spread, no verdict
+    assert tb.verdict(beats, {0: 90.0}, {0: 10.0})["verdict"] == "not resolved"
     no_worse = tb.Claim("P", "a keeps b's accuracy", "a", "b", ">=")
     assert tb.verdict(no_worse, {0: 49.8, 1: 59.7}, {0: 50.0, 1: 60.0})["verdict"] == "confirmed"
     assert tb.verdict(no_worse, {0: 45.0, 1: 55.0}, {0: 50.0, 1: 60.0})["verdict"] == "contradicted"
