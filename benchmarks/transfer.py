@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import timm
 import torch
 
 import timm_peft
@@ -58,7 +59,6 @@ from timm_peft.data import SyntheticTask, build_splits
 from timm_peft.train import TrainConfig, train
 
 from .common import RESULTS, environment
-from .efficiency import methods_for
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,21 @@ CLAIMS = (
 #: points within which ">=" counts as "no worse"; also the least difference called a win
 MARGIN = 1.0
 
+
+def methods_for(arch: str, names: list[str], model_kwargs: dict[str, Any]) -> list[str]:
+    """Registry names that build on ``arch`` (a refusal is a ValueError), one per distinct config."""
+    out, seen = [], set()
+    for name in names:
+        try:
+            model = timm.create_model(f"{arch}.{name}", pretrained=False, device="meta",
+                                      **model_kwargs)
+        except ValueError:
+            continue
+        key = json.dumps([model.peft_method, model.peft_config.to_dict()], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
 
 def lr_grid(method: str) -> tuple[float, ...]:
     """The learning rates tried for registry name ``method`` (presets use their method's)."""
@@ -720,7 +735,7 @@ def main(argv: list[str] | None = None) -> Path:
         if time.perf_counter() - t0 < 0.5 * info["seconds"]:
             cached.append(bname)
         pretrain[bname] = info
-        jobs = [(m, m, str(weights)) for m in methods_for(backbone.arch, names)]
+        jobs = [(m, m, str(weights)) for m in methods_for(backbone.arch, names, backbone.model_kwargs)]
         jobs.append(("linear", "linear (reference: random-init base)", None))
         # task by task, so that a run cut short still holds whole tasks
         groups += [dict(group=f"{bname}/{label}/{t}", backbone=bname, arch=backbone.arch,
