@@ -429,9 +429,19 @@ def main() -> None:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for arch in args.archs.split(","):
-        for mode in modes:
-            rows += measure(arch, names, args, mode, skipped)
+    runs = [(arch, mode) for arch in args.archs.split(",") for mode in modes]
+    for i, (arch, mode) in enumerate(runs):
+        rows += measure(arch, names, args, mode, skipped)
+        # written after every arch, so a long run that is stopped keeps what it measured
+        path = report(parser, args, modes, rows, skipped, time.perf_counter() - start,
+                      partial=i + 1 < len(runs))
+    print(path.read_text())
+
+
+def report(parser: argparse.ArgumentParser, args: argparse.Namespace, modes: list[str],
+           rows: list[dict[str, Any]], skipped: list[str], seconds: float,
+           partial: bool) -> Path:
+    """Write ``results/<name>.md``/``.json`` (and the plot) for the rows measured so far."""
     command = "python -m benchmarks.efficiency" + "".join(
         f" --{k.replace('_', '-')} {repr(json.dumps(v)) if isinstance(v, dict) else v}"
         for k, v in vars(args).items()
@@ -439,14 +449,17 @@ def main() -> None:
     figure = plot(rows, RESULTS / f"{args.name}.svg")
     device = torch.device(args.device)
     notes = (
-        f"Device {device.type}"
+        ("**Partial: the run is still going (or was stopped); the archs measured so far.** "
+         if partial else "")
+        + f"Device {device.type}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-        + f", modes {', '.join(modes)}, autocast {args.amp or 'off'}. "
+        + f", modes {', '.join(modes)}, autocast {args.amp or 'off'}, "
+        f"{torch.get_num_threads()} CPU thread(s). "
         f"{NUM_CLASSES}-class head, batch {args.batch_size}, random inputs at "
         + (f"{args.input_size}x{args.input_size}" if args.input_size
            else "each arch's default input size")
         + (f", models built with {json.dumps(args.model_kwargs)}" if args.model_kwargs else "")
-        + f"; "
+        + "; "
         f"{args.reps} rounds that call every model once, after {args.warmup} warm-up call(s): "
         "times are medians, ratios the median of the ratios within a round. `*_cpu_*` ratios use "
         "the process CPU time (all threads of this process, none of the others): on a machine "
@@ -468,10 +481,9 @@ def main() -> None:
         + (f"Left out: {'; '.join(skipped)}. " if skipped else "")
         + (f"Plot: `{figure.name}` (training CPU time vs memory, relative to full). "
            if figure else "Plot skipped: matplotlib is not installed. ")
-        + f"Total time {time.perf_counter() - start:.0f} s.")
-    path = write_report(args.name, "Efficiency of every registered method, its peers and its "
+        + f"Total time {seconds:.0f} s.")
+    return write_report(args.name, "Efficiency of every registered method, its peers and its "
                         "limit", command, rows, notes)
-    print(path.read_text())
 
 
 if __name__ == "__main__":

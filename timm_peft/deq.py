@@ -18,6 +18,12 @@ Choices made here (all exposed as arguments):
   best iterate (lowest residual), so a late oscillation never makes the answer worse.
 * Anderson acceleration (Walker & Ni 2011) mixes the last ``m`` iterates per sample; its small
   least-squares system is regularised relative to its own scale and solved in float64.
+* Two ways to run the iterations (``loop``): ``"early_exit"`` stops as soon as every sample has
+  converged, reading the residual on the host each iteration; ``"masked"`` always runs the cap
+  with every update masked off from the iteration at which the early-exit loop stops, so the
+  result and the statistics are the same but there is no data-dependent Python control flow and
+  no host synchronisation: ``torch.compile(fullgraph=True)`` and ``torch.export`` take the
+  whole layer. It pays the cap's evaluations in eager, so it is not the default.
 * Non-convergence is never silent: every forward and backward solve is recorded in
   :class:`SolverStats`, counted in :attr:`DEQ.counters`, and the first non-converged solve of a
   layer issues a :class:`DEQConvergenceWarning`; a non-finite result raises
