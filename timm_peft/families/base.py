@@ -53,6 +53,10 @@ class TokenSequence:
     #: attention layers that treat their ``num_prefix_tokens`` first tokens apart (rotary
     #: embeddings skip them): prompts join that prefix (:class:`~timm_peft.layers.PromptsAsPrefix`)
     prefix_attention: list[nn.Module] = field(default_factory=list)
+    #: ``(module, mixin)`` pairs that adapt position-dependent parts to the prompts (e.g. a
+    #: relative-position bias padded for them); swapped in with references ``vpt_prompts`` and
+    #: ``vpt_num_prefix``
+    prompt_adapters: list[tuple[nn.Module, type]] = field(default_factory=list)
 
 
 @dataclass
@@ -127,7 +131,8 @@ class Family:
     # --- membership ----------------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
         """Whether ``model`` belongs to the family: its class is defined in one of ``modules``."""
-        mod = type(model).__module__
+        from ..layers.swap import original_class
+        mod = original_class(model).__module__
         return any(mod == f"timm.models.{m}" for m in self.modules)
 
     def __repr__(self) -> str:

@@ -11,6 +11,12 @@ from . import register_family
 from .base import Family, LayerGroups, SsfSite, TokenSequence, _pair
 
 
+def _not_biased_qkv(name: str, op: nn.Module) -> bool:
+    # with separate q/k/v biases the attention calls F.linear on qkv.weight itself, so an SSF
+    # after qkv would never run; qkv is left out (SSF follows the attention's proj instead)
+    return not name.endswith("attn.qkv")
+
+
 @register_family
 class Eva(Family):
     name = "eva"
@@ -37,4 +43,4 @@ class Eva(Family):
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         return list(scan(model, ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm",
-                                 "attn_pool"), skip_unfoldable=True))
+                                 "attn_pool"), skip_unfoldable=True, keep=_not_biased_qkv))

@@ -23,6 +23,7 @@ from torch import nn
 from .swap import AdapterModule, Swappable
 
 __all__ = ["VisualPrompts", "PixelPrompts", "PromptedBlock", "PromptedViT", "PromptsAsPrefix",
+           "PromptPaddedRelPos", "PromptPaddedBias", "pad_for_prompts",
            "PixelPromptedModel", "prompt_init_bound"]
 
 
@@ -194,6 +195,52 @@ class PromptsAsPrefix(Swappable):
             return super().forward(*args, **kwargs)
         finally:
             self.num_prefix_tokens = base
+
+
+def pad_for_prompts(bias: torch.Tensor, num_prefix: int, num_prompts: int) -> torch.Tensor:
+    """A bias over ``[prefix, patches]`` (last two dims) made for ``[prefix, prompts, patches]``:
+    zero for every pair that involves a prompt (prompts have no relative position).
+
+    Example:
+        >>> pad_for_prompts(torch.ones(1, 3, 3), 1, 2)[0].int().tolist()
+        [[1, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 1, 1], [1, 0, 0, 1, 1]]
+    """
+    if not num_prompts:
+        return bias
+    n = num_prefix
+    cols = bias.new_zeros(*bias.shape[:-1], num_prompts)
+    bias = torch.cat([bias[..., :n], cols, bias[..., n:]], dim=-1)
+    rows = bias.new_zeros(*bias.shape[:-2], num_prompts, bias.shape[-1])
+    return torch.cat([bias[..., :n, :], rows, bias[..., n:, :]], dim=-2)
+
+
+class PromptPaddedRelPos(Swappable):
+    """An attention layer whose relative-position bias (``_get_rel_pos_bias``, BEiT's) is padded
+    with zeros for the prompts after its prefix token(s).
+
+    References: ``vpt_prompts`` and ``vpt_num_prefix``.
+    """
+
+    prefix = "PromptPadded"
+    method = "vpt"
+    refs = ("vpt_prompts", "vpt_num_prefix")
+
+    def _get_rel_pos_bias(self) -> torch.Tensor:
+        return pad_for_prompts(super()._get_rel_pos_bias(), self.vpt_num_prefix,
+                               self.vpt_prompts.num_tokens)
+
+
+class PromptPaddedBias(Swappable):
+    """A module whose output is a relative-position bias over the sequence (BEiT's shared one),
+    padded with zeros for the prompts. References as :class:`PromptPaddedRelPos`."""
+
+    prefix = "PromptPadded"
+    method = "vpt"
+    refs = ("vpt_prompts", "vpt_num_prefix")
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return pad_for_prompts(super().forward(*args, **kwargs), self.vpt_num_prefix,
+                               self.vpt_prompts.num_tokens)
 
 
 class PixelPrompts(AdapterModule):

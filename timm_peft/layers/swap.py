@@ -114,7 +114,7 @@ def swap_class(module: nn.Module, mixin: type, **refs: Any) -> None:
 def restore_class(module: nn.Module, mixin: type | None = None) -> None:
     """Take ``mixin`` (default: every mixin) out of the module's class and drop its references."""
     mixins = mixins_of(module)
-    if not mixins:
+    if not mixins or (mixin is not None and mixin not in mixins):
         return
     keep = () if mixin is None else tuple(m for m in mixins if m is not mixin)
     base = original_class(module)

@@ -27,8 +27,16 @@ class LionForward(Swappable):
         return super().forward_features(self.lion.prompt_input(x), *args, **kwargs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        z = self.lion.blend_features(super().forward_head(x, pre_logits=True))
-        return z if pre_logits else self.get_classifier()(z)
+        feats = super().forward_head(x, pre_logits=True)
+        # pooled features may come as (B, C, 1, 1) (BiT's pre-logits)
+        pooled_4d = feats.ndim == 4 and feats.shape[-2:] == (1, 1)
+        z = self.lion.blend_features(feats.flatten(1) if pooled_4d else feats).view(feats.shape)
+        if pre_logits:
+            return z
+        head = self.get_classifier()
+        if isinstance(head, nn.modules.conv._ConvNd):  # a 1x1-conv classifier (BiT, DLA, DPN)
+            return head(z.view(z.shape[0], -1, 1, 1)).flatten(1)
+        return head(z)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # the backbone sees the prompted image here too, so features_only and feature taps

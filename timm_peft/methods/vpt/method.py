@@ -66,6 +66,8 @@ class VPT(PeftMethod):
                        vpt_num_prefix=seq.num_prefix_tokens)
         for attn in seq.prefix_attention:
             swap_class(attn, PromptsAsPrefix, vpt_prompts=prompts)
+        for module, mixin in seq.prompt_adapters:
+            swap_class(module, mixin, vpt_prompts=prompts, vpt_num_prefix=seq.num_prefix_tokens)
         swap_class(model, family.prompted_model_mixin(model))
         return model
 
