@@ -84,17 +84,20 @@ MODELS: list[tuple[str, str, dict[str, Any], int]] = [
 ]
 
 
-def _build(arch: str, method: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+def _build(arch: str, method: str, kwargs: dict[str, Any], size: int) -> torch.nn.Module:
     torch.manual_seed(0)
+    # pixel prompts are made for one input size: the sweep's (token prompts ignore it)
+    cfg = dict(img_size=size) if method in ("vpt", "vpt_shallow") else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return timm.create_model(f"{arch}.{method}", num_classes=NUM_CLASSES, **kwargs)
+        return timm.create_model(f"{arch}.{method}", num_classes=NUM_CLASSES, peft_cfg=cfg,
+                                 **kwargs)
 
 
 def check(arch: str, method: str, kwargs: dict[str, Any], size: int) -> tuple[str, str]:
     """``("works" | "refused" | "FAILS", detail)`` for one cell."""
     try:
-        model = _build(arch, method, kwargs)
+        model = _build(arch, method, kwargs, size)
     except (FamilyCapabilityError, ValueError, TypeError, NotImplementedError) as e:
         return "refused", str(e).split("; see timm_peft.list_models")[0]
     stage = "forward/backward"
@@ -112,7 +115,7 @@ def check(arch: str, method: str, kwargs: dict[str, Any], size: int) -> tuple[st
         stage = "save/load"
         with tempfile.TemporaryDirectory() as tmp:
             timm_peft.save_pretrained(model, Path(tmp) / "a")
-            fresh = _build(arch, method, kwargs)
+            fresh = _build(arch, method, kwargs, size)
             timm_peft.load_adapter(fresh, Path(tmp) / "a")
             with torch.no_grad():
                 if not torch.equal(fresh.eval()(x), ref):
