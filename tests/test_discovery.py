@@ -30,11 +30,11 @@ OTHER_TAG = "augreg_in21k"
 #: repo id -> (timm name with method, save_pretrained card info); the expected records below
 #: restate these values independently of the code under test
 SPECS = {
-    "org/vit-ssf-cifar10": (f"{VIT}.{TAG}.ssf", dict(dataset="cifar10",
+    "org/vit-ssf-cifar10": (f"{VIT}.{TAG}.ssf", dict(dataset="uoft-cs/cifar10",
                                                       metrics={"accuracy": 0.91, "top5": 0.99})),
-    "org/vit-bias-cifar100": (f"{VIT}.{TAG}.bias", dict(dataset="cifar100", metrics={"accuracy": 0.75})),
-    "other/vit-ssf-in21k": (f"{VIT}.{OTHER_TAG}.ssf", dict(dataset="cifar10", metrics={"accuracy": 0.5})),
-    "org/resnet-linear": ("resnet10t.c3_in1k.linear", dict(dataset="cifar100", metrics={"accuracy": 0.6})),
+    "org/vit-bias-cifar100": (f"{VIT}.{TAG}.bias", dict(dataset="uoft-cs/cifar100", metrics={"accuracy": 0.75})),
+    "other/vit-ssf-in21k": (f"{VIT}.{OTHER_TAG}.ssf", dict(dataset="uoft-cs/cifar10", metrics={"accuracy": 0.5})),
+    "org/resnet-linear": ("resnet10t.c3_in1k.linear", dict(dataset="uoft-cs/cifar100", metrics={"accuracy": 0.6})),
 }
 CUSTOM = "me/vit-ssf-own-weights"  # base weights timm has no Hub repo for: no base_model on the card
 
@@ -46,13 +46,13 @@ def _rec(repo_id, method, base, task, metrics, base_model, **kw):
 
 def _expected(source="hub"):
     return {
-        "org/vit-ssf-cifar10": _rec("org/vit-ssf-cifar10", "ssf", f"{VIT}.{TAG}", "cifar10",
+        "org/vit-ssf-cifar10": _rec("org/vit-ssf-cifar10", "ssf", f"{VIT}.{TAG}", "uoft-cs/cifar10",
                                     {"accuracy": 0.91, "top5": 0.99}, f"timm/{VIT}.{TAG}", source=source),
-        "org/vit-bias-cifar100": _rec("org/vit-bias-cifar100", "bias", f"{VIT}.{TAG}", "cifar100",
+        "org/vit-bias-cifar100": _rec("org/vit-bias-cifar100", "bias", f"{VIT}.{TAG}", "uoft-cs/cifar100",
                                       {"accuracy": 0.75}, f"timm/{VIT}.{TAG}", source=source),
-        "other/vit-ssf-in21k": _rec("other/vit-ssf-in21k", "ssf", f"{VIT}.{OTHER_TAG}", "cifar10",
+        "other/vit-ssf-in21k": _rec("other/vit-ssf-in21k", "ssf", f"{VIT}.{OTHER_TAG}", "uoft-cs/cifar10",
                                     {"accuracy": 0.5}, f"timm/{VIT}.{OTHER_TAG}", source=source),
-        "org/resnet-linear": _rec("org/resnet-linear", "linear", "resnet10t.c3_in1k", "cifar100",
+        "org/resnet-linear": _rec("org/resnet-linear", "linear", "resnet10t.c3_in1k", "uoft-cs/cifar100",
                                   {"accuracy": 0.6}, "timm/resnet10t.c3_in1k", source=source),
     }
 
@@ -85,22 +85,46 @@ def _build(name, weights, seed=0):
     return model.eval()
 
 
+def _build_from_timm(name, weights, cache, seed=0):
+    """As :func:`_build`, the base loaded the way timm loads its own published weights (from an
+    offline Hub cache holding the same file), so the adapter's card may name its base."""
+    arch = name.split(".")[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_CACHE", str(cache))
+        mp.setattr(constants, "HF_HUB_CACHE", str(cache))
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=True, num_classes=3,
+                                  **(TINY_VIT if arch == VIT else {}))
+    assert timm_peft.io.base_fingerprint(model) == timm_peft.io.base_fingerprint(
+        _build(name, weights, seed))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, weights):
     """repo id -> the files save_pretrained wrote for it (the card convention under test)."""
     root = tmp_path_factory.mktemp("adapters")
+    timm_hub = tmp_path_factory.mktemp("timm_hub")  # timm's own weights for each base, offline
+    for arch, tag in {tuple(name.split(".")[:2]) for name, _ in SPECS.values()}:
+        _cache_repo(timm_hub, f"timm/{arch}.{tag}", {"model.safetensors": weights[arch].read_bytes()})
     out = {}
     for repo_id, (name, card) in SPECS.items():
-        d = timm_peft.save_pretrained(_build(name, weights), root / repo_id.replace("/", "--"),
-                                      repo_id=repo_id, **card)
+        d = timm_peft.save_pretrained(_build_from_timm(name, weights, timm_hub),
+                                      root / repo_id.replace("/", "--"), repo_id=repo_id, **card)
         out[repo_id] = {p.name: p.read_bytes() for p in d.iterdir()}
     # a base whose weights are not timm's Hub weights: the card has no base_model
     files = dict(out["org/vit-ssf-cifar10"])
     cfg = {**json.loads(files[CONFIG_NAME]), "pretrained_tag": "own_weights",
-           "base_model_name_or_path": f"{VIT}.own_weights"}
+           "base_model_name_or_path": f"{VIT}.own_weights", "base_source": {"kind": "file"}}
     files[CONFIG_NAME] = json.dumps(cfg).encode()
     files["README.md"] = make_model_card(cfg, len(files[WEIGHTS_NAME]), repo_id=CUSTOM,
-                                         dataset="cifar10", metrics={"accuracy": 0.8}).encode()
+                                         dataset="uoft-cs/cifar10", metrics={"accuracy": 0.8}).encode()
     out[CUSTOM] = files
     return out
 
@@ -213,7 +237,7 @@ def test_hub_lists_every_adapter_with_its_card(hub):
     got = {a.repo_id: a for a in timm_peft.list_adapters()}
     want = _expected()
     # base weights unknown to timm's Hub: the card does not say which base, and that is not an error
-    want[CUSTOM] = _rec(CUSTOM, "ssf", None, "cifar10", {"accuracy": 0.8}, None)
+    want[CUSTOM] = _rec(CUSTOM, "ssf", None, "uoft-cs/cifar10", {"accuracy": 0.8}, None)
     assert got == want
     assert hub.requests == [{"filter": ["timm", "timm_peft"], "cardData": ["true"], "limit": ["100"]}]
 
@@ -224,9 +248,9 @@ def test_hub_lists_every_adapter_with_its_card(hub):
      {"org/vit-ssf-cifar10", "org/vit-bias-cifar100"}),
     (dict(base=f"hf-hub:timm/{VIT}.{OTHER_TAG}", method="ssf"),
      ["ssf", f"base_model:adapter:timm/{VIT}.{OTHER_TAG}"], {"other/vit-ssf-in21k"}),
-    (dict(task="cifar100"), ["dataset:cifar100"], {"org/vit-bias-cifar100", "org/resnet-linear"}),
-    (dict(base="resnet10t.c3_in1k", task="cifar100", method="linear"),
-     ["linear", "dataset:cifar100", "base_model:adapter:timm/resnet10t.c3_in1k"], {"org/resnet-linear"}),
+    (dict(task="uoft-cs/cifar100"), ["dataset:uoft-cs/cifar100"], {"org/vit-bias-cifar100", "org/resnet-linear"}),
+    (dict(base="resnet10t.c3_in1k", task="uoft-cs/cifar100", method="linear"),
+     ["linear", "dataset:uoft-cs/cifar100", "base_model:adapter:timm/resnet10t.c3_in1k"], {"org/resnet-linear"}),
 ])
 def test_hub_filters_go_to_the_hub(hub, kwargs, filters, expected):
     got = timm_peft.list_adapters(**kwargs)
@@ -270,7 +294,7 @@ def test_hub_base_weights_from_another_repo(saved, hub_with):
     other = "org/vit-ssf-cifar10"
     hub = hub_with([_hub_entry(CUSTOM, readme), _hub_entry(other, saved[other]["README.md"])])
     assert timm_peft.list_adapters(base="my-org/my-vit") == [
-        _rec(CUSTOM, "ssf", None, "cifar10", {"accuracy": 0.8}, "my-org/my-vit")]
+        _rec(CUSTOM, "ssf", None, "uoft-cs/cifar10", {"accuracy": 0.8}, "my-org/my-vit")]
     assert "base_model:adapter:my-org/my-vit" in hub.requests[0]["filter"]
     hub.ignore_filters = True
     assert [a.repo_id for a in timm_peft.list_adapters(base="my-org/my-vit")] == [CUSTOM]
@@ -299,12 +323,12 @@ def test_hub_bad_cards_are_recorded_not_fatal(saved, hub_with):
         got = {a.repo_id: a for a in timm_peft.list_adapters()}
     assert got["org/vit-ssf-cifar10"] == _expected()["org/vit-ssf-cifar10"]
     m = got["bad/metric"]
-    assert (m.method, m.base, m.task, m.metrics) == ("ssf", f"{VIT}.{TAG}", "cifar10", {"top5": 0.5})
+    assert (m.method, m.base, m.task, m.metrics) == ("ssf", f"{VIT}.{TAG}", "uoft-cs/cifar10", {"top5": 0.5})
     assert len(m.problems) == 3
     assert all(f"'{k}'" in p for k, p in zip(["accuracy", "bool", "huge"], m.problems))
     s = got["bad/several"]
     assert (s.method, s.base, s.base_model) == (None, None, None)
-    assert s.task == "cifar10"  # no usable datasets: the model-index still names it
+    assert s.task == "uoft-cs/cifar10"  # no usable datasets: the model-index still names it
     assert any("several methods ['bias', 'ssf']" in p for p in s.problems)
     assert any("base_model names several repos" in p for p in s.problems)
     assert any("datasets must be a str or a list of str" in p for p in s.problems)
@@ -318,7 +342,7 @@ def test_hub_metrics_are_those_on_the_task(saved, hub_with):
                        "metrics": [{"type": "accuracy", "value": 0.3}, {"type": "loss", "value": 2.0}]})
     hub_with([entry])
     (info,) = timm_peft.list_adapters()
-    assert info.task == "cifar10" and info.metrics == {"accuracy": 0.91, "top5": 0.99}
+    assert info.task == "uoft-cs/cifar10" and info.metrics == {"accuracy": 0.91, "top5": 0.99}
 
 
 @pytest.mark.parametrize("where", ["hub", "cache"])
@@ -406,7 +430,7 @@ def test_cache_lists_adapters_offline(cache, saved, hub_with):
     want["org/vit-bias-cifar100"] = _rec("org/vit-bias-cifar100", "bias", f"{VIT}.{TAG}", None, {}, None,
                                          source="cache")  # no card cached: task and metrics unknown
     want["other/vit-ssf-in21k"].revision = "v1"
-    want[CUSTOM] = _rec(CUSTOM, "ssf", f"{VIT}.own_weights", "cifar10", {"accuracy": 0.8}, None,
+    want[CUSTOM] = _rec(CUSTOM, "ssf", f"{VIT}.own_weights", "uoft-cs/cifar10", {"accuracy": 0.8}, None,
                         source="cache")  # adapter_config.json names the base the card could not
     del want["org/resnet-linear"]
     # a later branch of a repo whose main is cached: main is what hf-hub:<repo> loads
@@ -426,8 +450,8 @@ def test_cache_lists_adapters_offline(cache, saved, hub_with):
     (dict(base=f"timm/{VIT}.{OTHER_TAG}"), {"other/vit-ssf-in21k"}),
     (dict(base=VIT, method="ssf"), {"org/vit-ssf-cifar10", "other/vit-ssf-in21k", CUSTOM}),
     (dict(base=f"{VIT}.own_weights"), {CUSTOM}),
-    (dict(task="cifar10", author="org"), {"org/vit-ssf-cifar10"}),
-    (dict(task="cifar100"), set()),  # the bias adapter's card is not cached: its task is unknown
+    (dict(task="uoft-cs/cifar10", author="org"), {"org/vit-ssf-cifar10"}),
+    (dict(task="uoft-cs/cifar100"), set()),  # the bias adapter's card is not cached: its task is unknown
     (dict(limit=2), {CUSTOM, "org/vit-bias-cifar100"}),  # the first two by repo id
 ])
 def test_cache_filters(cache, kwargs, expected):
@@ -463,7 +487,7 @@ def test_cache_bad_files_are_recorded_not_fatal(cache, saved, monkeypatch):
     with pytest.warns(UserWarning, match=r"3 adapter card\(s\) have problems"):
         got = {a.repo_id: a for a in timm_peft.list_adapters(author="bad")}
     c = got["bad/config"]  # the card still says what it is
-    assert (c.method, c.base, c.task) == ("ssf", f"{VIT}.{TAG}", "cifar10")
+    assert (c.method, c.base, c.task) == ("ssf", f"{VIT}.{TAG}", "uoft-cs/cifar10")
     assert c.problems[0].startswith(f"{CONFIG_NAME}: not valid JSON")
     y = got["bad/yaml"]  # the config still says what it is
     assert (y.method, y.base, y.task) == ("bias", f"{VIT}.{TAG}", None)
@@ -502,7 +526,7 @@ def test_empty_or_missing_cache(tmp_path, monkeypatch):
     (dict(method="vpt_shallow"), ValueError, "preset of 'vpt'.*method='vpt'"),
     (dict(method="lora"), ValueError, r"unknown PEFT method 'lora'; .* one of \['bias'"),
     (dict(task=""), ValueError, "task must be a non-empty name"),
-    (dict(task=["cifar10"]), TypeError, "task must be a str"),
+    (dict(task=["uoft-cs/cifar10"]), TypeError, "task must be a str"),
     (dict(author=" org"), ValueError, "author must be a non-empty name"),
     (dict(limit=0), ValueError, "limit must be between 1 and 1000, got 0"),
     (dict(limit=10**6), ValueError, "limit must be between 1 and 1000"),
