@@ -384,11 +384,10 @@ def test_lion_compiles_whole_with_the_masked_loop():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224.lion", img_size=32, depth=1, num_classes=5,
                               peft_cfg=dict(max_iter=3, eval_max_iter=3, backward_max_iter=3,
-                                            p2_width=16))
+                                            p2_width=16, solver_loop="masked"))
     deqs = list(model.lion.deqs().values())
     assert len(deqs) == 2
-    for deq in deqs:
-        deq.loop = "masked"
+    assert all(deq.loop == "masked" for deq in deqs)  # the config reaches both equilibria
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
     params = [p for p in model.parameters() if p.requires_grad]
 

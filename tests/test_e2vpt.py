@@ -444,3 +444,20 @@ def test_other_errors():
     with pytest.raises(ValueError, match="carries no E²VPT prompts"):
         compute_importance(timm.create_model("vit_tiny_patch16_224.vpt", **TINY_VIT), _data(1))
     assert E2VPTConfig.from_dict(m.peft_config.to_dict()) == m.peft_config  # JSON round trip
+
+
+def test_kv_prompts_do_not_keep_the_qkv_output_alive():
+    """With a packed qkv and no k_norm, q, k and v are views of one prompted buffer
+    (ops.prompted_qkv): no tensor saved for backward shares storage with the qkv output."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224.e2vpt", img_size=32, depth=1, num_classes=5,
+                              peft_cfg=dict(num_prompts=2, num_kv_prompts=3))
+    outs = []
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: outs.append(out))
+    saved = []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x).sum().backward()
+    assert len(outs) == 1 and model.blocks[0].attn.kv_prompt.key.grad.abs().max() > 0
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert outs[0].untyped_storage().data_ptr() not in ptrs

@@ -557,3 +557,26 @@ def test_generic_sites_by_type_on_other_families():
         f"{s}.bias" for s in sites}
     with pytest.raises(ValueError, match="'ssf' needs operations SSF can follow"):
         timm_peft.apply_method(nn.Sequential(nn.ReLU()), "ssf")
+
+
+def test_training_linear_sites_keep_no_copy_of_their_input():
+    """In training, SSF after a Linear saves its output (ops.scale_shift), not the frozen
+    Linear's output: no tensor saved for backward shares storage with an SSF input (issue 16).
+    Under no_grad the inference kernel runs and gives the same values."""
+    from timm_peft.layers.scale_shift import ScaleShift
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=1, num_classes=5)
+    inputs = []
+    for m in model.modules():
+        if isinstance(m, ScaleShift) and m.dim == -1:
+            m.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
+    saved = []
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    linear_inputs = [t for t in inputs if t.requires_grad]
+    assert linear_inputs, "no Linear-site SSF ran with grad"
+    assert not [t for t in linear_inputs if t.untyped_storage().data_ptr() in ptrs]
+    with torch.no_grad():
+        assert torch.allclose(model(x), out, rtol=1e-5, atol=1e-6)

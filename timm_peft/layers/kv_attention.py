@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import prompted_qkv
 from .swap import AdapterModule, Swappable
 
 __all__ = ["KVPrompt", "KVPromptAttention", "ExtraKVWindowAttention", "add_extra_kv",
@@ -109,10 +110,15 @@ class KVPromptAttention(Swappable):
         B, N, _ = x.shape
         gate = getattr(self, "gate", None)
         gate = gate(x).sigmoid() if gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        k, v = self.kv_prompt(k, v)
+        if isinstance(self.k_norm, nn.Identity):
+            # one concatenation onto the packed qkv: q, k and v are views of one saved buffer
+            q, k, v = prompted_qkv(self.qkv(x), self.num_heads, *self.kv_prompt.prompts())
+            q = self.q_norm(q)
+        else:  # k is normalised before the prompts go in front of it
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            k, v = self.kv_prompt(k, v)
         attn_mask = pad_attn_mask(attn_mask, is_causal, self.kv_prompt.num_tokens, N, x.device)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.attn_drop.p if self.training else 0.0)

@@ -18,6 +18,7 @@ from timm.layers.linear import Linear as TimmLinear
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..ops import scale_shift
 from .swap import AdapterModule, Swappable, is_swapped, original_class, restore_class, swap_class
 
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
@@ -153,6 +154,16 @@ class ScaleShift(AdapterModule):
                     self.shift.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dim == -1 and x.ndim >= 2 and torch.is_grad_enabled() and (
+                x.requires_grad or self.scale.requires_grad
+                or (self.shift is not None and self.shift.requires_grad)):
+            # In training, save the output instead of the input (issue 16): the output is what
+            # the next operation saves anyway, so a site after a frozen Linear keeps no extra
+            # activation alive (γ's magnitude is floored at ops.DEFAULT_MIN_SCALE). Not for
+            # channels-first (Conv) outputs: ConvNets apply in-place activations straight to a
+            # conv's output (ReLU(inplace=True) in SE blocks), which would overwrite the saved
+            # output and make backward fail.
+            return scale_shift(x, self.scale, self.shift, self.dim)
         # γ ⊙ x + β is an inference-mode batch norm with mean 0, variance 1 and eps 0 (so its
         # 1/sqrt(var + eps) is exactly 1). torch's fused batch-norm kernels produce the output,
         # and in backward all three gradients, in fewer passes over the activations than

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core import PeftConfig, cfg_field
-from ...deq import SOLVERS
+from ...deq import LOOPS, SOLVERS
 
 __all__ = ["LionConfig"]
 
@@ -28,6 +28,11 @@ class LionConfig(PeftConfig):
                                                  "so the model starts as the backbone")
     gate_init: float = cfg_field(0.5, gt=0.0, lt=1.0, help="β of both blends at initialisation")
     solver: str = cfg_field("anderson", choices=tuple(SOLVERS), help="fixed-point solver")
+    solver_loop: str = cfg_field("early_exit", choices=LOOPS,
+                                 help="early_exit: stop once converged (host sync each iteration); "
+                                      "masked: always run the cap with converged updates masked "
+                                      "off, same result, compiles whole (torch.compile fullgraph, "
+                                      "torch.export)")
     max_iter: int = cfg_field(20, ge=1, le=1000, help="solver iteration cap in training")
     eval_max_iter: int = cfg_field(40, ge=1, le=1000, help="solver iteration cap in eval mode")
     tol: float = cfg_field(1e-3, ge=0.0, help="relative residual ‖f(z)-z‖/‖z‖ to stop at")
@@ -64,4 +69,5 @@ class LionConfig(PeftConfig):
         return dict(solver=self.solver, max_iter=self.max_iter, eval_max_iter=self.eval_max_iter,
                     tol=self.tol, backward=self.backward, backward_max_iter=self.backward_max_iter,
                     backward_tol=self.backward_tol, phantom_steps=self.phantom_steps,
-                    phantom_damping=self.phantom_damping, anderson_m=self.anderson_m)
+                    phantom_damping=self.phantom_damping, anderson_m=self.anderson_m,
+                    loop=self.solver_loop)
