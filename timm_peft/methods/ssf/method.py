@@ -40,9 +40,11 @@ def ssf_sites(model: nn.Module, skipped: bool = False) -> list[str]:
     return [s.name for s in sites if s.reason is None]
 
 
-def _factory_kwargs(op: nn.Module) -> dict[str, Any]:
-    """Device and float dtype of the operation's own tensors (a non-affine norm may have none)."""
-    ref = next(itertools.chain(op.parameters(recurse=False), op.buffers(recurse=False)), None)
+def _factory_kwargs(op: nn.Module, model: nn.Module) -> dict[str, Any]:
+    """Device and float dtype of the operation's own tensors, else (an Identity standing for a
+    norm, a non-affine norm) of the model's first parameter."""
+    ref = next(itertools.chain(op.parameters(recurse=False), op.buffers(recurse=False),
+                               model.parameters()), None)
     if ref is None:
         return {}
     return dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
@@ -148,7 +150,7 @@ class SSF(PeftMethod):
                          and getattr(op, "weight", None) is not None)
             ss = ScaleShift(site.channels or num_channels(op),
                             CHANNEL_AXIS.get(original_class(op), -1), shift=shift,
-                            **_factory_kwargs(op))
+                            **_factory_kwargs(op, model))
             ss.reset_parameters(config.init, config.init_std)
             if site.merge_reason is not None:
                 ss.merge_reason = site.merge_reason
