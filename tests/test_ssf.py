@@ -42,12 +42,16 @@ def _input(seed: int = 1) -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+#: the mergeable placement where a config has a choice (the default is tested on its own below)
+PEFT_CFG = {"vit_qknorm_avg": dict(pooled_norm_site="after_fc_norm")}
+
+
 def _build(name: str, **peft_cfg):
     """(plain timm model, the same model with SSF applied) from one seed."""
     arch, kwargs = CONFIGS[name]
     torch.manual_seed(0)
     base = timm.create_model(arch, num_classes=NUM_CLASSES, **kwargs)
-    model = timm_peft.apply_method(copy.deepcopy(base), "ssf", peft_cfg)
+    model = timm_peft.apply_method(copy.deepcopy(base), "ssf", {**PEFT_CFG.get(name, {}), **peft_cfg})
     return base.eval(), model
 
 
@@ -580,3 +584,45 @@ def test_training_linear_sites_keep_no_copy_of_their_input():
     assert not [t for t in linear_inputs if t.untyped_storage().data_ptr() in ptrs]
     with torch.no_grad():
         assert torch.allclose(model(x), out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["before_pool", "after_fc_norm"])
+def test_average_pooled_vit_last_site_against_the_formulas(placement):
+    """global_pool="avg": timm's `norm` is Identity and `fc_norm` normalises the pooled tokens.
+    The default follows the authors: fc_norm(γ ⊙ mean(x) + β) (their SSF after the Identity norm,
+    on the tokens); the option keeps γ ⊙ fc_norm(mean(x)) + β. Hand-written heads of both."""
+    base, model = _build("vit_qknorm_avg", pooled_norm_site=placement)
+    assert (timm_peft.apply_method(copy.deepcopy(base), "ssf", None).peft_config
+            .pooled_norm_site == "before_pool")  # the default
+    _train(model)
+    model.eval()
+    x = _input()
+    tokens = []
+    handle = model.blocks[-1].register_forward_hook(lambda mod, inp, out: tokens.append(out))
+    with torch.no_grad():
+        out = model(x)
+    handle.remove()
+    pooled = tokens[0][:, model.num_prefix_tokens:].mean(1)
+    fc = base.fc_norm  # the plain LayerNorm with the frozen base weights
+    if placement == "before_pool":
+        ss = model.norm.ssf
+        assert "fc_norm" not in ssf_sites(model) and ssf_sites(model)[-1] == "norm"
+        head_in = F.layer_norm(pooled * ss.scale + ss.shift, fc.normalized_shape, fc.weight,
+                               fc.bias, fc.eps)
+    else:
+        ss = model.fc_norm.ssf
+        assert "norm" not in ssf_sites(model) and ssf_sites(model)[-1] == "fc_norm"
+        head_in = F.layer_norm(pooled, fc.normalized_shape, fc.weight, fc.bias, fc.eps) \
+            * ss.scale + ss.shift
+    with torch.no_grad():
+        ref = model.head(head_in)  # the head trains with SSF; it is no site
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if placement == "before_pool":  # exact merge is impossible there: refused, nothing changed
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="before average pooling.*pooled_norm_site"):
+            timm_peft.merge(model)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    else:
+        merged = timm_peft.merge_and_unload(copy.deepcopy(model))
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), out, rtol=0, atol=1e-5)

@@ -93,6 +93,14 @@ class SsfSite:
     name: str
     op: nn.Module
     reason: str | None = None
+    #: channels of the map where ``op`` does not say (an ``nn.Identity`` standing for a norm)
+    channels: int | None = None
+    #: set on the two alternative last sites of a token-pooled model whose final norm comes
+    #: after pooling: ``"before_pool"`` (on the tokens) or ``"after_fc_norm"``; SSF keeps the one
+    #: its config's ``pooled_norm_site`` names
+    placement: str | None = None
+    #: why a site that runs exactly cannot be folded into a plain timm model (merge refuses it)
+    merge_reason: str | None = None
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:

@@ -42,7 +42,26 @@ class ViT(Family):
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         # a hybrid ViT's CNN stem (patch_embed.backbone) is a backbone of its own, not a site
-        return list(scan(model, ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm",
-                                 "attn_pool"),
-                         keep=lambda name, op: not name.startswith("patch_embed.backbone"),
-                         skip_unfoldable=True))
+        sites = list(scan(model, ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm",
+                                  "attn_pool"),
+                          keep=lambda name, op: not name.startswith("patch_embed.backbone"),
+                          skip_unfoldable=True))
+        # average pooling (global_pool="avg"): timm makes `norm` an Identity and normalises the
+        # pooled tokens with `fc_norm`. The authors' SSF follows `norm` (the Identity), i.e. acts
+        # on the tokens before pooling: fc_norm(γ ⊙ mean(x) + β). It cannot be folded exactly
+        # (the Identity has no weight; the block before ends in a residual sum; a LayerNorm
+        # follows), so it is offered beside the mergeable site after fc_norm.
+        norm, fc_norm = getattr(model, "norm", None), getattr(model, "fc_norm", None)
+        if isinstance(norm, nn.Identity) and fc_norm is not None \
+                and not isinstance(fc_norm, nn.Identity):
+            for site in sites:
+                if site.name == "fc_norm":
+                    site.placement = "after_fc_norm"
+            sites.append(SsfSite("norm", norm, channels=model.embed_dim, placement="before_pool",
+                                 merge_reason="the authors' site on the tokens before average "
+                                 "pooling and fc_norm (a LayerNorm) has no operation to fold "
+                                 "into; build with SSFConfig(pooled_norm_site='after_fc_norm') "
+                                 "for a mergeable model"))
+            order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+            sites.sort(key=lambda s: order.get(s.name, len(order)))
+        return sites

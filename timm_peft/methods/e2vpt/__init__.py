@@ -26,8 +26,12 @@ E²VPT adds two things to VPT-Deep (:mod:`timm_peft.methods.vpt`, whose machiner
   A caveat we measured: a deep prompt reaches the other tokens only through the block's
   ``norm1``, and LayerNorm is scale-invariant, so ``∂L/∂ρ`` of a whole token is nearly zero (only
   LayerNorm's ε breaks the invariance; about 1000x smaller than segment gradients on a random
-  ViT) and token scores carry little signal. ``token_importance="segments"`` scores a token by
-  the sum of its segments' scores instead (not in the paper). Rewinding
+  ViT) and token scores carry little signal. The default ``token_importance="segments"``
+  scores a token by the sum of its segments' scores instead (not in the paper; pruning the
+  lowest-scored tokens by it measurably hurts less than random or highest-scored ones);
+  ``"mask"`` keeps the paper's literal score. The authors' code shares ONE token mask and ONE
+  segment mask between all layers (``mask_layout="shared"``: same tokens pruned everywhere);
+  the default ``"per_layer"`` prunes every layer on its own. Rewinding
   retrains the survivors from their initial values (lottery-ticket rewinding;
   ``rewind="random"`` re-initialises them as the authors' code does) with the masks frozen and
   pruned values held at exactly zero; the key-value prompts and the head continue from their

@@ -13,6 +13,21 @@ __all__ = ["E2VPTConfig"]
 class E2VPTConfig(VPTConfig):
     """Hyper-parameters of E²VPT (defaults from the paper; see the module docstring).
 
+    Token importance. The paper scores a token by the gradient of a mask that scales the whole
+    token (Eq. 6, ``token_importance="mask"``). In VPT-deep a prompt token reaches the other
+    tokens only through its block's LayerNorm, which ignores a token's scale, so that gradient
+    is the LayerNorm epsilon's trace (~1e-7, against ~1e-2 for a segment mask) and which tokens
+    are pruned is decided by round-off and prompt norms. The default ``"segments"`` scores a
+    token by the sum of its segments' scores: a segment mask changes the token's direction, not
+    only its scale, so LayerNorm passes it on; pruning the lowest-scored tokens by it hurts the
+    loss less than random or highest-scored ones (``tests/test_e2vpt.py``). The literal score
+    stays available for reproducing the paper.
+
+    Mask layout. The authors' code keeps ONE token mask and ONE segment mask shared by every
+    layer (``mask_layout="shared"``: the gradients of all layers add up in one score, and the same
+    tokens and segments are pruned in every layer); the default ``"per_layer"`` scores and prunes
+    each layer on its own, as the paper's per-layer notation reads.
+
     ``kept_segments`` is written by :func:`prune`: per layer (all prompt groups in forward order),
     the flat indices ``token·R + segment`` of the visual-prompt segments that survived.
 
@@ -37,9 +52,15 @@ class E2VPTConfig(VPTConfig):
                                            help="fraction of segments pruned per surviving token")
     importance: str = cfg_field("abs", choices=("abs", "signed"),
                                 help="abs: E|dL/dmask| (paper Eq. 6); signed: -E[dL/dmask]")
-    token_importance: str = cfg_field("mask", choices=("mask", "segments"),
-                                      help="score a token by its mask's gradient (paper) or by "
-                                           "the sum of its segments' scores")
+    token_importance: str = cfg_field(
+        "segments", choices=("segments", "mask"),
+        help="score a token by the sum of its segments' scores (default: it ranks tokens) or by "
+             "the gradient of its token mask (paper Eq. 6, literal: ~0 after LayerNorm)")
+    mask_layout: str = cfg_field(
+        "per_layer", choices=("per_layer", "shared"),
+        help="per_layer: every layer's tokens and segments are scored and pruned on their own; "
+             "shared: one token mask and one segment mask for all layers of a prompt group, as "
+             "in the authors' code (the same tokens and segments pruned in every layer)")
     importance_batches: int | None = cfg_field(None, ge=1, le=100_000,
                                                help="batches in the importance pass (None: all)")
     rewind: str = cfg_field("initial", choices=("initial", "random"),

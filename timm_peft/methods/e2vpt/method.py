@@ -144,7 +144,7 @@ class E2VPT(VPT):
                 scores[:] = compute_importance(
                     m, ctx.train_loader, loss_fn=ctx.loss_fn, device=getattr(ctx, "device", None),
                     all_reduce=getattr(ctx, "all_reduce", None),
-                    progress=getattr(ctx, "rank", 0) == 0)
+                    progress=bool(getattr(ctx, "progress", True)) and getattr(ctx, "rank", 0) == 0)
             return {}
 
         def prune_stage(m: nn.Module, ctx: Any) -> dict[str, Any]:

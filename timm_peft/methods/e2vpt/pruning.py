@@ -113,8 +113,12 @@ def compute_importance(
 
     For each batch of ``loader`` the gradient of the batch loss w.r.t. the masks is taken at the
     current masks (all ones before pruning); ``mode="abs"`` averages its magnitude over batches,
-    ``"signed"`` averages ``-gradient`` (default: the config's ``importance``); with the config's
-    ``token_importance="segments"`` a token's score is the sum of its segments'. The model runs in
+    ``"signed"`` averages ``-gradient`` (default: the config's ``importance``). With the config's
+    ``token_importance="segments"`` (default) a token's score is the sum of its segments'; with
+    ``"mask"`` the gradient of its token mask (the paper's literal score, ~0 behind LayerNorm: see
+    :class:`E2VPTConfig`). With ``mask_layout="shared"`` (the authors' code) one mask serves every
+    layer of a group: each batch's gradients are summed over the layers before the magnitude is
+    taken, and every layer gets that score, so every layer prunes the same tokens and segments. The model runs in
     eval mode (no dropout) and no parameter's ``.grad`` is touched. Under data parallelism pass
     ``all_reduce`` (sums a tensor over processes) so every process prunes alike. Returns one
     ``{"token": (L, T), "segment": (L, T, R)}`` per group.
@@ -150,6 +154,8 @@ def compute_importance(
             if device is not None:
                 x, y = x.to(device), y.to(device)
             grads = torch.autograd.grad(loss_fn(model(x), y), masks)
+            if config.mask_layout == "shared":  # one mask for all layers: its gradient is the sum
+                grads = [g.sum(0, keepdim=True).expand_as(g) for g in grads]
             for acc, g in zip(totals, grads):
                 acc.add_(g.abs() if mode == "abs" else -g)
             n += 1

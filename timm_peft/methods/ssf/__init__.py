@@ -24,9 +24,19 @@ narrow the sites where the paper does:
 * ``vit`` (VisionTransformer, DeiT, ...): ``patch_embed.proj`` (and ``patch_embed.norm`` if any),
   ``norm_pre`` if any, every Linear / Conv / norm inside ``blocks`` (for the standard block:
   ``norm1``, ``attn.qkv``, ``attn.q_norm``/``attn.k_norm`` when ``qk_norm``, ``attn.proj``,
-  ``norm2``, ``mlp.fc1``, ``mlp.fc2``), the final ``norm`` or ``fc_norm``, and ``attn_pool`` (MAP
-  head) when present. The classifier ``head`` is not a site. A hybrid ViT's CNN stem
+  ``norm2``, ``mlp.fc1``, ``mlp.fc2``), the final ``norm``, and ``attn_pool`` (MAP head) when
+  present. The classifier ``head`` is not a site. A hybrid ViT's CNN stem
   (``patch_embed.backbone``) is not a site either. ViT-B/16: 205,824 values.
+  Average pooling (``global_pool="avg"``): timm makes ``norm`` an Identity and normalises the
+  pooled tokens with ``fc_norm``. By default (``SSFConfig.pooled_norm_site="before_pool"``) the
+  last map follows that Identity ``norm``, as in the authors' code (the paper's "after every
+  operation", the final norm being Identity): the head sees ``fc_norm(γ ⊙ mean(x) + β)``. No
+  operation can absorb it exactly (the Identity has no weight, the last block ends in a residual
+  sum, a LayerNorm follows the mean), so :func:`timm_peft.merge` refuses such a model by naming
+  this site; the model itself computes the authors' function exactly, unmerged.
+  ``pooled_norm_site="after_fc_norm"`` puts the map after ``fc_norm`` instead,
+  ``γ ⊙ fc_norm(mean(x)) + β`` (a different function: logits differ by ~1 with the same values),
+  and merges exactly.
 * ``swin``: ``patch_embed.proj``, ``patch_embed.norm``; per block ``norm1``, ``attn.qkv``,
   ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``; the patch-merging ``downsample.norm`` (not
   its bias-free ``reduction``); the final ``norm``.

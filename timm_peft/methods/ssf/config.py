@@ -21,6 +21,12 @@ class SSFConfig(PeftConfig):
                           help="'normal': γ ~ N(1, init_std), β ~ N(0, init_std) (paper); "
                                "'identity': γ = 1, β = 0 (output equals the base model's)")
     init_std: float = cfg_field(0.02, ge=0.0, help="standard deviation of the 'normal' init")
+    pooled_norm_site: str = cfg_field(
+        "before_pool", choices=("before_pool", "after_fc_norm"),
+        help="average-pooled ViTs (norm is Identity, fc_norm after pooling): 'before_pool' puts "
+             "the last scale-shift on the tokens before pooling, fc_norm(γ ⊙ mean(x) + β), as "
+             "the authors' code (not mergeable: merge refuses it); 'after_fc_norm' puts it after "
+             "fc_norm, γ ⊙ fc_norm(mean(x)) + β (mergeable exactly)")
     bias_free: str = cfg_field(
         "add_bias", choices=("add_bias", "scale_only"),
         help="after an operation without a bias (CLIP's patch embedding, qkv_bias=False): "

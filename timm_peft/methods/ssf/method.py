@@ -21,7 +21,8 @@ __all__ = ["SSF", "ssf_sites"]
 def ssf_sites(model: nn.Module, skipped: bool = False) -> list[str]:
     """Names of the operations SSF follows in ``model`` (a plain timm model), in forward order.
 
-    With ``skipped=True``: ``(name, reason)`` of the operations SSF skips because it cannot fold
+    On an average-pooled ViT the last site follows the model's ``SSFConfig.pooled_norm_site``
+    (the default's on a plain model). With ``skipped=True``: ``(name, reason)`` of the operations SSF skips because it cannot fold
     into them exactly (reported as a warning when the method is applied).
 
     Example:
@@ -29,15 +30,21 @@ def ssf_sites(model: nn.Module, skipped: bool = False) -> list[str]:
         >>> ssf_sites(timm.create_model("vit_tiny_patch16_224", depth=1))[:4]
         ['patch_embed.proj', 'blocks.0.norm1', 'blocks.0.attn.qkv', 'blocks.0.attn.proj']
     """
-    sites = get_family(model).ssf_sites(unwrap_features(model))
+    inner = unwrap_features(model)
+    config = getattr(inner, "peft_config", None)
+    placement = (config if isinstance(config, SSFConfig) else SSFConfig()).pooled_norm_site
+    sites = [s for s in get_family(model).ssf_sites(inner)
+             if s.placement is None or s.placement == placement]
     if skipped:
         return [(s.name, s.reason) for s in sites if s.reason is not None]
     return [s.name for s in sites if s.reason is None]
 
 
-def _factory_kwargs(op: nn.Module) -> dict[str, Any]:
-    """Device and float dtype of the operation's own tensors (a non-affine norm may have none)."""
-    ref = next(itertools.chain(op.parameters(recurse=False), op.buffers(recurse=False)), None)
+def _factory_kwargs(op: nn.Module, model: nn.Module) -> dict[str, Any]:
+    """Device and float dtype of the operation's own tensors, else (an Identity standing for a
+    norm, a non-affine norm) of the model's first parameter."""
+    ref = next(itertools.chain(op.parameters(recurse=False), op.buffers(recurse=False),
+                               model.parameters()), None)
     if ref is None:
         return {}
     return dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
@@ -120,7 +127,8 @@ class SSF(PeftMethod):
 
     def apply(self, model: nn.Module, config: SSFConfig) -> nn.Module:
         family = get_family(model)
-        sites = family.ssf_sites(model)
+        sites = [s for s in family.ssf_sites(model)
+                 if s.placement is None or s.placement == config.pooled_norm_site]
         skipped = [s for s in sites if s.reason is not None]
         sites = [s for s in sites if s.reason is None]
         if not sites:
@@ -138,11 +146,14 @@ class SSF(PeftMethod):
             if hasattr(op, "ssf"):
                 raise ValueError(f"{name} already has an attribute 'ssf'; SSF cannot be applied")
             # a non-affine norm keeps β: it is not mergeable either way (see merge)
-            shift = not (config.bias_free == "scale_only" and op.bias is None
+            shift = not (config.bias_free == "scale_only" and getattr(op, "bias", None) is None
                          and getattr(op, "weight", None) is not None)
-            ss = ScaleShift(num_channels(op), CHANNEL_AXIS[original_class(op)], shift=shift,
-                            **_factory_kwargs(op))
+            ss = ScaleShift(site.channels or num_channels(op),
+                            CHANNEL_AXIS.get(original_class(op), -1), shift=shift,
+                            **_factory_kwargs(op, model))
             ss.reset_parameters(config.init, config.init_std)
+            if site.merge_reason is not None:
+                ss.merge_reason = site.merge_reason
             op.ssf = ss
             attach_scale_shift(op)
         return model
@@ -153,8 +164,8 @@ class SSF(PeftMethod):
         Raises ``ValueError`` naming every site that cannot be folded exactly, before any change.
         """
         todo = [(name, op, ss) for name, op, ss in _attached(model) if not ss.merged]
-        problems = [f"{name} ({type(op).__name__}): {why}" for name, op, _ in todo
-                    if (why := unfoldable(op)) is not None]
+        problems = [f"{name} ({type(op).__name__}): {why}" for name, op, ss in todo
+                    if (why := getattr(ss, "merge_reason", None) or unfoldable(op)) is not None]
         if problems:
             raise ValueError("SSF cannot be merged exactly into these operations: "
                              + "; ".join(problems) + ". Keep the model unmerged (it computes "
