@@ -684,7 +684,8 @@ class StageContext:
     over the parameters trainable at that moment and returns its final metrics.
     ``all_reduce(t)`` sums a tensor over processes (identity on one process), for statistics
     such as importance scores gathered over the training data. Batches from the loaders are on
-    the CPU; move them to ``device``.
+    the CPU; move them to ``device``. ``progress`` is the run's ``--no-progress`` choice, for
+    stages that show progress bars of their own.
     """
 
     train_loader: DataLoader
@@ -697,6 +698,7 @@ class StageContext:
     autocast: Callable[[], ContextManager]
     rank: int = 0
     world_size: int = 1
+    progress: bool = True
 
 
 @dataclass
@@ -1307,7 +1309,7 @@ def _train_logged(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist, out:
         loss_fn=trainer.hard_loss_fn, device=dctx.device, epochs=cfg.epochs,
         fit=trainer.fit_stage,
         all_reduce=dctx.all_reduce, autocast=trainer.autocast, rank=dctx.rank,
-        world_size=dctx.world_size)
+        world_size=dctx.world_size, progress=cfg.progress)
     stages = []
     for name, stage in hooks.get("stages", ()):
         if dctx.is_main:
