@@ -318,3 +318,16 @@ def test_load_adapter_refuses_another_method_config(tmp_path):
     other = timm.create_model("vit_tiny_patch16_224.lion", peft_cfg=dict(small, identity_prompt=False), **kw)
     with pytest.raises(AdapterError, match="identity_prompt: adapter True, model False"):
         timm_peft.load_adapter(other, out, check_base=False)
+
+
+@pytest.mark.parametrize("method, key, title", [
+    ("vpt", "jia2022vpt", "Visual Prompt Tuning"),
+    ("ssf", "lian2022ssf", "Scaling \\& Shifting Your Features"),
+    ("bias", "zaken2022bitfit", "BitFit"),
+])
+def test_card_cites_the_method_paper(tmp_path, method, key, title):
+    model = timm.create_model(f"vit_tiny_patch16_224.{method}", num_classes=3, **TINY_VIT)
+    card = (timm_peft.save_pretrained(model, tmp_path / method) / "README.md").read_text()
+    assert f"```bibtex\n@inproceedings{{{key}," in card and title in card
+    linear = timm.create_model("vit_tiny_patch16_224.linear", num_classes=3, **TINY_VIT)
+    assert "bibtex" not in (timm_peft.save_pretrained(linear, tmp_path / "l") / "README.md").read_text()

@@ -298,6 +298,10 @@ class PeftMethod:
     config_cls: ClassVar[type[PeftConfig]] = PeftConfig
     #: one line for listings and model cards
     description: ClassVar[str] = ""
+    #: the paper, one line (model cards); None: the method module's opening paragraph
+    paper: ClassVar[str | None] = None
+    #: BibTeX of the paper (model cards)
+    citation: ClassVar[str | None] = None
     #: True when the saved adapter is the whole model (the user is told so)
     saves_whole_model: ClassVar[bool] = False
 

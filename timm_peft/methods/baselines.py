@@ -47,6 +47,13 @@ class Bias(_NoModules):
     """Bias tuning (BitFit): every bias term and the head train, all weights stay frozen."""
 
     name = "bias"
+    paper = 'Zaken et al., "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked Language-models", ACL 2022.'
+    citation = """@inproceedings{zaken2022bitfit,
+  title={BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked Language-models},
+  author={Ben Zaken, Elad and Goldberg, Yoav and Ravfogel, Shauli},
+  booktitle={Annual Meeting of the Association for Computational Linguistics (ACL)},
+  year={2022}
+}"""
     description = "bias tuning: all biases and the head train"
 
     def apply(self, model: nn.Module, config: PeftConfig) -> nn.Module:

@@ -66,6 +66,13 @@ class E2VPT(VPT):
     """E²VPT on ViT and Swin: VPT-Deep prompts with masks plus key-value prompts (see module)."""
 
     name = "e2vpt"
+    paper = 'Han et al., "E^2VPT: An Effective and Efficient Approach for Visual Prompt Tuning", ICCV 2023.'
+    citation = """@inproceedings{han2023e2vpt,
+  title={E^2VPT: An Effective and Efficient Approach for Visual Prompt Tuning},
+  author={Han, Cheng and Wang, Qifan and Cui, Yiming and Cao, Zhiwen and Wang, Wenguan and Qi, Siyuan and Liu, Dongfang},
+  booktitle={International Conference on Computer Vision (ICCV)},
+  year={2023}
+}"""
     config_cls = E2VPTConfig
     description = ("E²VPT: visual and key-value prompts, token/segment pruning with rewinding; "
                    "prompts and the head train")

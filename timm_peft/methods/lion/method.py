@@ -60,6 +60,13 @@ class Lion(PeftMethod):
     """LION: implicit prompt layers at both ends of a frozen backbone + robust training."""
 
     name = "lion"
+    paper = 'Wang et al., "LION: Implicit Vision Prompt Tuning", AAAI 2024.'
+    citation = """@inproceedings{wang2024lion,
+  title={LION: Implicit Vision Prompt Tuning},
+  author={Wang, Haixin and Chang, Jianlong and Zhai, Yihang and Luo, Xiao and Sun, Jinan and Lin, Zhouchen and Tian, Qi},
+  booktitle={AAAI Conference on Artificial Intelligence},
+  year={2024}
+}"""
     config_cls = LionConfig
     description = "LION: deep-equilibrium prompts on the image and the features, robust training"
 

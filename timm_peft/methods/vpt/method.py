@@ -33,6 +33,13 @@ class VPT(PeftMethod):
     """
 
     name = "vpt"
+    paper = 'Jia et al., "Visual Prompt Tuning", ECCV 2022.'
+    citation = """@inproceedings{jia2022vpt,
+  title={Visual Prompt Tuning},
+  author={Jia, Menglin and Tang, Luming and Chen, Bor-Chun and Cardie, Claire and Belongie, Serge and Hariharan, Bharath and Lim, Ser-Nam},
+  booktitle={European Conference on Computer Vision (ECCV)},
+  year={2022}
+}"""
     config_cls = VPTConfig
     description = "visual prompt tuning: learnable prompt tokens (every block if deep) and the head train"
 
