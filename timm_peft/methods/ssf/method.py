@@ -123,7 +123,7 @@ class SSF(PeftMethod):
 
     name = "ssf"
     paper = 'Lian et al., "Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning", NeurIPS 2022.'
-    citation = """@inproceedings{lian2022ssf,
+    citation = r"""@inproceedings{lian2022ssf,
   title={Scaling \& Shifting Your Features: A New Baseline for Efficient Model Tuning},
   author={Lian, Dongze and Zhou, Daquan and Feng, Jiashi and Wang, Xinchao},
   booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
