@@ -17,7 +17,6 @@ import json
 import pickle
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any

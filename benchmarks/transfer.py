@@ -40,7 +40,6 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings

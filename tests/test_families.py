@@ -10,7 +10,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import timm_peft
 from timm_peft.families import get_family

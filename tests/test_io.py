@@ -1,6 +1,5 @@
 """Adapter save / load / rebuild: round trips, contents, atomic writes and every load error."""
 import json
-import os
 
 import pytest
 import timm

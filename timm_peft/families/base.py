@@ -264,3 +264,35 @@ class Family:
             m = getattr(model, n, None)
             if isinstance(m, nn.Module):
                 yield m
+
+
+class TokenBlocksFamily(Family):
+    """Base of ViT-like families: ``model.blocks`` in order after ``[prefix tokens, patches]``,
+    the final norms ``norm``/``fc_norm``/``head_norm``, prompts hidden from callers like ViT's.
+
+    A subclass sets ``name``/``modules``/``matches`` and overrides :meth:`token_sequence` only for
+    what its attention does with extra tokens (relative-position bias, rotary embeddings).
+    """
+
+    capabilities: ClassVar[frozenset[str]] = frozenset({"layer_groups", "ssf", "tokens"})
+
+    def layer_groups(self, model: nn.Module) -> LayerGroups:
+        return LayerGroups([[b] for b in model.blocks], self.final_norms(model))
+
+    def final_norms(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.submodules(model, ("norm", "fc_norm", "head_norm")))
+
+    def token_sequence(self, model: nn.Module, **extra: Any) -> TokenSequence:
+        return TokenSequence(list(model.blocks), model.num_prefix_tokens, model.embed_dim,
+                             _pair(getattr(model.patch_embed, "patch_size", 16)), **extra)
+
+    def prompted_model_mixin(self, model: nn.Module) -> type:
+        from ..layers.prompts import PromptedViT
+        return PromptedViT
+
+
+def keep_unless_fused_qkv(name: str, op: nn.Module) -> bool:
+    """SSF site filter for attentions with separate q/k/v biases (EVA, BEiT): they call
+    ``F.linear`` on ``qkv.weight`` themselves, so an SSF after ``qkv`` would never run; ``qkv`` is
+    left out (SSF follows the attention's ``proj`` instead)."""
+    return not name.endswith("attn.qkv")

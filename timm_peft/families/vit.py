@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers.prompts import PromptedViT
 from ..layers.scale_shift import scan
-from ..layers.swap import original_class
 from . import register_family
-from .base import Family, LayerGroups, SsfSite, TokenSequence, _pair
+from .base import SsfSite, TokenBlocksFamily
 
 
 @register_family
-class ViT(Family):
+class ViT(TokenBlocksFamily):
     name = "vit"
     modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
     capabilities = frozenset({"layer_groups", "ssf", "tokens", "kv_attention"})
@@ -20,19 +18,6 @@ class ViT(Family):
     def matches(self, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
         return isinstance(model, VisionTransformer)
-
-    def layer_groups(self, model: nn.Module) -> LayerGroups:
-        return LayerGroups([[b] for b in model.blocks], self.final_norms(model))
-
-    def final_norms(self, model: nn.Module) -> list[nn.Module]:
-        return list(self.submodules(model, ("norm", "fc_norm", "head_norm")))
-
-    def token_sequence(self, model: nn.Module) -> TokenSequence:
-        return TokenSequence(list(model.blocks), model.num_prefix_tokens, model.embed_dim,
-                             _pair(getattr(model.patch_embed, "patch_size", 16)))
-
-    def prompted_model_mixin(self, model: nn.Module) -> type:
-        return PromptedViT
 
     def kv_attention(self, model: nn.Module) -> list[nn.Module] | None:
         attns = [getattr(b, "attn", None) for b in model.blocks]

@@ -7,7 +7,7 @@ Han et al., "E²VPT: An Effective and Efficient Approach for Visual Prompt Tunin
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,7 @@ from ...families import Family, get_family, refuse
 from ...layers.kv_attention import ExtraKVWindowAttention
 from ...layers.prompts import (PixelPromptedModel, PixelPrompts, PromptedBlock, PromptsAsPrefix,
                                VisualPrompts)
-from ...layers.swap import AdapterModule, restore_classes, swap_class
+from ...layers.swap import restore_classes, swap_class
 from .config import VPTConfig
 
 __all__ = ["VPT"]
