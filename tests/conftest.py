@@ -27,3 +27,14 @@ def vit_weights(tmp_path):
 def local_overlay(path):
     """pretrained_cfg_overlay that makes timm's own pretrained path read a local file."""
     return dict(file=str(path), custom_load=False)
+
+
+def move_trainable(model, seed=0):
+    """Move every trainable tensor away from its initial value (seeded), so an adapter's values
+    differ from a fresh build's; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen))
+    return model.eval()

@@ -18,7 +18,7 @@ import timm_peft
 from timm_peft import discovery
 from timm_peft.io import CONFIG_NAME, TIMM_CONFIG_NAME, WEIGHTS_NAME, make_model_card
 
-from conftest import TINY_VIT, local_overlay
+from conftest import TINY_VIT, local_overlay, move_trainable
 
 #: an unexpected warning (e.g. "the Hub cannot be reached" in offline mode) fails the test
 pytestmark = pytest.mark.filterwarnings("error")
@@ -77,12 +77,7 @@ def _build(name, weights, seed=0):
     model = timm.create_model(name, pretrained=True, num_classes=3,
                               pretrained_cfg_overlay=local_overlay(weights[arch]),
                               **(TINY_VIT if arch == VIT else {}))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return move_trainable(model, seed)
 
 
 def _build_from_timm(name, weights, cache, seed=0):
@@ -98,12 +93,7 @@ def _build_from_timm(name, weights, cache, seed=0):
                                   **(TINY_VIT if arch == VIT else {}))
     assert timm_peft.io.base_fingerprint(model) == timm_peft.io.base_fingerprint(
         _build(name, weights, seed))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return move_trainable(model, seed)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from timm_peft.core import _METHODS, _PRESETS, PeftMethod, iter_family_archs, re
 from timm_peft.io import (ADAPTER_MARKER, CONFIG_NAME, TIMM_CONFIG_NAME, WEIGHTS_NAME, AdapterError,
                           make_model_card, push_to_hub, resolve_adapter_dir)
 
-from conftest import TINY_VIT, local_overlay
+from conftest import TINY_VIT, local_overlay, move_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -40,12 +40,7 @@ def _trained(vit_weights, method, seed=0):
     """A tiny ViT with ``method`` whose trainable tensors moved away from their initial values."""
     model = timm.create_model(f"{NAME}.{method}", pretrained=True, num_classes=5,
                               pretrained_cfg_overlay=local_overlay(vit_weights), **TINY_VIT)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return move_trainable(model, seed)
 
 
 def _out(model, seed=1):
