@@ -491,6 +491,7 @@ def apply_method(
                          "build a fresh model to apply another")
     target = unwrap_features(model)
     freeze(target)
+    base_names = {n for n, _ in [*target.named_parameters(), *target.named_buffers()]}
     out = impl.apply(target, config)
     if out is not target:
         raise RuntimeError(f"method {method_name!r} must modify the model in place and return it")
@@ -502,6 +503,8 @@ def apply_method(
         m.peft_method = method_name
         m.peft_config = config
         m.peft_adapter_keys = tuple(adapter_keys(target))
+    from .adapters import adopt
+    adopt(model, base_names)
     return model
 
 
@@ -587,7 +590,9 @@ def _strip(model: nn.Module) -> nn.Module:
     # the frozen norms go back to their timm class: nothing of timm_peft is left to pickle
     restore_classes(unwrap_features(model))
     for m in {id(model): model, id(unwrap_features(model)): unwrap_features(model)}.values():
-        for attr in ("peft_method", "peft_config", "peft_adapter_keys", "peft_base"):
+        for attr in ("peft_method", "peft_config", "peft_adapter_keys", "peft_base",
+                     "peft_adapters", "peft_active_adapter", "peft_base_state",
+                     "peft_base_num_classes"):
             m.__dict__.pop(attr, None)
         args = m.__dict__.get("_model_args")
         if isinstance(args, dict):
@@ -616,9 +621,25 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove the adapter without merging it, returning the plain base model (peft's name)."""
-    impl = _method_of(model)
-    impl.unload(unwrap_features(model))
+    """Remove every adapter without merging, returning the plain base model (peft's name).
+
+    The base gets back the tensors it was built with, including those an adapter trained (the
+    biases of bias tuning, unfrozen blocks, the head).
+
+    Example:
+        >>> import timm, timm_peft
+        >>> m = timm.create_model("resnet18.bias", num_classes=10)
+        >>> b = m.fc.bias.detach().clone(); _ = m.fc.bias.data.add_(1)
+        >>> bool((timm_peft.unload(m).fc.bias == b).all())
+        True
+    """
+    inner = unwrap_features(model)
+    _method_of(model)
+    if inner.__dict__.get("peft_adapters") is not None:
+        from .adapters import _to_base
+        _to_base(inner)
+    else:
+        _METHODS[inner.peft_method].unload(inner)
     return _strip(model)
 
 

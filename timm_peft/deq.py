@@ -31,10 +31,11 @@ Choices made here (all exposed as arguments):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -354,7 +355,7 @@ def _masked_adjoint(deq: "DEQ", grad: torch.Tensor, z_star: torch.Tensor, u: tor
 
     _, vjp = torch.func.vjp(step, z_star, u, *params)
     result = deq._run(lambda g: vjp(g)[0] + grad, grad, backward=True)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and deq.__dict__.get("_record_stats", True):
         deq._record("backward", result, deq.backward_tol)
     _, grad_u, *grad_params = vjp(result.z)
     return [grad_u if needs[1] else None, None,
@@ -444,6 +445,23 @@ class DEQ(nn.Module):
                                  persistent=False)
             self.register_buffer(f"_{which}_last_residual", torch.zeros(1), persistent=False)
         self._warned = False
+
+    @contextlib.contextmanager
+    def vmap_context(self) -> Iterator[None]:
+        """Make the forward safe for :func:`torch.func.vmap` inside the block.
+
+        Per-sample routing (:func:`timm_peft.route`) vectorises the model's forward over the
+        batch. The early-exit loop reads the residual on the host (``.item()``), which ``vmap``
+        cannot do, so the block uses the masked loop (same iterates, every sample stops at its
+        own tolerance) and leaves the statistics counters alone (they are updated in place, and
+        a vectorised solve has one set of statistics per sample).
+        """
+        loop, record = self.loop, self.__dict__.get("_record_stats", True)
+        self.loop, self._record_stats = "masked", False
+        try:
+            yield
+        finally:
+            self.loop, self._record_stats = loop, record
 
     def extra_repr(self) -> str:
         return (f"solver={self.solver}, max_iter={self.max_iter}, eval_max_iter="
@@ -538,7 +556,7 @@ class DEQ(nn.Module):
         else:
             with torch.no_grad():
                 result = self._run(lambda v: self.f(v, u), z0, backward=False)
-        if self.loop == "masked":
+        if self.loop == "masked" and self.__dict__.get("_record_stats", True):
             self._record("forward", result, self.tol)
         z = result.z
         if needs_grad and self.backward == "phantom":

@@ -223,7 +223,8 @@ def _write_unit(out: Path, files: dict[str, bytes]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
-                    label_names: list[str] | None = None, **card_info: Any) -> Path:
+                    label_names: list[str] | None = None, adapter_name: str | None = None,
+                    **card_info: Any) -> Path:
     """Save only the adapter of ``model`` (peft's name), as one atomic unit.
 
     Writes ``adapter_model.safetensors`` (the method's tensors and the head, never a frozen base
@@ -236,6 +237,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     card. The previous adapter in ``save_directory`` stays loadable until the new one is
     complete; concurrent saves to one place are serialised.
 
+    A model with several adapters (:func:`timm_peft.add_adapter`) saves the one named
+    ``adapter_name`` into ``save_directory``; without a name it saves every adapter into its own
+    subdirectory ``save_directory/<adapter name>``.
+
     Example:
         >>> import timm, timm_peft, tempfile
         >>> m = timm.create_model("resnet18.linear", num_classes=2)
@@ -243,13 +248,34 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
         >>> sorted(p.name for p in d.iterdir())
         ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'config.json']
     """
+    from ..adapters import get_adapters, using_adapter
+
+    get_peft_config(model)
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
+    named = unwrap_features(model).__dict__.get("peft_adapters") or {}
+    if adapter_name is not None or len(named) > 1:
+        if adapter_name is None and label_names is not None:
+            raise ValueError("label_names names one adapter's classes: pass adapter_name too "
+                             "(each adapter otherwise saves the class names it was loaded with)")
+        names = [adapter_name] if adapter_name is not None else list(get_adapters(model))
+        for name in names:
+            with using_adapter(model, name):
+                target = Path(save_directory) if adapter_name is not None else \
+                    Path(save_directory) / name
+                _save_one(model, target, label_names, card_info)
+        return Path(save_directory)
+    return _save_one(model, save_directory, label_names, card_info)
+
+
+def _save_one(model: nn.Module, save_directory: str | os.PathLike, label_names: list[str] | None,
+              card_info: dict[str, Any]) -> Path:
+    """Save the active adapter as one atomic unit."""
     from safetensors.torch import save
 
     config = get_peft_config(model)
     inner = unwrap_features(model)
     method = get_method(inner.peft_method)
-    if not isinstance(save_directory, (str, os.PathLike)):
-        raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
     out = Path(save_directory)
     state = method.adapter_state_dict(inner)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -261,6 +287,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     base = _base_info(model)
     arch, tag = base["architecture"], base.get("pretrained_tag")
     model_args = {k: v for k, v in base["model_args"].items() if k not in LOADING_KWARGS}
+    if isinstance(getattr(inner, "num_classes", None), int):
+        # the head this adapter trained (one model may hold adapters with heads of any size)
+        model_args["num_classes"] = inner.num_classes
     try:
         model_args = json.loads(json.dumps(model_args))
     except (TypeError, ValueError) as e:
@@ -323,7 +352,7 @@ def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 def load_adapter(model: nn.Module, adapter: str | os.PathLike, check_base: bool = True, *,
-                 revision: str | None = None) -> nn.Module:
+                 revision: str | None = None, adapter_name: str | None = None) -> nn.Module:
     """Load a saved adapter onto a model built with the same arch, method and config.
 
     ``adapter`` is a directory, ``local-dir:<dir>`` or ``hf-hub:<org>/<name>``. Every mismatch
@@ -332,16 +361,27 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, check_base: bool 
     ``check_base=False``) different base weights. The adapter's data configuration and class
     names go into ``model.pretrained_cfg``.
 
+    Without ``adapter_name`` the adapter replaces the active adapter's values. With it, the
+    adapter is added next to the model's others under that name, with its own method, config,
+    head size, data configuration and class names (the active adapter stays active; see
+    :func:`timm_peft.set_adapter`); it must be for the same arch and architecture arguments.
+
     Example:
         >>> import timm, timm_peft, tempfile
         >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
         >>> m = timm_peft.load_adapter(timm.create_model("resnet18.bias"), d, check_base=False)
+        >>> m = timm_peft.load_adapter(timm.create_model("resnet18.ssf"), d, check_base=False,
+        ...                            adapter_name="bias_task")
+        >>> sorted(timm_peft.get_adapters(m))
+        ['bias_task', 'default']
     """
     from .hub import resolve_adapter_dir
     adapter_dir = resolve_adapter_dir(adapter, revision=revision)
     cfg = read_adapter_config(adapter_dir)
     inner = unwrap_features(model)
     get_peft_config(model)
+    if adapter_name is not None:
+        return _load_named(model, adapter_dir, cfg, adapter_name, check_base)
     if resolve_method(cfg["peft_type"])[0] != inner.peft_method:
         raise AdapterError(f"adapter in {adapter_dir} is for method {cfg['peft_type']!r}, the model "
                            f"carries {inner.peft_method!r}")
@@ -376,6 +416,36 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, check_base: bool 
                 "base with the recorded weights or pass check_base=False")
     inner.load_state_dict(tensors, strict=False)
     return restore_pretrained_cfg(model, cfg)
+
+
+def _load_named(model: nn.Module, adapter_dir: Path, cfg: dict[str, Any], adapter_name: str,
+                check_base: bool) -> nn.Module:
+    """Add the adapter in ``adapter_dir`` as ``adapter_name``, then load it like the only one."""
+    from ..adapters import add_adapter, delete_adapter, get_adapters, using_adapter
+    if adapter_name in get_adapters(model):
+        raise ValueError(f"the model already has an adapter {adapter_name!r}; delete_adapter it "
+                         "first or choose another name")
+    base = _base_info(model)
+    arch = base["architecture"]
+    if arch != cfg["architecture"]:
+        raise AdapterError(f"adapter in {adapter_dir} is for arch {cfg['architecture']!r}, the "
+                           f"model is {arch!r}")
+    ours = {k: v for k, v in base["model_args"].items() if k not in (*LOADING_KWARGS, "num_classes")}
+    theirs = {k: v for k, v in cfg["model_args"].items() if k not in (*LOADING_KWARGS, "num_classes")}
+    if json.loads(json.dumps(ours, default=str)) != theirs:
+        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'model_args' {theirs} differs from "
+                           f"the model's {ours}: one backbone serves adapters of its own build only")
+    method = get_method(cfg["peft_type"])
+    config = method.config_cls.from_dict(cfg["peft_config"])
+    add_adapter(model, adapter_name, config, method=resolve_method(cfg["peft_type"])[0],
+                num_classes=cfg["model_args"].get("num_classes"))
+    try:
+        with using_adapter(model, adapter_name):
+            load_adapter(model, adapter_dir, check_base=check_base)
+    except BaseException:
+        delete_adapter(model, adapter_name)
+        raise
+    return model
 
 
 def _model_name(cfg: dict[str, Any]) -> str:

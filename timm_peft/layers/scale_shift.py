@@ -7,6 +7,7 @@ must skip, why.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
@@ -153,7 +154,22 @@ class ScaleShift(AdapterModule):
                 if self.shift is not None:
                     self.shift.zero_()
 
+    @contextlib.contextmanager
+    def vmap_context(self) -> Iterator[None]:
+        """Plain ``γ ⊙ x + β`` inside the block, for per-sample routing (:func:`timm_peft.route`):
+        with per-sample γ and β, ``vmap`` turns it into one broadcast multiply-add, while the
+        batch-norm kernel below would be split and transposed."""
+        self._plain = True
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_plain", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.get("_plain"):
+            shape = [-1 if d == self.dim % x.ndim else 1 for d in range(x.ndim)]
+            y = x * self.scale.view(shape)
+            return y if self.shift is None else y + self.shift.view(shape)
         if self.dim == -1 and x.ndim >= 2 and torch.is_grad_enabled() and (
                 x.requires_grad or self.scale.requires_grad
                 or (self.shift is not None and self.shift.requires_grad)):
