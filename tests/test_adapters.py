@@ -99,13 +99,15 @@ def test_switching_equals_separate_models_and_never_touches_the_base():
     a = _perturb(model, 1)
     base_ptrs = {n: t.data_ptr() for n, t in model.state_dict().items()
                  if n not in model.peft_adapter_keys}
-    timm_peft.add_adapter(model, "vpt", dict(num_prompts=2), method="vpt", num_classes=4)
+    timm_peft.add_adapter(model, "vpt", dict(num_prompts=2, dropout=0.5), method="vpt",
+                          num_classes=4)
     timm_peft.add_adapter(model, "ssf2", num_classes=3)
     timm_peft.add_adapter(model, "bias", method="bias", num_classes=2)
     x = torch.randn(2, 3, 32, 32)
     base = _plain_state(model)
     states = {"default": ("ssf", None, 3, a)}
-    for name, (method, cfg, n) in {"vpt": ("vpt", dict(num_prompts=2), 4), "ssf2": ("ssf", None, 3),
+    for name, (method, cfg, n) in {"vpt": ("vpt", dict(num_prompts=2, dropout=0.5), 4),
+                                   "ssf2": ("ssf", None, 3),
                                    "bias": ("bias", None, 2)}.items():
         timm_peft.set_adapter(model, name)
         assert model.peft_method == method and model.num_classes == n
@@ -113,6 +115,7 @@ def test_switching_equals_separate_models_and_never_touches_the_base():
     for name in ["ssf2", "default", "bias", "vpt", "default", "ssf2"]:
         timm_peft.set_adapter(model, name)
         method, cfg, n, tensors = states[name]
+        assert not any(m.training for m in model.modules())  # new modules follow eval mode
         with torch.no_grad():
             expected = _reference(VIT_ARCH, method, cfg, VIT, n, base, tensors)(x)
             torch.testing.assert_close(model(x), expected, **TOL)

@@ -33,7 +33,7 @@ Example:
     >>> import timm, timm_peft, torch
     >>> m = timm.create_model("resnet18.ssf", num_classes=3).eval()
     >>> _ = timm_peft.add_adapter(m, "pets", num_classes=5)
-    >>> timm_peft.set_adapter(m, "pets"); m(torch.zeros(1, 3, 64, 64)).shape
+    >>> _ = timm_peft.set_adapter(m, "pets"); m(torch.zeros(1, 3, 64, 64)).shape
     torch.Size([1, 5])
     >>> with timm_peft.route(m, ["default", "pets"]) as r:
     ...     logits = m(torch.zeros(2, 3, 64, 64))
@@ -264,6 +264,7 @@ def _from_base(model: nn.Module, adapter: Adapter | None, method: str, config: P
     before = {n for n, _ in [*inner.named_parameters(), *inner.named_buffers()]}
     impl = get_method(method)
     impl.apply(inner, config)
+    inner.train(inner.training)  # new modules (prompt dropout, a new head) follow the model's mode
     if config.train_head and hasattr(inner, "get_classifier"):
         head = inner.get_classifier()
         for h in head if isinstance(head, tuple) else (head,):
@@ -450,14 +451,13 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     built with the pretrained class count). The active adapter comes back on exit.
 
     Example:
-        >>> import timm, timm_peft, torch
-        >>> m = timm.create_model("resnet18.ssf", num_classes=3).eval()
+        >>> import copy, timm, timm_peft, torch
         >>> plain = timm.create_model("resnet18", num_classes=3).eval()
-        >>> plain.load_state_dict(timm_peft.unload(timm.create_model("resnet18.ssf", num_classes=3)).state_dict())
-        <All keys matched successfully>
+        >>> m = timm_peft.apply_method(copy.deepcopy(plain), "ssf")
+        >>> x = torch.randn(1, 3, 64, 64)
         >>> with timm_peft.disable_adapter(m):
-        ...     type(m).__name__
-        'ResNet'
+        ...     type(m).__name__, torch.equal(m(x), plain(x))
+        ('ResNet', True)
     """
     adapters = _adapters(model)
     inner = unwrap_features(model)
