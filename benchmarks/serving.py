@@ -10,9 +10,10 @@ of samples. Measured in one run, as ratios:
   of the same samples run grouped, one ``set_adapter`` + forward per adapter (goal ≥ 0.9).
 * ``routed_vs_sequential``: throughput of the routed forward / running the whole batch once per
   adapter and keeping each sample's own row (what serving without routing or grouping costs).
-* ``switch_us``: median ``set_adapter`` latency between two adapters of the method (no tensor
-  is copied), and ``switch_other_method_us`` to an adapter of another method (the surgery is
-  redone on the same base weights).
+* ``switch_us``: median ``set_adapter`` latency between two adapters of the method with heads of
+  one size (tensors re-pointed, nothing copied); ``switch_other_head_us`` to an adapter with
+  another head size and ``switch_other_method_us`` to an adapter of another method (the surgery
+  is redone on the same base weights).
 
 Throughputs use the process CPU time (steadier than the wall clock on a shared machine), one
 round-robin round calling each variant once, the median of the per-round ratios.
@@ -105,7 +106,9 @@ def measure(arch: str, method: str, num_adapters: int, per_adapter: int, rounds:
             timm_peft.set_adapter(model, a)
         return statistics.median(times) * 1e6
 
-    same = switch_latency("default", names[1]) if num_adapters > 1 else float("nan")
+    timm_peft.add_adapter(model, "same_head", num_classes=heads[0])
+    same = switch_latency("default", "same_head")
+    head = switch_latency("default", names[1], reps=5) if num_adapters > 1 else float("nan")
     other = "bias" if method != "bias" else "ssf"
     timm_peft.add_adapter(model, "other_method", method=other, num_classes=heads[0])
     cross = switch_latency("default", "other_method", reps=5)
@@ -118,7 +121,7 @@ def measure(arch: str, method: str, num_adapters: int, per_adapter: int, rounds:
         routed_vs_grouped=median_ratio(cpu, "grouped", "routed"),
         routed_vs_sequential=median_ratio(cpu, "sequential", "routed"),
         routed_vs_grouped_wall=median_ratio(wall, "grouped", "routed"),
-        switch_us=same, switch_other_method_us=cross,
+        switch_us=same, switch_other_head_us=head, switch_other_method_us=cross,
         imgs_per_s_routed=n / statistics.median(cpu["routed"]),
     )
 
@@ -153,8 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.rounds} round-robin rounds. Ratios > 1 mean the routed forward is faster "
         "(`routed_vs_grouped` = grouped CPU time / routed CPU time; goal ≥ 0.9 for SSF, VPT and "
         "bias); `memory_vs_separate` ≤ 0.15 is the goal. `switch_us`: `set_adapter` between two "
-        "adapters of the method (tensors re-pointed, nothing copied); `switch_other_method_us`: "
-        "to an adapter of another method (surgery redone). Routed forwards run each sample as "
+        "adapters of the method with one head size (tensors re-pointed, nothing copied); "
+        "`switch_other_head_us` / `switch_other_method_us`: to an adapter with another head size "
+        "/ of another method (the method's surgery is redone on the same base tensors). Routed forwards run each sample as "
         "its own batch of one under `torch.func.vmap`: torch has no batching rule for the CPU "
         "flash-attention kernel, so attention falls back to a per-sample loop (it is a small "
         f"part of the time). Total time {time.time() - t0:.0f} s.")

@@ -450,11 +450,15 @@ def adapter_keys(model: nn.Module) -> list[str]:
     running statistics of a BatchNorm in an unfrozen block).
     """
     keys: set[str] = set()
-    adapter_prefixes = [n for n, m in model.named_modules() if isinstance(m, AdapterModule)]
-    for mod_name, mod in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
+    seen: set[int] = set()
+
+    def walk(mod: nn.Module, prefix: str, inside_adapter: bool) -> None:
+        # one pass, like named_modules (a module shared by two paths counts at the first)
+        if id(mod) in seen:
+            return
+        seen.add(id(mod))
+        inside_adapter = inside_adapter or isinstance(mod, AdapterModule)
         params = list(mod.named_parameters(recurse=False))
-        inside_adapter = any(mod_name == p or mod_name.startswith(p + ".") for p in adapter_prefixes)
         all_train = bool(params) and all(p.requires_grad for _, p in params)
         for n, p in params:
             if p.requires_grad or inside_adapter:
@@ -462,6 +466,11 @@ def adapter_keys(model: nn.Module) -> list[str]:
         for n, b in mod.named_buffers(recurse=False):
             if b is not None and (inside_adapter or all_train) and n not in mod._non_persistent_buffers_set:
                 keys.add(prefix + n)
+        for name, child in mod._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.", inside_adapter)
+
+    walk(model, "", False)
     state_keys = model.state_dict().keys()
     return [k for k in state_keys if k in keys]
 
