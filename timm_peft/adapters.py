@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -607,7 +608,11 @@ class Routing:
 
         self.inside = True
         try:
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack, warnings.catch_warnings():
+                # torch's note that its CPU flash-attention kernel has no batching rule (it
+                # loops over samples; measured in benchmarks/results/serving.md)
+                warnings.filterwarnings("ignore", message="There is a performance drop because "
+                                        "we have not yet implemented the batching rule")
                 for m in model.modules():  # modules whose forward needs a vmap-safe variant
                     if hasattr(m, "vmap_context"):
                         stack.enter_context(m.vmap_context())
