@@ -10,10 +10,12 @@ are measured once) is built on the same base and measured next to:
   what any method that trains something early in the network pays at least;
 * **HF peft LoRA** r=8 on ``qkv``, and on every linear of the blocks (``qkv, proj, fc1, fc2``),
   head trained (``modules_to_save``), where the arch has those modules and ``peft`` is installed;
-* **previews** of the memory-lean operations of :mod:`timm_peft.ops` and the masked DEQ loop,
-  patched onto instances of the current methods (``ssf`` with :func:`timm_peft.ops.scale_shift`
-  at its Linear/Conv sites, ``e2vpt`` with :func:`timm_peft.ops.prompted_qkv`, ``lion`` with
-  ``DEQ.loop = "masked"``): what wiring them into the methods will change.
+* **variants** of methods with a non-default config (:data:`VARIANTS`): VPT with E²VPT's
+  number of visual prompts (the reference of E²VPT's memory), LION's masked solver loop (the one
+  that compiles whole).
+
+A preset whose method prunes during training (``e2vpt_prune``) is measured pruned
+(:data:`PRUNE`): what it trains after pruning and what it serves.
 
 Measured: trainable parameters, saved adapter bytes, one training step (forward, backward, and
 the step of the optimiser the training loop builds, so a method's optimiser hook is included),
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import statistics
 import tempfile
@@ -71,7 +72,7 @@ class Entry:
     """One model to measure and how to train it."""
 
     model: nn.Module
-    kind: str  # "method", "reference", "peer" or "preview"
+    kind: str  # "method", "variant", "reference" or "peer"
     optimizer: torch.optim.Optimizer | None = None
     input_grad: bool = False
     adapter_bytes: int | None = None
@@ -152,67 +153,26 @@ def build_lora(arch: str, kwargs: dict[str, Any], targets: list[str],
     return Entry(model, "peer", _timm_optimizer(model), adapter_bytes=size)
 
 
-def _lean_scale_shift(ss: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from timm_peft.ops import scale_shift
-    return scale_shift(x, ss.scale, ss.shift, ss.dim)
-
-
-def preview_ssf(model: nn.Module) -> int:
-    """Route SSF's Linear/Conv sites through :func:`timm_peft.ops.scale_shift` (instance
-    patches, norms keep their folding); the number of sites patched."""
-    n = 0
-    for op in model.modules():
-        ss = getattr(op, "ssf", None)
-        if ss is not None and isinstance(op, (nn.Linear, nn.Conv2d)):
-            ss.forward = functools.partial(_lean_scale_shift, ss)
-            n += 1
-    return n
-
-
-def _lean_kv_attention(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                       is_causal: bool = False) -> torch.Tensor:
-    from timm_peft.ops import prompted_qkv
-    if attn_mask is not None or is_causal:
-        raise NotImplementedError("the preview handles unmasked attention only")
-    B, N, _ = x.shape
-    gate = getattr(attn, "gate", None)
-    gate = gate(x).sigmoid() if gate is not None else None
-    pk, pv = attn.kv_prompt.prompts()
-    q, k, v = prompted_qkv(attn.qkv(x), attn.num_heads, pk, pv)
-    x = F.scaled_dot_product_attention(attn.q_norm(q), k, v,
-                                       dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    x = x.transpose(1, 2).reshape(B, N, -1)
-    x = getattr(attn, "norm", nn.Identity())(x)
-    if gate is not None:
-        x = x * gate
-    return attn.proj_drop(attn.proj(x))
-
-
-def preview_e2vpt(model: nn.Module) -> int:
-    """Route E²VPT's prompted timm ``Attention`` layers through
-    :func:`timm_peft.ops.prompted_qkv` (instance patches); the number of layers patched."""
-    n = 0
-    for attn in model.modules():
-        if (hasattr(attn, "kv_prompt") and hasattr(attn, "qkv") and hasattr(attn, "head_dim")
-                and isinstance(getattr(attn, "k_norm", None), nn.Identity)):
-            attn.forward = functools.partial(_lean_kv_attention, attn)
-            n += 1
-    return n
-
-
-def preview_lion(model: nn.Module) -> int:
-    """Switch LION's equilibrium layers to the masked loop; the number switched."""
-    deqs = list(model.lion.deqs().values()) if hasattr(model, "lion") else []
-    for deq in deqs:
-        deq.loop = "masked"
-    return len(deqs)
-
-
-PREVIEWS: dict[str, tuple[str, Callable[[nn.Module], int]]] = {
-    "ssf + ops.scale_shift (preview)": ("ssf", preview_ssf),
-    "e2vpt + ops.prompted_qkv (preview)": ("e2vpt", preview_e2vpt),
-    "lion, masked DEQ loop": ("lion", preview_lion),
+#: label -> (registry name, peft_cfg): methods measured with another config next to their default
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vpt (num_prompts=10)": ("vpt", dict(num_prompts=10)),
+    "lion (solver_loop=masked)": ("lion", dict(solver_loop="masked")),
 }
+
+
+def prune_e2vpt(model: nn.Module) -> None:
+    """Prune with random importance scores at the config's ratios, then compact: the cost of a
+    pruned model depends on how many tokens and segments survive, not on which."""
+    from timm_peft.methods.e2vpt import E2VPTPrompts, compact, prune
+    groups = [m for m in model.modules() if isinstance(m, E2VPTPrompts)]
+    g = torch.Generator().manual_seed(0)
+    prune(model, [dict(token=torch.rand(p.token_mask.shape, generator=g),
+                       segment=torch.rand(p.segment_mask.shape, generator=g)) for p in groups])
+    compact(model)
+
+
+#: registry name -> what makes it the model it is after its training-time pruning
+PRUNE: dict[str, Callable[[nn.Module], None]] = {"e2vpt_prune": prune_e2vpt}
 
 
 def _adapter_bytes(model: nn.Module) -> int:
@@ -227,8 +187,14 @@ def build_entries(arch: str, names: list[str], kwargs: dict[str, Any],
     if "full" not in methods:
         methods["full"] = _build(arch, "full", kwargs)
     entries = {}
+    for label, (method, cfg) in VARIANTS.items():
+        if method in methods:
+            methods[label] = _build(arch, method, dict(kwargs, peft_cfg=cfg))
     for name, model in methods.items():
-        entry = Entry(model, "method", create_optimizer(model, TrainConfig(opt="adamw", lr=LR)),
+        if name in PRUNE:
+            PRUNE[name](model)
+        entry = Entry(model, "variant" if name in VARIANTS else "method",
+                      create_optimizer(model, TrainConfig(opt="adamw", lr=LR)),
                       adapter_bytes=_adapter_bytes(model))
         try:
             entry.merged = timm_peft.merge_and_unload(copy.deepcopy(model))
@@ -240,15 +206,6 @@ def build_entries(arch: str, names: list[str], kwargs: dict[str, Any],
         lora = build_lora(arch, kwargs, targets, skipped)
         if lora is not None:
             entries[label] = lora
-    for label, (method, patch) in PREVIEWS.items():
-        if method not in methods:
-            continue
-        model = _build(arch, method, kwargs)
-        if patch(model) == 0:
-            skipped.append(f"{arch} {label}: nothing to patch")
-            continue
-        entries[label] = Entry(model, "preview",
-                               create_optimizer(model, TrainConfig(opt="adamw", lr=LR)))
     return entries
 
 
@@ -380,7 +337,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     panels = list(dict.fromkeys((r["arch"], r["mode"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
-    markers = {"method": "o", "reference": "s", "peer": "^", "preview": "D"}
+    markers = {"method": "o", "reference": "s", "peer": "^", "variant": "D"}
     for ax, (arch, mode) in zip(axes[0], panels):
         for r in rows:
             if (r["arch"], r["mode"]) != (arch, mode) or not isinstance(
@@ -392,7 +349,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("peak training memory / full fine-tuning")
         ax.set_ylabel("training step CPU time / full fine-tuning")
-        ax.set_title(f"{arch} ({mode}); ■ references, ▲ HF peft, ◆ previews", fontsize=9)
+        ax.set_title(f"{arch} ({mode}); ■ references, ▲ HF peft, ◆ variants", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -474,9 +431,9 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace, modes: lis
         "extra memory of the call (CPU: live tensor storage created during it; CUDA: the "
         "allocator's peak; weights and optimiser state exist before and are not counted; "
         "'-': compiled on CPU, not tracked). `adapter_KiB`: `adapter_model.safetensors` (for "
-        "`full` the whole model; LoRA: peft's `save_pretrained`). `kind`: `preview` rows are "
-        "current methods with `timm_peft.ops` / the masked DEQ loop patched onto the instance, "
-        "i.e. what wiring them into the methods will measure. Methods whose inference is the "
+        "`full` the whole model; LoRA: peft's `save_pretrained`). `kind`: `variant` rows are "
+        "methods built with a non-default `peft_cfg` (the label says which); `e2vpt_prune` is "
+        "measured after pruning (random scores at its ratios, compacted). Methods whose inference is the "
         "plain model's (`linear`, `bias`, `partial`, `full`, merged models) show the noise level. "
         + (f"Left out: {'; '.join(skipped)}. " if skipped else "")
         + (f"Plot: `{figure.name}` (training CPU time vs memory, relative to full). "

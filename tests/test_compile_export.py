@@ -5,7 +5,8 @@ README and fails when the two differ, and every other test here checks one cell 
 eager model (values and one training step's gradients, to float tolerance). A cell is ``yes``
 (works and matches eager), ``refused`` (TorchScript only: raises the clear error naming the
 method) or ``no`` (fails today; the test asserts it still fails, so fixing it forces the README
-to be updated).
+to be updated). ONNX: ``torch.onnx.export(dynamo=True)`` (needs ``onnx`` and ``onnxscript``, in
+the dev extra), the graph run by onnx's reference evaluator.
 """
 from __future__ import annotations
 
@@ -22,18 +23,18 @@ import torch.nn.functional as F
 import timm_peft  # noqa: F401  (registers the methods)
 from timm_peft.deq import DEQConvergenceWarning
 
-COLUMNS = ("eager", "torch.compile fullgraph", "torch.export", "TorchScript")
+COLUMNS = ("eager", "torch.compile fullgraph", "torch.export", "TorchScript", "ONNX")
 #: mirrors the README table (method -> cell per column)
 SUPPORT: dict[str, tuple[str, ...]] = {
-    "linear": ("yes", "yes", "yes", "yes"),
-    "bias": ("yes", "yes", "yes", "yes"),
-    "partial": ("yes", "yes", "yes", "yes"),
-    "full": ("yes", "yes", "yes", "yes"),
-    "ssf": ("yes", "yes", "yes", "refused"),
-    "vpt": ("yes", "yes", "yes", "refused"),
-    "vpt_shallow": ("yes", "yes", "yes", "refused"),
-    "e2vpt": ("yes", "yes", "yes", "refused"),
-    "lion (solver_loop=masked)": ("yes", "yes", "yes", "refused"),
+    "linear": ("yes", "yes", "yes", "yes", "yes"),
+    "bias": ("yes", "yes", "yes", "yes", "yes"),
+    "partial": ("yes", "yes", "yes", "yes", "yes"),
+    "full": ("yes", "yes", "yes", "yes", "yes"),
+    "ssf": ("yes", "yes", "yes", "refused", "yes"),
+    "vpt": ("yes", "yes", "yes", "refused", "yes"),
+    "vpt_shallow": ("yes", "yes", "yes", "refused", "yes"),
+    "e2vpt": ("yes", "yes", "yes", "refused", "yes"),
+    "lion (solver_loop=masked)": ("yes", "yes", "yes", "refused", "no"),
 }
 #: tiny configs: the method name in the table -> (registered method, peft_cfg)
 CASES = {
@@ -147,3 +148,24 @@ def test_torchscript(case):
     scripted = torch.jit.script(copy.deepcopy(model))
     with torch.no_grad():
         assert torch.allclose(scripted(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", SUPPORT)
+def test_onnx_matches_eager(case):
+    expected = SUPPORT[case][COLUMNS.index("ONNX")]
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install -e .[dev])")
+    from onnx.reference import ReferenceEvaluator
+    model = build(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing notices
+        if expected == "no":
+            with pytest.raises(Exception):
+                torch.onnx.export(model, (X,), dynamo=True, verbose=False)
+            return
+        program = torch.onnx.export(model, (X,), dynamo=True, verbose=False)
+    run = ReferenceEvaluator(program.model_proto)
+    name = program.model_proto.graph.input[0].name
+    with torch.no_grad():
+        want = model(X)
+    got = torch.from_numpy(run.run(None, {name: X.numpy()})[0])
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_peft.ops import floor_magnitude, kv_prompt_attention, prompted_qkv, scale_shift
+from timm_peft.ops import (floor_magnitude, kv_prompt_attention, linear_scale_shift, prompted_qkv,
+                           scale_shift)
 
 
 def _saved_storages(fn):
@@ -49,7 +50,8 @@ def test_scale_shift_matches_autograd_of_the_formula(shape, dim, with_shift):
 def test_scale_shift_gradcheck_float64(shape, dim):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    gamma = (1 + 0.3 * torch.randn(shape[dim], dtype=torch.float64)).requires_grad_()
+    gamma = (1 + 0.3 * torch.randn(shape[dim], dtype=torch.float64))
+    gamma = (gamma * torch.where(torch.arange(shape[dim]) % 2 == 0, 1.0, -1.0)).requires_grad_()
     beta = torch.randn(shape[dim], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, g, b: scale_shift(a, g, b, dim=dim),
                                     (x, gamma, beta))
@@ -118,6 +120,74 @@ def test_scale_shift_bad_arguments_are_explained():
         scale_shift(x, torch.ones(3))
     with pytest.raises(ValueError, match="min_scale must be > 0"):
         scale_shift(x, torch.ones(4), min_scale=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_scale_shift
+# ----------------------------------------------------------------------------------------------
+
+def _linear_case(shape, with_bias, with_shift, dtype=torch.float32):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, 5, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 5, dtype=dtype)
+    b = torch.randn(6, dtype=dtype) if with_bias else None
+    sign = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, 1.0], dtype=dtype)  # negative γ too
+    gamma = ((1 + 0.3 * torch.randn(6, dtype=dtype)) * sign).requires_grad_()
+    beta = torch.randn(6, dtype=dtype, requires_grad=True) if with_shift else None
+    return x, w, b, gamma, beta
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_shift", [True, False])
+def test_linear_scale_shift_matches_autograd_of_the_formula(shape, with_bias, with_shift):
+    """Against plain autograd of ``F.linear(x, W, b) * γ + β``: output and the gradients of x, γ
+    and β."""
+    x, w, b, gamma, beta = _linear_case(shape, with_bias, with_shift)
+    ref = F.linear(x, w, b) * gamma + (0 if beta is None else beta)
+    out = linear_scale_shift(x, w, b, gamma, beta)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    probe = torch.randn(out.shape)
+    params = [x, gamma] + ([beta] if with_shift else [])
+    for a, r in zip(torch.autograd.grad((out * probe).sum(), params),
+                    torch.autograd.grad((ref * probe).sum(), params)):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference: the folded matmul without autograd
+        assert torch.allclose(linear_scale_shift(x, w, b, gamma, beta), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_scale_shift_gradcheck_float64():
+    x, w, b, gamma, beta = _linear_case((2, 3), True, True, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, g, s: linear_scale_shift(a, w, b, g, s),
+                                    (x, gamma, beta))
+
+
+def test_linear_scale_shift_saves_only_its_output():
+    x, w, b, gamma, beta = _linear_case((3, 4), True, True)
+    out, saved = _saved_storages(lambda: linear_scale_shift(x, w, b, gamma, beta))
+    big = [p for p in saved if p not in (w.untyped_storage().data_ptr(),
+                                         beta.untyped_storage().data_ptr())]
+    assert x.untyped_storage().data_ptr() not in saved
+    assert out.untyped_storage().data_ptr() in saved
+    assert len(big) == 2  # the output and the floored γ
+    # the reference keeps the Linear's output (for γ's gradient)
+    _, ref_saved = _saved_storages(lambda: F.linear(x, w, b) * gamma + beta)
+    assert len([p for p in ref_saved if p != w.untyped_storage().data_ptr()]) >= 2
+
+
+def test_linear_scale_shift_trains_a_weight_that_requires_grad():
+    """A trainable W or b (SSF next to another method) takes plain autograd: W gets its gradient."""
+    x, w, b, gamma, beta = _linear_case((4,), True, True)
+    w.requires_grad_()
+    out = linear_scale_shift(x, w, b, gamma, beta)
+    ref = F.linear(x, w, b) * gamma + beta
+    got, want = (torch.autograd.grad(o.sum(), [w, gamma]) for o in (out, ref))
+    assert all(torch.allclose(a, r, rtol=1e-5, atol=1e-5) for a, r in zip(got, want))
+
+
+def test_linear_scale_shift_bad_shapes_are_explained():
+    with pytest.raises(ValueError, match=r"shape \(out_features,\) = \(6,\)"):
+        linear_scale_shift(torch.randn(2, 5), torch.randn(6, 5), None, torch.ones(5))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ it keeps no activation for backward. What a method adds after it should not undo
   input: backward recovers ``x = (y − β) / γ``. The output is what the next operation (GELU, a
   norm, the attention) saves anyway, so an SSF site after a frozen Linear or Conv keeps no extra
   activation alive; autograd's ``x * γ + β`` (or the inference batch-norm SSF uses for speed)
-  saves ``x``, one more tensor of the site's size.
+  saves ``x``, one more tensor of the site's size. :func:`linear_scale_shift` does the same
+  after a frozen Linear as a single matmul with γ, β folded into the weight and bias, so the
+  site costs no pass over the activations in forward (the unmerged model runs at the merged
+  model's cost) and one fused reduction in backward.
 * :func:`prompted_qkv` / :func:`kv_prompt_attention` prepend key-value prompts (E²VPT, Han et al.
   ICCV 2023, Eq. 5) with one concatenation of the packed ``qkv`` projection: q, k and v are views
   of one buffer, so the attention saves that buffer only. Concatenating the prompts to k and to v
@@ -25,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["scale_shift", "ScaleShiftFunction", "floor_magnitude", "prompted_qkv",
-           "kv_prompt_attention", "DEFAULT_MIN_SCALE"]
+__all__ = ["scale_shift", "ScaleShiftFunction", "linear_scale_shift", "LinearScaleShiftFunction",
+           "fold_linear", "floor_magnitude", "prompted_qkv", "kv_prompt_attention",
+           "DEFAULT_MIN_SCALE"]
 
 #: smallest magnitude of γ that :func:`scale_shift` applies (see there)
 DEFAULT_MIN_SCALE = 1e-3
@@ -53,6 +57,33 @@ def floor_magnitude(scale: torch.Tensor, min_scale: float) -> torch.Tensor:
     return torch.where(scale.abs() < min_scale, floor, scale)
 
 
+def _affine_grads(grad: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor,
+                  shift: torch.Tensor | None, dim: int, need_scale: bool, need_shift: bool
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(Σ g ⊙ (y − β) / γ, Σ g)`` over every axis but ``dim``: γ's and β's gradients of
+    ``y = γ ⊙ x + β`` from its output.
+
+    One fused pass of torch's batch-norm backward: in eval mode with ``running_mean = β``,
+    ``running_var = γ²`` and ``eps = 0`` its weight gradient is ``Σ g ⊙ (y − β) / |γ|`` and its
+    bias gradient ``Σ g``, with no activation-sized temporary (mul/sub/sum make three).
+    """
+    if not (need_scale or need_shift):
+        return None, None
+    acc = torch.promote_types(y.dtype, torch.float32)
+    g32 = gamma.to(acc)
+    mean = torch.zeros_like(g32) if shift is None else shift.to(acc)
+    if dim == 1 and y.is_contiguous() and grad.is_contiguous():
+        yy, gg = y, grad
+    else:  # rows of channels; channels-last 4-D batch-norm backward is avoided (see ScaleShift)
+        yy = y.movedim(dim, -1).reshape(-1, y.shape[dim])
+        gg = grad.movedim(dim, -1).reshape(-1, y.shape[dim])
+    _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        gg, yy, None, mean, g32 * g32, None, None, False, 0.0,
+        [False, need_scale, need_shift])
+    grad_scale = grad_w * torch.sign(g32) if need_scale else None
+    return grad_scale, grad_b if need_shift else None
+
+
 class ScaleShiftFunction(torch.autograd.Function):
     """``y = γ̃ ⊙ x + β`` along axis ``dim``, saving ``(y, γ̃, β)`` rather than ``x``.
 
@@ -60,7 +91,7 @@ class ScaleShiftFunction(torch.autograd.Function):
     keeps ``x = (y − β) / γ̃`` well defined; the gradient with respect to ``γ`` is the one with
     respect to ``γ̃`` (straight through the floor, so a γ at the floor can still move away). In
     backward: ``∂L/∂x = γ̃ ⊙ g``, ``∂L/∂β = Σ g`` and ``∂L/∂γ = Σ g ⊙ (y − β) / γ̃`` (sums over
-    every axis but ``dim``, accumulated in at least float32).
+    every axis but ``dim``, accumulated in at least float32, :func:`_affine_grads`).
     """
 
     @staticmethod
@@ -69,28 +100,100 @@ class ScaleShiftFunction(torch.autograd.Function):
         gamma = floor_magnitude(scale, min_scale)
         g = _channel_view(gamma.to(x.dtype), x, dim)
         y = x * g if shift is None else torch.addcmul(_channel_view(shift.to(x.dtype), x, dim), x, g)
-        ctx.dim, ctx.has_shift = dim, shift is not None
-        ctx.dtypes = scale.dtype, None if shift is None else shift.dtype
+        ctx.dim = dim
         ctx.save_for_backward(y, gamma, shift)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, gamma, shift = ctx.saved_tensors
-        dim = ctx.dim
-        dims = _reduce_dims(y, dim)
-        acc = torch.promote_types(grad.dtype, torch.float32)
         need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
-        grad_x = grad * _channel_view(gamma.to(grad.dtype), grad, dim) if need_x else None
-        grad_scale = grad_shift = None
-        if need_scale:
-            # γ̃ ⊙ x = y − β, recovered elementwise (subtracting before summing: no cancellation
-            # between large sums when |β| ≫ |γ̃ ⊙ x|)
-            gx = y if shift is None else y - _channel_view(shift.to(y.dtype), y, dim)
-            grad_scale = ((grad * gx).sum(dims, dtype=acc) / gamma.to(acc)).to(ctx.dtypes[0])
-        if need_shift and ctx.has_shift:
-            grad_shift = grad.sum(dims, dtype=acc).to(ctx.dtypes[1])
-        return grad_x, grad_scale, grad_shift, None, None
+        grad_x = grad * _channel_view(gamma.to(grad.dtype), grad, ctx.dim) if need_x else None
+        grad_scale, grad_shift = _affine_grads(grad, y, gamma, shift, ctx.dim, need_scale,
+                                               need_shift and shift is not None)
+        return (grad_x, None if grad_scale is None else grad_scale.to(gamma.dtype),
+                None if grad_shift is None else grad_shift.to(shift.dtype), None, None)
+
+
+class LinearScaleShiftFunction(torch.autograd.Function):
+    """``y = γ̃ ⊙ (x Wᵀ + b) + β`` of a frozen Linear as one matmul, saving ``(y, W, γ̃, β)``.
+
+    Forward is ``F.linear(x, γ̃ ⊙ W, γ̃ ⊙ b + β)``: no pass over the activations besides the
+    matmul, and neither ``x`` nor ``x Wᵀ + b`` is kept (a frozen Linear needs only ``W`` for
+    ``∂L/∂x``). Backward: ``∂L/∂x = g (γ̃ ⊙ W)``, and γ's and β's gradients from the output as in
+    :class:`ScaleShiftFunction`. ``W`` and ``b`` get no gradient: :func:`linear_scale_shift`
+    takes plain autograd when they require one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                scale: torch.Tensor, shift: torch.Tensor | None, min_scale: float
+                ) -> torch.Tensor:
+        gamma = floor_magnitude(scale, min_scale)
+        y = F.linear(x, *fold_linear(weight, bias, gamma, shift, x.dtype))
+        ctx.save_for_backward(y, weight, gamma, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, weight, gamma, shift = ctx.saved_tensors
+        need_x, _, _, need_scale, need_shift = ctx.needs_input_grad[:5]
+        grad_x = grad.matmul((weight * gamma.to(weight.dtype)[:, None]).to(grad.dtype)) \
+            if need_x else None
+        grad_scale, grad_shift = _affine_grads(grad, y, gamma, shift, -1, need_scale,
+                                               need_shift and shift is not None)
+        return (grad_x, None, None, None if grad_scale is None else grad_scale.to(gamma.dtype),
+                None if grad_shift is None else grad_shift.to(shift.dtype), None)
+
+
+def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                shift: torch.Tensor | None, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(γ ⊙ W, γ ⊙ b + β)`` for ``F.linear`` (γ scales W's rows; ``b`` or ``β`` may be None).
+
+    Example:
+        >>> w, b = fold_linear(torch.ones(2, 3), None, torch.tensor([2., 3.]), torch.ones(2))
+        >>> w[:, 0].tolist(), b.tolist()
+        ([2.0, 3.0], [1.0, 1.0])
+    """
+    dtype = dtype or weight.dtype
+    g = scale.to(dtype)
+    w = weight.to(dtype) * g[:, None]
+    if bias is None:
+        return w, None if shift is None else shift.to(dtype)
+    b = bias.to(dtype)
+    return w, b * g if shift is None else torch.addcmul(shift.to(dtype), b, g)
+
+
+def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       scale: torch.Tensor, shift: torch.Tensor | None = None,
+                       min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
+    """SSF after a Linear, ``γ ⊙ (x Wᵀ + b) + β``, as one matmul with the map folded in.
+
+    Without autograd (or with nothing requiring grad) this is ``F.linear(x, γ ⊙ W, γ ⊙ b + β)``,
+    the merged model's computation with the unmerged parameters. In training with a frozen
+    ``W`` and ``b``, :class:`LinearScaleShiftFunction`: it saves only its output, which the next
+    operation (attention, GELU) keeps anyway, and γ's magnitude is floored at ``min_scale`` as
+    in :func:`scale_shift`. A ``W`` or ``b`` that requires grad gets plain autograd.
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 3)
+        >>> g, b = torch.full((3,), 2.0, requires_grad=True), torch.ones(3, requires_grad=True)
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(linear_scale_shift(x, lin.weight, lin.bias, g, b), lin(x) * g + b)
+        True
+    """
+    if scale.shape != (weight.shape[0],) or (shift is not None and shift.shape != scale.shape):
+        raise ValueError(f"linear_scale_shift: scale and shift must have shape (out_features,) = "
+                         f"({weight.shape[0]},); got scale {tuple(scale.shape)}, shift "
+                         f"{None if shift is None else tuple(shift.shape)}")
+    params = (weight, bias, scale, shift)
+    if not torch.is_grad_enabled() or not (
+            x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return F.linear(x, *fold_linear(weight, bias, scale, shift, x.dtype))
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return scale_shift(F.linear(x, weight, bias), scale, shift, -1, min_scale)
+    return LinearScaleShiftFunction.apply(x, weight, bias, scale, shift, min_scale)
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None,

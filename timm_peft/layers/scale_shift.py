@@ -19,11 +19,12 @@ from timm.layers.linear import Linear as TimmLinear
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..ops import scale_shift
+from ..ops import linear_scale_shift, scale_shift
 from .swap import AdapterModule, Swappable, is_swapped, original_class, restore_class, swap_class
 
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
-           "ScaleShiftOutput", "ScaleShiftNorm", "attach_scale_shift", "detach_scale_shift",
+           "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftNorm", "attach_scale_shift",
+           "detach_scale_shift",
            "scale_shift_attached"]
 
 #: Channel axis of each site type's output: -1 for channels-last outputs (Linear, LayerNorm over
@@ -141,6 +142,10 @@ class ScaleShift(AdapterModule):
                       if shift else None)
         self.merged = False
         self.added_bias = False
+        #: training saves the output, not the input (:func:`timm_peft.ops.scale_shift`); False
+        #: where something may modify the output in place (see ``SSF``'s surgery), which would
+        #: make backward fail
+        self.save_output = True
 
     def reset_parameters(self, init: str = "normal", std: float = 0.02) -> None:
         """γ ~ N(1, std), β ~ N(0, std) for ``"normal"``; γ = 1, β = 0 for ``"identity"``."""
@@ -170,15 +175,12 @@ class ScaleShift(AdapterModule):
             shape = [-1 if d == self.dim % x.ndim else 1 for d in range(x.ndim)]
             y = x * self.scale.view(shape)
             return y if self.shift is None else y + self.shift.view(shape)
-        if self.dim == -1 and x.ndim >= 2 and torch.is_grad_enabled() and (
+        if self.save_output and x.ndim >= 2 and torch.is_grad_enabled() and (
                 x.requires_grad or self.scale.requires_grad
                 or (self.shift is not None and self.shift.requires_grad)):
             # In training, save the output instead of the input (issue 16): the output is what
-            # the next operation saves anyway, so a site after a frozen Linear keeps no extra
-            # activation alive (γ's magnitude is floored at ops.DEFAULT_MIN_SCALE). Not for
-            # channels-first (Conv) outputs: ConvNets apply in-place activations straight to a
-            # conv's output (ReLU(inplace=True) in SE blocks), which would overwrite the saved
-            # output and make backward fail.
+            # the next operation saves anyway, so a site after a frozen Linear/Conv keeps no
+            # extra activation alive (γ's magnitude is floored at ops.DEFAULT_MIN_SCALE).
             return scale_shift(x, self.scale, self.shift, self.dim)
         # γ ⊙ x + β is an inference-mode batch norm with mean 0, variance 1 and eps 0 (so its
         # 1/sqrt(var + eps) is exactly 1). torch's fused batch-norm kernels produce the output,
@@ -194,6 +196,14 @@ class ScaleShift(AdapterModule):
         y = F.batch_norm(rows.reshape(-1, rows.shape[-1]), mean, var, self.scale, self.shift,
                          False, 0.0, 0.0)
         return y.reshape(rows.shape).movedim(-1, self.dim)
+
+    def after_linear(self, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        """``γ ⊙ F.linear(x, W, b) + β`` as one matmul (:func:`timm_peft.ops.linear_scale_shift`:
+        in training it keeps only its output, which the next operation saves anyway)."""
+        if self.__dict__.get("_plain"):  # per-sample γ must not be folded into a per-sample W
+            return self(F.linear(x, weight, bias))
+        return linear_scale_shift(x, weight, bias, self.scale, self.shift)
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -224,6 +234,16 @@ class ScaleShiftOutput(Swappable):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.ssf(super().forward(*args, **kwargs))
+
+
+class ScaleShiftLinear(Swappable):
+    """A Linear computing ``γ ⊙ (x Wᵀ + b) + β`` in one matmul with its ``ssf`` folded in."""
+
+    prefix = "SSF"
+    method = "ssf"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ssf.after_linear(x, self.weight, self.bias)
 
 
 class _FoldedView:
@@ -260,21 +280,23 @@ class ScaleShiftNorm(Swappable):
 
 
 def _mixin(op: nn.Module) -> type:
-    return ScaleShiftNorm if isinstance(op, NORMS) and getattr(op, "weight", None) is not None \
-        else ScaleShiftOutput
+    if isinstance(op, NORMS) and getattr(op, "weight", None) is not None:
+        return ScaleShiftNorm
+    # exact types: a Linear subclass may compute something else in forward
+    return ScaleShiftLinear if original_class(op) in (nn.Linear, TimmLinear) else ScaleShiftOutput
 
 
 def attach_scale_shift(op: nn.Module) -> None:
-    """Route ``op``'s output through its ``ssf`` child (folded into an affine norm)."""
+    """Route ``op``'s output through its ``ssf`` child (folded into an affine norm or Linear)."""
     swap_class(op, _mixin(op))
 
 
 def detach_scale_shift(op: nn.Module) -> None:
     """Stop routing ``op``'s output through its ``ssf`` (the child stays)."""
-    for mixin in (ScaleShiftNorm, ScaleShiftOutput):
+    for mixin in (ScaleShiftNorm, ScaleShiftLinear, ScaleShiftOutput):
         restore_class(op, mixin)
 
 
 def scale_shift_attached(op: nn.Module) -> bool:
     """Whether ``op``'s output currently goes through its SSF."""
-    return is_swapped(op, ScaleShiftNorm) or is_swapped(op, ScaleShiftOutput)
+    return any(is_swapped(op, m) for m in (ScaleShiftNorm, ScaleShiftLinear, ScaleShiftOutput))
