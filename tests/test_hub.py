@@ -302,6 +302,21 @@ def test_push_to_hub_name_without_namespace_and_main(vit_weights, fake_hub):
     assert commit["summary"] == "Upload linear adapter for vit_tiny_patch16_224 (timm_peft)"
 
 
+def test_push_to_hub_one_adapter_of_many(vit_weights, fake_hub):
+    # a repo holds one adapter: the active one, or the one named
+    model = _trained(vit_weights, "linear")
+    timm_peft.add_adapter(model, "other", method="bias", num_classes=3)
+    push_to_hub(model, "org/active")
+    push_to_hub(model, "org/other", adapter_name="other")
+    active = fake_hub.commits[("org/active", "main")]["files"]
+    other = fake_hub.commits[("org/other", "main")]["files"]
+    assert sorted(active) == sorted(other) == FILES
+    assert json.loads(active[CONFIG_NAME])["peft_type"] == "linear"
+    assert json.loads(other[CONFIG_NAME])["peft_type"] == "bias"
+    assert json.loads(other[CONFIG_NAME])["model_args"]["num_classes"] == 3
+    assert timm_peft.active_adapter(model) == "default"
+
+
 def test_push_to_hub_bad_input_fails_before_any_request(vit_weights, fake_hub):
     model = _trained(vit_weights, "linear")
     with pytest.raises(ValueError, match="carries no PEFT method"):

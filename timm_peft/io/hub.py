@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core import get_peft_config
+from ..core import get_peft_config, unwrap_features
 from .card import HUB_PREFIX, LOCAL_PREFIX
 from .format import CONFIG_NAME, TIMM_CONFIG_NAME, WEIGHTS_NAME, ADAPTER_MARKER, AdapterError, \
     read_adapter_config
@@ -137,9 +137,13 @@ def push_to_hub(
         commit_message: str | None = None,
         token: str | bool | None = None,
         create_pr: bool = False,
+        adapter_name: str | None = None,
         **card_info: Any,
 ) -> Any:
     """Upload the adapter of ``model`` to a Hugging Face Hub model repo (peft's name).
+
+    A repo holds one adapter: the one named ``adapter_name``, by default the active one (see
+    :func:`timm_peft.add_adapter`).
 
     The folder :func:`save_pretrained` writes is uploaded as one commit, and nothing else:
     ``adapter_model.safetensors``, ``adapter_config.json``, ``config.json`` and the model card
@@ -166,6 +170,9 @@ def push_to_hub(
     repo_id, at_rev = _split_hub_id(repo_id.removeprefix(HUB_PREFIX), None)
     if at_rev is not None:
         raise AdapterError(f"push_to_hub takes the branch as revision={at_rev!r}, not in repo_id")
+    if adapter_name is None and unwrap_features(model).__dict__.get("peft_adapters"):
+        adapter_name = unwrap_features(model).peft_active_adapter
+    card_info = dict(card_info, adapter_name=adapter_name)
     api = HfApi()
     with tempfile.TemporaryDirectory(prefix="timm_peft_push_") as tmp:
         # written before any network call: a bad model or card_info fails without touching the Hub
