@@ -60,10 +60,10 @@ MODELS: list[tuple[str, str, dict[str, Any], int]] = [
     ("fastvit", "fastvit_t8", {}, 64),
     ("edgenext", "edgenext_xx_small", {}, 64),
     ("levit", "levit_128s", dict(img_size=64), 64),
-    ("efficientformer", "efficientformer_l1", {}, 64),
+    ("efficientformer", "efficientformer_l1", {}, 224),  # attention biases fixed to 224 px
     ("volo", "volo_d1_224", dict(img_size=64), 64),
     ("crossvit", "crossvit_tiny_240", dict(img_size=240), 240),
-    ("mlp_mixer", "mixer_s32_224", {}, 64),
+    ("mlp_mixer", "mixer_s32_224", dict(img_size=64), 64),
     ("convnext", "convnext_atto", {}, 64),
     ("convnextv2", "convnextv2_atto", {}, 64),
     ("resnet", "resnet10t", {}, 64),

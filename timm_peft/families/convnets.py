@@ -17,7 +17,7 @@ class ConvNets(Family):
                "inception_v4", "mobilenetv3", "nasnet", "nfnet", "pnasnet", "regnet", "repghost",
                "repvit", "res2net", "resnest", "resnetv2", "rexnet", "selecsls", "senet", "sknet",
                "tresnet", "vgg", "vovnet", "xception", "xception_aligned")
-    capabilities = frozenset({"layer_groups", "ssf", "pixels"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels"})
 
     def pixel_input(self, model: nn.Module) -> PixelInput | None:
         return self._pretrained_pixel_input(model)

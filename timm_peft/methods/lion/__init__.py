@@ -72,8 +72,9 @@ Example:
 from .config import LionConfig
 from .layers import (BlendGate, EquilibriumCell, ImplicitFeaturePrompt, ImplicitImagePrompt,
                      LionPrompts)
-from .method import Lion, LionForward, lion_class
+from .method import Lion, LionClassifier, LionForward, lion_class
 from .robust import RobustOptimizer
 
 __all__ = ["LionConfig", "Lion", "LionPrompts", "EquilibriumCell", "ImplicitImagePrompt",
-           "ImplicitFeaturePrompt", "BlendGate", "RobustOptimizer", "lion_class", "LionForward"]
+           "ImplicitFeaturePrompt", "BlendGate", "RobustOptimizer", "lion_class", "LionForward",
+           "LionClassifier"]
