@@ -79,13 +79,14 @@ class VPT(PeftMethod):
         return model
 
     def _apply_windows(self, model: nn.Module, config: VPTConfig, family: Family) -> nn.Module:
-        if not config.deep:
-            raise ValueError("VPTConfig.deep=False (VPT-Shallow) is not supported on Swin: prompt "
-                             "outputs carried across local windows are not defined by the paper; "
-                             "allowed on Swin: deep=True (preset 'vpt')")
+        # Prompts in windowed attention are extra keys and values shared by every window of a
+        # block; they produce no outputs to carry on. VPT-Deep gives every block its own;
+        # VPT-Shallow (deep=False) gives them to the first block only, the one that reads the
+        # patch embedding, as VPT-Shallow's prompts enter at the first layer.
         patch = _pair(model.patch_embed.patch_size)
         stages = nn.ModuleList()
-        for layers in family.window_attention(model):
+        for layers in family.window_attention(model)[:None if config.deep else 1]:
+            layers = layers if config.deep else layers[:1]
             prompts = _place(self.make_prompts(config, len(layers), layers[0].dim, patch), model)
             stages.append(prompts)
             for j, layer in enumerate(layers):
