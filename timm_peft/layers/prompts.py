@@ -151,10 +151,11 @@ class PromptedViT(Swappable):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         # timm splits off the prefix tokens itself; what follows them is [prompts, patches]
+        if return_prefix_tokens:  # only then: not every family's method takes the keyword
+            kwargs["return_prefix_tokens"] = True
         out = super().forward_intermediates(
-            x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
-            stop_early=stop_early, output_fmt="NLC", intermediates_only=intermediates_only,
-            **kwargs)
+            x, indices, norm=norm, stop_early=stop_early, output_fmt="NLC",
+            intermediates_only=intermediates_only, **kwargs)
         features, inter = (None, out) if intermediates_only else out
         prefix = None
         if return_prefix_tokens and inter and isinstance(inter[0], tuple):
