@@ -245,3 +245,25 @@ def test_sampled_listed_archs_build_forward_and_backward(method):
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))
         x = torch.randn(2, *size)
         _backward_reaches_every_trainable(model, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# pixel prompts on ConvNets bound to input sizes
+# ----------------------------------------------------------------------------------------------
+
+def test_pixel_prompts_refuse_a_padded_size_the_model_cannot_take_at_build_time():
+    with pytest.raises(ValueError, match=r"make the 64×64 input 74×74 \(pad_size=5\), which "
+                                         r"PixelPromptedDLA cannot take.*pad_size"):
+        timm.create_model("dla34.vpt", num_classes=3, peft_cfg=dict(img_size=64))
+    model = timm.create_model("dla34.vpt", num_classes=3, peft_cfg=dict(img_size=64, pad_size=16))
+    _backward_reaches_every_trainable(model, _img(64))
+    assert not timm_peft.list_models("dla*", method="vpt")  # the default pad does not fit
+    assert "dla34.lion" in timm_peft.list_models("dla*", method="lion")
+
+
+def test_image_channels_of_a_space_to_depth_stem():
+    # TResNet's first conv sees 3·16 channels: the model's own in_chans says 3
+    model = timm.create_model("tresnet_m.vpt", num_classes=3,
+                              peft_cfg=dict(img_size=64, pad_size=16))
+    assert model.vpt.top_bottom.shape[1] == 3
+    _backward_reaches_every_trainable(model, _img(64))

@@ -254,8 +254,12 @@ class Family:
         return None
 
     def in_chans(self, model: nn.Module) -> int | None:
-        """Image channels, read from the layer timm's ``pretrained_cfg['first_conv']`` names
-        (the layer timm itself adapts to ``in_chans``)."""
+        """Image channels: the model's own ``in_chans`` where it keeps one, else read from the
+        layer timm's ``pretrained_cfg['first_conv']`` names (the layer timm itself adapts to
+        ``in_chans``; after a space-to-depth stem, as TResNet's, that layer sees more)."""
+        in_chans = getattr(model, "in_chans", None)
+        if isinstance(in_chans, int):
+            return in_chans
         pc = getattr(model, "pretrained_cfg", None) or {}
         first = pc.get("first_conv")
         if isinstance(first, (tuple, list)):
@@ -264,10 +268,7 @@ class Family:
             conv = model.get_submodule(first) if first else None
         except AttributeError:
             conv = None
-        in_chans = getattr(conv, "in_channels", None)
-        if in_chans is None:  # e.g. a Linear patch embedding: its input is flattened patches
-            in_chans = getattr(model, "in_chans", None)
-        return in_chans
+        return getattr(conv, "in_channels", None)
 
     def _pretrained_pixel_input(self, model: nn.Module) -> PixelInput | None:
         """Channels from :meth:`in_chans`, size from ``pretrained_cfg['input_size']``."""

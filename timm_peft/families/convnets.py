@@ -12,11 +12,11 @@ from .base import Family, PixelInput
 @register_family
 class ConvNets(Family):
     name = "convnets"
-    modules = ("byobnet", "cspnet", "densenet", "dla", "dpn", "efficientnet", "ghostnet",
-               "hardcorenas", "hgnet", "hrnet", "inception_resnet_v2", "inception_v3",
+    modules = ("byobnet", "cspnet", "densenet", "dpn", "efficientnet", "ghostnet",
+               "hardcorenas", "hgnet", "inception_resnet_v2", "inception_v3",
                "inception_v4", "mobilenetv3", "nasnet", "nfnet", "pnasnet", "regnet", "repghost",
                "repvit", "res2net", "resnest", "resnetv2", "rexnet", "selecsls", "senet", "sknet",
-               "tresnet", "vgg", "vovnet", "xception", "xception_aligned")
+               "vgg", "vovnet", "xception", "xception_aligned")
     capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels"})
 
     def pixel_input(self, model: nn.Module) -> PixelInput | None:
