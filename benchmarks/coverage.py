@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import pickle
+import re
 import tempfile
 import time
 import warnings
@@ -127,7 +128,8 @@ def check(arch: str, method: str, kwargs: dict[str, Any], size: int) -> tuple[st
                 if not torch.equal(clone.eval()(x), ref):
                     return "FAILS", "pickled model differs"
     except Exception as e:  # noqa: BLE001  (a sweep records every failure)
-        return "FAILS", f"{stage}: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        msg = re.sub(r"/tmp/[^/\s]+/", "<tmp>/", str(e).splitlines()[0])  # one note per cause
+        return "FAILS", f"{stage}: {type(e).__name__}: {msg[:200]}"
     return "works", ""
 
 
@@ -145,7 +147,16 @@ LISTED = {m: {n.rsplit(".", 1)[0] for n in timm_peft.list_models(method=m)} for 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="rewrite coverage.md from coverage.json (no sweep)")
     args = parser.parse_args()
+    if args.rewrite:
+        data = json.loads((RESULTS / "coverage.json").read_text())
+        for r in data["rows"]:
+            for m, cell in r["cells"].items():
+                cell[1] = re.sub(r"/tmp/[^/\s]+/", "<tmp>/", cell[1])
+        write(data["rows"], len(MODELS), data["seconds"])
+        return
     rows = []
     t0 = time.time()
     for label, arch, kwargs, size in MODELS:
@@ -164,7 +175,12 @@ def main() -> None:
         bad = [m for m, c in cells.items() if c[2] and c[0] != "works"]
         if bad:
             print(f"  LISTED BUT NOT WORKING: {bad}", flush=True)
-        write(rows, len(MODELS), time.time() - t0)  # after every row: an interrupted sweep says so
+        if args.only:  # a partial rerun replaces its rows in the last full sweep
+            old = json.loads((RESULTS / "coverage.json").read_text())["rows"]
+            done = {r["label"]: r for r in rows}
+            write([done.get(r["label"], r) for r in old], len(MODELS), time.time() - t0)
+        else:
+            write(rows, len(MODELS), time.time() - t0)  # after every row: an interrupted sweep says so
 
 
 def write(rows: list[dict[str, Any]], total: int, seconds: float) -> None:

@@ -14,7 +14,7 @@ class ConvNets(Family):
     name = "convnets"
     modules = ("byobnet", "cspnet", "densenet", "dpn", "efficientnet", "ghostnet",
                "hardcorenas", "hgnet", "inception_resnet_v2", "inception_v3",
-               "inception_v4", "mobilenetv3", "nasnet", "nfnet", "pnasnet", "regnet", "repghost",
+               "inception_v4", "mobilenetv3", "nasnet", "pnasnet", "regnet", "repghost",
                "repvit", "res2net", "resnest", "resnetv2", "rexnet", "selecsls", "senet", "sknet",
                "vgg", "vovnet", "xception", "xception_aligned")
     capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels"})
