@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import pickle
+import re
 import tempfile
 import time
 import warnings
@@ -40,6 +41,7 @@ MODELS: list[tuple[str, str, dict[str, Any], int]] = [
     ("vit (reg tokens, avg pool)", "vit_tiny_patch16_224",
      dict(TINY_VIT, reg_tokens=2, class_token=False, global_pool="avg"), 32),
     ("vit (parallel blocks)", "vit_small_patch16_18x2_224", dict(TINY_VIT), 32),
+    ("vit (parallel scaling blocks)", "vit_base_patch16_xp_224", dict(TINY_VIT), 32),
     ("deit (distilled)", "deit_tiny_distilled_patch16_224", dict(TINY_VIT), 32),
     ("deit3", "deit3_small_patch16_224", dict(TINY_VIT), 32),
     ("vit_hybrid", "vit_tiny_r_s16_p8_224", dict(img_size=64, depth=1), 64),
@@ -60,10 +62,10 @@ MODELS: list[tuple[str, str, dict[str, Any], int]] = [
     ("fastvit", "fastvit_t8", {}, 64),
     ("edgenext", "edgenext_xx_small", {}, 64),
     ("levit", "levit_128s", dict(img_size=64), 64),
-    ("efficientformer", "efficientformer_l1", {}, 64),
+    ("efficientformer", "efficientformer_l1", {}, 224),  # attention biases fixed to 224 px
     ("volo", "volo_d1_224", dict(img_size=64), 64),
     ("crossvit", "crossvit_tiny_240", dict(img_size=240), 240),
-    ("mlp_mixer", "mixer_s32_224", {}, 64),
+    ("mlp_mixer", "mixer_s32_224", dict(img_size=64), 64),
     ("convnext", "convnext_atto", {}, 64),
     ("convnextv2", "convnextv2_atto", {}, 64),
     ("resnet", "resnet10t", {}, 64),
@@ -73,6 +75,7 @@ MODELS: list[tuple[str, str, dict[str, Any], int]] = [
     ("mobilenetv4", "mobilenetv4_conv_small", {}, 64),
     ("regnet", "regnetx_002", {}, 64),
     ("dla", "dla34", {}, 64),
+    ("tresnet", "tresnet_m", {}, 64),
     ("dpn", "dpn48b", {}, 64),
     ("densenet", "densenet121", {}, 64),
     ("ghostnet", "ghostnet_050", {}, 64),
@@ -125,7 +128,8 @@ def check(arch: str, method: str, kwargs: dict[str, Any], size: int) -> tuple[st
                 if not torch.equal(clone.eval()(x), ref):
                     return "FAILS", "pickled model differs"
     except Exception as e:  # noqa: BLE001  (a sweep records every failure)
-        return "FAILS", f"{stage}: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        msg = re.sub(r"/tmp/[^/\s]+/", "<tmp>/", str(e).splitlines()[0])  # one note per cause
+        return "FAILS", f"{stage}: {type(e).__name__}: {msg[:200]}"
     return "works", ""
 
 
@@ -136,10 +140,23 @@ def _torch_roundtrip(model: torch.nn.Module) -> torch.nn.Module:
     return torch.load(buf, weights_only=False)
 
 
+#: per method, the archs timm_peft.list_models lists (a cell records whether its arch is one)
+LISTED = {m: {n.rsplit(".", 1)[0] for n in timm_peft.list_models(method=m)} for m in METHODS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="rewrite coverage.md from coverage.json (no sweep)")
     args = parser.parse_args()
+    if args.rewrite:
+        data = json.loads((RESULTS / "coverage.json").read_text())
+        for r in data["rows"]:
+            for m, cell in r["cells"].items():
+                cell[1] = re.sub(r"/tmp/[^/\s]+/", "<tmp>/", cell[1])
+        write(data["rows"], len(MODELS), data["seconds"])
+        return
     rows = []
     t0 = time.time()
     for label, arch, kwargs, size in MODELS:
@@ -149,12 +166,21 @@ def main() -> None:
             family = get_family(timm.create_model(arch, device="meta", **kwargs)).name
         except Exception as e:  # noqa: BLE001
             rows.append(dict(label=label, arch=arch, family="?", cells={
-                m: ("FAILS", f"base does not build: {e}") for m in METHODS}))
+                m: ("FAILS", f"base does not build: {e}", arch in LISTED[m]) for m in METHODS}))
             continue
         cells = {m: check(arch, m, kwargs, size) for m in METHODS}
+        cells = {m: (*c, arch in LISTED[m]) for m, c in cells.items()}
         rows.append(dict(label=label, arch=arch, family=family, cells=cells))
         print(label, {m: c[0] for m, c in cells.items()}, flush=True)
-        write(rows, len(MODELS), time.time() - t0)  # after every row: an interrupted sweep says so
+        bad = [m for m, c in cells.items() if c[2] and c[0] != "works"]
+        if bad:
+            print(f"  LISTED BUT NOT WORKING: {bad}", flush=True)
+        if args.only:  # a partial rerun replaces its rows in the last full sweep
+            old = json.loads((RESULTS / "coverage.json").read_text())["rows"]
+            done = {r["label"]: r for r in rows}
+            write([done.get(r["label"], r) for r in old], len(MODELS), time.time() - t0)
+        else:
+            write(rows, len(MODELS), time.time() - t0)  # after every row: an interrupted sweep says so
 
 
 def write(rows: list[dict[str, Any]], total: int, seconds: float) -> None:
@@ -168,7 +194,9 @@ def write(rows: list[dict[str, Any]], total: int, seconds: float) -> None:
              "tiny model per timm family; a cell *works* when the model builds, forward + backward "
              "give every trainable parameter a gradient, a saved adapter reloads bit-identical "
              "and the whole model survives `pickle` and `torch.save`. *refused* is a build-time "
-             "error (reason below); *FAILS* is anything else.", "",
+             "error (reason below); *FAILS* is anything else. A cell marked · is an arch "
+             "`timm_peft.list_models(method=...)` does not list (its family does not promise the "
+             "method; the build may still work); every listed cell must work.", "",
              f"Families swept: {len(rows)} of {total}"
              + ("" if len(rows) == total else " (an interrupted sweep: rerun for the rest)")
              + ".", "",
@@ -178,13 +206,14 @@ def write(rows: list[dict[str, Any]], total: int, seconds: float) -> None:
     for r in rows:
         cells = []
         for m in METHODS:
-            status, detail = r["cells"][m]
+            status, detail, listed = r["cells"][m]
+            mark = "" if listed else " ·"
             if status == "works":
-                cells.append("works")
+                cells.append("works" + mark)
             else:
                 key = f"{status}: {detail}"
                 n = notes.setdefault(key, len(notes) + 1)
-                cells.append(f"{'refused' if status == 'refused' else '**FAILS**'} [{n}]")
+                cells.append(f"{'refused' if status == 'refused' else '**FAILS**'} [{n}]{mark}")
         lines.append(f"| {r['label']} (`{r['arch']}`) | {r['family']} | " + " | ".join(cells) + " |")
     lines += ["", "Reasons:", ""] + [f"{n}. {k}" for k, n in notes.items()]
     (RESULTS / "coverage.md").write_text("\n".join(lines) + "\n")

@@ -82,7 +82,7 @@ def test_families_and_blocks():
     mnv3 = timm.create_model("mobilenetv3_small_050")
     mixer = timm.create_model("mixer_s32_224", device="meta")
     assert [get_model_family(m) for m in (vit, deit, res, cnx, swin, mnv3, mixer)] == \
-        ["vit", "vit", "resnet", "convnext", "swin", "convnets", "generic"]
+        ["vit", "vit", "resnet", "convnext", "swin", "convnets", "mixers"]
     assert get_blocks(vit) == list(vit.blocks)
     assert len(get_blocks(res)) == 4 and get_blocks(res)[-1] is res.layer4[-1]
     assert len(get_blocks(swin)) == 4
@@ -107,7 +107,8 @@ def test_family_registry_rules():
     from timm_peft.families import Family, family_of_arch, get_family, list_families, register_family
     assert {"vit", "swin", "convnext", "resnet", "convnets"} <= set(list_families())
     assert family_of_arch("efficientnet_b0").name == "convnets"
-    assert family_of_arch("mixer_s32_224").name == "generic"
+    assert family_of_arch("mixer_s32_224").name == "mixers"
+    assert family_of_arch("tnt_s_patch16_224").name == "generic"  # no family module claims TNT
     assert get_family("vit").name == "vit"
     with pytest.raises(KeyError, match="unknown family 'nope'"):
         get_family("nope")
@@ -120,11 +121,14 @@ def test_family_registry_rules():
 def test_family_restriction_names_what_is_missing():
     mixer = timm.create_model("mixer_s32_224", device="meta")
     with pytest.raises(ValueError, match=r"method 'vpt' needs a token sequence, windowed attention "
-                                         r"or a ConvNet's image input, which the 'generic' family "
+                                         r"or a ConvNet's image input, which the 'mixers' family "
                                          r"\(MlpMixer\) does not provide; see "
                                          r"timm_peft.list_models\(method='vpt'\)"):
         timm_peft.apply_method(mixer, "vpt")
     assert not hasattr(mixer, "vpt") and type(mixer).__name__ == "MlpMixer"
+    tnt = timm.create_model("tnt_s_patch16_224", device="meta")  # the generic fallback
+    with pytest.raises(ValueError, match=r"which the 'generic' family \(TNT\) does not provide"):
+        timm_peft.apply_method(tnt, "vpt")
 
 
 def test_partial_k_on_any_model_with_group_matcher():

@@ -115,8 +115,12 @@ def test_forward_follows_paper_equations(family, identity_prompt):
 def test_features_only_runs_the_backbone_on_the_prompted_image():
     torch.manual_seed(0)
     arch, kwargs = CONFIGS["resnet"]
+    # no head runs in a features_only model: P2 is refused there, P1 alone acts
+    with pytest.raises(ValueError, match="does not pool"):
+        timm.create_model(f"{arch}.lion", features_only=True, out_indices=(1, 3), **kwargs,
+                          peft_cfg=SMALL)
     model = timm.create_model(f"{arch}.lion", features_only=True, out_indices=(1, 3), **kwargs,
-                              peft_cfg=SMALL)
+                              peft_cfg=dict(SMALL, use_p2=False))
     lion = timm_peft.core.unwrap_features(model).lion
     with torch.no_grad():
         for p in lion.p1.parameters():
@@ -147,12 +151,14 @@ def test_prompt_is_the_equilibrium_of_its_cell():
     assert stats["p1/forward_last_residual"] < 1e-4 and stats["p1/forward_nonconverged"] == 0
 
 
-def test_pre_logits_must_be_pooled():
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224.lion", num_classes=0, global_pool="",
-                              peft_cfg=SMALL, **TINY_VIT)
-    with pytest.raises(ValueError, match="pooled features"):
-        model(_input())
+def test_unpooled_model_is_refused_at_build_time():
+    with pytest.raises(ValueError, match=r"pooled features.*global_pool=''.*lion_no_p2"):
+        timm.create_model("vit_tiny_patch16_224.lion", num_classes=0, global_pool="",
+                          peft_cfg=SMALL, **TINY_VIT)
+    # without P2 nothing reads pooled features: P1 alone on the unpooled backbone
+    model = timm.create_model("vit_tiny_patch16_224.lion_no_p2", num_classes=0, global_pool="",
+                              **TINY_VIT)
+    assert model(_input()).shape[:2] == (2, 5)
 
 
 def test_structure_state_dict_deepcopy_pickle_unload():

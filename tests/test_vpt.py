@@ -397,9 +397,20 @@ def test_swin_counts_layout_and_zero_prompts():
         assert torch.equal(model0(img), base0(img))
 
 
-def test_swin_refuses_shallow():
-    with pytest.raises(ValueError, match="VPT-Shallow.*not supported on Swin"):
-        build_swin(dict(deep=False))
+def test_swin_shallow_prompts_the_first_block_only():
+    from timm_peft.layers.kv_attention import ExtraKVWindowAttention
+    from timm_peft.layers.swap import is_swapped
+    base, model = build_swin(dict(deep=False, num_prompts=3))
+    assert [tuple(p.embeddings.shape) for p in model.vpt] == [(1, 3, 16)]
+    blocks = [b for stage in model.layers for b in stage.blocks]
+    swapped = [is_swapped(b.attn, ExtraKVWindowAttention) for b in blocks]
+    assert swapped[0] and not any(swapped[1:]) and len(swapped) > 1
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(img) - base(img)).abs().max() > 1e-6
+    model.train()
+    F.cross_entropy(model(img), torch.arange(2)).backward()
+    assert model.vpt[0].embeddings.grad.abs().sum() > 0
 
 
 def _train(model, img, target, steps=15, lr=0.05):

@@ -247,6 +247,7 @@ class FrozenNorm(Swappable):
     """
 
     prefix = "Frozen"
+    fx_transparent = True  # the computation is the norm's own (in eval mode)
 
     def train(self, mode: bool = True) -> nn.Module:
         return nn.Module.train(self, False)

@@ -12,6 +12,7 @@ archs registered after ``import timm_peft`` are wrapped on demand when
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import functools
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from torch import nn
 
 from .core import (PeftConfig, apply_method, get_method, iter_family_archs, list_methods,
                    resolve_method)
+from .families import family_of_arch
 
 __all__ = ["create_model", "list_models", "split_method", "install", "BUILD_HOOKS"]
 
@@ -149,6 +151,29 @@ def create_model(
     return timm.create_model(model_name, **kwargs)
 
 
+def supported_archs(method: str) -> list[str]:
+    """Registered timm archs (no tags) whose family provides what ``method`` needs, decided from
+    the family's capabilities for each arch (:meth:`Family.arch_capabilities`), no model built."""
+    import timm
+    impl = get_method(method)
+    current = set(timm.list_models())  # deprecated names stay out, as in timm's own listing
+    if impl.families is None:  # the method takes any timm model
+        return [a for a in iter_family_archs(None) if a in current]
+    out = []
+    for arch in iter_family_archs(impl.families):
+        if arch not in current:
+            continue
+        family = family_of_arch(arch)
+        caps = family.arch_capabilities(arch)
+        if caps != family.capabilities:
+            family = copy.copy(family)
+            family.capabilities = caps  # this arch's view of the family
+            if not impl.supports(family):
+                continue
+        out.append(arch)
+    return out
+
+
 def list_models(
         filter: str = "*",
         method: str | None = None,
@@ -157,7 +182,9 @@ def list_models(
     """Model names usable with a method suffix, e.g. ``vit_base_patch16_224.ssf``.
 
     An arch is listed when its family (:func:`timm_peft.families.family_of_arch`, from its timm
-    model module) provides what the method needs (:meth:`PeftMethod.supports`). With ``pretrained=True`` each weight tag is listed
+    model module) provides what the method needs (:meth:`PeftMethod.supports` of the family's
+    capabilities for that arch); models no registered family claims are not listed (the generic
+    fallback promises nothing before a model is built), except for methods that take any model. With ``pretrained=True`` each weight tag is listed
     (``arch.tag.method``) and ``filter`` may include a tag pattern. Without ``method`` every
     registered method and preset is listed.
 
@@ -171,7 +198,7 @@ def list_models(
     tagged = timm.list_pretrained() if pretrained else []
     out: list[str] = []
     for name in methods:
-        archs = set(iter_family_archs(get_method(name).families))
+        archs = set(supported_archs(name))
         if pretrained:
             bases = [n for n in tagged if n.split(".")[0] in archs and fnmatch.fnmatch(n, filter)]
         else:

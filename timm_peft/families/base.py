@@ -21,12 +21,18 @@ Questions:
   ConvNets).
 * :meth:`Family.ssf_sites`: the operations SSF follows, and the ones it must skip (with why).
 * :meth:`Family.final_norms`: the norms between the last block and the head.
+* :meth:`Family.classifiers` and :meth:`Family.pooled`: the modules that turn pooled features
+  into logits, and whether the model pools at all (LION's feature prompt).
+
+``capabilities`` says which questions a family answers for *every* model it claims; it drives
+``list_models`` without building a model. The generic fallback claims none (it answers only
+once a model is built, from what timm exposes), so ``list_models`` lists registered families only.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 from torch import nn
 
@@ -104,10 +110,11 @@ class SsfSite:
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's classifier module(s) (two for distilled models), from ``get_classifier``."""
+    """The model's classifier module(s) from ``get_classifier``: two for distilled models (a
+    tuple), one per branch for CrossViT (a ``ModuleList``)."""
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
-    heads = head if isinstance(head, (tuple, list)) else (head,)
+    heads = head if isinstance(head, (tuple, list, nn.ModuleList)) else (head,)
     return [h for h in heads if isinstance(h, nn.Module)]
 
 
@@ -134,7 +141,10 @@ class Family:
 
     name: ClassVar[str] = "generic"
     modules: ClassVar[tuple[str, ...]] = ()
-    capabilities: ClassVar[frozenset[str]] = frozenset({"layer_groups", "ssf"})
+    #: what every model of the family provides: ``layer_groups``, ``ssf``, ``tokens``,
+    #: ``kv_attention``, ``windows``, ``pixels``, ``classifier`` (pooled features read by
+    #: ``get_classifier``'s module(s) and the family's extra heads: LION)
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     # --- membership ----------------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
@@ -145,6 +155,11 @@ class Family:
 
     def __repr__(self) -> str:
         return f"<family {self.name!r}>"
+
+    def arch_capabilities(self, arch: str) -> frozenset[str]:
+        """``capabilities`` for one registered arch of the family (no model is built): a family
+        whose archs differ in a capability narrows it here."""
+        return self.capabilities
 
     # --- blocks and layer groups ---------------------------------------------------------------
     def layer_groups(self, model: nn.Module) -> LayerGroups | None:
@@ -197,6 +212,25 @@ class Family:
         groups = self.layer_groups(model)
         return list(groups.tail) if groups is not None else []
 
+    # --- classifier ----------------------------------------------------------------------------
+    def classifiers(self, model: nn.Module) -> list[nn.Module]:
+        """Every module that reads the pooled features (or tokens) and produces logits: the
+        one(s) ``get_classifier`` returns, plus any auxiliary head a family knows of."""
+        return classifier_modules(model)
+
+    def pooled(self, model: nn.Module) -> bool | None:
+        """Whether ``forward_head`` pools the features before the classifier, from timm's
+        ``global_pool`` (a pool type string, or a ``SelectAdaptivePool2d`` on the model or its
+        head); None when the model does not say."""
+        for owner in (model, getattr(model, "head", None)):
+            pool = getattr(owner, "global_pool", None) if isinstance(owner, nn.Module) else None
+            if isinstance(pool, str):
+                return bool(pool)
+            is_identity = getattr(pool, "is_identity", None)
+            if callable(is_identity):
+                return not is_identity()
+        return None
+
     # --- tokens and attention ------------------------------------------------------------------
     def token_sequence(self, model: nn.Module) -> TokenSequence | None:
         """The token sequence token prompts join; None: not a token model we can prompt."""
@@ -220,8 +254,12 @@ class Family:
         return None
 
     def in_chans(self, model: nn.Module) -> int | None:
-        """Image channels, read from the layer timm's ``pretrained_cfg['first_conv']`` names
-        (the layer timm itself adapts to ``in_chans``)."""
+        """Image channels: the model's own ``in_chans`` where it keeps one, else read from the
+        layer timm's ``pretrained_cfg['first_conv']`` names (the layer timm itself adapts to
+        ``in_chans``; after a space-to-depth stem, as TResNet's, that layer sees more)."""
+        in_chans = getattr(model, "in_chans", None)
+        if isinstance(in_chans, int):
+            return in_chans
         pc = getattr(model, "pretrained_cfg", None) or {}
         first = pc.get("first_conv")
         if isinstance(first, (tuple, list)):
@@ -230,10 +268,7 @@ class Family:
             conv = model.get_submodule(first) if first else None
         except AttributeError:
             conv = None
-        in_chans = getattr(conv, "in_channels", None)
-        if in_chans is None:  # e.g. a Linear patch embedding: its input is flattened patches
-            in_chans = getattr(model, "in_chans", None)
-        return in_chans
+        return getattr(conv, "in_channels", None)
 
     def _pretrained_pixel_input(self, model: nn.Module) -> PixelInput | None:
         """Channels from :meth:`in_chans`, size from ``pretrained_cfg['input_size']``."""
@@ -274,7 +309,7 @@ class TokenBlocksFamily(Family):
     what its attention does with extra tokens (relative-position bias, rotary embeddings).
     """
 
-    capabilities: ClassVar[frozenset[str]] = frozenset({"layer_groups", "ssf", "tokens"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"layer_groups", "ssf", "classifier", "tokens"})
 
     def layer_groups(self, model: nn.Module) -> LayerGroups:
         return LayerGroups([[b] for b in model.blocks], self.final_norms(model))
@@ -291,8 +326,19 @@ class TokenBlocksFamily(Family):
         return PromptedViT
 
 
-def keep_unless_fused_qkv(name: str, op: nn.Module) -> bool:
-    """SSF site filter for attentions with separate q/k/v biases (EVA, BEiT): they call
-    ``F.linear`` on ``qkv.weight`` themselves, so an SSF after ``qkv`` would never run; ``qkv`` is
-    left out (SSF follows the attention's ``proj`` instead)."""
-    return not name.endswith("attn.qkv")
+FUNCTIONAL_QKV = ("the attention calls F.linear on qkv.weight itself (separate q/k/v biases), "
+                  "so a scale-shift after qkv would never run; SSF follows the attention's proj")
+
+
+def report_functional_qkv(model: nn.Module, sites: Iterable[SsfSite]) -> list[SsfSite]:
+    """SSF sites of a family whose attention bypasses ``qkv``'s forward when it has separate
+    q/k/v biases (EVA, BEiT, Swin-V2: ``attn.q_bias`` set): those ``attn.qkv`` sites are kept as
+    skipped sites with the reason, so SSF reports them instead of training a map that never runs."""
+    out = []
+    for site in sites:
+        parent = site.name.rpartition(".")[0]
+        if site.name.endswith("attn.qkv") and site.reason is None \
+                and getattr(model.get_submodule(parent), "q_bias", None) is not None:
+            site.reason = FUNCTIONAL_QKV
+        out.append(site)
+    return out

@@ -8,7 +8,7 @@ from torch import nn
 from ..layers.prompts import PromptPaddedBias, PromptPaddedRelPos
 from ..layers.scale_shift import scan
 from . import register_family
-from .base import SsfSite, TokenBlocksFamily, TokenSequence, keep_unless_fused_qkv
+from .base import SsfSite, TokenBlocksFamily, TokenSequence, report_functional_qkv
 
 
 @register_family
@@ -28,5 +28,5 @@ class Beit(TokenBlocksFamily):
         return super().token_sequence(model, prompt_adapters=adapters)
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
-        return list(scan(model, ("patch_embed", "blocks", "norm", "fc_norm"),
-                         skip_unfoldable=True, keep=keep_unless_fused_qkv))
+        roots = ("patch_embed", "blocks", "norm", "fc_norm")
+        return report_functional_qkv(model, scan(model, roots, skip_unfoldable=True))

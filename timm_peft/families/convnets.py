@@ -12,12 +12,12 @@ from .base import Family, PixelInput
 @register_family
 class ConvNets(Family):
     name = "convnets"
-    modules = ("byobnet", "cspnet", "densenet", "dla", "dpn", "efficientnet", "ghostnet",
-               "hardcorenas", "hgnet", "hrnet", "inception_resnet_v2", "inception_v3",
-               "inception_v4", "mobilenetv3", "nasnet", "nfnet", "pnasnet", "regnet", "repghost",
+    modules = ("byobnet", "cspnet", "densenet", "dpn", "efficientnet", "ghostnet",
+               "hardcorenas", "hgnet", "inception_resnet_v2", "inception_v3",
+               "inception_v4", "mobilenetv3", "nasnet", "pnasnet", "regnet", "repghost",
                "repvit", "res2net", "resnest", "resnetv2", "rexnet", "selecsls", "senet", "sknet",
-               "tresnet", "vgg", "vovnet", "xception", "xception_aligned")
-    capabilities = frozenset({"layer_groups", "ssf", "pixels"})
+               "vgg", "vovnet", "xception", "xception_aligned")
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels"})
 
     def pixel_input(self, model: nn.Module) -> PixelInput | None:
         return self._pretrained_pixel_input(model)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..layers.scale_shift import scan
 from . import register_family
-from .base import SsfSite, TokenBlocksFamily, TokenSequence, keep_unless_fused_qkv
+from .base import SsfSite, TokenBlocksFamily, TokenSequence, report_functional_qkv
 
 
 @register_family
@@ -23,5 +23,5 @@ class Eva(TokenBlocksFamily):
         return super().token_sequence(model, prefix_attention=[b.attn for b in model.blocks])
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
-        return list(scan(model, ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm",
-                                 "attn_pool"), skip_unfoldable=True, keep=keep_unless_fused_qkv))
+        roots = ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm", "attn_pool")
+        return report_functional_qkv(model, scan(model, roots, skip_unfoldable=True))

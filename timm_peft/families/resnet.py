@@ -12,7 +12,7 @@ from .base import Family, LayerGroups, PixelInput, SsfSite
 class ResNet(Family):
     name = "resnet"
     modules = ("resnet",)
-    capabilities = frozenset({"layer_groups", "ssf", "pixels"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels"})
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.resnet import ResNet as TimmResNet

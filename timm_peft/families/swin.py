@@ -12,7 +12,7 @@ from .base import Family, LayerGroups, SsfSite, WindowLayer
 class Swin(Family):
     name = "swin"
     modules = ("swin_transformer",)
-    capabilities = frozenset({"layer_groups", "ssf", "windows"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "windows"})
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.swin_transformer import SwinTransformer

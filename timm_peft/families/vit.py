@@ -9,21 +9,44 @@ from . import register_family
 from .base import SsfSite, TokenBlocksFamily
 
 
+def _entrypoint_uses(arch: str, name: str) -> bool:
+    """Whether timm's entrypoint for ``arch`` builds with ``name`` (read from its source)."""
+    import inspect
+    from timm.models import _registry
+    fn = _registry._model_entrypoints.get(arch)
+    fn = getattr(fn, "__timm_peft_original__", fn)
+    try:
+        return name in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+
+
 @register_family
 class ViT(TokenBlocksFamily):
     name = "vit"
     modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
-    capabilities = frozenset({"layer_groups", "ssf", "tokens", "kv_attention"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens", "kv_attention"})
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
         return isinstance(model, VisionTransformer)
 
     def kv_attention(self, model: nn.Module) -> list[nn.Module] | None:
-        attns = [getattr(b, "attn", None) for b in model.blocks]
-        if any(a is None for a in attns):  # parallel blocks: attention fused with the MLP
-            return None
+        attns = []
+        for b in model.blocks:
+            if getattr(b, "attn", None) is not None:
+                attns.append(b.attn)
+            elif getattr(b, "attns", None) is not None:  # ParallelThingsBlock: one per branch
+                attns.extend(branch.attn for branch in b.attns)
+            else:  # ParallelScalingBlock: attention fused with the MLP inside the block
+                return None
         return attns
+
+    def arch_capabilities(self, arch: str) -> frozenset[str]:
+        # ParallelScalingBlock fuses attention into the block: no attention layer to prompt
+        if _entrypoint_uses(arch, "ParallelScalingBlock"):
+            return self.capabilities - {"kv_attention"}
+        return self.capabilities
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         # a hybrid ViT's CNN stem (patch_embed.backbone) is a backbone of its own, not a site

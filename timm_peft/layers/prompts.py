@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .swap import AdapterModule, Swappable
+from .swap import AdapterModule, Swappable, refuse_fx
 
 __all__ = ["VisualPrompts", "PixelPrompts", "PromptedBlock", "PromptedViT", "PromptsAsPrefix",
            "PromptPaddedRelPos", "PromptPaddedBias", "pad_for_prompts",
@@ -136,6 +136,7 @@ class PromptedViT(Swappable):
         return torch.cat([x[:, :n], x[:, n + t:]], dim=1) if n else x[:, t:]
 
     def forward_features(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        refuse_fx(self)
         _refuse_attn_mask(kwargs)
         return self._drop_prompts(super().forward_features(x, **kwargs))
 
@@ -145,14 +146,16 @@ class PromptedViT(Swappable):
                               intermediates_only: bool = False, output_dict: bool = False,
                               **kwargs: Any) -> Any:
         """timm's ``forward_intermediates`` with the same outputs as the base (no prompt tokens)."""
+        refuse_fx(self)
         _refuse_attn_mask(kwargs)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         # timm splits off the prefix tokens itself; what follows them is [prompts, patches]
+        if return_prefix_tokens:  # only then: not every family's method takes the keyword
+            kwargs["return_prefix_tokens"] = True
         out = super().forward_intermediates(
-            x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
-            stop_early=stop_early, output_fmt="NLC", intermediates_only=intermediates_only,
-            **kwargs)
+            x, indices, norm=norm, stop_early=stop_early, output_fmt="NLC",
+            intermediates_only=intermediates_only, **kwargs)
         features, inter = (None, out) if intermediates_only else out
         prefix = None
         if return_prefix_tokens and inter and isinstance(inter[0], tuple):
@@ -303,6 +306,7 @@ class PixelPromptedModel(Swappable):
     method = "vpt"
 
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        refuse_fx(self)
         return super().forward_features(self.vpt(x), *args, **kwargs)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

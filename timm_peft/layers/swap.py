@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 __all__ = ["AdapterModule", "Swappable", "swap_class", "restore_class", "restore_classes", "original_class",
-           "is_swapped", "mixins_of"]
+           "is_swapped", "mixins_of", "refuse_fx"]
 
 
 class AdapterModule(nn.Module):
@@ -44,6 +44,10 @@ class Swappable:
 
     prefix: str = "Peft"
     method: str = "timm_peft"
+    #: True for a mixin that leaves the module's computation as it is (e.g. a frozen norm that
+    #: only ignores ``train()``): its modules stay leaves for ``torch.fx`` like their torch class;
+    #: any other swapped module refuses ``torch.fx.symbolic_trace`` with a clear error
+    fx_transparent: bool = False
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # the generated class is not importable: rebuild it from its importable parts
@@ -58,6 +62,29 @@ class Swappable:
             "(methods that merge), or use torch.compile / torch.export instead")
 
 
+def refuse_fx(module: nn.Module) -> None:
+    """Raise a clear error while ``torch.fx.symbolic_trace`` traces a swapped module (naming the
+    PEFT method); a model's own ``forward_*`` mixins call it, since fx traces the root model's
+    ``forward`` without calling the model."""
+    if _fx_symbolic_tracing():
+        method = next((m.method for m in mixins_of(module) if not m.fx_transparent), "timm_peft")
+        raise RuntimeError(
+            f"torch.fx.symbolic_trace cannot trace {type(module).__name__}: the {method!r} PEFT "
+            "method changed this module's forward. Call timm_peft.merge_and_unload(model) first "
+            "(methods that merge), or use torch.compile / torch.export instead")
+
+
+def _fx_symbolic_tracing() -> bool:
+    from torch.fx import _symbolic_trace as fx
+    check = getattr(fx, "is_fx_symbolic_tracing", None)  # torch.export traces with fx's flag too
+    return check() if check is not None else fx._is_fx_tracing_flag
+
+
+def _guarded_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    refuse_fx(self)
+    return nn.Module.__call__(self, *args, **kwargs)
+
+
 _CLASSES: dict[tuple[tuple[type, ...], type], type] = {}
 
 
@@ -65,9 +92,14 @@ def _make(mixins: tuple[type, ...], base: type) -> type:
     key = (mixins, base)
     if key not in _CLASSES:
         name = "".join(m.prefix for m in mixins) + base.__name__
-        _CLASSES[key] = type(name, (*mixins, base), {
-            "__module__": __name__, "__qualname__": name, "_peft_mixins": mixins,
-            "_peft_base": base})
+        body: dict[str, Any] = {"__module__": __name__, "__qualname__": name,
+                                "_peft_mixins": mixins, "_peft_base": base}
+        if all(m.fx_transparent for m in mixins):
+            # torch.fx keeps modules of torch.nn as leaves by their __module__: so do we
+            body["__module__"] = base.__module__
+        else:
+            body["__call__"] = _guarded_call
+        _CLASSES[key] = type(name, (*mixins, base), body)
     return _CLASSES[key]
 
 

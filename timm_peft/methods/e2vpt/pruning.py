@@ -250,65 +250,39 @@ def compact(model: nn.Module) -> nn.Module:
     return model
 
 
-def _adamw_fit(loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               lr: float, weight_decay: float, device: torch.device | str | None,
-               progress: bool) -> Callable[[nn.Module, int, str], None]:
-    """A plain AdamW + cosine loop with the training CLI's ``fit(model, epochs, desc)`` signature."""
-    def fit(model: nn.Module, epochs: int, desc: str) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        steps = epochs * len(loader)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-        model.train()
-        bar = _progress(range(steps), desc, steps, progress)
-        it = iter(())
-        for _ in bar:
-            try:
-                x, y = next(it)
-            except StopIteration:
-                it = iter(loader)
-                x, y = next(it)
-            if device is not None:
-                x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return fit
-
-
 def train_prune_rewind(
         model: nn.Module,
         train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
         epochs: int,
+        *,
+        fit: Callable[[nn.Module, int, str], Any],
         rewind_epochs: int | None = None,
         token_ratio: float | None = None,
         segment_ratio: float | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-        fit: Callable[[nn.Module, int, str], None] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
         device: torch.device | str | None = None,
         progress: bool = True,
 ) -> E2VPTConfig:
     """The whole E²VPT cycle: train → score → prune → rewind (retrain), a progress bar per stage.
 
-    ``fit(model, epochs, desc)`` runs a training stage (the training CLI passes its own loop);
-    by default a plain AdamW + cosine loop with ``lr`` and ``weight_decay``. Ratios, rewind mode
-    and ``rewind_epochs`` default to the config's (``rewind_epochs`` then to ``epochs``). Returns
-    the pruned config; ``timm_peft.save_pretrained(model, dir)`` then writes the compact adapter.
+    ``fit(model, epochs, desc)`` runs a training stage with the caller's loop: timm_peft's
+    training loop runs this cycle itself (``E2VPT.training_hooks`` stages, with
+    :class:`timm_peft.train.StageContext`'s ``fit``), so there is one way to train. Ratios, rewind
+    mode and ``rewind_epochs`` default to the config's (``rewind_epochs`` then to ``epochs``).
+    Returns the pruned config; ``timm_peft.save_pretrained(model, dir)`` then writes the compact
+    adapter.
 
     Example:
         >>> import timm, timm_peft
         >>> m = timm.create_model("vit_tiny_patch16_224.e2vpt", img_size=32, depth=2, num_classes=3)
         >>> data = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))]
-        >>> cfg = train_prune_rewind(m, data, epochs=1, token_ratio=0.5, progress=False)
+        >>> cfg = train_prune_rewind(m, data, epochs=1, token_ratio=0.5, progress=False,
+        ...                          fit=lambda model, epochs, desc: None)
         >>> m.vpt.num_tokens
         5
     """
-    fit = fit or _adamw_fit(train_loader, loss_fn, lr, weight_decay, device, progress)
+    if not callable(fit):
+        raise TypeError(f"fit must be callable(model, epochs, desc), got {type(fit).__name__}")
     fit(model, epochs, "E²VPT train")
     scores = compute_importance(model, train_loader, loss_fn=loss_fn, device=device,
                                 progress=progress)

@@ -51,14 +51,19 @@ Choices where the paper is silent:
   its state for every element (see :class:`RobustOptimizer`). The training loop picks the
   wrapper up through :meth:`Lion.training_hooks` (``"optimizer_wrapper"``).
 * **Where it acts.** A class swap (:mod:`timm_peft.layers.swap`) of the model's own timm class
-  overrides
-  ``forward_features`` (P₁ first) and ``forward_head`` (blend with P₂, then the classifier), so
-  ``model(x)``, ``forward_features`` and ``forward_head(pre_logits=True)`` (which returns ``z̃``)
-  all include LION; ``forward_intermediates`` (hence ``features_only``) runs the backbone on
-  the prompted image ``x̃`` (P₂ acts after pooling, so no intermediate holds it). The subclass
-  keeps ``isinstance`` and every base state-dict key; LION's modules live under ``model.lion``;
-  ``unload`` restores the plain class. P₁'s image channels come from the model's family
-  (``pretrained_cfg['first_conv']``).
+  overrides ``forward_features`` (P₁ first), and every classifier module the model's family names
+  (:meth:`timm_peft.families.Family.classifiers`: ``get_classifier``'s, plus e.g. VOLO's
+  auxiliary token head) is swapped to read the blend with P₂ (:class:`LionClassifier`), so the
+  model's own ``forward_head`` pools and combines its heads as in timm: both heads of a distilled
+  model (DeiT, LeViT, EfficientFormer) read blended features, each CrossViT branch reads the
+  blend with the P₂ of its width (one P₂ per classifier input width), and a token head gets P₂
+  on every token. ``model(x)``, ``forward_features`` and ``forward_head(pre_logits=True)`` (which
+  returns ``z̃``) all include LION; ``forward_intermediates`` (hence ``features_only``) runs the
+  backbone on the prompted image ``x̃``. A model that does not pool (``global_pool=''``, or a
+  ``features_only`` backbone) is refused at build time unless P₂ is off (``lion_no_p2``). The
+  subclasses keep ``isinstance`` and every base state-dict key; LION's modules live under
+  ``model.lion``; ``unload`` restores the plain classes. P₁'s image channels come from the
+  model's family (``pretrained_cfg['first_conv']``).
 
 Ablations of the paper's Table 4 are presets: ``lion_no_p1`` (LION-P1), ``lion_no_p2``
 (LION-P2) and ``lion_no_robust`` (LION-R).
@@ -72,8 +77,9 @@ Example:
 from .config import LionConfig
 from .layers import (BlendGate, EquilibriumCell, ImplicitFeaturePrompt, ImplicitImagePrompt,
                      LionPrompts)
-from .method import Lion, LionForward, lion_class
+from .method import Lion, LionClassifier, LionForward, lion_class
 from .robust import RobustOptimizer
 
 __all__ = ["LionConfig", "Lion", "LionPrompts", "EquilibriumCell", "ImplicitImagePrompt",
-           "ImplicitFeaturePrompt", "BlendGate", "RobustOptimizer", "lion_class", "LionForward"]
+           "ImplicitFeaturePrompt", "BlendGate", "RobustOptimizer", "lion_class", "LionForward",
+           "LionClassifier"]

@@ -148,6 +148,10 @@ class LionPrompts(AdapterModule):
     """Everything LION adds to a model, kept as one child (``model.lion``) so that it is all
     adapter state: P₁ with its gate, P₂ with its projection and gate.
 
+    A model whose classifiers read features of several widths (CrossViT: one head per branch)
+    gets one P₂ and gate per further width in ``p2_extra`` / ``gate2_extra`` (keyed by width);
+    ``p2``/``gate2`` serve ``feature_dim``.
+
     Example:
         >>> lion = LionPrompts(LionConfig(), in_chans=3, feature_dim=16)
         >>> x = torch.randn(2, 3, 8, 8)
@@ -155,19 +159,27 @@ class LionPrompts(AdapterModule):
         True
     """
 
-    def __init__(self, config: LionConfig, in_chans: int, feature_dim: int) -> None:
+    def __init__(self, config: LionConfig, in_chans: int, feature_dim: int,
+                 extra_dims: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.identity_prompt = config.identity_prompt
         deq_kwargs = config.deq_kwargs()
         self.p1 = self.gate1 = self.p2 = self.gate2 = None
+        self.p2_extra = self.gate2_extra = None
         if config.use_p1:
             self.p1 = ImplicitImagePrompt(in_chans, config.p1_width, config.p1_stride,
                                           config.norm_groups, config.cell_max_norm, **deq_kwargs)
             self.gate1 = BlendGate(config.gate_init)
         if config.use_p2:
-            self.p2 = ImplicitFeaturePrompt(feature_dim, config.p2_width, config.norm_groups,
-                                            config.cell_max_norm, **deq_kwargs)
-            self.gate2 = BlendGate(config.gate_init)
+            def p2(dim: int) -> ImplicitFeaturePrompt:
+                return ImplicitFeaturePrompt(dim, config.p2_width, config.norm_groups,
+                                             config.cell_max_norm, **deq_kwargs)
+            self.p2, self.gate2 = p2(feature_dim), BlendGate(config.gate_init)
+            extra = [d for d in dict.fromkeys(extra_dims) if d != feature_dim]  # classifier order
+            if extra:
+                self.p2_extra = nn.ModuleDict({str(d): p2(d) for d in extra})
+                self.gate2_extra = nn.ModuleDict({str(d): BlendGate(config.gate_init)
+                                                  for d in extra})
 
     def _blend(self, gate: BlendGate, base: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         if self.identity_prompt:  # α·x + β·(x + R) = x + β·R, exactly x while R = 0
@@ -178,13 +190,59 @@ class LionPrompts(AdapterModule):
         """``x̃ = α₁·x + β₁·P₁(x)`` (paper Eq. 1); ``x`` unchanged without P₁."""
         return x if self.p1 is None else self._blend(self.gate1, x, self.p1(x))
 
+    def feature_dims(self) -> list[int]:
+        """The feature widths P₂ serves (empty without P₂)."""
+        if self.p2 is None:
+            return []
+        extra = [int(d) for d in self.p2_extra] if self.p2_extra is not None else []
+        return [self.p2.proj.out_features, *extra]
+
     def blend_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """``z̃ = α₂·F + β₂·MLP(P₂(F))`` (paper Eq. 2); ``F`` unchanged without P₂."""
-        return feats if self.p2 is None else self._blend(self.gate2, feats, self.p2(feats))
+        """``z̃ = α₂·F + β₂·MLP(P₂(F))`` (paper Eq. 2) for pooled features ``(B, C)``, with the
+        P₂ of width ``C``; ``F`` unchanged without P₂."""
+        if self.p2 is None:
+            return feats
+        width = feats.shape[-1]
+        if width == self.p2.proj.out_features:
+            return self._blend(self.gate2, feats, self.p2(feats))
+        if self.p2_extra is not None and str(width) in self.p2_extra:
+            key = str(width)
+            return self._blend(self.gate2_extra[key], feats, self.p2_extra[key](feats))
+        raise ValueError(f"LION's P2 serves features of width {self.feature_dims()}, got "
+                         f"shape {tuple(feats.shape)}")
+
+    def blend_classifier_input(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`blend_features` for what a classifier reads: pooled ``(B, C)``, a 1×1 map
+        ``(B, C, 1, 1)`` (1×1-conv classifiers: BiT, DLA, DPN) or tokens ``(B, N, C)`` (auxiliary
+        token heads such as VOLO's, where P₂ acts on every token)."""
+        if x.ndim == 2:
+            return self.blend_features(x)
+        if x.ndim == 4 and x.shape[-2:] == (1, 1):
+            return self.blend_features(x.flatten(1)).view(x.shape)
+        if x.ndim == 3:
+            return self.blend_features(x.reshape(-1, x.shape[-1])).view(x.shape)
+        raise ValueError(f"LION's P2 reads pooled features (B, C), got shape {tuple(x.shape)}: "
+                         "build the model with a global pool")
+
+    def blend_pre_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """The pre-logits ``forward_head(pre_logits=True)`` returns with LION: blended with the P₂
+        of their width, or, where they concatenate the inputs of classifiers of several widths
+        (CrossViT), each part with its own."""
+        dims = self.feature_dims()
+        if feats.ndim != 2 or len(dims) < 2 or feats.shape[-1] in dims:
+            return self.blend_classifier_input(feats)
+        parts = feats.split(dims, dim=-1) if feats.shape[-1] == sum(dims) else None
+        if parts is None:
+            raise ValueError(f"LION's P2 serves features of width {dims} (or their "
+                             f"concatenation), got shape {tuple(feats.shape)}")
+        return torch.cat([self.blend_features(p) for p in parts], dim=-1)
 
     def deqs(self) -> dict[str, DEQ]:
-        """The equilibrium layers by prompt name (``"p1"``, ``"p2"``)."""
-        return {n: p.deq for n, p in (("p1", self.p1), ("p2", self.p2)) if p is not None}
+        """The equilibrium layers by prompt name (``"p1"``, ``"p2"``, ``"p2_<width>"``)."""
+        out = {n: p.deq for n, p in (("p1", self.p1), ("p2", self.p2)) if p is not None}
+        if self.p2_extra is not None:
+            out.update({f"p2_{d}": p.deq for d, p in self.p2_extra.items()})
+        return out
 
     def solver_stats(self) -> dict[str, float]:
         """Solver statistics for logging, e.g. ``{"p1/forward_mean_iterations": 7.5, ...}``."""

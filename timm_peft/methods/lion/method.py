@@ -7,41 +7,64 @@ import torch
 from torch import nn
 
 from ...core import PeftMethod, register_method, register_preset
-from ...families import get_family, refuse
-from ...layers.swap import Swappable, _make, restore_class, swap_class
+from ...families import Family, get_family, refuse
+from ...layers.swap import (Swappable, _make, refuse_fx, restore_class, restore_classes,
+                            swap_class)
 from .config import LionConfig
 from .layers import LionPrompts
 from .robust import RobustOptimizer
 
-__all__ = ["Lion", "LionForward", "lion_class"]
+__all__ = ["Lion", "LionForward", "LionClassifier", "lion_class"]
 
 
 class LionForward(Swappable):
-    """Mixin for a timm model class: P₁ before ``forward_features``, P₂ and the blend between
-    the pooled features and the classifier in ``forward_head``."""
+    """Mixin for a timm model class: P₁ before ``forward_features``; ``forward_head`` runs the
+    model's own head, whose classifier(s) read the blend with P₂ (:class:`LionClassifier`);
+    ``pre_logits=True`` returns the blended features."""
 
     prefix = "Lion"
     method = "lion"
 
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        refuse_fx(self)
         return super().forward_features(self.lion.prompt_input(x), *args, **kwargs)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        feats = super().forward_head(x, pre_logits=True)
-        # pooled features may come as (B, C, 1, 1) (BiT's pre-logits)
-        pooled_4d = feats.ndim == 4 and feats.shape[-2:] == (1, 1)
-        z = self.lion.blend_features(feats.flatten(1) if pooled_4d else feats).view(feats.shape)
+    def forward_head(self, x: Any, pre_logits: bool = False) -> Any:
         if pre_logits:
-            return z
-        head = self.get_classifier()
-        if isinstance(head, nn.modules.conv._ConvNd):  # a 1x1-conv classifier (BiT, DLA, DPN)
-            return head(z.view(z.shape[0], -1, 1, 1)).flatten(1)
-        return head(z)
+            return self.lion.blend_pre_logits(super().forward_head(x, pre_logits=True))
+        return super().forward_head(x)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # the backbone sees the prompted image here too, so features_only and feature taps
         # describe the same forward as model(x)
         return super().forward_intermediates(self.lion.prompt_input(x), *args, **kwargs)
+
+
+class LionClassifier(Swappable):
+    """Mixin for a classifier module: it reads ``z̃ = α₂·F + β₂·MLP(P₂(F))`` instead of ``F``.
+
+    Every classifier the family names gets it, so a model with two heads (distilled DeiT, LeViT,
+    EfficientFormer), one head per branch (CrossViT) or an auxiliary token head (VOLO) runs all
+    of them on blended features, and the model's own ``forward_head`` still combines them.
+    Reference: ``lion`` (the model's :class:`LionPrompts`).
+    """
+
+    prefix = "Lion"
+    method = "lion"
+    refs = ("lion",)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().forward(self.lion.blend_classifier_input(x), *args, **kwargs)
+
+
+def _in_width(module: nn.Module) -> int | None:
+    """The feature width a classifier module reads (its first layer's input width)."""
+    for m in module.modules():
+        for attr in ("in_features", "in_channels", "num_features"):
+            width = getattr(m, attr, None)
+            if isinstance(width, int):
+                return width
+    return None
 
 
 def lion_class(base: type) -> type:
@@ -70,32 +93,47 @@ class Lion(PeftMethod):
     config_cls = LionConfig
     description = "LION: deep-equilibrium prompts on the image and the features, robust training"
 
+    def supports(self, family: Family) -> bool:
+        return "classifier" in family.capabilities
+
     def apply(self, model: nn.Module, config: LionConfig) -> nn.Module:
+        family = get_family(model)
         missing = [a for a in ("forward_features", "forward_head", "get_classifier")
                    if not callable(getattr(model, a, None))]
         if missing:
             raise ValueError(f"LION needs a timm model with forward_features, forward_head and "
                              f"get_classifier; {type(model).__name__} lacks {missing}")
-        if not isinstance(model.get_classifier(), nn.Module):
-            raise ValueError(f"LION needs a single classifier module; {type(model).__name__}."
-                             f"get_classifier() returned {type(model.get_classifier()).__name__} "
-                             "(a distilled model?)")
         if hasattr(model, "lion"):
             raise ValueError(f"{type(model).__name__} already has an attribute 'lion'")
-        dim = getattr(model, "head_hidden_size", None) or model.num_features
+        if config.use_p2 and family.pooled(model) is False:
+            # a features_only backbone is pruned the same way: no head ever runs there
+            raise ValueError(f"LION's P2 reads pooled features, but this {type(model).__name__} "
+                             "does not pool (global_pool='', or a features_only backbone), so P2 "
+                             "would never run; build it with a global pool (the default "
+                             "global_pool) or use LionConfig(use_p2=False) (preset 'lion_no_p2')")
+        heads = family.classifiers(model)
+        if config.use_p2 and not heads:
+            raise refuse(self.name, "classifier module(s) (get_classifier)", model, family)
+        dims = [_in_width(h) if not isinstance(h, nn.Identity) else None for h in heads]
+        default = getattr(model, "head_hidden_size", None) or model.num_features
+        dims = [d if d is not None else default for d in dims] or [default]
         ref = next(model.parameters())
         in_chans = 0
         if config.use_p1:
-            family = get_family(model)
             in_chans = family.in_chans(model)
             if in_chans is None:
                 raise refuse(self.name, "the image channels (pretrained_cfg['first_conv'] naming "
                              "the first conv) for P1; use LionConfig(use_p1=False)", model, family)
-        model.lion = LionPrompts(config, in_chans, dim).to(device=ref.device, dtype=ref.dtype)
+        model.lion = LionPrompts(config, in_chans, dims[0], tuple(dims[1:])).to(
+            device=ref.device, dtype=ref.dtype)
+        if config.use_p2:
+            for head in dict.fromkeys(heads):  # a head listed twice is swapped once
+                swap_class(head, LionClassifier, lion=model.lion)
         swap_class(model, LionForward)
         return model
 
     def unload(self, model: nn.Module) -> nn.Module:
+        restore_classes(model, LionClassifier)
         restore_class(model, LionForward)
         del model.lion
         return model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...core import PeftConfig, PeftMethod, register_method, unwrap_features
-from ...families import get_family, refuse
+from ...families import Family, get_family, refuse
 from ...layers.scale_shift import (CHANNEL_AXIS, ScaleShift, attach_scale_shift,
                                    detach_scale_shift, num_channels, unfoldable)
 from ...layers.swap import original_class
@@ -145,6 +145,9 @@ class SSF(PeftMethod):
 }"""
     config_cls = SSFConfig
     description = "SSF: per-channel scale and shift after every operation, mergeable"
+
+    def supports(self, family: Family) -> bool:
+        return "ssf" in family.capabilities
 
     def apply(self, model: nn.Module, config: SSFConfig) -> nn.Module:
         family = get_family(model)

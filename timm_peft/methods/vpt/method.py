@@ -1,6 +1,7 @@
 """VPT's surgery: which prompts go where, decided by what the model's family provides."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ...core import PeftMethod, register_method, register_preset
@@ -21,6 +22,26 @@ def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
 def _place(module: nn.Module, model: nn.Module) -> nn.Module:
     ref = next(model.parameters())
     return module.to(device=ref.device, dtype=ref.dtype)
+
+
+def _check_padded_input(model: nn.Module, in_chans: int, size: tuple[int, int], pad: int) -> None:
+    """Refuse at build time a ConvNet that cannot run on the padded image (e.g. DLA, whose
+    upsampled and skip maps must agree in size): one forward on the meta device, no memory."""
+    meta = {n: torch.empty_like(t, device="meta")
+            for n, t in (*model.named_parameters(), *model.named_buffers())}
+    x = torch.empty(1, in_chans, *size, device="meta")
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, meta, (x,), strict=False)
+    except NotImplementedError:  # an operation without a meta kernel: nothing to conclude
+        return
+    except RuntimeError as e:
+        h, w = size[0] + 2 * pad, size[1] + 2 * pad
+        raise ValueError(
+            f"VPT pixel prompts make the {size[0]}×{size[1]} input {h}×{w} (pad_size={pad}), "
+            f"which {type(model).__name__} cannot take: {str(e).splitlines()[0]}; choose "
+            "VPTConfig.pad_size (or img_size) so that the padded size suits the model (e.g. a "
+            "multiple of its total stride)") from None
 
 
 @register_method
@@ -79,13 +100,14 @@ class VPT(PeftMethod):
         return model
 
     def _apply_windows(self, model: nn.Module, config: VPTConfig, family: Family) -> nn.Module:
-        if not config.deep:
-            raise ValueError("VPTConfig.deep=False (VPT-Shallow) is not supported on Swin: prompt "
-                             "outputs carried across local windows are not defined by the paper; "
-                             "allowed on Swin: deep=True (preset 'vpt')")
+        # Prompts in windowed attention are extra keys and values shared by every window of a
+        # block; they produce no outputs to carry on. VPT-Deep gives every block its own;
+        # VPT-Shallow (deep=False) gives them to the first block only, the one that reads the
+        # patch embedding, as VPT-Shallow's prompts enter at the first layer.
         patch = _pair(model.patch_embed.patch_size)
         stages = nn.ModuleList()
-        for layers in family.window_attention(model):
+        for layers in family.window_attention(model)[:None if config.deep else 1]:
+            layers = layers if config.deep else layers[:1]
             prompts = _place(self.make_prompts(config, len(layers), layers[0].dim, patch), model)
             stages.append(prompts)
             for j, layer in enumerate(layers):
@@ -104,6 +126,7 @@ class VPT(PeftMethod):
                                std=pixel.std, init=config.init, dropout=config.dropout)
         model.vpt = _place(prompts, model)
         swap_class(model, PixelPromptedModel)
+        _check_padded_input(model, pixel.in_chans, size, config.pad_size)
         return model
 
     def unload(self, model: nn.Module) -> nn.Module:

@@ -1,0 +1,269 @@
+"""Families added for issue 13 and what they let methods do: LION on every classifier a family
+names (two heads, one per branch, VOLO's auxiliary head), E²VPT on
+parallel-block ViTs, SSF's reported sites on Swin-V2, torch.fx's clear error, and list_models
+listing only what builds and trains."""
+import copy
+import random
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_peft
+from timm_peft.families import get_family
+from timm_peft.layers.swap import restore_class
+
+LION_SMALL = dict(p1_width=4, p2_width=8, norm_groups=2)
+
+
+def _img(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _lion(arch, size, **kwargs):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = timm.create_model(arch, num_classes=3, **kwargs).eval()
+    model = timm_peft.apply_method(copy.deepcopy(base), "lion", LION_SMALL).eval()
+    x = _img(size)
+    with torch.no_grad():  # identity prompts: LION starts as the frozen backbone, all heads
+        torch.testing.assert_close(model(x), base(x), atol=1e-5, rtol=0)
+        for p in model.lion.parameters():  # move P1 and P2 away from their zero read-outs
+            p.add_(0.05 * torch.randn_like(p))
+    return base, model, x
+
+
+def _blend(lion, feats):
+    """P2's blend written out (identity prompts): F + β₂·R₂(F), with the P2 of F's width."""
+    width = feats.shape[-1]
+    if width == lion.p2.proj.out_features:
+        p2, gate = lion.p2, lion.gate2
+    else:
+        p2, gate = lion.p2_extra[str(width)], lion.gate2_extra[str(width)]
+    return feats + gate.logits.softmax(0)[1] * p2(feats)
+
+
+def _backward_reaches_every_trainable(model, x):
+    model.train()
+    out = model(x)
+    F.cross_entropy(out, torch.arange(x.shape[0]) % 3).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+def test_lion_on_a_distilled_vit_blends_both_tokens_for_both_heads():
+    base, model, x = _lion("deit_tiny_distilled_patch16_224", 32, img_size=32, depth=2)
+    lion = model.lion
+    with torch.no_grad():
+        feats = base.forward_features(lion.prompt_input(x))
+        want = (base.head(_blend(lion, feats[:, 0])) + base.head_dist(_blend(lion, feats[:, 1]))) / 2
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        # pre-logits are the blend of what the model's own pre-logits are
+        torch.testing.assert_close(
+            model.forward_head(model.forward_features(x), pre_logits=True),
+            _blend(lion, (feats[:, 0] + feats[:, 1]) / 2), atol=1e-5, rtol=1e-5)
+    _backward_reaches_every_trainable(model, x)
+
+
+def test_lion_two_heads_on_pooled_features():
+    # LeViT and EfficientFormer (the coverage sweep's) both read one pooled vector with two heads
+    base, model, x = _lion("levit_128s", 64, img_size=64)
+    lion = model.lion
+    with torch.no_grad():
+        pooled = base.forward_head(base.forward_features(lion.prompt_input(x)), pre_logits=True)
+        z = _blend(lion, pooled)
+        torch.testing.assert_close(model(x), (base.head(z) + base.head_dist(z)) / 2,
+                                   atol=1e-5, rtol=1e-5)
+    _backward_reaches_every_trainable(model, x)
+
+
+def test_lion_on_crossvit_has_one_p2_per_branch_width():
+    base, model, x = _lion("crossvit_tiny_240", 240, img_size=240, depth=((1, 1, 0),))
+    lion = model.lion
+    assert sorted(lion.feature_dims()) == sorted({h.in_features for h in base.head})
+    with torch.no_grad():
+        xs = base.forward_features(lion.prompt_input(x))
+        logits = [head(_blend(lion, t[:, 0])) for head, t in zip(base.head, xs)]
+        torch.testing.assert_close(model(x), torch.stack(logits).mean(0), atol=1e-5, rtol=1e-5)
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(pre, torch.cat([_blend(lion, t[:, 0]) for t in xs], dim=1),
+                                   atol=1e-5, rtol=1e-5)
+    _backward_reaches_every_trainable(model, x)
+
+
+def test_lion_on_volo_reaches_the_auxiliary_token_head():
+    from timm_peft.methods.lion import LionClassifier
+    base, model, x = _lion("volo_d1_224", 64, img_size=64)
+    assert get_family(model).name == "volo"
+    lion = model.lion
+    with torch.no_grad():
+        feats = base.forward_features(lion.prompt_input(x))
+        tokens = feats[:, 1:]  # P2 on every token the auxiliary head reads
+        aux = base.aux_head(_blend(lion, tokens.reshape(-1, tokens.shape[-1])).view(tokens.shape))
+        want = base.head(_blend(lion, feats[:, 0])) + 0.5 * aux.max(1)[0]
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        y = model(x)
+        restore_class(model.aux_head, LionClassifier)  # what a family without aux_head did
+        assert (model(x) - y).abs().max() > 1e-4
+    _, model, x = _lion("volo_d1_224", 64, img_size=64)
+    _backward_reaches_every_trainable(model, x)
+
+
+def test_lion_unload_restores_every_classifier():
+    base, model, x = _lion("deit_tiny_distilled_patch16_224", 32, img_size=32, depth=2)
+    plain = timm_peft.unload(model)
+    assert type(plain.head) is type(base.head) and type(plain.head_dist) is type(base.head_dist)
+    with torch.no_grad():
+        assert torch.equal(plain(x), base(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# E²VPT on parallel-block ViTs
+# ----------------------------------------------------------------------------------------------
+
+def test_e2vpt_on_parallel_blocks_prompts_every_branch():
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, depth=2, embed_dim=32, num_heads=2)
+    base = timm.create_model("vit_small_patch16_18x2_224", num_classes=3, **kwargs).eval()
+    x = _img(32)
+    zero = timm_peft.apply_method(copy.deepcopy(base), "e2vpt",
+                                  dict(num_prompts=0, num_kv_prompts=0)).eval()
+    with torch.no_grad():
+        assert torch.equal(zero(x), base(x))
+    model = timm_peft.apply_method(copy.deepcopy(base), "e2vpt", dict(num_kv_prompts=3))
+    branches = [branch.attn for b in model.blocks for branch in b.attns]
+    assert len(branches) == 4 and all(hasattr(a, "kv_prompt") for a in branches)
+    _backward_reaches_every_trainable(model, x)
+    with pytest.raises(ValueError, match="e2vpt.*key-value prompts"):  # fused attention
+        timm.create_model("vit_base_patch16_xp_224.e2vpt", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# SSF on Swin-V2: the sites its attention bypasses are reported, never trained silently
+# ----------------------------------------------------------------------------------------------
+
+def test_swinv2_ssf_reports_the_bypassed_qkv_and_trains_every_site():
+    from timm_peft.methods.ssf import ssf_sites
+    kwargs = dict(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(2, 4), window_size=4)
+    base = timm.create_model("swinv2_tiny_window8_256", num_classes=3, **kwargs)
+    skipped = dict(ssf_sites(base, skipped=True))
+    assert {n for n in skipped if n.endswith("attn.qkv")} == {
+        "layers.0.blocks.0.attn.qkv", "layers.1.blocks.0.attn.qkv"}
+    assert "F.linear on qkv.weight" in skipped["layers.0.blocks.0.attn.qkv"]
+    assert any(".cpb_mlp." in n for n in skipped)
+    with pytest.warns(UserWarning, match="SSF skips"):
+        model = timm.create_model("swinv2_tiny_window8_256.ssf", num_classes=3, **kwargs)
+    assert not any(".qkv.ssf" in n for n, _ in model.named_parameters())
+    _backward_reaches_every_trainable(model, _img(32))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.fx: a clear error naming the method, plain-timm computation still traces
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, kwargs, method", [
+    ("vit_tiny_patch16_224.vpt", dict(img_size=32, depth=2), "vpt"),
+    ("resnet10t.vpt", {}, "vpt"),
+    ("resnet10t.ssf", {}, "ssf"),
+    ("resnet10t.lion", {}, "lion"),
+    ("vit_tiny_patch16_224.e2vpt", dict(img_size=32, depth=2), "vpt|e2vpt"),
+])
+def test_fx_symbolic_trace_names_the_blocking_method(name, kwargs, method):
+    model = timm.create_model(name, num_classes=3, **kwargs)
+    with pytest.raises(RuntimeError, match=rf"torch.fx.symbolic_trace.*'({method})' PEFT method"
+                                           r".*merge_and_unload.*torch.compile / torch.export"):
+        torch.fx.symbolic_trace(model)
+
+
+@pytest.mark.parametrize("name", ["resnet10t.linear", "resnet10t.bias"])
+def test_fx_traces_methods_that_keep_the_timm_computation(name):
+    model = timm.create_model(name, num_classes=3).eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = _img(32)
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+
+
+def test_fx_traces_a_merged_model():
+    model = timm.create_model("resnet10t.ssf", num_classes=3)
+    plain = timm_peft.merge_and_unload(model).eval()
+    torch.fx.symbolic_trace(plain)
+
+
+# ----------------------------------------------------------------------------------------------
+# list_models lists what builds and trains
+# ----------------------------------------------------------------------------------------------
+
+def test_list_models_lists_registered_families_only():
+    from timm_peft.families import family_of_arch
+    for method in ("ssf", "partial", "lion", "vpt", "e2vpt"):
+        archs = [n.rsplit(".", 1)[0] for n in timm_peft.list_models(method=method)]
+        assert {family_of_arch(a).name for a in archs} - {"generic"} == \
+            {family_of_arch(a).name for a in archs}, method
+    assert "tnt_s_patch16_224.partial" not in timm_peft.list_models("tnt_*", method="partial")
+    e2vpt = timm_peft.list_models("vit_*", method="e2vpt")
+    assert "vit_small_patch16_18x2_224.e2vpt" in e2vpt  # parallel branches of timm Attention
+    assert "vit_base_patch16_xp_224.e2vpt" not in e2vpt  # attention fused into the block
+    assert "swin_tiny_patch4_window7_224.vpt_shallow" in timm_peft.list_models(
+        "swin_*", method="vpt_shallow")
+    assert "volo_d1_224.lion" in timm_peft.list_models("volo_*", method="lion")
+
+
+def _small_listed(method: str, count: int, seed: str) -> list[str]:
+    """``count`` archs list_models lists for ``method``, drawn at random among those under 4M
+    parameters (counted on the meta device) so that a real CPU build stays fast."""
+    names = timm_peft.list_models(method=method)
+    rng = random.Random(seed)
+    rng.shuffle(names)
+    picked = []
+    for name in names:
+        arch = name.rsplit(".", 1)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                size = sum(p.numel() for p in timm.create_model(arch, device="meta").parameters())
+            except Exception:  # noqa: BLE001  the real build below must then fail too
+                size = 0
+        if size < 4e6:
+            picked.append(name)
+        if len(picked) == count:
+            break
+    return picked
+
+
+@pytest.mark.parametrize("method", ["ssf", "vpt", "vpt_shallow", "e2vpt", "partial", "lion",
+                                    "bias"])
+def test_sampled_listed_archs_build_forward_and_backward(method):
+    for name in _small_listed(method, 1, f"{method}-issue-13"):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name, num_classes=3)
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        x = torch.randn(2, *size)
+        _backward_reaches_every_trainable(model, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# pixel prompts on ConvNets bound to input sizes
+# ----------------------------------------------------------------------------------------------
+
+def test_pixel_prompts_refuse_a_padded_size_the_model_cannot_take_at_build_time():
+    with pytest.raises(ValueError, match=r"make the 64×64 input 74×74 \(pad_size=5\), which "
+                                         r"PixelPromptedDLA cannot take.*pad_size"):
+        timm.create_model("dla34.vpt", num_classes=3, peft_cfg=dict(img_size=64))
+    model = timm.create_model("dla34.vpt", num_classes=3, peft_cfg=dict(img_size=64, pad_size=16))
+    _backward_reaches_every_trainable(model, _img(64))
+    assert not timm_peft.list_models("dla*", method="vpt")  # the default pad does not fit
+    assert "dla34.lion" in timm_peft.list_models("dla*", method="lion")
+
+
+def test_image_channels_of_a_space_to_depth_stem():
+    # TResNet's first conv sees 3·16 channels: the model's own in_chans says 3
+    model = timm.create_model("tresnet_m.vpt", num_classes=3,
+                              peft_cfg=dict(img_size=64, pad_size=16))
+    assert model.vpt.top_bottom.shape[1] == 3
+    _backward_reaches_every_trainable(model, _img(64))

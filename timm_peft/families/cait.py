@@ -1,0 +1,32 @@
+"""CaiT family: timm's ``Cait`` (``cait.py``, Touvron et al., "Going deeper with Image
+Transformers", ICCV 2021): self-attention blocks over the patches alone, then class-attention
+blocks (``blocks_token_only``) that bring in the class token.
+
+Token prompts go in front of the patches of the self-attention blocks (there is no prefix token
+yet); the class-attention blocks see them as keys, and they are dropped from the output
+``[class token, prompts, patches]`` like ViT's."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import register_family
+from .base import LayerGroups, TokenBlocksFamily, TokenSequence
+
+
+@register_family
+class Cait(TokenBlocksFamily):
+    name = "cait"
+    modules = ("cait",)
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens"})
+
+    def layer_groups(self, model: nn.Module) -> LayerGroups:
+        # timm's group_matcher is a function here (no block patterns to number)
+        return LayerGroups([[b] for b in (*model.blocks, *model.blocks_token_only)],
+                           self.final_norms(model))
+
+    def token_sequence(self, model: nn.Module, **extra: Any) -> TokenSequence:
+        seq = super().token_sequence(model, **extra)
+        seq.num_prefix_tokens = 0  # the class token joins after the self-attention blocks
+        return seq
