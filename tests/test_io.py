@@ -330,3 +330,15 @@ def test_card_cites_the_method_paper(tmp_path, method, key, title):
     assert f"```bibtex\n@inproceedings{{{key}," in card and title in card
     linear = timm.create_model("vit_tiny_patch16_224.linear", num_classes=3, **TINY_VIT)
     assert "bibtex" not in (timm_peft.save_pretrained(linear, tmp_path / "l") / "README.md").read_text()
+
+
+def test_subclass_with_star_kwargs_saves_and_loads(tmp_path):
+    # VisionTransformerDistilled takes (*args, **kwargs): its architecture arguments are its
+    # base class's, and a saved adapter must name them (was: 'num_classes' refused)
+    kw = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=3)
+    model = timm.create_model("deit_tiny_distilled_patch16_224.linear", **kw).eval()
+    d = timm_peft.save_pretrained(model, tmp_path / "a")
+    loaded = timm_peft.from_pretrained(d, pretrained=False, check_base=False).eval()
+    loaded.load_state_dict({**loaded.state_dict(), **{k: v for k, v in model.state_dict().items()}})
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x)) and loaded.num_classes == 3

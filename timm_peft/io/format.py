@@ -224,11 +224,19 @@ def arch_profile(arch: str) -> tuple[dict[str, Any], int]:
     import timm
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False)
-    sig = inspect.signature(type(model).__init__)
-    defaults = {n: (p.default if p.default is not inspect.Parameter.empty else None)
-                for n, p in sig.parameters.items()
-                if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                and n not in LOADING_KWARGS}
+    defaults: dict[str, Any] = {}
+    # a subclass taking (*args, **kwargs) (distilled DeiT, LeViT) passes them to its base class:
+    # read the classes up the chain until one takes no more **kwargs
+    for cls in type(model).__mro__:
+        if "__init__" not in cls.__dict__ or cls is torch.nn.Module:
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        for p in params:
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) \
+                    and p.name not in LOADING_KWARGS:
+                defaults.setdefault(p.name, p.default if p.default is not p.empty else None)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
     return defaults, sum(p.numel() for p in model.parameters())
 
 
