@@ -267,3 +267,10 @@ def test_image_channels_of_a_space_to_depth_stem():
                               peft_cfg=dict(img_size=64, pad_size=16))
     assert model.vpt.top_bottom.shape[1] == 3
     _backward_reaches_every_trainable(model, _img(64))
+
+
+def test_train_head_trains_volos_auxiliary_head_too():
+    # the family names every classifier; train_head trains them all (was: get_classifier's only)
+    model = timm.create_model("volo_d1_224.linear", num_classes=3, img_size=64)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head", "aux_head"}

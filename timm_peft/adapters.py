@@ -53,6 +53,7 @@ from torch import nn
 
 from .core import (AdapterModule, PeftConfig, _make_config, adapter_keys, freeze, get_method,
                    resolve_method, unfreeze, unwrap_features)
+from .families import get_family
 from .layers.swap import Swappable, restore_class, swap_class
 
 __all__ = ["Adapter", "Routing", "add_adapter", "set_adapter", "delete_adapter", "disable_adapter",
@@ -133,9 +134,7 @@ def _tensor_slots(inner: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _head_slots(inner: nn.Module) -> dict[str, torch.Tensor]:
-    heads = inner.get_classifier() if hasattr(inner, "get_classifier") else ()
-    heads = heads if isinstance(heads, tuple) else (heads,)
-    ids = {id(h) for h in heads}
+    ids = {id(h) for h in get_family(inner).classifiers(inner)}
     out: dict[str, torch.Tensor] = {}
     for mod_name, mod in inner.named_modules():
         if id(mod) in ids:
@@ -266,9 +265,8 @@ def _from_base(model: nn.Module, adapter: Adapter | None, method: str, config: P
     impl = get_method(method)
     impl.apply(inner, config)
     inner.train(inner.training)  # new modules (prompt dropout, a new head) follow the model's mode
-    if config.train_head and hasattr(inner, "get_classifier"):
-        head = inner.get_classifier()
-        for h in head if isinstance(head, tuple) else (head,):
+    if config.train_head:
+        for h in get_family(inner).classifiers(inner):
             unfreeze(h)
     inner.peft_adapter_keys = tuple(adapter_keys(inner))
     _HANDLES.pop(inner, None)

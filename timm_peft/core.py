@@ -505,9 +505,8 @@ def apply_method(
     out = impl.apply(target, config)
     if out is not target:
         raise RuntimeError(f"method {method_name!r} must modify the model in place and return it")
-    if config.train_head and hasattr(target, "get_classifier"):
-        head = target.get_classifier()
-        for h in head if isinstance(head, tuple) else (head,):  # distilled models have two
+    if config.train_head:
+        for h in get_family(target).classifiers(target):  # two in distilled models, VOLO's aux
             unfreeze(h)
     for m in (target, model):
         m.peft_method = method_name
