@@ -274,3 +274,69 @@ def test_train_head_trains_volos_auxiliary_head_too():
     model = timm.create_model("volo_d1_224.linear", num_classes=3, img_size=64)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head", "aux_head"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Swin-V2: prompts as extra keys and values of every window (cosine attention)
+# ----------------------------------------------------------------------------------------------
+
+def test_swinv2_window_attention_with_extra_keys_matches_written_out_attention():
+    import math
+    from timm.models.swin_transformer_v2 import WindowAttention
+    from timm_peft.layers.kv_attention import ExtraKVWindowAttentionV2
+    from timm_peft.layers.swap import swap_class
+    torch.manual_seed(0)
+    attn = WindowAttention(16, window_size=(2, 2), num_heads=2).eval()
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+    x = torch.randn(6, 4, 16)  # 3 images x 2 windows of 2x2 tokens
+    mask = torch.zeros(2, 4, 4)
+    mask[1, :2, 2:] = mask[1, 2:, :2] = -100.0  # a shifted window's mask
+    ek, ev = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)  # 3 extra keys/values per head
+    with torch.no_grad():
+        want = []
+        for m in (None, mask):
+            qkv = F.linear(x, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+            q, k, v = qkv.reshape(6, 4, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            k, v = torch.cat([ek.expand(6, -1, -1, -1), k], 2), torch.cat([ev.expand(6, -1, -1, -1), v], 2)
+            cos = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-2, -1)
+            logits = cos * torch.clamp(attn.logit_scale, max=math.log(100)).exp()
+            table = attn.cpb_mlp(attn.relative_coords_table).view(-1, 2)
+            rel = 16 * torch.sigmoid(table[attn.relative_position_index.view(-1)].view(4, 4, 2).permute(2, 0, 1))
+            logits[..., 3:] += rel  # the window's own keys get the position bias, the extra ones none
+            if m is not None:
+                logits[..., 3:] += m.repeat(3, 1, 1).unsqueeze(1)
+            out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(6, 4, 16)
+            want.append(attn.proj(out))
+        plain = [attn(x), attn(x, mask=mask)]
+        swap_class(attn, ExtraKVWindowAttentionV2)
+        got = [attn(x, extra_kv=(ek, ev)), attn(x, mask=mask, extra_kv=(ek, ev))]
+        none = [attn(x), attn(x, mask=mask)]  # no extra keys: timm's own forward
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    for n, p in zip(none, plain):
+        assert torch.equal(n, p)
+
+
+@pytest.mark.parametrize("method", ["vpt", "vpt_shallow", "e2vpt"])
+def test_prompts_on_swinv2_train_save_and_unload(method, tmp_path):
+    kw = dict(img_size=32, window_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+              num_classes=3)
+    torch.manual_seed(0)
+    base = timm.create_model("swinv2_tiny_window8_256", **kw).eval()
+    with torch.no_grad():  # timm starts the post-norms at 0 (every block the identity)
+        for stage in base.layers:
+            for block in stage.blocks:
+                block.norm1.weight.fill_(1.0)
+    model = timm_peft.apply_method(copy.deepcopy(base), method, dict(num_prompts=3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    _backward_reaches_every_trainable(model, x)
+    model.eval()
+    d = timm_peft.save_pretrained(model, tmp_path / "a")
+    loaded = timm_peft.load_adapter(timm_peft.apply_method(copy.deepcopy(base), method,
+                                                           dict(num_prompts=3)).eval(), d)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert not torch.allclose(model(x), base(x))
+        assert torch.equal(timm_peft.unload(model)(x), base(x))

@@ -16,8 +16,8 @@ from torch import nn
 from ..ops import prompted_qkv
 from .swap import AdapterModule, Swappable
 
-__all__ = ["KVPrompt", "KVPromptAttention", "ExtraKVWindowAttention", "add_extra_kv",
-           "pad_attn_mask"]
+__all__ = ["KVPrompt", "KVPromptAttention", "ExtraKVWindowAttention", "ExtraKVWindowAttentionV2",
+           "extra_kv_mixin", "add_extra_kv", "pad_attn_mask"]
 
 
 class KVPrompt(AdapterModule):
@@ -162,13 +162,17 @@ class ExtraKVWindowAttention(Swappable):
             prompts, layer, norm = source
             p = norm(prompts(layer, x.shape[0]).to(x.dtype))
             b, t, _ = p.shape
-            _, k, v = self.qkv(p).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            _, k, v = self._project(p).reshape(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             extra = add_extra_kv(extra, k, v)
         kv_prompt = self._modules.get("kv_prompt")
         if kv_prompt is not None:
             pk, pv = kv_prompt.prompts()
             extra = add_extra_kv(extra, pk.unsqueeze(0), pv.unsqueeze(0))
         return extra
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's own ``qkv`` projection of ``x`` (window tokens or prompts)."""
+        return self.qkv(x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -177,7 +181,7 @@ class ExtraKVWindowAttention(Swappable):
             return super().forward(x, mask=mask)
         b_, n, c = x.shape
         t = extra_kv[0].shape[-2]
-        q, k, v = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._project(x).reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         k = torch.cat([extra_kv[0].to(k.dtype).expand(b_, -1, -1, -1), k], dim=2)
         v = torch.cat([extra_kv[1].to(v.dtype).expand(b_, -1, -1, -1), v], dim=2)
         bias = F.pad(self._get_rel_pos_bias(), (t, 0))  # (1, heads, N, T+N)
@@ -198,3 +202,64 @@ class ExtraKVWindowAttention(Swappable):
             x = self.attn_drop(self.softmax(attn)) @ v
         x = x.transpose(1, 2).reshape(b_, n, -1)
         return self.proj_drop(self.proj(x))
+
+
+class ExtraKVWindowAttentionV2(ExtraKVWindowAttention):
+    """:class:`ExtraKVWindowAttention` for timm's Swin-V2 ``WindowAttention`` (Liu et al., "Swin
+    Transformer V2", CVPR 2022, Sec. 3.2): scaled cosine attention and a continuous position
+    bias. The extra keys are normalised like the window's own (cosine similarity needs no
+    special case) and get no position bias, as in Swin; the projection applies V2's separate
+    query and value biases to prompts too.
+    """
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            return self.qkv(x) + bias
+        return F.linear(x, self.qkv.weight, bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        extra_kv = self._extra_kv(x, extra_kv)
+        if extra_kv is None or extra_kv[0].shape[-2] == 0:
+            return super(ExtraKVWindowAttention, self).forward(x, mask=mask)  # timm's own
+        b_, n, c = x.shape
+        t = extra_kv[0].shape[-2]
+        q, k, v = self._project(x).reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        k = torch.cat([extra_kv[0].to(k.dtype).expand(b_, -1, -1, -1), k], dim=2)
+        v = torch.cat([extra_kv[1].to(v.dtype).expand(b_, -1, -1, -1), v], dim=2)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        attn = attn + F.pad(16 * torch.sigmoid(bias), (t, 0)).unsqueeze(0)  # (1, heads, N, T+N)
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, n, t + n) + \
+                F.pad(mask, (t, 0)).unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, t + n)
+        x = (self.attn_drop(self.softmax(attn)) @ v).transpose(1, 2).reshape(b_, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+def _attention_mixins() -> dict[type, type]:
+    from timm.layers import Attention
+    from timm.models.swin_transformer import WindowAttention
+    from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
+    return {Attention: KVPromptAttention, WindowAttention: ExtraKVWindowAttention,
+            WindowAttentionV2: ExtraKVWindowAttentionV2}
+
+
+def extra_kv_mixin(attn: nn.Module) -> type | None:
+    """The mixin that gives ``attn`` extra keys and values, for the exact timm attention classes
+    whose computation it reproduces (a subclass may compute attention differently); else None.
+
+    Example:
+        >>> from timm.layers import Attention
+        >>> extra_kv_mixin(Attention(64)).__name__
+        'KVPromptAttention'
+    """
+    from .swap import original_class
+    return _attention_mixins().get(original_class(attn))

@@ -5,13 +5,11 @@ import contextlib
 from typing import Any
 
 import torch
-from timm.layers import Attention
-from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from ...core import register_method, register_preset
 from ...families import Family, get_family, refuse
-from ...layers.kv_attention import ExtraKVWindowAttention, KVPrompt, KVPromptAttention
+from ...layers.kv_attention import KVPrompt, KVPromptAttention, extra_kv_mixin
 from ...layers.swap import is_swapped, original_class, restore_class, swap_class
 from ..vpt.method import VPT
 from .config import E2VPTConfig
@@ -23,13 +21,13 @@ __all__ = ["E2VPT", "add_kv_prompt", "remove_kv_prompt"]
 
 def add_kv_prompt(attn: nn.Module, num_tokens: int, share_kv: bool = True,
                   init: str = "kaiming_uniform") -> KVPrompt:
-    """Give a timm ``Attention`` or Swin ``WindowAttention`` key-value prompts, in place.
+    """Give a timm ``Attention`` or Swin / Swin-V2 ``WindowAttention`` key-value prompts, in place.
 
-    The prompt is attached as ``attn.kv_prompt``; the base weights keep their names.
-    ``Attention`` is swapped to :class:`~timm_peft.layers.KVPromptAttention`; ``WindowAttention``
-    to :class:`~timm_peft.layers.ExtraKVWindowAttention`, which reads the prompts after any visual
-    prompts of the window. Only these exact timm classes are accepted: a subclass may compute
-    attention differently. :func:`remove_kv_prompt` undoes it.
+    The prompt is attached as ``attn.kv_prompt``; the base weights keep their names. The module
+    is swapped to the mixin :func:`~timm_peft.layers.kv_attention.extra_kv_mixin` names for its
+    exact class (:class:`~timm_peft.layers.KVPromptAttention` for ``Attention``; the window
+    mixins read the prompts after any visual prompts of the window); a subclass may compute
+    attention differently and is refused. :func:`remove_kv_prompt` undoes it.
 
     Example:
         >>> from timm.layers import Attention
@@ -37,17 +35,16 @@ def add_kv_prompt(attn: nn.Module, num_tokens: int, share_kv: bool = True,
         >>> add_kv_prompt(attn, num_tokens=5).key.shape
         torch.Size([4, 5, 16])
     """
-    plain = original_class(attn)
-    if plain not in (Attention, WindowAttention):
-        raise TypeError(f"key-value prompts support timm Attention and Swin WindowAttention "
-                        f"modules exactly, got {plain.__name__}")
+    mixin = extra_kv_mixin(attn)
+    if mixin is None:
+        raise TypeError(f"key-value prompts support timm Attention and Swin / Swin-V2 "
+                        f"WindowAttention modules exactly, got {original_class(attn).__name__}")
     num_heads = attn.num_heads
     head_dim = attn.qkv.out_features // (3 * num_heads)
     ref = attn.qkv.weight
     prompt = KVPrompt(num_heads, num_tokens, head_dim, share_kv=share_kv, init=init,
                       device=ref.device, dtype=ref.dtype)
     attn.kv_prompt = prompt
-    mixin = KVPromptAttention if plain is Attention else ExtraKVWindowAttention
     if not is_swapped(attn, mixin):
         swap_class(attn, mixin)
     return prompt
@@ -56,9 +53,10 @@ def add_kv_prompt(attn: nn.Module, num_tokens: int, share_kv: bool = True,
 def remove_kv_prompt(attn: nn.Module) -> None:
     """Undo :func:`add_kv_prompt`: the prompt removed, the module's class as before."""
     del attn.kv_prompt
-    restore_class(attn, KVPromptAttention)
-    if not attn.__dict__.get("window_prompts"):  # no visual prompts still need the window mixin
-        restore_class(attn, ExtraKVWindowAttention)
+    mixin = extra_kv_mixin(attn)
+    # a window mixin stays while the window still has visual prompts (VPT on the same model)
+    if mixin is KVPromptAttention or not attn.__dict__.get("window_prompts"):
+        restore_class(attn, mixin)
 
 
 @register_method
@@ -99,8 +97,8 @@ class E2VPT(VPT):
             raise refuse(self.name, "a token sequence or windowed attention", model, family)
         if attns is None:
             raise refuse(self.name, what, model, family)
-        other = sorted({original_class(a).__name__ for a in attns} - {"Attention", "WindowAttention"})
-        if other or any(original_class(a) not in (Attention, WindowAttention) for a in attns):
+        other = sorted({original_class(a).__name__ for a in attns if extra_kv_mixin(a) is None})
+        if other:
             raise refuse(self.name, f"timm Attention or WindowAttention layers (found {other})",
                          model, family)
         return attns

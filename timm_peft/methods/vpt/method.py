@@ -6,7 +6,7 @@ from torch import nn
 
 from ...core import PeftMethod, register_method, register_preset
 from ...families import Family, get_family, refuse
-from ...layers.kv_attention import ExtraKVWindowAttention
+from ...layers.kv_attention import extra_kv_mixin
 from ...layers.prompts import (PixelPromptedModel, PixelPrompts, PromptedBlock, PromptsAsPrefix,
                                VisualPrompts)
 from ...layers.swap import restore_classes, swap_class
@@ -111,7 +111,7 @@ class VPT(PeftMethod):
             prompts = _place(self.make_prompts(config, len(layers), layers[0].dim, patch), model)
             stages.append(prompts)
             for j, layer in enumerate(layers):
-                swap_class(layer.attn, ExtraKVWindowAttention,
+                swap_class(layer.attn, extra_kv_mixin(layer.attn),
                            window_prompts=(prompts, j, layer.norm))
         model.vpt = stages
         return model
