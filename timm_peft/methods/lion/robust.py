@@ -24,7 +24,7 @@ class RobustOptimizer(torch.optim.Optimizer):
     experiments); non-crucial ones are shrunk toward zero instead, ``θ ← sign(θ)·max(|θ| - η, 0)``
     (Eq. 11 without overshooting zero), ``η = shrink × the group's learning rate``. Tensors
     outside ``params`` get the wrapped optimiser's update unchanged (LION covers only its prompt
-    blocks, not the classifier: see :class:`~timm_peft.methods.lion.LionConfig.robust_targets`).
+    blocks, not the classifier: see :attr:`~timm_peft.methods.lion.LionConfig.robust_targets`).
 
     Criticality (``criterion``):
 
