@@ -328,8 +328,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def reported_runs(results: list[dict[str, Any]], chosen: dict[str, float]) -> list[dict]:
-    """The runs at each group's chosen learning rate (one per seed); the rest only chose it."""
-    return [r for r in results if r["lr"] == chosen[r["group"]]]
+    """The runs at each group's chosen learning rate (one per seed); the rest only chose it.
+
+    A group still searching its grid (a run cut short) has no chosen rate and no reported run.
+    """
+    return [r for r in results if r["group"] in chosen and r["lr"] == chosen[r["group"]]]
 
 
 def complete_tasks(runs: list[dict[str, Any]], groups: list[dict[str, str]],

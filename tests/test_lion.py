@@ -426,6 +426,57 @@ def test_robust_lion_training_does_not_pin_zero_initialised_tensors_by_position(
         assert (flat == 0).float().mean() < 0.4, name
 
 
+def test_robust_rule_covers_only_the_given_tensors():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(10)), nn.Parameter(torch.randn(10))
+    ref = nn.Parameter(b.detach().clone())
+    opt = RobustOptimizer(torch.optim.Adam([a, b], lr=0.1), tau=0.4, params=[a])
+    ref_opt = torch.optim.Adam([ref], lr=0.1)
+    a0 = a.detach().clone()
+    a.grad, b.grad, ref.grad = torch.randn(10), torch.randn(10), None
+    ref.grad = b.grad.clone()
+    mask = opt.noncrucial_masks([a])[0]
+    opt.step()
+    ref_opt.step()
+    assert torch.equal(b, ref)  # outside params: the wrapped optimiser's update, untouched
+    shrunk = a0.sign() * (a0.abs() - 0.1).clamp_min(0)
+    assert int(mask.sum()) == 4 and torch.equal(a[mask], shrunk[mask])
+    assert opt.last_noncrucial_fraction == pytest.approx(0.4)  # of the covered elements
+    with pytest.raises(ValueError, match=r"params \[0\] are not in its param_groups"):
+        RobustOptimizer(torch.optim.Adam([a], lr=0.1), params=[b])
+
+
+@pytest.mark.parametrize("targets", [None, "prompts", "all"])
+def test_lion_robust_rule_covers_the_prompt_blocks_not_the_head(targets):
+    # the paper prunes "the parameters in these two layers" (its P1 and P2); the head of LION-R
+    # and of every other method is trained plainly, and 40% of it held back each step cost
+    # LION 4 points on the transfer benchmark (benchmarks/results/transfer.md)
+    _, model = _build("vit", **({} if targets is None else dict(robust_targets=targets)))
+    _randomize(model)
+    hooks = timm_peft.core.get_method("lion").training_hooks(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = hooks["optimizer_wrapper"](torch.optim.Adam(params, lr=1e-2), model)
+    head = list(model.get_classifier().parameters())
+    ref = [nn.Parameter(p.detach().clone()) for p in head]
+    ref_opt = torch.optim.Adam(ref, lr=1e-2)
+    x, y = _task()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DEQConvergenceWarning)
+        F.cross_entropy(model(x), y).backward()
+    for r, p in zip(ref, head):
+        r.grad = p.grad.clone()
+    lion_before = [p.detach().clone() for p in model.lion.parameters()]
+    opt.step()
+    ref_opt.step()
+    same = [torch.equal(p, r) for p, r in zip(head, ref)]
+    assert same == ([False] * len(head) if targets == "all" else [True] * len(head))
+    # the prompt blocks are under the rule either way: 40% of a large tensor shrank, not updated
+    w = model.lion.p2.inject[0].weight
+    old = lion_before[[id(p) for p in model.lion.parameters()].index(id(w))]
+    shrunk = old.sign() * (old.abs() - 1e-2).clamp_min(0)
+    assert (w == shrunk).float().mean() == pytest.approx(0.4, abs=0.02)
+
+
 def test_robust_adam_updates_crucial_elements_only_and_keeps_state():
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(20))

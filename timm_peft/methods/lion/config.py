@@ -49,6 +49,11 @@ class LionConfig(PeftConfig):
                                   help="rank criticality within each tensor or over all")
     robust_shrink: float = cfg_field(1.0, ge=0.0, help="shrink step of non-crucial elements, "
                                                        "as a multiple of the learning rate")
+    robust_targets: str = cfg_field("prompts", choices=("prompts", "all"),
+                                    help="tensors under the rule: prompts (default: P1, P2, the "
+                                         "projection and the gates, the paper's 'we prune the "
+                                         "parameters in these two layers'; the head gets the "
+                                         "plain update) or all (the head too)")
     robust_criterion: str = cfg_field("floored", choices=("floored", "paper"),
                                       help="criticality: |g|·max(|θ|, shrink step) (default; "
                                            "zeros are ranked by their gradient) or the paper's "

@@ -152,9 +152,11 @@ class Lion(PeftMethod):
         hooks: dict[str, Any] = {"metrics": metrics}
         if config.robust:
             def wrap(optimizer: torch.optim.Optimizer, model: nn.Module) -> RobustOptimizer:
+                targets = None if config.robust_targets == "all" else [
+                    p for p in model.lion.parameters() if p.requires_grad]
                 return RobustOptimizer(optimizer, tau=config.robust_tau,
                                        scope=config.robust_scope, shrink=config.robust_shrink,
-                                       criterion=config.robust_criterion)
+                                       criterion=config.robust_criterion, params=targets)
             hooks["optimizer_wrapper"] = wrap
         return hooks
 

@@ -16,12 +16,15 @@ CRITERIA = ("floored", "paper")
 class RobustOptimizer(torch.optim.Optimizer):
     """LION's robust update around any torch optimiser (paper Eq. 7-11).
 
-    Each :meth:`step`, for every parameter element with a gradient, a criticality score ranks the
+    Each :meth:`step`, for every element with a gradient of the tensors the rule covers
+    (``params``; default: every tensor of the wrapped optimiser), a criticality score ranks the
     elements; the ``floor(tau·n)`` of lowest score are non-crucial (Eq. 9; ``n`` counts the elements
     of one tensor for ``scope="tensor"``, of all tensors for ``scope="global"``). Crucial elements
     get the wrapped optimiser's update (Eq. 10, with e.g. Adam in place of SGD as in the paper's
     experiments); non-crucial ones are shrunk toward zero instead, ``θ ← sign(θ)·max(|θ| - η, 0)``
-    (Eq. 11 without overshooting zero), ``η = shrink × the group's learning rate``.
+    (Eq. 11 without overshooting zero), ``η = shrink × the group's learning rate``. Tensors
+    outside ``params`` get the wrapped optimiser's update unchanged (LION covers only its prompt
+    blocks, not the classifier: see :attr:`~timm_peft.methods.lion.LionConfig.robust_targets`).
 
     Criticality (``criterion``):
 
@@ -52,7 +55,8 @@ class RobustOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, tau: float = 0.4, scope: str = "tensor",
-                 shrink: float = 1.0, criterion: str = "floored") -> None:
+                 shrink: float = 1.0, criterion: str = "floored",
+                 params: Iterable[torch.Tensor] | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"RobustOptimizer wraps a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -67,6 +71,16 @@ class RobustOptimizer(torch.optim.Optimizer):
                              f"{criterion!r}")
         # not Optimizer.__init__: parameters, groups and state all belong to the wrapped optimiser
         self.optimizer = optimizer
+        #: ids of the tensors the rule covers (None: all of the wrapped optimiser's)
+        self.covered: set[int] | None = None
+        if params is not None:
+            params = list(params)
+            known = {id(q) for g in optimizer.param_groups for q in g["params"]}
+            stray = [i for i, q in enumerate(params) if id(q) not in known]
+            if stray:
+                raise ValueError(f"RobustOptimizer params must be tensors of the wrapped "
+                                 f"optimiser; params {stray} are not in its param_groups")
+            self.covered = {id(q) for q in params}
         self.tau, self.scope, self.shrink, self.criterion = tau, scope, shrink, criterion
         self.defaults = optimizer.defaults
         for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
@@ -87,8 +101,9 @@ class RobustOptimizer(torch.optim.Optimizer):
         return self.optimizer.state
 
     def __repr__(self) -> str:
+        covered = "all" if self.covered is None else len(self.covered)
         return (f"RobustOptimizer(tau={self.tau}, scope={self.scope!r}, shrink={self.shrink}, "
-                f"criterion={self.criterion!r}, optimizer={self.optimizer!r})")
+                f"criterion={self.criterion!r}, params={covered}, optimizer={self.optimizer!r})")
 
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
@@ -133,7 +148,8 @@ class RobustOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        entries = [(p, g) for g in self.param_groups for p in g["params"]
+                   if p.grad is not None and (self.covered is None or id(p) in self.covered)]
         if any(p.grad.is_sparse for p, _ in entries):
             raise RuntimeError("RobustOptimizer does not support sparse gradients")
         masks = self.noncrucial_masks([p for p, _ in entries], [float(g["lr"]) for _, g in entries])
