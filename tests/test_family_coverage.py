@@ -340,3 +340,78 @@ def test_prompts_on_swinv2_train_save_and_unload(method, tmp_path):
         assert torch.equal(loaded(x), model(x))
         assert not torch.allclose(model(x), base(x))
         assert torch.equal(timm_peft.unload(model)(x), base(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# E²VPT's key-value prompts on EVA (rotary) and BEiT (relative position bias)
+# ----------------------------------------------------------------------------------------------
+
+def _written_out(q, k, v, pk, pv, bias=None):
+    """softmax([q·P_K; q·K] / √d + [0; bias]) [P_V; V], heads kept apart."""
+    b = q.shape[0]
+    k = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], 2)
+    v = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], 2)
+    logits = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if bias is not None:
+        logits[..., pk.shape[1]:] += bias
+    return logits.softmax(-1) @ v
+
+
+def test_kv_prompts_on_eva_attention_match_written_out_attention():
+    from timm.layers import apply_rot_embed_cat
+    from timm.models.eva import EvaAttention
+    from timm_peft.methods.e2vpt import add_kv_prompt
+    torch.manual_seed(0)
+    attn = EvaAttention(32, num_heads=2, qkv_bias=True, num_prefix_tokens=1, qk_norm=False,
+                        scale_norm=False, norm_layer=torch.nn.LayerNorm).eval()
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+    x, rope = torch.randn(2, 5, 32), torch.randn(4, 32)  # 1 prefix token + 4 patches
+    prompt = add_kv_prompt(attn, num_tokens=3, share_kv=False)
+    with torch.no_grad():
+        prompt.key.normal_()
+        prompt.value.normal_()
+        qkv = F.linear(x, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        q, k, v = qkv.reshape(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        q = torch.cat([q[:, :, :1], apply_rot_embed_cat(q[:, :, 1:], rope)], 2)
+        k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope)], 2)  # prompts: no rope
+        want = attn.proj(_written_out(q, k, v, prompt.key, prompt.value).transpose(1, 2).reshape(2, 5, 32))
+        torch.testing.assert_close(attn(x, rope=rope), want, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_prompts_on_beit_attention_match_written_out_attention():
+    from timm.models.beit import Attention as BeitAttention
+    from timm_peft.methods.e2vpt import add_kv_prompt
+    torch.manual_seed(0)
+    attn = BeitAttention(32, num_heads=2, qkv_bias=True, window_size=(2, 2)).eval()
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+        attn.relative_position_bias_table.normal_()
+    x, shared = torch.randn(2, 5, 32), torch.randn(1, 2, 5, 5)  # class token + 2x2 patches
+    prompt = add_kv_prompt(attn, num_tokens=3)
+    with torch.no_grad():
+        qkv = F.linear(x, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        q, k, v = qkv.reshape(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        bias = attn._get_rel_pos_bias() + shared  # the patches' bias; the prompts get none
+        want = attn.proj(_written_out(q, k, v, prompt.key, prompt.key, bias).transpose(1, 2).reshape(2, 5, 32))
+        torch.testing.assert_close(attn(x, shared_rel_pos_bias=shared), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "beitv2_base_patch16_224"])
+def test_e2vpt_on_eva_and_beit_trains_saves_and_unloads(arch, tmp_path):
+    kw = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=3)
+    cfg = dict(num_prompts=3, num_kv_prompts=2)
+    torch.manual_seed(0)
+    base = timm.create_model(arch, **kw).eval()
+    model = timm_peft.apply_method(copy.deepcopy(base), "e2vpt", cfg)
+    x = torch.randn(2, 3, 32, 32)
+    _backward_reaches_every_trainable(model, x)
+    model.eval()
+    d = timm_peft.save_pretrained(model, tmp_path / "a")
+    loaded = timm_peft.load_adapter(timm_peft.apply_method(copy.deepcopy(base), "e2vpt", cfg).eval(), d)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(timm_peft.unload(model)(x), base(x))
+    assert f"{arch}.e2vpt" in timm_peft.list_models(arch, method="e2vpt")

@@ -317,6 +317,11 @@ class TokenBlocksFamily(Family):
     def final_norms(self, model: nn.Module) -> list[nn.Module]:
         return list(self.submodules(model, ("norm", "fc_norm", "head_norm")))
 
+    def kv_attention(self, model: nn.Module) -> list[nn.Module] | None:
+        """Each block's ``attn`` (E²VPT keeps the classes that take key-value prompts)."""
+        attns = [getattr(b, "attn", None) for b in model.blocks]
+        return attns if all(isinstance(a, nn.Module) for a in attns) else None
+
     def token_sequence(self, model: nn.Module, **extra: Any) -> TokenSequence:
         return TokenSequence(list(model.blocks), model.num_prefix_tokens, model.embed_dim,
                              _pair(getattr(model.patch_embed, "patch_size", 16)), **extra)

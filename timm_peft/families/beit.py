@@ -14,6 +14,7 @@ from .base import SsfSite, TokenBlocksFamily, TokenSequence, report_functional_q
 @register_family
 class Beit(TokenBlocksFamily):
     name = "beit"
+    capabilities = TokenBlocksFamily.capabilities | {"kv_attention"}
     modules = ("beit",)
 
     def matches(self, model: nn.Module) -> bool:

@@ -13,6 +13,7 @@ from .base import SsfSite, TokenBlocksFamily, TokenSequence, report_functional_q
 @register_family
 class Eva(TokenBlocksFamily):
     name = "eva"
+    capabilities = TokenBlocksFamily.capabilities | {"kv_attention"}
     modules = ("eva",)
 
     def matches(self, model: nn.Module) -> bool:

@@ -16,7 +16,8 @@ from torch import nn
 from ..ops import prompted_qkv
 from .swap import AdapterModule, Swappable
 
-__all__ = ["KVPrompt", "KVPromptAttention", "ExtraKVWindowAttention", "ExtraKVWindowAttentionV2",
+__all__ = ["KVPrompt", "KVPromptAttention", "KVPromptEvaAttention", "KVPromptBeitAttention",
+           "ExtraKVWindowAttention", "ExtraKVWindowAttentionV2",
            "extra_kv_mixin", "add_extra_kv", "pad_attn_mask"]
 
 
@@ -213,12 +214,7 @@ class ExtraKVWindowAttentionV2(ExtraKVWindowAttention):
     """
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_bias is None:
-            return self.qkv(x)
-        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        if self.qkv_bias_separate:
-            return self.qkv(x) + bias
-        return F.linear(x, self.qkv.weight, bias)
+        return _biased_qkv(self, x)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 extra_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -244,11 +240,81 @@ class ExtraKVWindowAttentionV2(ExtraKVWindowAttention):
         return self.proj_drop(self.proj(x))
 
 
+def _biased_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The packed ``qkv`` of an attention with separate q/k/v biases (EVA, BEiT, Swin-V2)."""
+    if attn.q_bias is None:
+        return attn.qkv(x)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    if attn.qkv_bias_separate:
+        return attn.qkv(x) + bias
+    return F.linear(x, attn.qkv.weight, bias)
+
+
+class KVPromptEvaAttention(Swappable):
+    """Mixin for timm's ``EvaAttention`` (EVA, EVA-02): keys and values prefixed by its
+    ``kv_prompt`` child, after the query/key norms and the rotary embedding (prompts get none,
+    as the prefix tokens); an attention mask is padded so every query sees the prompts."""
+
+    prefix = "KVPrompted"
+    method = "e2vpt"
+    kv_prompt: KVPrompt
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        from timm.layers import apply_rot_embed_cat
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            q, k, v = _biased_qkv(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        k, v = self.kv_prompt(k, v)
+        attn_mask = pad_attn_mask(attn_mask, is_causal, self.kv_prompt.num_tokens, N, x.device)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class KVPromptBeitAttention(Swappable):
+    """Mixin for timm's BEiT ``Attention``: keys and values prefixed by its ``kv_prompt`` child;
+    the relative position bias (its own and the shared one) is zero for the prompt keys."""
+
+    prefix = "KVPrompted"
+    method = "e2vpt"
+    kv_prompt: KVPrompt
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = _biased_qkv(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.kv_prompt(k, v)
+        bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
+        if shared_rel_pos_bias is not None:
+            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+        if bias is not None:
+            bias = F.pad(bias, (self.kv_prompt.num_tokens, 0))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
 def _attention_mixins() -> dict[type, type]:
     from timm.layers import Attention
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.eva import EvaAttention
     from timm.models.swin_transformer import WindowAttention
     from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
-    return {Attention: KVPromptAttention, WindowAttention: ExtraKVWindowAttention,
+    return {Attention: KVPromptAttention, EvaAttention: KVPromptEvaAttention,
+            BeitAttention: KVPromptBeitAttention, WindowAttention: ExtraKVWindowAttention,
             WindowAttentionV2: ExtraKVWindowAttentionV2}
 
 

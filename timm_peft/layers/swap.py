@@ -124,17 +124,20 @@ def is_swapped(module: nn.Module, mixin: type | None = None) -> bool:
     return bool(mixins) if mixin is None else mixin in mixins
 
 
-def swap_class(module: nn.Module, mixin: type, **refs: Any) -> None:
+def swap_class(module: nn.Module, mixin: type, *, innermost: bool = False, **refs: Any) -> None:
     """Put ``mixin`` in front of the module's class; ``refs`` become plain attributes.
 
-    Swaps compose: a module swapped by two methods runs both mixins (the last swap outermost).
+    Swaps compose: a module swapped by two methods runs both mixins (the last swap outermost;
+    ``innermost=True`` puts it next to the original class instead, for a mixin that replaces
+    the original computation rather than wrapping it, so the other mixins still wrap it).
     ``refs`` are stored without registering modules as children, so the state dict is unchanged.
     """
     if not issubclass(mixin, Swappable):
         raise TypeError(f"{mixin.__name__} must subclass timm_peft.layers.Swappable")
     if is_swapped(module, mixin):
         raise ValueError(f"{type(module).__name__} is already swapped with {mixin.__name__}")
-    module.__class__ = _make((mixin, *mixins_of(module)), original_class(module))
+    mixins = (*mixins_of(module), mixin) if innermost else (mixin, *mixins_of(module))
+    module.__class__ = _make(mixins, original_class(module))
     names = set(module.__dict__.get("_peft_refs", ()))
     for k, v in refs.items():
         object.__setattr__(module, k, v)

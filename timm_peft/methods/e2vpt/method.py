@@ -46,7 +46,9 @@ def add_kv_prompt(attn: nn.Module, num_tokens: int, share_kv: bool = True,
                       device=ref.device, dtype=ref.dtype)
     attn.kv_prompt = prompt
     if not is_swapped(attn, mixin):
-        swap_class(attn, mixin)
+        # it computes the whole attention: innermost, so mixins of visual prompts (e.g. the
+        # prompts joining EVA's prefix) still wrap it
+        swap_class(attn, mixin, innermost=True)
     return prompt
 
 
