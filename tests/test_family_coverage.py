@@ -415,3 +415,21 @@ def test_e2vpt_on_eva_and_beit_trains_saves_and_unloads(arch, tmp_path):
         assert torch.equal(loaded(x), model(x))
         assert torch.equal(timm_peft.unload(model)(x), base(x))
     assert f"{arch}.e2vpt" in timm_peft.list_models(arch, method="e2vpt")
+
+
+def test_kv_prompts_on_cait_talking_heads_match_written_out_attention():
+    from timm.models.cait import TalkingHeadAttn
+    from timm_peft.methods.e2vpt import add_kv_prompt
+    torch.manual_seed(0)
+    attn = TalkingHeadAttn(32, num_heads=2).eval()
+    x = torch.randn(2, 5, 32)
+    prompt = add_kv_prompt(attn, num_tokens=3)
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        k = torch.cat([prompt.key.unsqueeze(0).expand(2, -1, -1, -1), k], 2)
+        v = torch.cat([prompt.key.unsqueeze(0).expand(2, -1, -1, -1), v], 2)
+        logits = torch.einsum("bhqd,bhkd->bqkh", q, k) / 4.0  # (B, N, T+N, heads)
+        mixed = F.linear(logits, attn.proj_l.weight, attn.proj_l.bias).softmax(dim=2)
+        weights = F.linear(mixed, attn.proj_w.weight, attn.proj_w.bias)
+        out = torch.einsum("bqkh,bhkd->bqhd", weights, v).reshape(2, 5, 32)
+        torch.testing.assert_close(attn(x), attn.proj(out), atol=1e-5, rtol=1e-5)

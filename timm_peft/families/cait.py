@@ -1,6 +1,7 @@
 """CaiT family: timm's ``Cait`` (``cait.py``, Touvron et al., "Going deeper with Image
 Transformers", ICCV 2021): self-attention blocks over the patches alone, then class-attention
-blocks (``blocks_token_only``) that bring in the class token.
+blocks (``blocks_token_only``) that bring in the class token. E²VPT's key-value prompts go into
+the self-attention blocks' talking-heads attention.
 
 Token prompts go in front of the patches of the self-attention blocks (there is no prefix token
 yet); the class-attention blocks see them as keys, and they are dropped from the output
@@ -19,7 +20,7 @@ from .base import LayerGroups, TokenBlocksFamily, TokenSequence
 class Cait(TokenBlocksFamily):
     name = "cait"
     modules = ("cait",)
-    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens", "kv_attention"})
 
     def layer_groups(self, model: nn.Module) -> LayerGroups:
         # timm's group_matcher is a function here (no block patterns to number)

@@ -17,6 +17,7 @@ from ..ops import prompted_qkv
 from .swap import AdapterModule, Swappable
 
 __all__ = ["KVPrompt", "KVPromptAttention", "KVPromptEvaAttention", "KVPromptBeitAttention",
+           "KVPromptTalkingHeadAttention",
            "ExtraKVWindowAttention", "ExtraKVWindowAttentionV2",
            "extra_kv_mixin", "add_extra_kv", "pad_attn_mask"]
 
@@ -307,14 +308,35 @@ class KVPromptBeitAttention(Swappable):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
+class KVPromptTalkingHeadAttention(Swappable):
+    """Mixin for timm's CaiT ``TalkingHeadAttn`` (Touvron et al., ICCV 2021, Sec. 3): keys and
+    values prefixed by its ``kv_prompt`` child; the talking-heads projections mix the heads of
+    every (query, key) pair, prompt keys included, as they do for the patches' keys."""
+
+    prefix = "KVPrompted"
+    method = "e2vpt"
+    kv_prompt: KVPrompt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.kv_prompt(k, v)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        attn = self.attn_drop(self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+
+
 def _attention_mixins() -> dict[type, type]:
     from timm.layers import Attention
     from timm.models.beit import Attention as BeitAttention
+    from timm.models.cait import TalkingHeadAttn
     from timm.models.eva import EvaAttention
     from timm.models.swin_transformer import WindowAttention
     from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
     return {Attention: KVPromptAttention, EvaAttention: KVPromptEvaAttention,
-            BeitAttention: KVPromptBeitAttention, WindowAttention: ExtraKVWindowAttention,
+            BeitAttention: KVPromptBeitAttention, TalkingHeadAttn: KVPromptTalkingHeadAttention,
+            WindowAttention: ExtraKVWindowAttention,
             WindowAttentionV2: ExtraKVWindowAttentionV2}
 
 
