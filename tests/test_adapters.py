@@ -41,11 +41,14 @@ def _perturb(model, seed: int) -> dict[str, torch.Tensor]:
     """Give the active adapter random values (so adapters differ and nothing is an identity)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
+    active = timm_peft.active_adapter(model)
+    adapters = timm_peft.get_adapters(model)
     with torch.no_grad():
-        for name, t in timm_peft.get_adapters(model)[timm_peft.active_adapter(model)].state.items():
-            if t.is_floating_point():
-                t.add_(0.05 * torch.randn(t.shape, generator=g))
-            out[name] = t.detach().clone()
+        for member in active if isinstance(active, tuple) else (active,):
+            for name, t in adapters[member].state.items():
+                if t.is_floating_point():
+                    t.add_(0.05 * torch.randn(t.shape, generator=g))
+                out[name] = t.detach().clone()
     return out
 
 
@@ -284,3 +287,67 @@ def test_many_tasks_example_runs():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "saved and reloaded: every adapter computes what it did" in out.stdout
+
+
+def test_composed_adapters_equal_the_methods_applied_in_turn(tmp_path):
+    from timm_peft.methods.vpt import VPTConfig
+    torch.manual_seed(0)
+    plain = timm.create_model(VIT_ARCH, num_classes=3, **VIT).eval()
+    model = timm_peft.apply_method(copy.deepcopy(plain), "ssf").eval()
+    _perturb(model, 1)
+    timm_peft.add_adapter(model, "prompts", dict(num_prompts=2, train_head=False), method="vpt")
+    timm_peft.set_adapter(model, ["default", "prompts"])
+    assert timm_peft.active_adapter(model) == ("default", "prompts")
+    _perturb(model, 2)  # both members' tensors (the composition's slots)
+    x = torch.randn(2, 3, 32, 32)
+    # reference: SSF, then VPT's surgery, on a copy of the base, given the same tensors
+    ref = timm_peft.apply_method(copy.deepcopy(plain), "ssf")
+    timm_peft.core.get_method("vpt").apply(ref, VPTConfig(num_prompts=2, train_head=False))
+    ref.eval()
+    members = timm_peft.get_adapters(model)
+    with torch.no_grad():
+        for name in ("default", "prompts"):
+            for k, t in members[name].state.items():
+                ref.state_dict()[k].copy_(t)
+        torch.testing.assert_close(model(x), ref(x), atol=0, rtol=0)
+    # both train together, and only they
+    model.train()
+    model(x).sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {k for a in members.values() for k, t in a.state.items() if t.requires_grad}
+    assert any("ssf" in n for n in trainable) and "vpt.embeddings" in trainable
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    model.eval()
+    # each member saves on its own; the composition is active again afterwards
+    with torch.no_grad():
+        y = model(x)
+    out = timm_peft.save_pretrained(model, tmp_path / "zoo")
+    assert sorted(p.name for p in out.iterdir()) == ["default", "prompts"]
+    assert timm_peft.read_adapter_config(out / "prompts")["peft_type"] == "vpt"
+    with timm_peft.disable_adapter(model), torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    with torch.no_grad():
+        assert torch.equal(model(x), y) and timm_peft.active_adapter(model) == ("default", "prompts")
+    with pytest.raises(ValueError, match="composed: merge one at a time"):
+        timm_peft.merge_and_unload(model)
+    with torch.no_grad():
+        assert torch.equal(timm_peft.unload(model)(x), plain(x))
+
+
+def test_composition_refuses_what_does_not_compose():
+    model = _build(VIT_ARCH, "ssf", None, VIT)
+    timm_peft.add_adapter(model, "vpt_head", method="vpt")  # trains the head too
+    timm_peft.add_adapter(model, "lion", dict(train_head=False), method="lion")
+    timm_peft.add_adapter(model, "ssf2")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    for names, match in [(["default", "vpt_head"], "both own .*head"),
+                         (["default", "lion"], "own training behaviour"),
+                         (["default", "ssf2"], "one adapter per method"),
+                         (["default", "default"], "repeat")]:
+        with pytest.raises(ValueError, match=match):
+            timm_peft.set_adapter(model, names)
+        assert timm_peft.active_adapter(model) == "default"  # refused before any change
+        with torch.no_grad():
+            assert torch.equal(model(x), y)

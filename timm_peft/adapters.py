@@ -51,8 +51,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .core import (AdapterModule, PeftConfig, _make_config, adapter_keys, freeze, get_method,
-                   resolve_method, unfreeze, unwrap_features)
+from .core import (AdapterModule, PeftConfig, PeftMethod, _make_config, adapter_keys, freeze,
+                   get_method, resolve_method, unfreeze, unwrap_features)
 from .families import get_family
 from .layers.swap import Swappable, restore_class, swap_class
 
@@ -220,7 +220,13 @@ def _sync(inner: nn.Module) -> None:
     """Bring the active adapter's record up to date (its config and tensors may be replaced
     during training, e.g. by E²VPT's pruning)."""
     name = inner.__dict__.get("peft_active_adapter")
-    if name is not None:
+    if isinstance(name, tuple):  # a composition: each member's tensors, by its own names
+        slots = _tensor_slots(inner)
+        for member in name:
+            a = inner.peft_adapters[member]
+            a.state = {k: slots[k] for k in a.state}
+            a.placement = _placement(inner)
+    elif name is not None:
         inner.peft_adapters[name] = _capture_active(inner)
 
 
@@ -235,8 +241,11 @@ def _set_pretrained_cfg(model: nn.Module, pc: dict[str, Any] | None) -> None:
 
 
 def _to_base(inner: nn.Module) -> None:
-    """Take the active adapter's surgery out and give the modules the base's own tensors."""
-    get_method(inner.peft_method).unload(inner)
+    """Take the active adapters' surgery out (the last applied first) and give the modules the
+    base's own tensors."""
+    for method in reversed(inner.__dict__.get("peft_stack") or (inner.peft_method,)):
+        get_method(method).unload(inner)
+    inner.__dict__.pop("peft_stack", None)
     inner.peft_method, inner.peft_config, inner.peft_adapter_keys = None, None, ()
     _HANDLES.pop(inner, None)
     n = inner.peft_base_num_classes
@@ -292,12 +301,78 @@ def _from_base(model: nn.Module, adapter: Adapter | None, method: str, config: P
     return _capture_active(inner)
 
 
+def _check_composition(adapters: dict[str, Adapter], names: tuple[str, ...]) -> int | None:
+    """Refuse what cannot run together; the head size of the composition."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names repeat in {list(names)}")
+    members = [adapters[n] for n in names]
+    methods = [a.method for a in members]
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"a composition takes one adapter per method, got methods {methods}")
+    for n, a in zip(names, members):
+        impl = get_method(a.method)
+        if type(impl).training_hooks is not PeftMethod.training_hooks or impl.saves_whole_model:
+            raise ValueError(f"adapter {n!r} ({a.method}) brings its own training behaviour "
+                             "(optimiser or stages), so it cannot be composed with another")
+    seen: dict[str, str] = {}
+    for n, a in zip(names, members):
+        shared = sorted(k for k in a.state if k in seen)
+        if shared:
+            raise ValueError(
+                f"adapters {seen[shared[0]]!r} and {n!r} both own {shared[:4]}; they compose "
+                "only where they train different tensors (e.g. give all but one of them "
+                "train_head=False so one head is trained)")
+        seen.update({k: n for k in a.state})
+    heads = [a for a in members if a.config.train_head]
+    return heads[0].num_classes if heads else None
+
+
+def _compose(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Apply several adapters' methods in order on the base structure, each with its tensors."""
+    inner = unwrap_features(model)
+    adapters = inner.peft_adapters
+    members = [adapters[n] for n in names]
+    num_classes = _check_composition(adapters, names)
+    if num_classes is None:
+        num_classes = inner.peft_base_num_classes
+    if num_classes is not None and getattr(inner, "num_classes", num_classes) != num_classes:
+        inner.reset_classifier(num_classes)
+    freeze(inner)
+    for a in members:
+        get_method(a.method).apply(inner, a.config)
+        if a.config.train_head:
+            for h in get_family(inner).classifiers(inner):
+                unfreeze(h)
+    inner.train(inner.training)
+    inner.peft_stack = tuple(a.method for a in members)
+    first = members[0]
+    inner.peft_method, inner.peft_config = first.method, first.config
+    inner.peft_adapter_keys = tuple(adapter_keys(inner))
+    _HANDLES.pop(inner, None)
+    state = {k: t for a in members for k, t in a.state.items()}
+    if set(_tensor_slots(inner)) != set(state):
+        raise RuntimeError(f"composing {list(names)} built other tensors than the adapters hold "
+                           f"({sorted(set(_tensor_slots(inner)) ^ set(state))[:4]}): their "
+                           "surgeries interfere")
+    _assign(inner, state)
+    inner.peft_adapter_keys = tuple(adapter_keys(inner))
+    _HANDLES.pop(inner, None)
+    for m in {id(model): model, id(inner): inner}.values():
+        m.peft_method, m.peft_config = first.method, first.config
+        m.peft_adapter_keys = inner.peft_adapter_keys
+
+
+def composed(model: nn.Module) -> bool:
+    """Whether several adapters are active together (see :func:`set_adapter`)."""
+    return isinstance(unwrap_features(model).__dict__.get("peft_active_adapter"), tuple)
+
+
 # ----------------------------------------------------------------------------------------------
 # public API (peft's names)
 # ----------------------------------------------------------------------------------------------
 
-def active_adapter(model: nn.Module) -> str:
-    """Name of the model's active adapter.
+def active_adapter(model: nn.Module) -> str | tuple[str, ...]:
+    """Name of the model's active adapter (a tuple of names while several are composed).
 
     Example:
         >>> import timm, timm_peft
@@ -328,13 +403,21 @@ def _check_name(adapter_name: Any) -> None:
                          f"got {adapter_name!r}")
 
 
-def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Module:
     """Make ``adapter_name`` the active adapter: the model computes, trains and saves it.
 
     Only the active adapter's parameters are in ``model.parameters()``, so build the optimiser
     after switching (as with peft). Switching never copies a tensor: adapters of one method and
     config trade places in microseconds; another method, config or head size redoes the
     method's surgery on the same base weights.
+
+    A list of names *composes* adapters of different methods: their surgeries are applied in
+    that order and all of them compute and train together (e.g. SSF on the operations and VPT
+    prompts on the tokens). They compose where they own different tensors, so at most one of
+    them trains the head (create the others with ``train_head=False``), and where no member
+    brings its own training behaviour (LION's optimiser, E²VPT's stages); otherwise a clear
+    error, before the model is touched. ``save_pretrained`` saves each member on its own;
+    merging and routing take one adapter at a time.
 
     Example:
         >>> import timm, timm_peft
@@ -345,13 +428,29 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """
     adapters = _adapters(model)
     inner = unwrap_features(model)
+    if not isinstance(adapter_name, str):
+        names = tuple(adapter_name)
+        unknown = [n for n in names if n not in adapters]
+        if unknown or not names:
+            raise KeyError(f"no adapter(s) {unknown}; the model has {list(adapters)}")
+        if len(names) > 1:
+            if names == inner.peft_active_adapter:
+                return model
+            _check_composition(adapters, names)  # before the model is touched
+            _sync(inner)
+            _to_base(inner)
+            _compose(model, names)
+            inner.peft_active_adapter = names
+            return model
+        adapter_name = names[0]
     if adapter_name not in adapters:
         raise KeyError(f"no adapter {adapter_name!r}; the model has {list(adapters)}")
     if adapter_name == inner.peft_active_adapter:
         return model
     _sync(inner)
     target = adapters[adapter_name]
-    if adapters[inner.peft_active_adapter].structure() == target.structure():
+    active = inner.peft_active_adapter
+    if not isinstance(active, tuple) and adapters[active].structure() == target.structure():
         _assign(inner, target.state, follow=target.placement != _placement(inner))
         for m in {id(model): model, id(inner): inner}.values():
             m.peft_config = target.config
@@ -436,7 +535,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     if len(adapters) == 1:
         raise ValueError(f"{adapter_name!r} is the model's only adapter; use timm_peft.unload "
                          "to get the plain base back")
-    if adapter_name == inner.peft_active_adapter:
+    active = inner.peft_active_adapter
+    if adapter_name == active or (isinstance(active, tuple) and adapter_name in active):
         set_adapter(model, next(n for n in adapters if n != adapter_name))
     del adapters[adapter_name]
     return model
@@ -462,7 +562,6 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     inner = unwrap_features(model)
     _sync(inner)
     name = inner.peft_active_adapter
-    active = adapters[name]
     pc = dict(getattr(inner, "pretrained_cfg", None) or {})
     _to_base(inner)
     inner.peft_active_adapter = None
@@ -472,7 +571,11 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        _from_base(model, active, active.method, active.config, active.num_classes)
+        if isinstance(name, tuple):
+            _compose(model, name)
+        else:
+            active = adapters[name]
+            _from_base(model, active, active.method, active.config, active.num_classes)
         inner.peft_active_adapter = name
         _set_pretrained_cfg(model, pc)
 
@@ -495,7 +598,8 @@ def using_adapter(model: nn.Module, adapter_name: str) -> Iterator[nn.Module]:
         yield model
     finally:
         # the block may have deleted an adapter or failed halfway: never leave a missing one
-        if previous in unwrap_features(model).peft_adapters:
+        left = unwrap_features(model).peft_adapters
+        if all(n in left for n in (previous if isinstance(previous, tuple) else (previous,))):
             set_adapter(model, previous)
 
 

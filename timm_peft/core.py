@@ -528,6 +528,9 @@ def get_peft_config(model: nn.Module) -> PeftConfig:
 
 def _method_of(model: nn.Module) -> PeftMethod:
     get_peft_config(model)
+    if isinstance(unwrap_features(model).__dict__.get("peft_active_adapter"), tuple):
+        raise ValueError(f"adapters {list(unwrap_features(model).peft_active_adapter)} are "
+                         "composed: merge one at a time (timm_peft.set_adapter(model, name) first)")
     return _METHODS[model.peft_method]
 
 
@@ -601,7 +604,7 @@ def _strip(model: nn.Module) -> nn.Module:
     for m in {id(model): model, id(unwrap_features(model)): unwrap_features(model)}.values():
         for attr in ("peft_method", "peft_config", "peft_adapter_keys", "peft_base",
                      "peft_adapters", "peft_active_adapter", "peft_base_state",
-                     "peft_base_num_classes"):
+                     "peft_base_num_classes", "peft_stack"):
             m.__dict__.pop(attr, None)
         args = m.__dict__.get("_model_args")
         if isinstance(args, dict):
@@ -643,7 +646,7 @@ def unload(model: nn.Module) -> nn.Module:
         True
     """
     inner = unwrap_features(model)
-    _method_of(model)
+    get_peft_config(model)
     if inner.__dict__.get("peft_adapters") is not None:
         from .adapters import _to_base
         _to_base(inner)

@@ -172,6 +172,9 @@ def push_to_hub(
         raise AdapterError(f"push_to_hub takes the branch as revision={at_rev!r}, not in repo_id")
     if adapter_name is None and unwrap_features(model).__dict__.get("peft_adapters"):
         adapter_name = unwrap_features(model).peft_active_adapter
+        if isinstance(adapter_name, tuple):
+            raise ValueError(f"adapters {list(adapter_name)} are composed and a repo holds one "
+                             "adapter: pass adapter_name (push each one)")
     card_info = dict(card_info, adapter_name=adapter_name)
     api = HfApi()
     with tempfile.TemporaryDirectory(prefix="timm_peft_push_") as tmp:
