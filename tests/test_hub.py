@@ -315,6 +315,10 @@ def test_push_to_hub_one_adapter_of_many(vit_weights, fake_hub):
     assert json.loads(other[CONFIG_NAME])["peft_type"] == "bias"
     assert json.loads(other[CONFIG_NAME])["model_args"]["num_classes"] == 3
     assert timm_peft.active_adapter(model) == "default"
+    timm_peft.add_adapter(model, "ssf", dict(train_head=False), method="ssf")
+    timm_peft.set_adapter(model, ["default", "ssf"])
+    with pytest.raises(ValueError, match="composed and a repo holds one adapter"):
+        push_to_hub(model, "org/both")
 
 
 def test_push_to_hub_bad_input_fails_before_any_request(vit_weights, fake_hub):
