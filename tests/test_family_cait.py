@@ -53,7 +53,6 @@ def test_cait_partial_trains_the_class_attention_blocks_last():
 
 
 
-def test_cait_is_listed_for_token_prompts_and_partial_not_for_e2vpt():
-    for method in ("vpt", "vpt_shallow", "partial", "ssf", "lion"):
+def test_cait_is_listed_for_every_token_prompt_method_and_partial():
+    for method in ("vpt", "vpt_shallow", "e2vpt", "partial", "ssf", "lion"):
         assert f"cait_xxs24_224.{method}" in timm_peft.list_models("cait_*", method=method)
-    assert not timm_peft.list_models("cait_*", method="e2vpt")  # TalkingHeadAttn: no kv prompts

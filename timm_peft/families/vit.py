@@ -43,8 +43,9 @@ class ViT(TokenBlocksFamily):
         return attns
 
     def arch_capabilities(self, arch: str) -> frozenset[str]:
-        # ParallelScalingBlock fuses attention into the block: no attention layer to prompt
-        if _entrypoint_uses(arch, "ParallelScalingBlock"):
+        # ParallelScalingBlock fuses attention into the block: no attention layer to prompt;
+        # differential attention (attn_layer='diff') computes two attention maps per head
+        if _entrypoint_uses(arch, "ParallelScalingBlock") or _entrypoint_uses(arch, "attn_layer='diff'"):
             return self.capabilities - {"kv_attention"}
         return self.capabilities
 

@@ -243,7 +243,7 @@ class ExtraKVWindowAttentionV2(ExtraKVWindowAttention):
 
 def _biased_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The packed ``qkv`` of an attention with separate q/k/v biases (EVA, BEiT, Swin-V2)."""
-    if attn.q_bias is None:
+    if getattr(attn, "q_bias", None) is None:
         return attn.qkv(x)
     bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
     if attn.qkv_bias_separate:
@@ -252,9 +252,11 @@ def _biased_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class KVPromptEvaAttention(Swappable):
-    """Mixin for timm's ``EvaAttention`` (EVA, EVA-02): keys and values prefixed by its
-    ``kv_prompt`` child, after the query/key norms and the rotary embedding (prompts get none,
-    as the prefix tokens); an attention mask is padded so every query sees the prompts."""
+    """Mixin for timm's rotary attentions, ``EvaAttention`` (EVA, EVA-02, DINOv3) and
+    ``AttentionRope`` (ROPE-ViT, PE, Sapiens2): keys and values prefixed by its ``kv_prompt``
+    child, after the query/key norms, the rotary embedding (prompts get none, as the prefix
+    tokens) and the grouped-query expansion of keys and values; an attention mask is padded so
+    every query sees the prompts."""
 
     prefix = "KVPrompted"
     method = "e2vpt"
@@ -265,21 +267,25 @@ class KVPromptEvaAttention(Swappable):
         from timm.layers import apply_rot_embed_cat
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
+        kv_heads = getattr(self, "num_kv_heads", self.num_heads)
         if self.qkv is not None:
             q, k, v = _biased_qkv(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = (p(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+            k, v = (p(x).reshape(B, N, kv_heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         k, v = self.kv_prompt(k, v)
         attn_mask = pad_attn_mask(attn_mask, is_causal, self.kv_prompt.num_tokens, N, x.device)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
@@ -329,12 +335,14 @@ class KVPromptTalkingHeadAttention(Swappable):
 
 def _attention_mixins() -> dict[type, type]:
     from timm.layers import Attention
+    from timm.layers.attention import AttentionRope
     from timm.models.beit import Attention as BeitAttention
     from timm.models.cait import TalkingHeadAttn
     from timm.models.eva import EvaAttention
     from timm.models.swin_transformer import WindowAttention
     from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
     return {Attention: KVPromptAttention, EvaAttention: KVPromptEvaAttention,
+            AttentionRope: KVPromptEvaAttention,
             BeitAttention: KVPromptBeitAttention, TalkingHeadAttn: KVPromptTalkingHeadAttention,
             WindowAttention: ExtraKVWindowAttention,
             WindowAttentionV2: ExtraKVWindowAttentionV2}

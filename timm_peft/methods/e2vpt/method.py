@@ -40,8 +40,8 @@ def add_kv_prompt(attn: nn.Module, num_tokens: int, share_kv: bool = True,
         raise TypeError(f"key-value prompts support timm Attention and Swin / Swin-V2 "
                         f"WindowAttention modules exactly, got {original_class(attn).__name__}")
     num_heads = attn.num_heads
-    head_dim = attn.qkv.out_features // (3 * num_heads)
-    ref = attn.qkv.weight
+    head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * num_heads)
+    ref = next(attn.parameters())
     prompt = KVPrompt(num_heads, num_tokens, head_dim, share_kv=share_kv, init=init,
                       device=ref.device, dtype=ref.dtype)
     attn.kv_prompt = prompt
