@@ -255,3 +255,17 @@ def test_lion_on_a_1x1_conv_classifier_is_the_backbone_at_init():
     model.train()
     F.cross_entropy(model(x), torch.arange(2)).backward()
     assert model.lion.p2.proj.weight.grad is not None
+
+
+def test_pixel_prompts_not_promised_where_the_padded_size_breaks():
+    # every arch listed for vpt builds: those whose downsampling or attention is bound to the
+    # input size are not listed, and a build says why
+    listed = set(timm_peft.list_models(method="vpt"))
+    for arch in ("resnetaa50", "seresnextaa101d_32x8d", "resnet50_clip", "resnet50_clip_gap",
+                 "bat_resnext26ts"):
+        assert f"{arch}.vpt" not in listed
+        with warnings.catch_warnings(), pytest.raises(ValueError, match="cannot take"):
+            warnings.simplefilter("ignore")
+            timm.create_model(f"{arch}.vpt", device="meta")
+    for arch in ("resnet50d", "resnetblur50", "gernet_s", "regnetz_b16"):
+        assert f"{arch}.vpt" in listed

@@ -118,6 +118,24 @@ def classifier_modules(model: nn.Module) -> list[nn.Module]:
     return [h for h in heads if isinstance(h, nn.Module)]
 
 
+def entrypoint_uses(arch: str, name: str) -> bool:
+    """Whether timm's entrypoint for ``arch`` builds with ``name`` (read from its source, so no
+    model is built): how a family tells its archs apart for :meth:`Family.arch_capabilities`.
+
+    Example:
+        >>> entrypoint_uses("resnetaa50", "aa_layer=nn.AvgPool2d")
+        True
+    """
+    import inspect
+    from timm.models import _registry
+    fn = _registry._model_entrypoints.get(arch)
+    fn = getattr(fn, "__timm_peft_original__", fn)
+    try:
+        return name in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+
+
 def _pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 

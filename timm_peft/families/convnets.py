@@ -12,7 +12,7 @@ from .base import Family, PixelInput
 @register_family
 class ConvNets(Family):
     name = "convnets"
-    modules = ("byobnet", "cspnet", "densenet", "dpn", "efficientnet", "ghostnet",
+    modules = ("cspnet", "densenet", "dpn", "efficientnet", "ghostnet",
                "hardcorenas", "hgnet", "inception_resnet_v2", "inception_v3",
                "inception_v4", "mobilenetv3", "nasnet", "pnasnet", "regnet", "repghost",
                "repvit", "res2net", "resnest", "resnetv2", "rexnet", "selecsls", "senet", "sknet",

@@ -5,7 +5,7 @@ from torch import nn
 
 from ..layers.scale_shift import NORMS, scan
 from . import register_family
-from .base import Family, LayerGroups, PixelInput, SsfSite
+from .base import Family, LayerGroups, PixelInput, SsfSite, entrypoint_uses as _entrypoint_uses
 
 
 @register_family
@@ -17,6 +17,13 @@ class ResNet(Family):
     def matches(self, model: nn.Module) -> bool:
         from timm.models.resnet import ResNet as TimmResNet
         return isinstance(model, TimmResNet)
+
+    def arch_capabilities(self, arch: str) -> frozenset[str]:
+        # anti-aliased downsampling by stride-2 average pooling (resnetaa*, seresnextaa*) breaks
+        # the residual sum at odd sizes, which VPT's padded input gives (a build says why)
+        if _entrypoint_uses(arch, "aa_layer=nn.AvgPool2d"):
+            return self.capabilities - {"pixels"}
+        return self.capabilities
 
     def layer_groups(self, model: nn.Module) -> LayerGroups:
         return LayerGroups([[b] for n in ("layer1", "layer2", "layer3", "layer4")

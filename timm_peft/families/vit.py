@@ -6,19 +6,7 @@ from torch import nn
 
 from ..layers.scale_shift import scan
 from . import register_family
-from .base import SsfSite, TokenBlocksFamily
-
-
-def _entrypoint_uses(arch: str, name: str) -> bool:
-    """Whether timm's entrypoint for ``arch`` builds with ``name`` (read from its source)."""
-    import inspect
-    from timm.models import _registry
-    fn = _registry._model_entrypoints.get(arch)
-    fn = getattr(fn, "__timm_peft_original__", fn)
-    try:
-        return name in inspect.getsource(fn)
-    except (OSError, TypeError):
-        return False
+from .base import SsfSite, TokenBlocksFamily, entrypoint_uses as _entrypoint_uses
 
 
 @register_family

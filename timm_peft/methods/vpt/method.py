@@ -35,11 +35,12 @@ def _check_padded_input(model: nn.Module, in_chans: int, size: tuple[int, int], 
             torch.func.functional_call(model, meta, (x,), strict=False)
     except NotImplementedError:  # an operation without a meta kernel: nothing to conclude
         return
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # timm asserts some feature sizes
         h, w = size[0] + 2 * pad, size[1] + 2 * pad
+        why = (str(e).splitlines() or ["a size check failed"])[0]
         raise ValueError(
             f"VPT pixel prompts make the {size[0]}×{size[1]} input {h}×{w} (pad_size={pad}), "
-            f"which {type(model).__name__} cannot take: {str(e).splitlines()[0]}; choose "
+            f"which {type(model).__name__} cannot take: {why}; choose "
             "VPTConfig.pad_size (or img_size) so that the padded size suits the model (e.g. a "
             "multiple of its total stride)") from None
 
