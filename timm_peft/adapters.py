@@ -57,7 +57,7 @@ from .families import get_family
 from .layers.swap import Swappable, restore_class, swap_class
 
 __all__ = ["Adapter", "Routing", "add_adapter", "set_adapter", "delete_adapter", "disable_adapter",
-           "get_adapters", "active_adapter", "using_adapter", "route", "DEFAULT_ADAPTER"]
+           "get_adapters", "active_adapter", "using_adapter", "composed", "route", "DEFAULT_ADAPTER"]
 
 #: the name of the adapter a method suffix (or :func:`timm_peft.apply_method`) creates (peft's)
 DEFAULT_ADAPTER = "default"
@@ -363,7 +363,15 @@ def _compose(model: nn.Module, names: tuple[str, ...]) -> None:
 
 
 def composed(model: nn.Module) -> bool:
-    """Whether several adapters are active together (see :func:`set_adapter`)."""
+    """Whether several adapters are active together (see :func:`set_adapter`).
+
+    Example:
+        >>> import timm, timm_peft
+        >>> m = timm.create_model("resnet18.ssf", num_classes=3)
+        >>> _ = timm_peft.add_adapter(m, "b", dict(train_head=False), method="vpt")
+        >>> composed(timm_peft.set_adapter(m, ["default", "b"]))
+        True
+    """
     return isinstance(unwrap_features(model).__dict__.get("peft_active_adapter"), tuple)
 
 
