@@ -243,9 +243,11 @@ def _set_pretrained_cfg(model: nn.Module, pc: dict[str, Any] | None) -> None:
 def _to_base(inner: nn.Module) -> None:
     """Take the active adapters' surgery out (the last applied first) and give the modules the
     base's own tensors."""
-    for method in reversed(inner.__dict__.get("peft_stack") or (inner.peft_method,)):
+    active = inner.__dict__.get("peft_active_adapter")
+    methods = ([inner.peft_adapters[n].method for n in active] if isinstance(active, tuple)
+               else [inner.peft_method])
+    for method in reversed(methods):
         get_method(method).unload(inner)
-    inner.__dict__.pop("peft_stack", None)
     inner.peft_method, inner.peft_config, inner.peft_adapter_keys = None, None, ()
     _HANDLES.pop(inner, None)
     n = inner.peft_base_num_classes
@@ -263,42 +265,42 @@ def _has(inner: nn.Module, name: str) -> bool:
     return True
 
 
-def _from_base(model: nn.Module, adapter: Adapter | None, method: str, config: PeftConfig,
-               num_classes: int | None) -> Adapter:
-    """Apply ``method`` to the base structure and give it ``adapter``'s tensors (None: fresh ones)."""
+def _build(model: nn.Module, parts: list[tuple[str, PeftConfig]], num_classes: int | None,
+           state: dict[str, torch.Tensor] | None) -> None:
+    """Apply ``parts`` (method, config) in order to the base structure and give the modules
+    ``state`` (None: a fresh adapter, with its own copies of what it trains of the base)."""
     inner = unwrap_features(model)
     if num_classes is not None and getattr(inner, "num_classes", num_classes) != num_classes:
         inner.reset_classifier(num_classes)
     freeze(inner)
     before = {n for n, _ in [*inner.named_parameters(), *inner.named_buffers()]}
-    impl = get_method(method)
-    impl.apply(inner, config)
+    for method, config in parts:
+        get_method(method).apply(inner, config)
+        if config.train_head:
+            for h in get_family(inner).classifiers(inner):
+                unfreeze(h)
     inner.train(inner.training)  # new modules (prompt dropout, a new head) follow the model's mode
-    if config.train_head:
-        for h in get_family(inner).classifiers(inner):
-            unfreeze(h)
-    inner.peft_adapter_keys = tuple(adapter_keys(inner))
-    _HANDLES.pop(inner, None)
-    base = inner.peft_base_state
-    if adapter is None:
-        own = {}
-        for name, t in _tensor_slots(inner).items():
-            if base.get(name) is t or (name in before and name not in base):
-                own[name] = _own_copy(t)
-                base.setdefault(name, t).requires_grad_(False)  # first adapter to train it
-        _assign(inner, own)
+    method, config = parts[0]
     inner.peft_method, inner.peft_config = method, config
-    if adapter is not None:
-        _assign(inner, adapter.state)
     inner.peft_adapter_keys = tuple(adapter_keys(inner))
-    _HANDLES.pop(inner, None)
-    if adapter is not None and set(_tensor_slots(inner)) != set(adapter.state):
-        raise RuntimeError(f"method {method!r} rebuilt a different set of tensors than the "
-                           "adapter holds; this is a bug in the method's unload/apply")
+    _HANDLES.pop(inner, None)  # the surgery made new modules
+    slots = _tensor_slots(inner)
+    if state is None:
+        base = inner.peft_base_state
+        state = {}
+        for name, t in slots.items():
+            if base.get(name) is t or (name in before and name not in base):
+                state[name] = _own_copy(t)
+                base.setdefault(name, t).requires_grad_(False)  # first adapter to train it
+    elif set(slots) != set(state):
+        raise RuntimeError(f"methods {[m for m, _ in parts]} built other tensors than the adapters "
+                           f"hold ({sorted(set(slots) ^ set(state))[:4]}): a method's "
+                           "unload/apply does not round-trip, or composed surgeries interfere")
+    _assign(inner, state)
+    keys = tuple(adapter_keys(inner))  # the assigned tensors' own requires_grad flags
     for m in {id(model): model, id(inner): inner}.values():
-        m.peft_method, m.peft_config = method, config
-        m.peft_adapter_keys = inner.peft_adapter_keys
-    return _capture_active(inner)
+        m.peft_method, m.peft_config, m.peft_adapter_keys = method, config, keys
+    _HANDLES.pop(inner, None)
 
 
 def _check_composition(adapters: dict[str, Adapter], names: tuple[str, ...]) -> int | None:
@@ -330,36 +332,11 @@ def _check_composition(adapters: dict[str, Adapter], names: tuple[str, ...]) -> 
 def _compose(model: nn.Module, names: tuple[str, ...]) -> None:
     """Apply several adapters' methods in order on the base structure, each with its tensors."""
     inner = unwrap_features(model)
-    adapters = inner.peft_adapters
-    members = [adapters[n] for n in names]
-    num_classes = _check_composition(adapters, names)
-    if num_classes is None:
-        num_classes = inner.peft_base_num_classes
-    if num_classes is not None and getattr(inner, "num_classes", num_classes) != num_classes:
-        inner.reset_classifier(num_classes)
-    freeze(inner)
-    for a in members:
-        get_method(a.method).apply(inner, a.config)
-        if a.config.train_head:
-            for h in get_family(inner).classifiers(inner):
-                unfreeze(h)
-    inner.train(inner.training)
-    inner.peft_stack = tuple(a.method for a in members)
-    first = members[0]
-    inner.peft_method, inner.peft_config = first.method, first.config
-    inner.peft_adapter_keys = tuple(adapter_keys(inner))
-    _HANDLES.pop(inner, None)
-    state = {k: t for a in members for k, t in a.state.items()}
-    if set(_tensor_slots(inner)) != set(state):
-        raise RuntimeError(f"composing {list(names)} built other tensors than the adapters hold "
-                           f"({sorted(set(_tensor_slots(inner)) ^ set(state))[:4]}): their "
-                           "surgeries interfere")
-    _assign(inner, state)
-    inner.peft_adapter_keys = tuple(adapter_keys(inner))
-    _HANDLES.pop(inner, None)
-    for m in {id(model): model, id(inner): inner}.values():
-        m.peft_method, m.peft_config = first.method, first.config
-        m.peft_adapter_keys = inner.peft_adapter_keys
+    members = [inner.peft_adapters[n] for n in names]
+    num_classes = _check_composition(inner.peft_adapters, names)
+    _build(model, [(a.method, a.config) for a in members],
+           inner.peft_base_num_classes if num_classes is None else num_classes,
+           {k: t for a in members for k, t in a.state.items()})
 
 
 def composed(model: nn.Module) -> bool:
@@ -464,7 +441,7 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Modul
             m.peft_config = target.config
     else:
         _to_base(inner)
-        _from_base(model, target, target.method, target.config, target.num_classes)
+        _build(model, [(target.method, target.config)], target.num_classes, target.state)
     _set_pretrained_cfg(model, target.pretrained_cfg)
     inner.peft_active_adapter = adapter_name
     return model
@@ -518,7 +495,8 @@ def add_adapter(model: nn.Module, adapter_name: str,
     pc = dict(getattr(inner, "pretrained_cfg", None) or {})
     pc.pop("label_names", None)
     pc["num_classes"] = num_classes
-    created = _from_base(model, None, method_name, config, num_classes)
+    _build(model, [(method_name, config)], num_classes, None)
+    created = _capture_active(inner)
     created.pretrained_cfg = pc
     adapters[adapter_name] = created
     inner.peft_active_adapter = adapter_name
@@ -583,7 +561,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
             _compose(model, name)
         else:
             active = adapters[name]
-            _from_base(model, active, active.method, active.config, active.num_classes)
+            _build(model, [(active.method, active.config)], active.num_classes, active.state)
         inner.peft_active_adapter = name
         _set_pretrained_cfg(model, pc)
 

@@ -604,7 +604,7 @@ def _strip(model: nn.Module) -> nn.Module:
     for m in {id(model): model, id(unwrap_features(model)): unwrap_features(model)}.values():
         for attr in ("peft_method", "peft_config", "peft_adapter_keys", "peft_base",
                      "peft_adapters", "peft_active_adapter", "peft_base_state",
-                     "peft_base_num_classes", "peft_stack"):
+                     "peft_base_num_classes"):
             m.__dict__.pop(attr, None)
         args = m.__dict__.get("_model_args")
         if isinstance(args, dict):
