@@ -51,8 +51,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .core import (AdapterModule, PeftConfig, PeftMethod, _make_config, adapter_keys, freeze,
-                   get_method, resolve_method, unfreeze, unwrap_features)
+from .core import (PeftConfig, PeftMethod, _make_config, adapter_keys, freeze, get_method,
+                   resolve_method, unfreeze, unwrap_features, walk_modules)
 from .families import get_family
 from .layers.swap import Swappable, restore_class, swap_class
 
@@ -110,20 +110,11 @@ def _handles(inner: nn.Module) -> dict[str, tuple[dict[str, Any], str]]:
     handles = token_handles[1] if token_handles and token_handles[0] == token else None
     if handles is None:
         keys = set(inner.peft_adapter_keys)
-        handles = {}
-
-        def walk(mod: nn.Module, prefix: str, in_adapter: bool) -> None:
-            in_adapter = in_adapter or isinstance(mod, AdapterModule)
-            for table in (mod._parameters, mod._buffers):
-                for attr, t in table.items():
-                    name = prefix + attr
-                    if t is not None and (in_adapter or name in keys) and name not in handles:
-                        handles[name] = (table, attr)
-            for child_name, child in mod._modules.items():
-                if child is not None:
-                    walk(child, f"{prefix}{child_name}.", in_adapter)
-
-        walk(inner, "", False)
+        handles = {prefix + attr: (table, attr)
+                   for prefix, mod, inside in walk_modules(inner)
+                   for table in (mod._parameters, mod._buffers)
+                   for attr, t in table.items()
+                   if t is not None and (inside or prefix + attr in keys)}
         _HANDLES[inner] = token, handles
     return handles
 

@@ -443,6 +443,32 @@ def _make_config(name: str, peft_cfg: PeftConfig | dict[str, Any] | None) -> Pef
 # Surgery entry point
 # ----------------------------------------------------------------------------------------------
 
+def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """``(name prefix, module, inside an AdapterModule)`` for each module once, in
+    ``named_modules`` order (a module shared by two paths counts at the first); the prefix is
+    ``""`` or ``"a.b."``, ready to put in front of a parameter's name.
+
+    Example:
+        >>> import timm, timm_peft
+        >>> m = timm.create_model("resnet18.ssf")
+        >>> [p for p, _, inside in walk_modules(m) if inside][:2]
+        ['bn1.ssf.', 'layer1.0.bn1.ssf.']
+    """
+    seen: set[int] = set()
+
+    def walk(mod: nn.Module, prefix: str, inside: bool) -> Iterator[tuple[str, nn.Module, bool]]:
+        if id(mod) in seen:
+            return
+        seen.add(id(mod))
+        inside = inside or isinstance(mod, AdapterModule)
+        yield prefix, mod, inside
+        for name, child in mod._modules.items():
+            if child is not None:
+                yield from walk(child, f"{prefix}{name}.", inside)
+
+    return walk(model, "", False)
+
+
 def adapter_keys(model: nn.Module) -> list[str]:
     """State-dict keys that are task-specific right now.
 
@@ -451,14 +477,7 @@ def adapter_keys(model: nn.Module) -> list[str]:
     running statistics of a BatchNorm in an unfrozen block).
     """
     keys: set[str] = set()
-    seen: set[int] = set()
-
-    def walk(mod: nn.Module, prefix: str, inside_adapter: bool) -> None:
-        # one pass, like named_modules (a module shared by two paths counts at the first)
-        if id(mod) in seen:
-            return
-        seen.add(id(mod))
-        inside_adapter = inside_adapter or isinstance(mod, AdapterModule)
+    for prefix, mod, inside_adapter in walk_modules(model):
         params = list(mod.named_parameters(recurse=False))
         all_train = bool(params) and all(p.requires_grad for _, p in params)
         for n, p in params:
@@ -467,11 +486,6 @@ def adapter_keys(model: nn.Module) -> list[str]:
         for n, b in mod.named_buffers(recurse=False):
             if b is not None and (inside_adapter or all_train) and n not in mod._non_persistent_buffers_set:
                 keys.add(prefix + n)
-        for name, child in mod._modules.items():
-            if child is not None:
-                walk(child, f"{prefix}{name}.", inside_adapter)
-
-    walk(model, "", False)
     state_keys = model.state_dict().keys()
     return [k for k in state_keys if k in keys]
 

@@ -6,6 +6,7 @@ Han et al., "E²VPT: An Effective and Efficient Approach for Visual Prompt Tunin
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import prompted_qkv
-from .swap import AdapterModule, Swappable
+from .swap import AdapterModule, Swappable, original_class
 
 __all__ = ["KVPrompt", "KVPromptAttention", "KVPromptEvaAttention", "KVPromptBeitAttention",
            "KVPromptTalkingHeadAttention",
@@ -333,6 +334,7 @@ class KVPromptTalkingHeadAttention(Swappable):
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
 
 
+@functools.lru_cache(maxsize=None)
 def _attention_mixins() -> dict[type, type]:
     from timm.layers import Attention
     from timm.layers.attention import AttentionRope
@@ -357,5 +359,4 @@ def extra_kv_mixin(attn: nn.Module) -> type | None:
         >>> extra_kv_mixin(Attention(64)).__name__
         'KVPromptAttention'
     """
-    from .swap import original_class
     return _attention_mixins().get(original_class(attn))
