@@ -175,6 +175,47 @@ def test_linear_scale_shift_saves_only_its_output():
     assert len([p for p in ref_saved if p != w.untyped_storage().data_ptr()]) >= 2
 
 
+@pytest.mark.parametrize("with_shift", [True, False])
+def test_linear_scale_shift_with_residual_matches_autograd_and_saves_nothing_new(with_shift):
+    """``r + γ ⊙ (x Wᵀ + b) + β`` against plain autograd (gradients of x, r, γ, β), and what it
+    saves: the sum (its output) and ``r`` (its input), no tensor of its own."""
+    x, w, b, gamma, beta = _linear_case((2, 7), True, with_shift)
+    r = (10 * torch.randn(2, 7, w.shape[0])).requires_grad_()  # a residual stream larger than y
+    ref = r + F.linear(x, w, b) * gamma + (0 if beta is None else beta)
+    out, saved = _saved_storages(lambda: linear_scale_shift(x, w, b, gamma, beta, residual=r))
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    acts = {p for p in saved if p not in (w.untyped_storage().data_ptr(),)} - {
+        t.untyped_storage().data_ptr() for t in (gamma, beta) if t is not None}
+    assert out.untyped_storage().data_ptr() in acts and r.untyped_storage().data_ptr() in acts
+    assert x.untyped_storage().data_ptr() not in acts
+    assert len(acts) == 3  # the output, r and the floored γ
+    probe = torch.randn(out.shape)
+    params = [x, r, gamma] + ([beta] if with_shift else [])
+    for a, e in zip(torch.autograd.grad((out * probe).sum(), params),
+                    torch.autograd.grad((ref * probe).sum(), params)):
+        assert torch.allclose(a, e, rtol=1e-4, atol=1e-5)
+    x64, w64, b64, g64, s64 = _linear_case((2, 3), True, with_shift, torch.float64)
+    r64 = torch.randn(2, 3, w64.shape[0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, rr, g, *s: linear_scale_shift(a, w64, b64, g, s[0] if s else None,
+                                                residual=rr),
+        (x64, r64, g64) + ((s64,) if with_shift else ()))
+
+
+def test_linear_scale_shift_with_a_low_precision_sum_saves_its_output():
+    """A bfloat16 sum would lose y to cancellation against r, so y is saved instead."""
+    x, w, b, gamma, beta = _linear_case((2, 7), True, True)
+    x, r = x.detach().bfloat16().requires_grad_(), torch.randn(2, 7, w.shape[0]).bfloat16()
+    out, saved = _saved_storages(lambda: linear_scale_shift(x, w.bfloat16(), b.bfloat16(), gamma,
+                                                            beta, residual=r))
+    assert out.dtype == torch.bfloat16 and r.untyped_storage().data_ptr() not in saved
+    ref = r.float() + F.linear(x.float(), w, b) * gamma + beta
+    assert torch.allclose(out.float(), ref, rtol=0.05, atol=0.05)
+    g, = torch.autograd.grad(out.float().sum(), [gamma])
+    g_ref, = torch.autograd.grad(ref.sum(), [gamma])
+    assert torch.allclose(g, g_ref, rtol=0.05, atol=0.05)
+
+
 def test_linear_scale_shift_trains_a_weight_that_requires_grad():
     """A trainable W or b (SSF next to another method) takes plain autograd: W gets its gradient."""
     x, w, b, gamma, beta = _linear_case((4,), True, True)

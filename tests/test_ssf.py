@@ -567,16 +567,20 @@ def test_generic_sites_by_type_on_other_families():
 def test_training_linear_sites_save_only_their_output():
     """In training, SSF after a frozen Linear is one matmul (ops.linear_scale_shift) that saves
     its output, which attention or GELU keep anyway: neither the Linear's input nor its output
-    before the scale-shift is saved (issue 16). Under no_grad the same values."""
+    before the scale-shift is saved (issue 16). The branch ends (proj, fc2) do the block's
+    residual add and save the sum and the block input, which the next norm and the branch's norm
+    save anyway: they keep no tensor of their own. Under no_grad the same values."""
     from timm_peft.layers.scale_shift import ScaleShiftLinear
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=1, num_classes=5)
+    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5)
     sites = {n: m for n, m in model.named_modules() if is_swapped(m, ScaleShiftLinear)}
-    assert set(sites) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1",
-                          "blocks.0.mlp.fc2"}
+    assert set(sites) == {f"blocks.{i}.{s}" for i in range(2)
+                          for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    norms = {n: m for n, m in model.named_modules() if n.endswith(("norm1", "norm2"))
+             or n == "norm"}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     current, saved, io = [None], {}, {}
-    for name, m in sites.items():
+    for name, m in {**sites, **norms}.items():
         m.register_forward_pre_hook(lambda mod, args, n=name: current.__setitem__(0, n))
         m.register_forward_hook(lambda mod, args, out, n=name: (
             io.__setitem__(n, (args[0], out)), current.__setitem__(0, None))[-1])
@@ -589,12 +593,52 @@ def test_training_linear_sites_save_only_their_output():
     x = torch.randn(2, 3, 32, 32)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
+    by_norms = {p for n in norms for p in saved[n]}
     for name, (inp, y) in io.items():
-        assert saved[name] == [y.untyped_storage().data_ptr()], name
+        if name in norms:
+            continue
+        ptr = y.untyped_storage().data_ptr()
         assert inp.untyped_storage().data_ptr() not in saved[name]
+        if name.endswith(("qkv", "fc1")):
+            assert saved[name] == [ptr], name
+        else:  # the sum and the block input, both kept by norms
+            assert ptr in saved[name] and len(saved[name]) == 2, name
+            assert set(saved[name]) <= by_norms, name
     out.sum().backward()
     with torch.no_grad():
         assert torch.allclose(model(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_into_branch_matches_timm_block_forward_and_gradients():
+    """The blocks whose residual add SSF moves into proj/fc2 compute what timm's Block forward
+    computes with the same SSF (the mixin taken out): logits bit-equal, every gradient close.
+    With a layer scale between the Linear and the add, or under no_grad, timm's forward runs."""
+    from timm.layers import LayerScale
+
+    from timm_peft.families.vit import ResidualIntoBranch
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5)
+    assert all(is_swapped(b, ResidualIntoBranch) for b in model.blocks)
+    assert all(b._fuses() for b in model.blocks)
+    ref = copy.deepcopy(model)
+    for b in ref.blocks:
+        restore_class(b, ResidualIntoBranch)
+    x, g = torch.randn(3, 3, 32, 32), torch.randn(3, 5)
+    out, out_ref = model(x), ref(x)
+    assert torch.equal(out, out_ref)
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".attn.proj.ssf." in n for n in grads) and any(".mlp.fc2.ssf." in n for n in grads)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6), n
+    for m in (model, ref):
+        m.blocks[0].ls1 = LayerScale(model.embed_dim, init_values=0.5)
+    assert not model.blocks[0]._fuses() and model.blocks[1]._fuses()
+    assert torch.equal(model(x), ref(x))
+    with torch.no_grad():
+        assert not model.blocks[1]._fuses()
 
 
 @pytest.mark.parametrize("placement", ["before_pool", "after_fc_norm"])

@@ -20,6 +20,8 @@ Questions:
 * :meth:`Family.pixel_input`: where pixel prompts go and the input they are sized for (VPT on
   ConvNets).
 * :meth:`Family.ssf_sites`: the operations SSF follows, and the ones it must skip (with why).
+* :meth:`Family.residual_blocks`: pre-norm residual blocks whose add SSF may fuse into each
+  branch's last Linear (memory only).
 * :meth:`Family.final_norms`: the norms between the last block and the head.
 * :meth:`Family.classifiers` and :meth:`Family.pooled`: the modules that turn pooled features
   into logits, and whether the model pools at all (LION's feature prompt).
@@ -309,6 +311,16 @@ class Family:
         from ..layers.scale_shift import scan
         return list(scan(model, ("",), skip_unfoldable=True,
                          exclude=tuple(classifier_modules(model))))
+
+    def residual_blocks(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
+        """Blocks ``x + branch(norm(x))`` whose branches each end in a Linear, with the mixin
+        (for :func:`~timm_peft.layers.swap_class`, innermost) that runs each branch inside
+        :func:`~timm_peft.layers.scale_shift.residual_into` its last Linear.
+
+        SSF then saves no activation at those Linears (the norms keep what backward needs);
+        without them (the default: none) it saves each branch's output, which is only memory.
+        """
+        return []
 
     # --- helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -2,11 +2,59 @@
 hybrid ViTs, CLIP/SigLIP/DINOv2 ViTs), files ``vision_transformer*.py`` and ``deit.py``."""
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
-from ..layers.scale_shift import scan
+from ..layers.scale_shift import residual_into, scan, takes_residual
+from ..layers.swap import Swappable, original_class
 from . import register_family
 from .base import SsfSite, TokenBlocksFamily, entrypoint_uses as _entrypoint_uses
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """Whether ``m`` returns its input unchanged: an Identity, or a dropout / drop-path that is
+    off (p = 0, or eval mode)."""
+    from timm.layers import DropPath
+    if isinstance(m, nn.Identity):
+        return True
+    if isinstance(m, nn.Dropout):
+        return m.p == 0 or not m.training
+    if isinstance(m, DropPath):
+        return m.drop_prob == 0 or not m.training
+    return False
+
+
+class ResidualIntoBranch(Swappable):
+    """timm's ViT ``Block`` (``x + drop_path(ls(attn(norm1(x))))``, then the same with ``mlp``)
+    with each residual add done by the branch's last Linear (``attn.proj``, ``mlp.fc2``) through
+    :func:`~timm_peft.layers.scale_shift.residual_into`: SSF's memory-lean training step.
+
+    It applies only in eager training where every module between that Linear and the add passes
+    its input through (no layer scale, no active dropout or drop-path); otherwise, and under
+    ``torch.compile``/``torch.export`` (whose partitioner plans saved tensors itself), it runs
+    timm's ``forward``. Both compute the same sum.
+    """
+
+    prefix = "ResidualIntoBranch"
+    method = "ssf"
+
+    def _fuses(self) -> bool:
+        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and takes_residual(self.attn.proj) and takes_residual(self.mlp.fc2)
+                and all(_passes_through(m) for m in (
+                    self.attn.proj_drop, self.ls1, self.drop_path1,
+                    self.mlp.drop2, self.ls2, self.drop_path2)))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._fuses():
+            return super().forward(x, *args, **kwargs)
+        with residual_into(self.attn.proj, x):
+            x = self.attn(self.norm1(x), *args, **kwargs)
+        with residual_into(self.mlp.fc2, x):
+            x = self.mlp(self.norm2(x))
+        return x
 
 
 @register_family
@@ -36,6 +84,15 @@ class ViT(TokenBlocksFamily):
         if _entrypoint_uses(arch, "ParallelScalingBlock") or _entrypoint_uses(arch, "attn_layer='diff'"):
             return self.capabilities - {"kv_attention"}
         return self.capabilities
+
+    def residual_blocks(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
+        # only the classes whose forward ends `proj_drop(proj(x))` / `drop2(fc2(x))`, as the
+        # mixin assumes (E²VPT's attention keeps that ending)
+        from timm.layers import GluMlp, Mlp, SwiGLU
+        from timm.models.vision_transformer import Attention, Block
+        return [(b, ResidualIntoBranch) for b in model.blocks
+                if original_class(b) is Block and original_class(b.attn) is Attention
+                and original_class(b.mlp) in (Mlp, GluMlp, SwiGLU)]
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         # a hybrid ViT's CNN stem (patch_embed.backbone) is a backbone of its own, not a site

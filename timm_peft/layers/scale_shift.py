@@ -24,8 +24,7 @@ from .swap import AdapterModule, Swappable, is_swapped, original_class, restore_
 
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
            "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftNorm", "attach_scale_shift",
-           "detach_scale_shift",
-           "scale_shift_attached"]
+           "detach_scale_shift", "scale_shift_attached", "takes_residual", "residual_into"]
 
 #: Channel axis of each site type's output: -1 for channels-last outputs (Linear, LayerNorm over
 #: the last dim), 1 for channels-first ones (Conv, BatchNorm, GroupNorm, timm's LayerNorm2d,
@@ -197,13 +196,15 @@ class ScaleShift(AdapterModule):
                          False, 0.0, 0.0)
         return y.reshape(rows.shape).movedim(-1, self.dim)
 
-    def after_linear(self, x: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-        """``γ ⊙ F.linear(x, W, b) + β`` as one matmul (:func:`timm_peft.ops.linear_scale_shift`:
-        in training it keeps only its output, which the next operation saves anyway)."""
+    def after_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``γ ⊙ F.linear(x, W, b) + β`` (``+ residual``) as one matmul
+        (:func:`timm_peft.ops.linear_scale_shift`: in training it keeps only its output, or with
+        a residual nothing of its own, since the neighbouring norms save both)."""
         if self.__dict__.get("_plain"):  # per-sample γ must not be folded into a per-sample W
-            return self(F.linear(x, weight, bias))
-        return linear_scale_shift(x, weight, bias, self.scale, self.shift)
+            y = self(F.linear(x, weight, bias))
+            return y if residual is None else residual + y
+        return linear_scale_shift(x, weight, bias, self.scale, self.shift, residual=residual)
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -237,13 +238,53 @@ class ScaleShiftOutput(Swappable):
 
 
 class ScaleShiftLinear(Swappable):
-    """A Linear computing ``γ ⊙ (x Wᵀ + b) + β`` in one matmul with its ``ssf`` folded in."""
+    """A Linear computing ``γ ⊙ (x Wᵀ + b) + β`` in one matmul with its ``ssf`` folded in; inside
+    :func:`residual_into` it adds the residual it was handed too."""
 
     prefix = "SSF"
     method = "ssf"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ssf.after_linear(x, self.weight, self.bias)
+        return self.ssf.after_linear(x, self.weight, self.bias,
+                                     self.__dict__.pop("_peft_residual", None))
+
+
+def takes_residual(op: nn.Module) -> bool:
+    """Whether ``op`` can add a residual handed to it by :func:`residual_into` (a Linear with
+    SSF attached)."""
+    return is_swapped(op, ScaleShiftLinear)
+
+
+@contextlib.contextmanager
+def residual_into(op: nn.Module, residual: torch.Tensor) -> Iterator[None]:
+    """Hand ``residual`` to ``op``'s next call, which returns ``residual + op(x)``.
+
+    A block ``x + branch(x)`` whose branch ends in ``op`` (followed only by identities) runs its
+    branch inside this instead of adding ``x`` itself: SSF's Linear then recovers its output in
+    backward from ``x`` and the sum, which the branch's norm and the next norm save anyway, and
+    keeps no activation of its own (:class:`~timm_peft.ops.LinearScaleShiftFunction`). Raises
+    ``RuntimeError`` if the branch returns without calling ``op`` (the residual would be lost).
+
+    Example:
+        >>> lin = nn.Linear(3, 3); lin.ssf = ScaleShift(3, dim=-1); attach_scale_shift(lin)
+        >>> x, r = torch.randn(2, 3), torch.randn(2, 3)
+        >>> with residual_into(lin, r):
+        ...     out = lin(x)
+        >>> torch.allclose(out, r + lin(x))
+        True
+    """
+    if not takes_residual(op):
+        raise TypeError(f"{type(op).__name__} cannot take a residual (only a Linear with SSF "
+                        "attached does)")
+    op.__dict__["_peft_residual"] = residual
+    try:
+        yield
+    except BaseException:
+        op.__dict__.pop("_peft_residual", None)
+        raise
+    if op.__dict__.pop("_peft_residual", None) is not None:
+        raise RuntimeError(f"residual_into: {type(op).__name__} was not called inside the block, "
+                           "so its residual was not added")
 
 
 class _FoldedView:

@@ -12,7 +12,7 @@ from ...core import PeftConfig, PeftMethod, register_method, unwrap_features
 from ...families import Family, get_family, refuse
 from ...layers.scale_shift import (CHANNEL_AXIS, ScaleShift, attach_scale_shift,
                                    detach_scale_shift, num_channels, unfoldable)
-from ...layers.swap import original_class
+from ...layers.swap import original_class, restore_class, swap_class
 from .config import SSFConfig
 
 __all__ = ["SSF", "ssf_sites"]
@@ -181,6 +181,8 @@ class SSF(PeftMethod):
             ss.save_output = not _inplace_near(model, name)
             op.ssf = ss
             attach_scale_shift(op)
+        for block, mixin in family.residual_blocks(model):
+            swap_class(block, mixin, innermost=True)  # replaces timm's forward: others wrap it
         return model
 
     def merge(self, model: nn.Module) -> None:
@@ -218,6 +220,8 @@ class SSF(PeftMethod):
         for _, op, _ in list(_attached(model)):
             detach_scale_shift(op)
             del op.ssf
+        for block, mixin in get_family(model).residual_blocks(model):
+            restore_class(block, mixin)
         return model
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
