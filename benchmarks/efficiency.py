@@ -246,6 +246,27 @@ def _forward(model: nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tens
     return torch.compile(model) if mode == "compiled" else model
 
 
+def _drop_failing(arch: str, mode: str, entries: dict[str, Entry],
+                  train_fns: dict[str, Callable[[], None]],
+                  infer_fns: dict[str, Callable[[], None]], skipped: list[str]) -> None:
+    """Run every call once; an entry whose training step or inference raises is left out of the
+    timing and reported (with the error) among the left-out rows, so one failure on a device
+    does not cost the whole table. The references (plain, full, the limit) must run."""
+    for k in list(entries):
+        for fn in (train_fns[k], infer_fns[k], infer_fns.get(f"{k} (merged)")):
+            try:
+                if fn is not None:
+                    fn()
+            except Exception as err:  # noqa: BLE001 - reported in the table's notes
+                if k in ("full", LIMIT):
+                    raise
+                first = (str(err).splitlines() or [""])[0][:200]
+                skipped.append(f"{arch}.{k} [{mode}] FAILED: {type(err).__name__}: {first}")
+                del entries[k], train_fns[k], infer_fns[k]
+                infer_fns.pop(f"{k} (merged)", None)
+                break
+
+
 def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
             skipped: list[str]) -> list[dict[str, Any]]:
     """One row per entry (and one for the plain model) on ``arch`` in ``mode``."""
@@ -271,6 +292,7 @@ def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
     infer_fns.update({f"{k} (merged)": _infer(e.merged, _forward(e.merged, mode), x, device,
                                               args.amp)
                       for k, e in entries.items() if e.merged is not None})
+    _drop_failing(arch, mode, entries, train_fns, infer_fns, skipped)
     print(f"{arch} [{mode}]: timing {len(train_fns)} training steps and {len(infer_fns)} "
           f"inferences (batch {args.batch_size}, {tuple(input_size)}, {args.reps} rounds)",
           flush=True)

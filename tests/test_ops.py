@@ -216,6 +216,27 @@ def test_linear_scale_shift_with_a_low_precision_sum_saves_its_output():
     assert torch.allclose(g, g_ref, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("shape,dim", CASES)
+@pytest.mark.parametrize("with_shift", [True, False])
+def test_affine_grads_fused_and_plain_reductions_agree(shape, dim, with_shift):
+    """γ's and β's gradients from the output: the batch-norm kernel (CPU) and the plain
+    reductions (other devices, whose kernel needs more arguments) against the formula."""
+    from timm_peft.ops import _affine_grads
+    torch.manual_seed(0)
+    x, g = torch.randn(shape), torch.randn(shape)
+    gamma = torch.randn(shape[dim]).sign() * (0.5 + torch.rand(shape[dim]))
+    beta = torch.randn(shape[dim]) if with_shift else None
+    bshape = [1] * len(shape)
+    bshape[dim] = -1
+    y = x * gamma.view(bshape) + (0 if beta is None else beta.view(bshape))
+    dims = [d for d in range(len(shape)) if d != dim % len(shape)]
+    want = ((g * x).sum(dims), g.sum(dims))
+    for fused in (True, False):
+        got = _affine_grads(g, y, gamma, beta, dim, True, beta is not None, fused=fused)
+        assert torch.allclose(got[0], want[0], rtol=1e-4, atol=1e-4), (fused, got[0], want[0])
+        assert got[1] is None if beta is None else torch.allclose(got[1], want[1], atol=1e-4)
+
+
 def test_linear_scale_shift_trains_a_weight_that_requires_grad():
     """A trainable W or b (SSF next to another method) takes plain autograd: W gets its gradient."""
     x, w, b, gamma, beta = _linear_case((4,), True, True)

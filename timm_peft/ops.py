@@ -58,14 +58,18 @@ def floor_magnitude(scale: torch.Tensor, min_scale: float) -> torch.Tensor:
 
 
 def _affine_grads(grad: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor,
-                  shift: torch.Tensor | None, dim: int, need_scale: bool, need_shift: bool
+                  shift: torch.Tensor | None, dim: int, need_scale: bool, need_shift: bool,
+                  fused: bool | None = None
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(Σ g ⊙ (y − β) / γ, Σ g)`` over every axis but ``dim``: γ's and β's gradients of
-    ``y = γ ⊙ x + β`` from its output.
+    ``y = γ ⊙ x + β`` from its output, accumulated in at least float32.
 
-    One fused pass of torch's batch-norm backward: in eval mode with ``running_mean = β``,
-    ``running_var = γ²`` and ``eps = 0`` its weight gradient is ``Σ g ⊙ (y − β) / |γ|`` and its
-    bias gradient ``Σ g``, with no activation-sized temporary (mul/sub/sum make three).
+    On CPU (``fused`` None → the tensors' device decides) one fused pass of torch's batch-norm
+    backward: in eval mode with ``running_mean = β``, ``running_var = γ²`` and ``eps = 0`` its
+    weight gradient is ``Σ g ⊙ (y − β) / |γ|`` and its bias gradient ``Σ g``, with no
+    activation-sized temporary (mul/sub/sum make three). CUDA's kernel of that op requires a
+    weight and saved statistics in eval mode, so elsewhere plain reductions run
+    (``Σ g ⊙ y − β Σ g``: one temporary, transient).
     """
     if not (need_scale or need_shift):
         return None, None
@@ -77,10 +81,18 @@ def _affine_grads(grad: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor,
     else:  # rows of channels; channels-last 4-D batch-norm backward is avoided (see ScaleShift)
         yy = y.movedim(dim, -1).reshape(-1, y.shape[dim])
         gg = grad.movedim(dim, -1).reshape(-1, y.shape[dim])
-    _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-        gg, yy, None, mean, g32 * g32, None, None, False, 0.0,
-        [False, need_scale, need_shift])
-    grad_scale = grad_w * torch.sign(g32) if need_scale else None
+    if fused if fused is not None else y.device.type == "cpu":
+        _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            gg, yy, None, mean, g32 * g32, None, None, False, 0.0,
+            [False, need_scale, need_shift])
+        return (grad_w * torch.sign(g32) if need_scale else None,
+                grad_b if need_shift else None)
+    dims = [d for d in range(yy.ndim) if d != 1]
+    grad_b = gg.sum(dims, dtype=acc) if need_shift or shift is not None else None
+    grad_scale = None
+    if need_scale:
+        gy = (gg * yy).sum(dims, dtype=acc)
+        grad_scale = (gy if shift is None else gy - mean * grad_b) / g32
     return grad_scale, grad_b if need_shift else None
 
 
