@@ -730,3 +730,27 @@ def test_conv_sites_save_their_output_unless_an_inplace_op_may_overwrite_it():
     want = torch.autograd.grad((model(x) * probe).sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_off_the_cpu_reductions_give_the_same_gradients(monkeypatch):
+    """Off the CPU, γ's and β's gradients come from plain reductions (CUDA's batch-norm backward
+    kernel needs more arguments): forced here on a whole model, the same gradients as the CPU
+    path, and a training step runs on the meta device (no CPU-only assumption left)."""
+    import timm_peft.ops as ops
+    torch.manual_seed(0)
+    a = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5)
+    b = copy.deepcopy(a)
+    x = torch.randn(2, 3, 32, 32)
+    a(x).sum().backward()
+    cpu_path = ops._affine_grads
+    monkeypatch.setattr(ops, "_affine_grads", lambda *args, **kw: cpu_path(*args, fused=False))
+    b(x).sum().backward()
+    grads = {n: p.grad for n, p in a.named_parameters() if p.requires_grad}
+    assert any(".attn.proj.ssf." in n for n in grads)
+    for n, p in b.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-5), n
+    monkeypatch.setattr(ops, "_affine_grads", cpu_path)
+    meta = b.to("meta")
+    meta(torch.randn(2, 3, 32, 32, device="meta")).sum().backward()
+    assert meta.blocks[0].attn.proj.ssf.scale.grad.device.type == "meta"
