@@ -50,8 +50,8 @@ def floor_magnitude(scale: torch.Tensor, min_scale: float) -> torch.Tensor:
     """``scale`` with every entry's magnitude raised to at least ``min_scale`` (0 → +min_scale).
 
     Example:
-        >>> floor_magnitude(torch.tensor([2.0, 1e-5, -1e-5, 0.0]), 1e-3).tolist()
-        [2.0, 0.001, -0.001, 0.001]
+        >>> floor_magnitude(torch.tensor([2.0, 0.25, -0.25, 0.0]), 0.5).tolist()
+        [2.0, 0.5, -0.5, 0.5]
     """
     floor = torch.where(scale < 0, -min_scale, min_scale).to(scale.dtype)
     return torch.where(scale.abs() < min_scale, floor, scale)

@@ -74,7 +74,7 @@ Ablations of the paper's Table 4 are presets: ``lion_no_p1`` (LION-P1), ``lion_n
 (LION-P2) and ``lion_no_robust`` (LION-R).
 
 Example:
-    >>> import timm, timm_peft
+    >>> import timm, timm_peft, torch
     >>> m = timm.create_model("resnet18.lion", num_classes=10)
     >>> m(torch.randn(1, 3, 64, 64)).shape
     torch.Size([1, 10])

@@ -47,7 +47,7 @@ class RobustOptimizer(torch.optim.Optimizer):
     work unchanged.
 
     Example:
-        >>> p = nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        >>> p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5, 3.0]))
         >>> opt = RobustOptimizer(torch.optim.SGD([p], lr=0.1), tau=0.5)
         >>> p.grad = torch.tensor([0.1, 0.1, 0.1, 1.0])  # c = [0.1, 0.2, 0.05, 3.0]
         >>> opt.step(); p.data
