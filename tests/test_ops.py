@@ -176,16 +176,22 @@ def test_linear_scale_shift_saves_only_its_output():
 
 
 @pytest.mark.parametrize("with_shift", [True, False])
-def test_linear_scale_shift_with_residual_matches_autograd_and_saves_nothing_new(with_shift):
-    """``r + γ ⊙ (x Wᵀ + b) + β`` against plain autograd (gradients of x, r, γ, β), and what it
-    saves: the sum (its output) and ``r`` (its input), no tensor of its own."""
+@pytest.mark.parametrize("with_layer_scale", [False, True])
+def test_linear_scale_shift_with_residual_matches_autograd_and_saves_nothing_new(
+        with_shift, with_layer_scale):
+    """``r + λ ⊙ (γ ⊙ (x Wᵀ + b) + β)`` against plain autograd (gradients of x, r, γ, β), and
+    what it saves: the sum (its output) and ``r`` (its input), no tensor of its own."""
     x, w, b, gamma, beta = _linear_case((2, 7), True, with_shift)
+    lam = torch.randn(w.shape[0]) * torch.logspace(-3, 0, w.shape[0]) if with_layer_scale \
+        else None
     r = (10 * torch.randn(2, 7, w.shape[0])).requires_grad_()  # a residual stream larger than y
-    ref = r + F.linear(x, w, b) * gamma + (0 if beta is None else beta)
-    out, saved = _saved_storages(lambda: linear_scale_shift(x, w, b, gamma, beta, residual=r))
+    branch = F.linear(x, w, b) * gamma + (0 if beta is None else beta)
+    ref = r + (branch if lam is None else lam * branch)
+    out, saved = _saved_storages(lambda: linear_scale_shift(x, w, b, gamma, beta, residual=r,
+                                                            layer_scale=lam))
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
     acts = {p for p in saved if p not in (w.untyped_storage().data_ptr(),)} - {
-        t.untyped_storage().data_ptr() for t in (gamma, beta) if t is not None}
+        t.untyped_storage().data_ptr() for t in (gamma, beta, lam) if t is not None}
     assert out.untyped_storage().data_ptr() in acts and r.untyped_storage().data_ptr() in acts
     assert x.untyped_storage().data_ptr() not in acts
     assert len(acts) == 3  # the output, r and the floored γ
@@ -196,9 +202,10 @@ def test_linear_scale_shift_with_residual_matches_autograd_and_saves_nothing_new
         assert torch.allclose(a, e, rtol=1e-4, atol=1e-5)
     x64, w64, b64, g64, s64 = _linear_case((2, 3), True, with_shift, torch.float64)
     r64 = torch.randn(2, 3, w64.shape[0], dtype=torch.float64, requires_grad=True)
+    lam64 = None if lam is None else torch.rand(w64.shape[0], dtype=torch.float64) - 0.5
     assert torch.autograd.gradcheck(
         lambda a, rr, g, *s: linear_scale_shift(a, w64, b64, g, s[0] if s else None,
-                                                residual=rr),
+                                                residual=rr, layer_scale=lam64),
         (x64, r64, g64) + ((s64,) if with_shift else ()))
 
 

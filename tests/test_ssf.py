@@ -564,7 +564,8 @@ def test_generic_sites_by_type_on_other_families():
         timm_peft.apply_method(nn.Sequential(nn.ReLU()), "ssf")
 
 
-def test_training_linear_sites_save_only_their_output():
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_training_linear_sites_save_only_their_output(init_values):
     """In training, SSF after a frozen Linear is one matmul (ops.linear_scale_shift) that saves
     its output, which attention or GELU keep anyway: neither the Linear's input nor its output
     before the scale-shift is saved (issue 16). The branch ends (proj, fc2) do the block's
@@ -572,7 +573,8 @@ def test_training_linear_sites_save_only_their_output():
     save anyway: they keep no tensor of their own. Under no_grad the same values."""
     from timm_peft.layers.scale_shift import ScaleShiftLinear
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5)
+    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5,
+                              init_values=init_values)  # with a layer scale (DeiT-III, DINOv2)
     sites = {n: m for n, m in model.named_modules() if is_swapped(m, ScaleShiftLinear)}
     assert set(sites) == {f"blocks.{i}.{s}" for i in range(2)
                           for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
@@ -609,23 +611,35 @@ def test_training_linear_sites_save_only_their_output():
         assert torch.allclose(model(x), out, rtol=1e-5, atol=1e-5)
 
 
-def test_residual_into_branch_matches_timm_block_forward_and_gradients():
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_residual_into_branch_matches_timm_block_forward_and_gradients(init_values):
     """The blocks whose residual add SSF moves into proj/fc2 compute what timm's Block forward
-    computes with the same SSF (the mixin taken out): logits bit-equal, every gradient close.
-    With a layer scale between the Linear and the add, or under no_grad, timm's forward runs."""
+    computes with the same SSF (the mixin taken out): logits bit-equal (with a frozen layer
+    scale λ, folded into the Linear: to rounding), every gradient close. With a layer scale that
+    trains, or under no_grad, timm's forward runs."""
     from timm.layers import LayerScale
 
     from timm_peft.families.vit import ResidualIntoBranch
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5)
+    model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5,
+                              init_values=init_values)
+    if init_values is not None:  # per-channel λ of mixed size and sign, as after pretraining
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("ls1.gamma", "ls2.gamma")):
+                    p.copy_(torch.randn_like(p) * torch.logspace(-3, 0, p.numel()))
     assert all(is_swapped(b, ResidualIntoBranch) for b in model.blocks)
-    assert all(b._fuses() for b in model.blocks)
+    for b in model.blocks:
+        scales = b._layer_scales()
+        assert scales == (None, None) if init_values is None else (
+            scales[0] is b.ls1.gamma and scales[1] is b.ls2.gamma)
     ref = copy.deepcopy(model)
     for b in ref.blocks:
         restore_class(b, ResidualIntoBranch)
     x, g = torch.randn(3, 3, 32, 32), torch.randn(3, 5)
     out, out_ref = model(x), ref(x)
-    assert torch.equal(out, out_ref)
+    assert torch.equal(out, out_ref) if init_values is None else torch.allclose(
+        out, out_ref, rtol=1e-5, atol=1e-5)
     (out * g).sum().backward()
     (out_ref * g).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -633,12 +647,12 @@ def test_residual_into_branch_matches_timm_block_forward_and_gradients():
     for n, p in ref.named_parameters():
         if p.requires_grad:
             assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6), n
-    for m in (model, ref):
+    for m in (model, ref):  # a layer scale that trains: timm's forward runs
         m.blocks[0].ls1 = LayerScale(model.embed_dim, init_values=0.5)
-    assert not model.blocks[0]._fuses() and model.blocks[1]._fuses()
-    assert torch.equal(model(x), ref(x))
+    assert model.blocks[0]._layer_scales() is None and model.blocks[1]._layer_scales()
+    assert torch.allclose(model(x), ref(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        assert not model.blocks[1]._fuses()
+        assert model.blocks[1]._layer_scales() is None
 
 
 @pytest.mark.parametrize("placement", ["before_pool", "after_fc_norm"])

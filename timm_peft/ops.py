@@ -129,51 +129,67 @@ class ScaleShiftFunction(torch.autograd.Function):
 
 class LinearScaleShiftFunction(torch.autograd.Function):
     """``y = γ̃ ⊙ (x Wᵀ + b) + β`` of a frozen Linear as one matmul, saving ``(y, W, γ̃, β)``;
-    with a ``residual`` r, ``out = r + y`` saving ``(out, r, W, γ̃, β)``.
+    with a ``residual`` r, ``out = r + λ ⊙ y`` saving ``(out, r, W, γ̃, β, λ)`` (λ: a frozen
+    layer scale between the site and the add, or None).
 
-    Forward is ``F.linear(x, γ̃ ⊙ W, γ̃ ⊙ b + β)``: no pass over the activations besides the
-    matmul, and neither ``x`` nor ``x Wᵀ + b`` is kept (a frozen Linear needs only ``W`` for
-    ``∂L/∂x``). Backward: ``∂L/∂x = g (γ̃ ⊙ W)``, and γ's and β's gradients from the output as in
-    :class:`ScaleShiftFunction`. ``W`` and ``b`` get no gradient: :func:`linear_scale_shift`
-    takes plain autograd when they require one.
+    Forward is ``F.linear(x, γ̃ ⊙ W, γ̃ ⊙ b + β)`` (λ folded in too): no pass over the
+    activations besides the matmul, and neither ``x`` nor ``x Wᵀ + b`` is kept (a frozen Linear
+    needs only ``W`` for ``∂L/∂x``). Backward: ``∂L/∂x = g (λ γ̃ ⊙ W)``, and γ's and β's
+    gradients from the output as in :class:`ScaleShiftFunction`. ``W`` and ``b`` get no
+    gradient: :func:`linear_scale_shift` takes plain autograd when they require one.
 
     With a residual (the block input of a pre-norm transformer branch, ``x + branch(norm(x))``),
-    ``y`` is recovered in backward as ``out − r``: ``r`` is what the branch's norm saves and
-    ``out`` what the next norm saves, so the site keeps no tensor of its own. The subtraction
-    loses ``ε·|r|`` of ``y``; that is below ``y``'s own rounding only when ``out`` is at least
-    float32 (the residual stream under autocast is), so a lower-precision ``out`` saves ``y``.
+    ``λ ⊙ y`` is recovered in backward as ``out − r``: ``r`` is what the branch's norm saves and
+    ``out`` what the next norm saves, so the site keeps no tensor of its own. γ's gradient
+    ``Σ g ⊙ λ ⊙ z = Σ g ⊙ (out − r − λ ⊙ β) / γ̃`` needs no division by λ. The subtraction loses
+    ``ε·|r|``; that is below the branch's own rounding only when ``out`` is at least float32
+    (the residual stream under autocast is), so a lower-precision ``out`` saves ``λ ⊙ y``.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 scale: torch.Tensor, shift: torch.Tensor | None, residual: torch.Tensor | None,
-                min_scale: float) -> torch.Tensor:
+                layer_scale: torch.Tensor | None, min_scale: float) -> torch.Tensor:
         gamma = floor_magnitude(scale, min_scale)
-        y = F.linear(x, *fold_linear(weight, bias, gamma, shift, x.dtype))
+        eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
+        y = F.linear(x, *fold_linear(weight, bias, eff_scale, eff_shift, x.dtype))
         out = y if residual is None else residual + y
         ctx.y_dtype = y.dtype
         ctx.from_residual = residual is not None and out.dtype in (torch.float32, torch.float64)
         if ctx.from_residual:
-            ctx.save_for_backward(out, weight, gamma, shift, residual)
+            ctx.save_for_backward(out, weight, gamma, shift, residual, layer_scale)
         else:
-            ctx.save_for_backward(y, weight, gamma, shift, None)
+            ctx.save_for_backward(y, weight, gamma, shift, None, layer_scale)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        y, weight, gamma, shift, residual = ctx.saved_tensors
+        y, weight, gamma, shift, residual, layer_scale = ctx.saved_tensors
         need_x, _, _, need_scale, need_shift, need_res = ctx.needs_input_grad[:6]
         if ctx.from_residual:
             y = y - residual  # one activation-sized temporary, freed on return
+        eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
         grad_y = grad.to(ctx.y_dtype)  # what autograd hands the branch through `r + y`
-        grad_x = grad_y.matmul((weight * gamma.to(weight.dtype)[:, None]).to(grad_y.dtype)) \
+        grad_x = grad_y.matmul((weight * eff_scale.to(weight.dtype)[:, None]).to(grad_y.dtype)) \
             if need_x else None
         grad_scale, grad_shift = _affine_grads(grad if ctx.from_residual else grad_y, y, gamma,
-                                               shift, -1, need_scale,
+                                               eff_shift, -1, need_scale,
                                                need_shift and shift is not None)
+        if grad_shift is not None and layer_scale is not None:
+            grad_shift = grad_shift * layer_scale.to(grad_shift.dtype)
         return (grad_x, None, None, None if grad_scale is None else grad_scale.to(gamma.dtype),
                 None if grad_shift is None else grad_shift.to(shift.dtype),
-                grad if need_res else None, None)
+                grad if need_res else None, None, None)
+
+
+def _layer_scaled(gamma: torch.Tensor, shift: torch.Tensor | None,
+                  layer_scale: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(λ ⊙ γ, λ ⊙ β)``: the scale and shift a layer scale λ after the site makes of γ, β."""
+    if layer_scale is None:
+        return gamma, shift
+    lam = layer_scale.to(gamma.dtype)
+    return gamma * lam, None if shift is None else shift * lam
 
 
 def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
@@ -198,40 +214,51 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Te
 def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor, shift: torch.Tensor | None = None,
                        min_scale: float = DEFAULT_MIN_SCALE,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:
+                       residual: torch.Tensor | None = None,
+                       layer_scale: torch.Tensor | None = None) -> torch.Tensor:
     """SSF after a Linear, ``γ ⊙ (x Wᵀ + b) + β``, as one matmul with the map folded in; with
-    ``residual``, ``residual + γ ⊙ (x Wᵀ + b) + β`` (a transformer branch's last Linear and the
-    block's residual add).
+    ``residual``, ``residual + λ ⊙ (γ ⊙ (x Wᵀ + b) + β)`` (a transformer branch's last Linear,
+    its frozen layer scale λ, if any, and the block's residual add).
 
     Without autograd (or with nothing requiring grad) this is ``F.linear(x, γ ⊙ W, γ ⊙ b + β)``,
     the merged model's computation with the unmerged parameters. In training with a frozen
-    ``W`` and ``b``, :class:`LinearScaleShiftFunction`: it saves only its output (with a
+    ``W``, ``b`` and λ, :class:`LinearScaleShiftFunction`: it saves only its output (with a
     residual: the output and the residual), which the next operations keep anyway, and γ's
-    magnitude is floored at ``min_scale`` as in :func:`scale_shift`. A ``W`` or ``b`` that
+    magnitude is floored at ``min_scale`` as in :func:`scale_shift`. A ``W``, ``b`` or λ that
     requires grad gets plain autograd.
 
     Example:
         >>> lin = torch.nn.Linear(4, 3)
         >>> g, b = torch.full((3,), 2.0, requires_grad=True), torch.ones(3, requires_grad=True)
-        >>> x, r = torch.randn(5, 4), torch.randn(5, 3)
+        >>> x, r, lam = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0.5, 1.0, 2.0])
         >>> torch.allclose(linear_scale_shift(x, lin.weight, lin.bias, g, b), lin(x) * g + b)
         True
-        >>> torch.allclose(linear_scale_shift(x, lin.weight, lin.bias, g, b, residual=r),
-        ...                r + lin(x) * g + b)
+        >>> torch.allclose(linear_scale_shift(x, lin.weight, lin.bias, g, b, residual=r,
+        ...                                   layer_scale=lam), r + lam * (lin(x) * g + b))
         True
     """
     if scale.shape != (weight.shape[0],) or (shift is not None and shift.shape != scale.shape):
         raise ValueError(f"linear_scale_shift: scale and shift must have shape (out_features,) = "
                          f"({weight.shape[0]},); got scale {tuple(scale.shape)}, shift "
                          f"{None if shift is None else tuple(shift.shape)}")
-    params = (weight, bias, scale, shift, residual)
+    if layer_scale is not None and (residual is None or layer_scale.shape != scale.shape):
+        raise ValueError(f"linear_scale_shift: layer_scale goes with a residual and has shape "
+                         f"(out_features,) = ({weight.shape[0]},); got "
+                         f"{tuple(layer_scale.shape)}"
+                         + ("" if residual is not None else " without a residual"))
+    params = (weight, bias, scale, shift, residual, layer_scale)
+    frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad)
+                  or (layer_scale is not None and layer_scale.requires_grad))
     if not torch.is_grad_enabled() or not (
             x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        y = F.linear(x, *fold_linear(weight, bias, scale, shift, x.dtype))
-    elif weight.requires_grad or (bias is not None and bias.requires_grad):
+        y = F.linear(x, *fold_linear(weight, bias, *_layer_scaled(scale, shift, layer_scale),
+                                     x.dtype))
+    elif not frozen:
         y = scale_shift(F.linear(x, weight, bias), scale, shift, -1, min_scale)
+        y = y if layer_scale is None else y * layer_scale
     else:
-        return LinearScaleShiftFunction.apply(x, weight, bias, scale, shift, residual, min_scale)
+        return LinearScaleShiftFunction.apply(x, weight, bias, scale, shift, residual,
+                                              layer_scale, min_scale)
     return y if residual is None else residual + y
 
 

@@ -26,33 +26,52 @@ def _passes_through(m: nn.Module) -> bool:
     return False
 
 
+_NOT_FUSABLE = object()
+
+
+def _layer_scale(ls: nn.Module) -> torch.Tensor | None | object:
+    """A block's ``ls1``/``ls2`` as the fused add sees it: None (an identity), the frozen λ of
+    timm's ``LayerScale``, or ``_NOT_FUSABLE`` (anything else, or a λ that trains)."""
+    from timm.layers import LayerScale
+    if _passes_through(ls):
+        return None
+    if original_class(ls) is LayerScale and not ls.gamma.requires_grad:
+        return ls.gamma
+    return _NOT_FUSABLE
+
+
 class ResidualIntoBranch(Swappable):
     """timm's ViT ``Block`` (``x + drop_path(ls(attn(norm1(x))))``, then the same with ``mlp``)
     with each residual add done by the branch's last Linear (``attn.proj``, ``mlp.fc2``) through
     :func:`~timm_peft.layers.scale_shift.residual_into`: SSF's memory-lean training step.
 
-    It applies only in eager training where every module between that Linear and the add passes
-    its input through (no layer scale, no active dropout or drop-path); otherwise, and under
-    ``torch.compile``/``torch.export`` (whose partitioner plans saved tensors itself), it runs
-    timm's ``forward``. Both compute the same sum.
+    It applies in eager training where the modules between that Linear and the add are
+    identities (no active dropout or drop-path) or a frozen layer scale (DeiT-III, DINOv2),
+    which the Linear folds in; otherwise, and under ``torch.compile``/``torch.export`` (whose
+    partitioner plans saved tensors itself), it runs timm's ``forward``. Both compute the same
+    sum (with a layer scale, to rounding: λ is folded into the weight).
     """
 
     prefix = "ResidualIntoBranch"
     method = "ssf"
 
-    def _fuses(self) -> bool:
-        return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    def _layer_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """``(λ₁, λ₂)`` when the adds can move into the branches, else None."""
+        if not (torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and takes_residual(self.attn.proj) and takes_residual(self.mlp.fc2)
-                and all(_passes_through(m) for m in (
-                    self.attn.proj_drop, self.ls1, self.drop_path1,
-                    self.mlp.drop2, self.ls2, self.drop_path2)))
+                and all(_passes_through(m) for m in (self.attn.proj_drop, self.drop_path1,
+                                                      self.mlp.drop2, self.drop_path2))):
+            return None
+        scales = (_layer_scale(self.ls1), _layer_scale(self.ls2))
+        return None if _NOT_FUSABLE in scales else scales
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self._fuses():
+        scales = self._layer_scales()
+        if scales is None:
             return super().forward(x, *args, **kwargs)
-        with residual_into(self.attn.proj, x):
+        with residual_into(self.attn.proj, x, scales[0]):
             x = self.attn(self.norm1(x), *args, **kwargs)
-        with residual_into(self.mlp.fc2, x):
+        with residual_into(self.mlp.fc2, x, scales[1]):
             x = self.mlp(self.norm2(x))
         return x
 

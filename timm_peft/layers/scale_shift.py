@@ -197,14 +197,17 @@ class ScaleShift(AdapterModule):
         return y.reshape(rows.shape).movedim(-1, self.dim)
 
     def after_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``γ ⊙ F.linear(x, W, b) + β`` (``+ residual``) as one matmul
+                     residual: torch.Tensor | None = None,
+                     layer_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``γ ⊙ F.linear(x, W, b) + β`` (or ``residual + λ ⊙ (...)``) as one matmul
         (:func:`timm_peft.ops.linear_scale_shift`: in training it keeps only its output, or with
         a residual nothing of its own, since the neighbouring norms save both)."""
         if self.__dict__.get("_plain"):  # per-sample γ must not be folded into a per-sample W
             y = self(F.linear(x, weight, bias))
+            y = y if layer_scale is None else y * layer_scale
             return y if residual is None else residual + y
-        return linear_scale_shift(x, weight, bias, self.scale, self.shift, residual=residual)
+        return linear_scale_shift(x, weight, bias, self.scale, self.shift, residual=residual,
+                                  layer_scale=layer_scale)
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -246,7 +249,7 @@ class ScaleShiftLinear(Swappable):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ssf.after_linear(x, self.weight, self.bias,
-                                     self.__dict__.pop("_peft_residual", None))
+                                     *self.__dict__.pop("_peft_residual", ()))
 
 
 def takes_residual(op: nn.Module) -> bool:
@@ -256,11 +259,14 @@ def takes_residual(op: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def residual_into(op: nn.Module, residual: torch.Tensor) -> Iterator[None]:
-    """Hand ``residual`` to ``op``'s next call, which returns ``residual + op(x)``.
+def residual_into(op: nn.Module, residual: torch.Tensor,
+                  layer_scale: torch.Tensor | None = None) -> Iterator[None]:
+    """Hand ``residual`` to ``op``'s next call, which returns ``residual + op(x)`` (with a
+    frozen per-channel ``layer_scale`` λ: ``residual + λ ⊙ op(x)``).
 
-    A block ``x + branch(x)`` whose branch ends in ``op`` (followed only by identities) runs its
-    branch inside this instead of adding ``x`` itself: SSF's Linear then recovers its output in
+    A block ``x + branch(x)`` whose branch ends in ``op`` (followed only by identities and that
+    layer scale) runs its branch inside this instead of adding ``x`` itself: SSF's Linear then
+    recovers its output in
     backward from ``x`` and the sum, which the branch's norm and the next norm save anyway, and
     keeps no activation of its own (:class:`~timm_peft.ops.LinearScaleShiftFunction`). Raises
     ``RuntimeError`` if the branch returns without calling ``op`` (the residual would be lost).
@@ -276,7 +282,7 @@ def residual_into(op: nn.Module, residual: torch.Tensor) -> Iterator[None]:
     if not takes_residual(op):
         raise TypeError(f"{type(op).__name__} cannot take a residual (only a Linear with SSF "
                         "attached does)")
-    op.__dict__["_peft_residual"] = residual
+    op.__dict__["_peft_residual"] = (residual, layer_scale)
     try:
         yield
     except BaseException:
