@@ -15,7 +15,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 import timm_peft
-from timm_peft.layers import is_swapped, original_class, restore_class
+from timm_peft.layers import is_swapped, original_class, restore_class, restore_classes
 from timm_peft.layers.scale_shift import ScaleShiftNorm
 from timm_peft.methods.ssf import ScaleShift, SSFConfig, scale_shift_attached, ssf_sites
 
@@ -619,7 +619,7 @@ def test_residual_into_branch_matches_timm_block_forward_and_gradients(init_valu
     trains, or under no_grad, timm's forward runs."""
     from timm.layers import LayerScale
 
-    from timm_peft.families.vit import ResidualIntoBranch
+    from timm_peft.layers.scale_shift import ResidualIntoBranch
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224.ssf", img_size=32, depth=2, num_classes=5,
                               init_values=init_values)
@@ -631,7 +631,7 @@ def test_residual_into_branch_matches_timm_block_forward_and_gradients(init_valu
     assert all(is_swapped(b, ResidualIntoBranch) for b in model.blocks)
     for b in model.blocks:
         scales = b._layer_scales()
-        assert scales == (None, None) if init_values is None else (
+        assert scales == [None, None] if init_values is None else (
             scales[0] is b.ls1.gamma and scales[1] is b.ls2.gamma)
     ref = copy.deepcopy(model)
     for b in ref.blocks:
@@ -768,3 +768,56 @@ def test_training_off_the_cpu_reductions_give_the_same_gradients(monkeypatch):
     meta = b.to("meta")
     meta(torch.randn(2, 3, 32, 32, device="meta")).sum().backward()
     assert meta.blocks[0].attn.proj.ssf.scale.grad.device.type == "meta"
+
+
+def _saved_bytes(model, x):
+    """Bytes of the distinct storages autograd saves in one forward, and the output."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return sum(saved.values()), out
+
+
+@pytest.mark.parametrize("arch,kwargs", [
+    ("eva02_tiny_patch14_224", dict(patch_size=8)),  # SwiGLU, rotary, avg pool
+    ("beitv2_base_patch16_224", dict(patch_size=8, init_values=0.1)),  # gamma_1 tensors
+    ("cait_xxs24_224", dict(patch_size=8, depth_token_only=1)),  # LayerScaleBlock, one drop-path
+    ("deit3_small_patch16_224", dict(patch_size=8)),  # timm's LayerScale modules
+])
+def test_residual_into_branch_on_each_family(arch, kwargs):
+    """Every family that describes its pre-norm blocks (Family.residual_branches): the adds move
+    into proj/fc2, logits and gradients equal timm's block forward (the mixin taken out), and
+    one forward saves two activations fewer per block."""
+    from timm_peft.layers.scale_shift import ResidualIntoBranch
+    torch.manual_seed(0)
+    model = timm.create_model(f"{arch}.ssf", img_size=32, depth=2, embed_dim=32, num_heads=2,
+                              num_classes=3, **kwargs)
+    with torch.no_grad():  # layer scales of mixed size and sign, as after pretraining
+        for n, p in model.named_parameters():
+            if n.endswith(("gamma_1", "gamma_2", "ls1.gamma", "ls2.gamma")):
+                p.copy_(torch.randn_like(p) * torch.logspace(-2, 0, p.numel()))
+    blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
+    assert len(blocks) == 2 and all(b._layer_scales() is not None for b in blocks)
+    ref = copy.deepcopy(model)
+    restore_classes(ref, ResidualIntoBranch)
+    x, g = torch.randn(2, 3, 32, 32), torch.randn(2, 3)
+    shapes = []
+    hook = ref.blocks[0].register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape))
+    (fused_bytes, out), (ref_bytes, out_ref) = _saved_bytes(model, x), _saved_bytes(ref, x)
+    hook.remove()
+    assert torch.allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    act = shapes[0].numel() * 4  # one (B, N, C) float32 activation of the blocks
+    # proj's and fc2's outputs of both blocks, less the last block's sum where no norm saves it
+    assert fused_bytes <= ref_bytes - 3 * act, (fused_bytes, ref_bytes, act)
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".proj.ssf." in n for n in grads) and any(".fc2.ssf." in n for n in grads)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-5), n
+    assert type(timm_peft.unload(model).blocks[0]) is original_class(ref.blocks[0])

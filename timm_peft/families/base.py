@@ -20,7 +20,7 @@ Questions:
 * :meth:`Family.pixel_input`: where pixel prompts go and the input they are sized for (VPT on
   ConvNets).
 * :meth:`Family.ssf_sites`: the operations SSF follows, and the ones it must skip (with why).
-* :meth:`Family.residual_blocks`: pre-norm residual blocks whose add SSF may fuse into each
+* :meth:`Family.residual_branches`: pre-norm residual blocks whose adds SSF may move into each
   branch's last Linear (memory only).
 * :meth:`Family.final_norms`: the norms between the last block and the head.
 * :meth:`Family.classifiers` and :meth:`Family.pooled`: the modules that turn pooled features
@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 from torch import nn
 
 __all__ = ["Family", "TokenSequence", "WindowLayer", "PixelInput", "LayerGroups", "SsfSite",
-           "FamilyCapabilityError", "classifier_modules"]
+           "FamilyCapabilityError", "classifier_modules", "pre_norm_blocks"]
 
 
 class FamilyCapabilityError(ValueError):
@@ -109,6 +109,20 @@ class SsfSite:
     placement: str | None = None
     #: why a site that runs exactly cannot be folded into a plain timm model (merge refuses it)
     merge_reason: str | None = None
+
+
+def pre_norm_blocks(blocks: Iterable[nn.Module], block_cls: type, attn_cls: type,
+                    branches: tuple[Any, ...]) -> list[tuple[nn.Module, tuple[Any, ...]]]:
+    """``(block, branches)`` for the blocks of exactly ``block_cls`` whose ``attn`` is exactly
+    ``attn_cls`` and whose ``mlp`` is one of timm's MLPs: the classes whose ``forward`` the
+    :class:`~timm_peft.layers.scale_shift.ResidualBranch` descriptions were read from (their
+    bodies end ``proj_drop(proj(x))`` / ``drop2(fc2(x))``; E²VPT's attentions keep that)."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    from ..layers.swap import original_class
+    return [(b, branches) for b in blocks
+            if original_class(b) is block_cls and original_class(b.attn) is attn_cls
+            and original_class(b.mlp) in (Mlp, GluMlp, SwiGLU)]
 
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
@@ -312,13 +326,13 @@ class Family:
         return list(scan(model, ("",), skip_unfoldable=True,
                          exclude=tuple(classifier_modules(model))))
 
-    def residual_blocks(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
-        """Blocks ``x + branch(norm(x))`` whose branches each end in a Linear, with the mixin
-        (for :func:`~timm_peft.layers.swap_class`, innermost) that runs each branch inside
-        :func:`~timm_peft.layers.scale_shift.residual_into` its last Linear.
+    def residual_branches(self, model: nn.Module) -> list[tuple[nn.Module, tuple[Any, ...]]]:
+        """Pre-norm blocks ``x + drop_path(λ ⊙ body(norm(x)))`` whose bodies each end in a
+        Linear, with their :class:`~timm_peft.layers.scale_shift.ResidualBranch` descriptions.
 
-        SSF then saves no activation at those Linears (the norms keep what backward needs);
-        without them (the default: none) it saves each branch's output, which is only memory.
+        SSF moves those adds into the Linears (:class:`~timm_peft.layers.scale_shift.
+        ResidualIntoBranch`) and then saves no activation there; without them (the default:
+        none) it saves each branch's output, which is only memory.
         """
         return []
 

@@ -3,12 +3,15 @@ relative-position bias over ``[class token, patches]``. Token prompts have no re
 the bias (per layer or shared) is padded with zeros for them."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ..layers.prompts import PromptPaddedBias, PromptPaddedRelPos
 from ..layers.scale_shift import scan
 from . import register_family
-from .base import SsfSite, TokenBlocksFamily, TokenSequence, report_functional_qkv
+from .base import SsfSite, TokenBlocksFamily, TokenSequence, pre_norm_blocks, report_functional_qkv
+from .eva import GAMMA_BRANCHES
 
 
 @register_family
@@ -27,6 +30,10 @@ class Beit(TokenBlocksFamily):
         if model.rel_pos_bias is not None:
             adapters.append((model.rel_pos_bias, PromptPaddedBias))
         return super().token_sequence(model, prompt_adapters=adapters)
+
+    def residual_branches(self, model: nn.Module) -> list[tuple[nn.Module, tuple[Any, ...]]]:
+        from timm.models.beit import Attention, Block
+        return pre_norm_blocks(model.blocks, Block, Attention, GAMMA_BRANCHES)
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         roots = ("patch_embed", "blocks", "norm", "fc_norm")

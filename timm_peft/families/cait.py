@@ -12,8 +12,15 @@ from typing import Any
 
 from torch import nn
 
+from ..layers.scale_shift import ResidualBranch
 from . import register_family
-from .base import LayerGroups, TokenBlocksFamily, TokenSequence
+from .base import LayerGroups, TokenBlocksFamily, TokenSequence, pre_norm_blocks
+
+#: ``LayerScaleBlock``: ``x + drop_path(gamma_1 * attn(norm1(x)))``, then the same with ``mlp``
+#: (one drop-path for both; the class-attention blocks add to the class token only)
+LAYER_SCALE_BLOCK_BRANCHES = (
+    ResidualBranch("norm1", "attn", "proj", "proj_drop", "drop_path", "gamma_1"),
+    ResidualBranch("norm2", "mlp", "fc2", "drop2", "drop_path", "gamma_2"))
 
 
 @register_family
@@ -26,6 +33,11 @@ class Cait(TokenBlocksFamily):
         # timm's group_matcher is a function here (no block patterns to number)
         return LayerGroups([[b] for b in (*model.blocks, *model.blocks_token_only)],
                            self.final_norms(model))
+
+    def residual_branches(self, model: nn.Module) -> list[tuple[nn.Module, tuple[Any, ...]]]:
+        from timm.models.cait import LayerScaleBlock, TalkingHeadAttn
+        return pre_norm_blocks(model.blocks, LayerScaleBlock, TalkingHeadAttn,
+                               LAYER_SCALE_BLOCK_BRANCHES)
 
     def token_sequence(self, model: nn.Module, **extra: Any) -> TokenSequence:
         seq = super().token_sequence(model, **extra)

@@ -3,11 +3,21 @@ PE, Naver ROPE-ViT): a ViT whose attention applies rotary position embeddings af
 tokens. Token prompts join the prefix inside attention, so they get no rotary embedding."""
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from ..layers.scale_shift import scan
+from ..layers.scale_shift import ResidualBranch, scan
 from . import register_family
-from .base import SsfSite, TokenBlocksFamily, TokenSequence, report_functional_qkv
+from .base import (SsfSite, TokenBlocksFamily, TokenSequence, pre_norm_blocks,
+                   report_functional_qkv)
+
+#: ``EvaBlock`` (and BEiT's ``Block``): ``x + drop_path1(gamma_1 * attn(norm1(x), ...))``, then
+#: the same with ``mlp``; ``gamma_1``/``gamma_2`` are tensors or None
+GAMMA_BRANCHES = (
+    ResidualBranch("norm1", "attn", "proj", "proj_drop", "drop_path1", "gamma_1",
+                   block_args=True),
+    ResidualBranch("norm2", "mlp", "fc2", "drop2", "drop_path2", "gamma_2"))
 
 
 @register_family
@@ -22,6 +32,10 @@ class Eva(TokenBlocksFamily):
 
     def token_sequence(self, model: nn.Module) -> TokenSequence:
         return super().token_sequence(model, prefix_attention=[b.attn for b in model.blocks])
+
+    def residual_branches(self, model: nn.Module) -> list[tuple[nn.Module, tuple[Any, ...]]]:
+        from timm.models.eva import EvaAttention, EvaBlock  # not EvaBlockPostNorm: post-norm
+        return pre_norm_blocks(model.blocks, EvaBlock, EvaAttention, GAMMA_BRANCHES)
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         roots = ("patch_embed", "norm_pre", "blocks", "norm", "fc_norm", "attn_pool")

@@ -4,76 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..layers.scale_shift import residual_into, scan, takes_residual
-from ..layers.swap import Swappable, original_class
+from ..layers.scale_shift import ResidualBranch, scan
 from . import register_family
-from .base import SsfSite, TokenBlocksFamily, entrypoint_uses as _entrypoint_uses
+from .base import SsfSite, TokenBlocksFamily, entrypoint_uses as _entrypoint_uses, pre_norm_blocks
 
 
-def _passes_through(m: nn.Module) -> bool:
-    """Whether ``m`` returns its input unchanged: an Identity, or a dropout / drop-path that is
-    off (p = 0, or eval mode)."""
-    from timm.layers import DropPath
-    if isinstance(m, nn.Identity):
-        return True
-    if isinstance(m, nn.Dropout):
-        return m.p == 0 or not m.training
-    if isinstance(m, DropPath):
-        return m.drop_prob == 0 or not m.training
-    return False
-
-
-_NOT_FUSABLE = object()
-
-
-def _layer_scale(ls: nn.Module) -> torch.Tensor | None | object:
-    """A block's ``ls1``/``ls2`` as the fused add sees it: None (an identity), the frozen λ of
-    timm's ``LayerScale``, or ``_NOT_FUSABLE`` (anything else, or a λ that trains)."""
-    from timm.layers import LayerScale
-    if _passes_through(ls):
-        return None
-    if original_class(ls) is LayerScale and not ls.gamma.requires_grad:
-        return ls.gamma
-    return _NOT_FUSABLE
-
-
-class ResidualIntoBranch(Swappable):
-    """timm's ViT ``Block`` (``x + drop_path(ls(attn(norm1(x))))``, then the same with ``mlp``)
-    with each residual add done by the branch's last Linear (``attn.proj``, ``mlp.fc2``) through
-    :func:`~timm_peft.layers.scale_shift.residual_into`: SSF's memory-lean training step.
-
-    It applies in eager training where the modules between that Linear and the add are
-    identities (no active dropout or drop-path) or a frozen layer scale (DeiT-III, DINOv2),
-    which the Linear folds in; otherwise, and under ``torch.compile``/``torch.export`` (whose
-    partitioner plans saved tensors itself), it runs timm's ``forward``. Both compute the same
-    sum (with a layer scale, to rounding: λ is folded into the weight).
-    """
-
-    prefix = "ResidualIntoBranch"
-    method = "ssf"
-
-    def _layer_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-        """``(λ₁, λ₂)`` when the adds can move into the branches, else None."""
-        if not (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and takes_residual(self.attn.proj) and takes_residual(self.mlp.fc2)
-                and all(_passes_through(m) for m in (self.attn.proj_drop, self.drop_path1,
-                                                      self.mlp.drop2, self.drop_path2))):
-            return None
-        scales = (_layer_scale(self.ls1), _layer_scale(self.ls2))
-        return None if _NOT_FUSABLE in scales else scales
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        scales = self._layer_scales()
-        if scales is None:
-            return super().forward(x, *args, **kwargs)
-        with residual_into(self.attn.proj, x, scales[0]):
-            x = self.attn(self.norm1(x), *args, **kwargs)
-        with residual_into(self.mlp.fc2, x, scales[1]):
-            x = self.mlp(self.norm2(x))
-        return x
+#: timm's ``Block``: ``x + drop_path1(ls1(attn(norm1(x), ...)))``, then the same with ``mlp``
+BLOCK_BRANCHES = (
+    ResidualBranch("norm1", "attn", "proj", "proj_drop", "drop_path1", "ls1", block_args=True),
+    ResidualBranch("norm2", "mlp", "fc2", "drop2", "drop_path2", "ls2"))
 
 
 @register_family
@@ -104,14 +45,9 @@ class ViT(TokenBlocksFamily):
             return self.capabilities - {"kv_attention"}
         return self.capabilities
 
-    def residual_blocks(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
-        # only the classes whose forward ends `proj_drop(proj(x))` / `drop2(fc2(x))`, as the
-        # mixin assumes (E²VPT's attention keeps that ending)
-        from timm.layers import GluMlp, Mlp, SwiGLU
+    def residual_branches(self, model: nn.Module) -> list[tuple[nn.Module, tuple[Any, ...]]]:
         from timm.models.vision_transformer import Attention, Block
-        return [(b, ResidualIntoBranch) for b in model.blocks
-                if original_class(b) is Block and original_class(b.attn) is Attention
-                and original_class(b.mlp) in (Mlp, GluMlp, SwiGLU)]
+        return pre_norm_blocks(model.blocks, Block, Attention, BLOCK_BRANCHES)
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         # a hybrid ViT's CNN stem (patch_embed.backbone) is a backbone of its own, not a site

@@ -8,6 +8,7 @@ must skip, why.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,7 +25,8 @@ from .swap import AdapterModule, Swappable, is_swapped, original_class, restore_
 
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
            "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftNorm", "attach_scale_shift",
-           "detach_scale_shift", "scale_shift_attached", "takes_residual", "residual_into"]
+           "detach_scale_shift", "scale_shift_attached", "takes_residual", "residual_into",
+           "ResidualBranch", "ResidualIntoBranch"]
 
 #: Channel axis of each site type's output: -1 for channels-last outputs (Linear, LayerNorm over
 #: the last dim), 1 for channels-first ones (Conv, BatchNorm, GroupNorm, timm's LayerNorm2d,
@@ -347,3 +349,96 @@ def detach_scale_shift(op: nn.Module) -> None:
 def scale_shift_attached(op: nn.Module) -> bool:
     """Whether ``op``'s output currently goes through its SSF."""
     return any(is_swapped(op, m) for m in (ScaleShiftNorm, ScaleShiftLinear, ScaleShiftOutput))
+
+
+@dataclass(frozen=True)
+class ResidualBranch:
+    """One pre-norm branch of a block, ``x = x + drop_path(λ ⊙ body(norm(x)))``, by the block's
+    attribute names: a family's description for :class:`ResidualIntoBranch`.
+
+    ``last`` is the body's last Linear and ``after_last`` the body's module after it (a dropout),
+    relative to the body. ``layer_scale`` names a module (timm's ``LayerScale``, or an Identity)
+    or a tensor attribute that may be None (BEiT's and EVA's ``gamma_1``); None: no layer scale.
+    ``block_args``: the block's extra forward arguments go to the body (attention masks, rotary
+    embeddings), in the block's order.
+    """
+
+    norm: str
+    body: str
+    last: str
+    after_last: str
+    drop_path: str
+    layer_scale: str | None = None
+    block_args: bool = False
+
+
+_NOT_FUSABLE = object()
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """Whether ``m`` returns its input unchanged: an Identity, or a dropout / drop-path that is
+    off (p = 0, or eval mode)."""
+    from timm.layers import DropPath
+    if isinstance(m, nn.Identity):
+        return True
+    if isinstance(m, nn.Dropout):
+        return m.p == 0 or not m.training
+    if isinstance(m, DropPath):
+        return m.drop_prob == 0 or not m.training
+    return False
+
+
+def _frozen_layer_scale(ls: Any) -> Any:
+    """A branch's layer scale as the fused add sees it: None (none, or an identity), a frozen
+    λ, or ``_NOT_FUSABLE`` (a module of another kind, or a λ that trains)."""
+    from timm.layers import LayerScale
+    if ls is None or (isinstance(ls, nn.Module) and _passes_through(ls)):
+        return None
+    lam = ls.gamma if isinstance(ls, nn.Module) and original_class(ls) is LayerScale else ls
+    return lam if isinstance(lam, torch.Tensor) and not lam.requires_grad else _NOT_FUSABLE
+
+
+class ResidualIntoBranch(Swappable):
+    """A pre-norm block whose residual adds are done by each branch's last Linear, through
+    :func:`residual_into`: with SSF on those Linears, a training step keeps no activation of
+    theirs (the norms save what their backward needs).
+
+    The reference ``residual_branches`` (a tuple of :class:`ResidualBranch`, from the family's
+    :meth:`~timm_peft.families.Family.residual_branches`) says what the block's ``forward``
+    computes. That is run in eager training when every branch's last Linear has SSF attached and
+    what lies between it and the add is an identity (no active dropout or drop-path) or a frozen
+    layer scale, which the Linear folds in; otherwise, and under ``torch.compile`` /
+    ``torch.export`` (whose partitioner plans saved tensors itself), the block's own ``forward``
+    runs. Both compute the same sum (with a layer scale, to rounding: λ is folded into W).
+    """
+
+    prefix = "ResidualIntoBranch"
+    method = "ssf"
+    refs = ("residual_branches",)
+    residual_branches: tuple[ResidualBranch, ...]
+
+    def _layer_scales(self) -> list[torch.Tensor | None] | None:
+        """Each branch's frozen λ (or None) when the adds can move into the branches, else None."""
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        scales = []
+        for br in self.residual_branches:
+            body = getattr(self, br.body)
+            if not (takes_residual(body.get_submodule(br.last))
+                    and _passes_through(body.get_submodule(br.after_last))
+                    and _passes_through(getattr(self, br.drop_path))):
+                return None
+            scales.append(_frozen_layer_scale(
+                None if br.layer_scale is None else getattr(self, br.layer_scale)))
+        return None if any(s is _NOT_FUSABLE for s in scales) else scales
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        scales = self._layer_scales()
+        if scales is None:
+            return super().forward(x, *args, **kwargs)
+        for br, lam in zip(self.residual_branches, scales):
+            body = getattr(self, br.body)
+            with residual_into(body.get_submodule(br.last), x, lam):
+                h = getattr(self, br.norm)(x)
+                x = body(h, *args, **kwargs) if br.block_args else body(h)
+        return x

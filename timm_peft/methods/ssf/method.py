@@ -10,9 +10,10 @@ from torch import nn
 
 from ...core import PeftConfig, PeftMethod, register_method, unwrap_features
 from ...families import Family, get_family, refuse
-from ...layers.scale_shift import (CHANNEL_AXIS, ScaleShift, attach_scale_shift,
-                                   detach_scale_shift, num_channels, unfoldable)
-from ...layers.swap import original_class, restore_class, swap_class
+from ...layers.scale_shift import (CHANNEL_AXIS, ResidualIntoBranch, ScaleShift,
+                                   attach_scale_shift, detach_scale_shift, num_channels,
+                                   unfoldable)
+from ...layers.swap import original_class, restore_classes, swap_class
 from .config import SSFConfig
 
 __all__ = ["SSF", "ssf_sites"]
@@ -181,8 +182,9 @@ class SSF(PeftMethod):
             ss.save_output = not _inplace_near(model, name)
             op.ssf = ss
             attach_scale_shift(op)
-        for block, mixin in family.residual_blocks(model):
-            swap_class(block, mixin, innermost=True)  # replaces timm's forward: others wrap it
+        for block, branches in family.residual_branches(model):
+            # innermost: it replaces timm's forward, so other methods' mixins still wrap it
+            swap_class(block, ResidualIntoBranch, innermost=True, residual_branches=branches)
         return model
 
     def merge(self, model: nn.Module) -> None:
@@ -220,8 +222,7 @@ class SSF(PeftMethod):
         for _, op, _ in list(_attached(model)):
             detach_scale_shift(op)
             del op.ssf
-        for block, mixin in get_family(model).residual_blocks(model):
-            restore_class(block, mixin)
+        restore_classes(model, ResidualIntoBranch)
         return model
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
