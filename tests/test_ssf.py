@@ -611,6 +611,16 @@ def test_training_linear_sites_save_only_their_output(init_values):
         assert torch.allclose(model(x), out, rtol=1e-5, atol=1e-5)
 
 
+def _assert_same_ssf_grads(model, ref, atol=1e-5):
+    """Every trainable gradient of ``model`` close to ``ref``'s, including the scale-shifts of
+    the branch ends (proj, fc2) whose backward the fused residual changes."""
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".proj.ssf." in n for n in grads) and any(".fc2.ssf." in n for n in grads)
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=atol), n
+
+
 @pytest.mark.parametrize("init_values", [None, 0.1])
 def test_residual_into_branch_matches_timm_block_forward_and_gradients(init_values):
     """The blocks whose residual add SSF moves into proj/fc2 compute what timm's Block forward
@@ -642,11 +652,7 @@ def test_residual_into_branch_matches_timm_block_forward_and_gradients(init_valu
         out, out_ref, rtol=1e-5, atol=1e-5)
     (out * g).sum().backward()
     (out_ref * g).sum().backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert any(".attn.proj.ssf." in n for n in grads) and any(".mlp.fc2.ssf." in n for n in grads)
-    for n, p in ref.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6), n
+    _assert_same_ssf_grads(model, ref, atol=1e-6)
     for m in (model, ref):  # a layer scale that trains: timm's forward runs
         m.blocks[0].ls1 = LayerScale(model.embed_dim, init_values=0.5)
     assert model.blocks[0]._layer_scales() is None and model.blocks[1]._layer_scales()
@@ -759,11 +765,7 @@ def test_training_off_the_cpu_reductions_give_the_same_gradients(monkeypatch):
     cpu_path = ops._affine_grads
     monkeypatch.setattr(ops, "_affine_grads", lambda *args, **kw: cpu_path(*args, fused=False))
     b(x).sum().backward()
-    grads = {n: p.grad for n, p in a.named_parameters() if p.requires_grad}
-    assert any(".attn.proj.ssf." in n for n in grads)
-    for n, p in b.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-5), n
+    _assert_same_ssf_grads(a, b)
     monkeypatch.setattr(ops, "_affine_grads", cpu_path)
     meta = b.to("meta")
     meta(torch.randn(2, 3, 32, 32, device="meta")).sum().backward()
@@ -815,9 +817,5 @@ def test_residual_into_branch_on_each_family(arch, kwargs):
     assert fused_bytes <= ref_bytes - 3 * act, (fused_bytes, ref_bytes, act)
     (out * g).sum().backward()
     (out_ref * g).sum().backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert any(".proj.ssf." in n for n in grads) and any(".fc2.ssf." in n for n in grads)
-    for n, p in ref.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-5), n
+    _assert_same_ssf_grads(model, ref)
     assert type(timm_peft.unload(model).blocks[0]) is original_class(ref.blocks[0])
