@@ -267,11 +267,11 @@ def residual_into(op: nn.Module, residual: torch.Tensor,
     frozen per-channel ``layer_scale`` λ: ``residual + λ ⊙ op(x)``).
 
     A block ``x + branch(x)`` whose branch ends in ``op`` (followed only by identities and that
-    layer scale) runs its branch inside this instead of adding ``x`` itself: SSF's Linear then
-    recovers its output in
-    backward from ``x`` and the sum, which the branch's norm and the next norm save anyway, and
-    keeps no activation of its own (:class:`~timm_peft.ops.LinearScaleShiftFunction`). Raises
-    ``RuntimeError`` if the branch returns without calling ``op`` (the residual would be lost).
+    layer scale) runs its branch inside this instead of adding ``x`` itself (see
+    :class:`ResidualIntoBranch`): SSF's Linear then recovers its output in backward from ``x``
+    and the sum, which the branch's norm and the next norm save anyway, and keeps no activation
+    of its own (:class:`~timm_peft.ops.LinearScaleShiftFunction`). Raises ``RuntimeError`` if
+    the branch returns without calling ``op`` (the residual would be lost).
 
     Example:
         >>> lin = nn.Linear(3, 3); lin.ssf = ScaleShift(3, dim=-1); attach_scale_shift(lin)
@@ -395,7 +395,8 @@ def _frozen_layer_scale(ls: Any) -> Any:
     if ls is None or (isinstance(ls, nn.Module) and _passes_through(ls)):
         return None
     lam = ls.gamma if isinstance(ls, nn.Module) and original_class(ls) is LayerScale else ls
-    return lam if isinstance(lam, torch.Tensor) and not lam.requires_grad else _NOT_FUSABLE
+    frozen = isinstance(lam, torch.Tensor) and lam.ndim == 1 and not lam.requires_grad
+    return lam if frozen else _NOT_FUSABLE
 
 
 class ResidualIntoBranch(Swappable):
