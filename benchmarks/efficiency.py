@@ -251,7 +251,8 @@ def _drop_failing(arch: str, mode: str, entries: dict[str, Entry],
                   infer_fns: dict[str, Callable[[], None]], skipped: list[str]) -> None:
     """Run every call once; an entry whose training step or inference raises is left out of the
     timing and reported (with the error) among the left-out rows, so one failure on a device
-    does not cost the whole table. The references (plain, full, the limit) must run."""
+    does not cost the whole table. A failing reference (full, the limit) raises; the plain model
+    is not tried here and fails in the timing itself."""
     for k in list(entries):
         for fn in (train_fns[k], infer_fns[k], infer_fns.get(f"{k} (merged)")):
             try:
