@@ -16,8 +16,9 @@ from .core import (AdapterModule, PeftConfig, PeftMethod, apply_method, cfg_fiel
                    merge, merge_and_unload, print_trainable_parameters, register_method,
                    register_preset, unfreeze, unload, unmerge)
 from .integration import create_model, install, list_models
-from .adapters import (Adapter, Routing, active_adapter, add_adapter, delete_adapter,
-                       disable_adapter, get_adapters, route, set_adapter, using_adapter)
+from .adapters import (Adapter, AdapterStateError, Routing, active_adapter, adapter_state,
+                       add_adapter, delete_adapter, disable_adapter, get_adapters, route,
+                       set_adapter, using_adapter)
 from .io import (AdapterError, base_fingerprint, from_pretrained, load_adapter, push_to_hub,
                  read_adapter_config, save_pretrained)
 from .deq import DEQ, DEQConvergenceWarning

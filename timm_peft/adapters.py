@@ -29,6 +29,28 @@ unchanged. Heads of different sizes are padded: the routed logits are one ``(B, 
 tensor whose entries past a sample's own class count are ``-inf`` (``softmax``, ``argmax`` and
 ``topk`` work on it directly); :attr:`Routing.num_classes` gives each sample's count.
 
+The states of a model's adapters, and what may change them (:data:`ALLOWED`, which every
+operation checks before it touches the model):
+
+==============  =====================================================  ===========================
+state           what the model computes                                operations allowed
+==============  =====================================================  ===========================
+``active``      the active adapter, or the composition                 every operation
+                ``set_adapter(m, [a, b])`` made
+``disabled``    inside ``with disable_adapter(m)``: the plain base;    ``disable_adapter`` again
+                the adapters wait unchanged, the suspended one         (a nested block changes
+                comes back when the block ends                         nothing)
+``routed``      inside ``with route(m, names)``: ``model(x)`` runs     none
+                sample ``i`` with adapter ``names[i]``
+==============  =====================================================  ===========================
+
+Reading (:func:`get_adapters`, :func:`active_adapter`, :func:`composed`, ``model(x)``) works in
+every state. Anything else in ``disabled`` or ``routed`` (adding, loading, switching, deleting,
+routing, saving, merging or unloading) raises :class:`AdapterStateError` and changes nothing:
+the block ends with the model exactly as it began. Every operation checks its arguments before
+the model is touched, and a surgery that fails halfway (e.g. ``add_adapter`` of a method the
+family cannot take) restores the adapter that was active.
+
 Example:
     >>> import timm, timm_peft, torch
     >>> m = timm.create_model("resnet18.ssf", num_classes=3).eval()
@@ -57,10 +79,72 @@ from .families import get_family
 from .layers.swap import Swappable, restore_class, swap_class
 
 __all__ = ["Adapter", "Routing", "add_adapter", "set_adapter", "delete_adapter", "disable_adapter",
-           "get_adapters", "active_adapter", "using_adapter", "composed", "route", "DEFAULT_ADAPTER"]
+           "get_adapters", "active_adapter", "using_adapter", "composed", "route", "DEFAULT_ADAPTER",
+           "AdapterStateError", "ALLOWED", "adapter_state", "check_allowed"]
 
 #: the name of the adapter a method suffix (or :func:`timm_peft.apply_method`) creates (peft's)
 DEFAULT_ADAPTER = "default"
+
+
+class AdapterStateError(ValueError):
+    """An operation the state of the model's adapters does not allow (see :data:`ALLOWED`).
+
+    Example:
+        >>> import timm, timm_peft
+        >>> m = timm.create_model("resnet18.bias")
+        >>> with timm_peft.disable_adapter(m):
+        ...     timm_peft.delete_adapter(m, "default")
+        Traceback (most recent call last):
+        ...
+        timm_peft.adapters.AdapterStateError: delete_adapter is not allowed inside disable_adapter (the model runs its plain base until the block ends, then 'default' comes back); allowed there: disable_adapter, reading (get_adapters, active_adapter) and the forward. Call it after the with block.
+    """
+
+
+#: the operations each state of a model's adapters allows (the module docstring's table)
+ALLOWED: dict[str, frozenset[str]] = {
+    "active": frozenset({
+        "add_adapter", "load_adapter", "set_adapter", "using_adapter", "delete_adapter",
+        "disable_adapter", "route", "save_pretrained", "push_to_hub", "merge", "unmerge",
+        "merge_and_unload", "unload"}),
+    "disabled": frozenset({"disable_adapter"}),
+    "routed": frozenset(),
+}
+
+
+def adapter_state(model: nn.Module) -> str:
+    """The state of the model's adapters: ``"active"``, ``"disabled"`` or ``"routed"``.
+
+    Example:
+        >>> import timm, timm_peft
+        >>> m = timm.create_model("resnet18.bias")
+        >>> with timm_peft.disable_adapter(m):
+        ...     adapter_state(m)
+        'disabled'
+    """
+    inner = unwrap_features(model)
+    if "peft_suspended" in inner.__dict__:
+        return "disabled"
+    if inner.__dict__.get("_peft_routing") is not None:
+        return "routed"
+    return "active"
+
+
+def check_allowed(model: nn.Module, operation: str) -> None:
+    """Raise :class:`AdapterStateError` unless the model's state allows ``operation``."""
+    state = adapter_state(model)
+    if operation in ALLOWED[state]:
+        return
+    inner = unwrap_features(model)
+    if state == "disabled":
+        where = ("inside disable_adapter (the model runs its plain base until the block ends, "
+                 f"then {inner.peft_suspended!r} comes back)")
+    else:
+        where = ("inside route (model(x) runs each sample with its own adapter until the block "
+                 "ends)")
+    allowed = ", ".join(sorted(ALLOWED[state]) + ["reading (get_adapters, active_adapter) and "
+                                                  "the forward"])
+    raise AdapterStateError(f"{operation} is not allowed {where}; allowed there: {allowed}. "
+                            "Call it after the with block.")
 
 
 @dataclass
@@ -330,6 +414,17 @@ def _compose(model: nn.Module, names: tuple[str, ...]) -> None:
            {k: t for a in members for k, t in a.state.items()})
 
 
+def _activate(model: nn.Module, name: str | tuple[str, ...]) -> None:
+    """Build the adapter (or composition) ``name`` on the base structure and make it active."""
+    inner = unwrap_features(model)
+    if isinstance(name, tuple):
+        _compose(model, name)
+    else:
+        a = inner.peft_adapters[name]
+        _build(model, [(a.method, a.config)], a.num_classes, a.state)
+    inner.peft_active_adapter = name
+
+
 def composed(model: nn.Module) -> bool:
     """Whether several adapters are active together (see :func:`set_adapter`).
 
@@ -404,10 +499,18 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Modul
     """
     adapters = _adapters(model)
     inner = unwrap_features(model)
+    check_allowed(model, "set_adapter")
     if not isinstance(adapter_name, str):
+        if not isinstance(adapter_name, (list, tuple)) or not all(
+                isinstance(n, str) for n in adapter_name):
+            raise TypeError(f"set_adapter takes an adapter name or a list of names to compose, "
+                            f"got {adapter_name!r}; the model has {list(adapters)}")
         names = tuple(adapter_name)
+        if not names:
+            raise ValueError(f"set_adapter got an empty list: give an adapter name or a list of "
+                             f"names to compose; the model has {list(adapters)}")
         unknown = [n for n in names if n not in adapters]
-        if unknown or not names:
+        if unknown:
             raise KeyError(f"no adapter(s) {unknown}; the model has {list(adapters)}")
         if len(names) > 1:
             if names == inner.peft_active_adapter:
@@ -468,6 +571,7 @@ def add_adapter(model: nn.Module, adapter_name: str,
     """
     adapters = _adapters(model)
     inner = unwrap_features(model)
+    check_allowed(model, "add_adapter")
     _check_name(adapter_name)
     if adapter_name in adapters:
         raise ValueError(f"the model already has an adapter {adapter_name!r}; delete_adapter it "
@@ -482,12 +586,23 @@ def add_adapter(model: nn.Module, adapter_name: str,
         raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
     _sync(inner)
     previous = inner.peft_active_adapter
-    _to_base(inner)
     pc = dict(getattr(inner, "pretrained_cfg", None) or {})
+    _to_base(inner)
+    try:
+        _build(model, [(method_name, config)], num_classes, None)
+    except BaseException:
+        # the method refused this model (e.g. a capability its family lacks): take out what its
+        # surgery may have done and give the previous adapter back
+        with contextlib.suppress(Exception):
+            get_method(method_name).unload(inner)
+        _HANDLES.pop(inner, None)
+        _activate(model, previous)
+        _set_pretrained_cfg(model, pc)
+        raise
+    created = _capture_active(inner)
+    pc = dict(pc)
     pc.pop("label_names", None)
     pc["num_classes"] = num_classes
-    _build(model, [(method_name, config)], num_classes, None)
-    created = _capture_active(inner)
     created.pretrained_cfg = pc
     adapters[adapter_name] = created
     inner.peft_active_adapter = adapter_name
@@ -507,6 +622,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """
     adapters = _adapters(model)
     inner = unwrap_features(model)
+    check_allowed(model, "delete_adapter")
     if adapter_name not in adapters:
         raise KeyError(f"no adapter {adapter_name!r}; the model has {list(adapters)}")
     if len(adapters) == 1:
@@ -524,7 +640,9 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Run the plain base inside the block: no adapter, the base's own head and tensors.
 
     The base head is the one the model was built with (the pretrained classifier when it was
-    built with the pretrained class count). The active adapter comes back on exit.
+    built with the pretrained class count). The active adapter comes back on exit. Inside the
+    block the adapters cannot change (adding, switching, deleting, routing, saving raise
+    :class:`AdapterStateError`); a nested ``disable_adapter`` block changes nothing.
 
     Example:
         >>> import copy, timm, timm_peft, torch
@@ -535,25 +653,26 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         ...     type(m).__name__, torch.equal(m(x), plain(x))
         ('ResNet', True)
     """
-    adapters = _adapters(model)
+    _adapters(model)
     inner = unwrap_features(model)
+    check_allowed(model, "disable_adapter")
+    if adapter_state(model) == "disabled":  # nested: the model already runs its plain base
+        yield model
+        return
     _sync(inner)
     name = inner.peft_active_adapter
     pc = dict(getattr(inner, "pretrained_cfg", None) or {})
     _to_base(inner)
     inner.peft_active_adapter = None
+    inner.peft_suspended = name
     for m in {id(model): model, id(inner): inner}.values():
         m.peft_method = m.peft_config = None
         m.peft_adapter_keys = ()
     try:
         yield model
     finally:
-        if isinstance(name, tuple):
-            _compose(model, name)
-        else:
-            active = adapters[name]
-            _build(model, [(active.method, active.config)], active.num_classes, active.state)
-        inner.peft_active_adapter = name
+        del inner.peft_suspended
+        _activate(model, name)
         _set_pretrained_cfg(model, pc)
 
 
@@ -569,6 +688,7 @@ def using_adapter(model: nn.Module, adapter_name: str) -> Iterator[nn.Module]:
         ...     m.num_classes
         4
     """
+    check_allowed(model, "using_adapter")
     previous = active_adapter(model)
     set_adapter(model, adapter_name)
     try:
@@ -726,9 +846,15 @@ def route(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Routing]:
     """
     if unwrap_features(model) is not model:
         raise ValueError("route works on a classification model, not a features_only wrapper")
-    names = list(adapter_names)
+    check_allowed(model, "route")
+    if isinstance(adapter_names, str):
+        raise TypeError(f"route takes one adapter name per sample (a list), got the string "
+                        f"{adapter_names!r}; for a batch of n samples of one adapter pass "
+                        f"[{adapter_names!r}] * n, or use set_adapter")
+    names = list(adapter_names) if isinstance(adapter_names, Sequence) else None
     if not names or not all(isinstance(n, str) for n in names):
-        raise TypeError("adapter_names must be a non-empty sequence of adapter names")
+        raise TypeError(f"adapter_names must be a non-empty list of adapter names, one per "
+                        f"sample, got {adapter_names!r}")
     previous = active_adapter(model)
     set_adapter(model, names[0])
     try:

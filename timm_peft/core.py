@@ -534,13 +534,31 @@ def apply_method(
 def get_peft_config(model: nn.Module) -> PeftConfig:
     """The config of the method applied to ``model``; a clear error for a plain model."""
     cfg = getattr(model, "peft_config", None)
+    if cfg is None and "peft_suspended" in unwrap_features(model).__dict__:
+        raise _state_error(model, "using the adapter")
     if cfg is None:
         raise ValueError(f"{type(model).__name__} carries no PEFT method: build it with a method "
                          f"suffix (e.g. 'vit_base_patch16_224.linear') or timm_peft.apply_method")
     return cfg
 
 
-def _method_of(model: nn.Module) -> PeftMethod:
+def _state_error(model: nn.Module, operation: str) -> Exception:
+    from .adapters import AdapterStateError, check_allowed
+    try:
+        check_allowed(model, operation)
+    except AdapterStateError as e:
+        return e
+    raise AssertionError("only called where the state refuses")  # pragma: no cover
+
+
+def _check_state(model: nn.Module, operation: str) -> None:
+    if unwrap_features(model).__dict__.get("peft_adapters") is not None:
+        from .adapters import check_allowed
+        check_allowed(model, operation)
+
+
+def _method_of(model: nn.Module, operation: str) -> PeftMethod:
+    _check_state(model, operation)
     get_peft_config(model)
     if isinstance(unwrap_features(model).__dict__.get("peft_active_adapter"), tuple):
         raise ValueError(f"adapters {list(unwrap_features(model).peft_active_adapter)} are "
@@ -596,13 +614,13 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the adapter into the base weights in place; :func:`unmerge` undoes it."""
-    _method_of(model).merge(unwrap_features(model))
+    _method_of(model, "merge").merge(unwrap_features(model))
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` in place so training can resume."""
-    _method_of(model).unmerge(unwrap_features(model))
+    _method_of(model, "unmerge").unmerge(unwrap_features(model))
     return model
 
 
@@ -639,7 +657,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         >>> hasattr(plain, "peft_config")
         False
     """
-    impl = _method_of(model)
+    impl = _method_of(model, "merge_and_unload")
     inner = unwrap_features(model)
     impl.merge(inner)
     impl.unload(inner)
@@ -660,6 +678,7 @@ def unload(model: nn.Module) -> nn.Module:
         True
     """
     inner = unwrap_features(model)
+    _check_state(model, "unload")
     get_peft_config(model)
     if inner.__dict__.get("peft_adapters") is not None:
         from .adapters import _to_base

@@ -249,7 +249,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
         ['README.md', 'adapter_config.json', 'adapter_model.safetensors', 'config.json']
     """
     from ..adapters import get_adapters, using_adapter
+    from ..core import _check_state
 
+    _check_state(model, "save_pretrained")
     get_peft_config(model)
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
@@ -375,7 +377,9 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, check_base: bool 
         >>> sorted(timm_peft.get_adapters(m))
         ['bias_task', 'default']
     """
+    from ..core import _check_state
     from .hub import resolve_adapter_dir
+    _check_state(model, "load_adapter")  # not inside disable_adapter or route
     adapter_dir = resolve_adapter_dir(adapter, revision=revision)
     cfg = read_adapter_config(adapter_dir)
     inner = unwrap_features(model)
