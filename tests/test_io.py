@@ -105,7 +105,7 @@ def test_interrupted_save_leaves_previous_adapter_loadable(saved, monkeypatch, c
                 raise KeyboardInterrupt("simulated crash")
         monkeypatch.setattr(save_load.os, "fsync", fsync)
     else:  # killed just before the new adapter replaces the old one
-        def exchange(a, b):
+        def exchange(*args):
             raise KeyboardInterrupt("simulated crash")
         monkeypatch.setattr(save_load, "_exchange", exchange)
     with torch.no_grad():
@@ -126,17 +126,24 @@ def _build_like(model):
     return timm.create_model(f"{NAME}.partial", num_classes=5, **TINY_VIT)
 
 
-def test_stale_temporaries_are_removed_and_other_files_kept(saved):
+def test_a_users_look_alike_directories_survive_and_other_files_are_kept(saved):
     model, out = saved
-    stale = out.parent / ".adapter.tmp-killed"  # a save killed with SIGKILL leaves this
-    stale.mkdir()
-    (stale / WEIGHTS_NAME).write_bytes(b"x" * 1000)
+    # named like our temporaries, but the user's: we delete only what we can prove we made
+    mine = [out.parent / ".adapter.tmp-killed", out.parent / f".adapter.tmp-{'0' * 32}",
+            out.parent / f".adapter.old-{'0' * 32}"]
+    for d in mine:
+        d.mkdir()
+        (d / WEIGHTS_NAME).write_bytes(b"x" * 1000)
     orphan = out / f".{WEIGHTS_NAME}.abc.tmp"  # an orphan of the old per-file writes
     orphan.write_bytes(b"x" * 1000)
     (out / "training_args.json").write_text("{}")
     timm_peft.save_pretrained(model, out)
-    assert not stale.exists() and not orphan.exists()
+    timm_peft.save_pretrained(model, out)
+    assert all((d / WEIGHTS_NAME).read_bytes() == b"x" * 1000 for d in mine)
+    assert not orphan.exists()
     assert (out / "training_args.json").read_text() == "{}"
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == sorted(
+        d.name for d in mine)  # and nothing of ours is left
 
 
 def test_save_refuses_a_directory_that_is_not_an_adapter(saved, tmp_path):

@@ -116,6 +116,8 @@ def resolve_adapter_dir(
         raise AdapterError(f"revision={revision!r} applies to Hub adapters ('{HUB_PREFIX}<org>/"
                            f"<name>'), not to the local path {str(adapter)!r}")
     path = Path(adapter)
+    from .save_load import recover_interrupted_save
+    recover_interrupted_save(path)  # a save killed halfway: its previous adapter comes back
     if path.is_dir():
         return path
     if path.exists():

@@ -2,7 +2,9 @@
 
 ``save_pretrained`` writes every file of an adapter into a sibling temporary directory and swaps
 it in with one atomic rename, under a lock, so a reader sees the old adapter or the new one,
-never a mix. ``from_pretrained`` checks the whole adapter against a model built on the ``meta``
+never a mix. Where the atomic exchange is missing (macOS, some filesystems) two renames do it,
+and a journal beside the adapter lets the next save or load put the previous adapter back after
+a kill between them; a save removes only the temporaries its journal names. ``from_pretrained`` checks the whole adapter against a model built on the ``meta``
 device (nothing allocated) before building the real one, restores the data configuration and
 class names into ``model.pretrained_cfg``, and takes the base weights only from timm's source
 for the recorded tag or from what the caller passes.
@@ -16,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -138,84 +139,227 @@ def restore_pretrained_cfg(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Serialise saves into ``directory`` (an advisory ``flock`` on it; a no-op without fcntl)."""
+def _locked(directory: Path, blocking: bool = True) -> Iterator[bool]:
+    """Serialise saves into ``directory`` (an advisory ``flock`` on it; a no-op without fcntl).
+
+    Yields whether the lock is held: without ``blocking``, False when another process holds it.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield
+        yield True
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # closing releases the lock
 
 
-def _exchange(a: Path, b: Path) -> None:
-    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``; else two renames)."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+def _load_renameat2() -> Any:
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except OSError:  # pragma: no cover - no C library to ask
+        return None
+
+
+#: Linux ``renameat2`` (None elsewhere: macOS, other libcs); tests set it to None to force the
+#: two-rename fallback
+_RENAMEAT2 = _load_renameat2()
+
+
+def _exchange(tmp: Path, out: Path, aside: Path) -> None:
+    """Put the directory ``tmp`` in place of the directory ``out``.
+
+    Atomically with Linux ``renameat2(RENAME_EXCHANGE)`` (``tmp`` then holds the old adapter).
+    Where the exchange is not available, two renames: ``out`` to ``aside``, ``tmp`` to ``out``;
+    a kill between them leaves the previous adapter in ``aside``, and the save's journal tells
+    the next save or load to put it back (:func:`_recover`).
+    """
+    fn = _RENAMEAT2
     if fn is not None:
         at_fdcwd, rename_exchange = -100, 2
-        if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        if fn(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(out), rename_exchange) == 0:
             return
         err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL):
-            raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-    old = a.with_name(a.name + ".old")
-    os.rename(b, old)
-    os.rename(a, b)
-    os.rename(old, a)
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(out))
+    os.rename(out, aside)
+    os.rename(tmp, out)
 
 
-def _is_stale(name: str, target: str) -> bool:
-    return name.startswith(f".{target}.tmp-")
+# What a save leaves beside ``out`` while it runs: the new adapter being written
+# (``.<out>.tmp-<token>``), where the fallback moves the previous adapter aside
+# (``.<out>.old-<token>``), and a journal (``.<out>.timm_peft-save``) naming both, written before
+# either exists. A save removes only the directories its journal names (a 128-bit token a user's
+# directory does not carry, and for the one moved aside its inode), so a user's own
+# ``.<out>.tmp-*`` is never touched.
+_TOKEN_HEX = 32
+_NAME_MAX = 255
+
+
+def _unit_names(out: Path, token: str = "") -> tuple[str, str, str]:
+    """The journal, temporary and moved-aside names of a save into ``out``."""
+    stem = f".{out.name}"
+    if len(os.fsencode(stem)) + 6 + _TOKEN_HEX > _NAME_MAX:  # a long name: its hash instead
+        stem = ".timm_peft-" + hashlib.sha256(os.fsencode(out.name)).hexdigest()[:24]
+    return f"{stem}.timm_peft-save", f"{stem}.tmp-{token}", f"{stem}.old-{token}"
+
+
+def _read_journal(out: Path) -> dict[str, Any] | None:
+    """The journal of an interrupted save into ``out``; None when there is none we wrote."""
+    path = out.parent / _unit_names(out)[0]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    import stat as stat_mod
+    if not stat_mod.S_ISREG(st.st_mode) or st.st_size > 4096:
+        return None  # not ours: leave it
+    try:
+        j = json.loads(path.read_text())
+        token = j["token"]
+        ok = (isinstance(j, dict) and j.get("timm_peft_save") == 1 and j.get("target") == out.name
+              and isinstance(token, str) and len(token) == _TOKEN_HEX
+              and all(c in "0123456789abcdef" for c in token)
+              and (j.get("old") is None or (isinstance(j["old"], list) and len(j["old"]) == 2
+                                            and all(isinstance(v, int) for v in j["old"]))))
+    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError):
+        ok = False
+    if ok:
+        return {**j, "path": path}
+    if st.st_size == 0:
+        # a save killed between creating its journal and writing it (one small write, which a
+        # kill does not cut): nothing it would name exists yet, and an empty file holds nothing
+        return {"path": path, "token": None}
+    raise AdapterError(f"cannot save the adapter to {out}: {path} is not a journal timm_peft "
+                       "wrote, and a save keeps its journal under that name; move the file away")
+
+
+def _recover(out: Path) -> None:
+    """Finish what an interrupted save into ``out`` left (call it holding the lock).
+
+    The previous adapter moved aside by the fallback comes back when the new one never took its
+    place; the new adapter's temporary, or the previous adapter once the new one is in place, is
+    removed. Only directories the journal names are touched.
+    """
+    j = _read_journal(out)
+    if j is None:
+        return
+    if j["token"] is not None:
+        _, tmp_name, aside_name = _unit_names(out, j["token"])
+        tmp, aside = out.parent / tmp_name, out.parent / aside_name
+        old = tuple(j["old"]) if j.get("old") else None
+        try:
+            st = os.lstat(aside)
+            moved = old is not None and (st.st_dev, st.st_ino) == old
+        except FileNotFoundError:
+            moved = False
+        if moved:
+            if os.path.lexists(tmp):  # the new adapter never took the place of the old one
+                if not os.path.lexists(out):
+                    os.rename(aside, out)
+            else:  # the new adapter is in place: the old one is no longer needed
+                shutil.rmtree(aside)
+        if os.path.lexists(tmp) and os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp)  # the new adapter cut short, or the old one after an exchange
+    os.unlink(j["path"])
+
+
+def recover_interrupted_save(path: str | os.PathLike) -> None:
+    """Undo or finish a save into ``path`` that was killed halfway (called before a load).
+
+    Does nothing when no save of ours was interrupted there, while another process is saving
+    (it holds the lock and will finish), or where the directory cannot be written.
+    """
+    out = Path(os.path.realpath(path))
+    if not os.path.lexists(out.parent / _unit_names(out)[0]):
+        return
+    with contextlib.suppress(OSError, AdapterError), _locked(out.parent, blocking=False) as held:
+        if held:
+            _recover(out)
 
 
 def _write_unit(out: Path, files: dict[str, bytes]) -> None:
     """Replace the adapter in ``out`` with ``files`` as one unit.
 
     Files already in ``out`` that the adapter does not own (e.g. ``training_args.json``) are kept;
-    temporaries left by killed saves are removed.
+    a save that was killed halfway is first finished or undone (:func:`_recover`). An OS error
+    (disk full, permissions, another filesystem) is an :class:`AdapterError` naming the path,
+    and leaves the previous adapter as it was.
     """
     out = Path(os.path.realpath(out))  # a link to an adapter: replace what it points to
     parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with _locked(parent):
-        for p in parent.iterdir():  # we hold the lock: no other save is writing these
-            if _is_stale(p.name, out.name):
-                shutil.rmtree(p, ignore_errors=True)
-        if out.exists() and not out.is_dir():
-            raise AdapterError(f"cannot save an adapter to {out}: it is a file")
-        old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-        if old and CONFIG_NAME not in old:
-            raise AdapterError(f"cannot save an adapter to {out}: it holds other files "
-                               f"({old[:5]}) and no adapter; choose a new or empty directory")
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.tmp-"))
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
-            for name, data in files.items():
-                with open(tmp / name, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            for name in old:
-                src = out / name
-                if name in files or (name.startswith(".") and name.endswith(".tmp")):
-                    continue  # ours, or a temporary of the old per-file writes
-                if src.is_dir():
-                    shutil.copytree(src, tmp / name, symlinks=True)
-                else:
-                    shutil.copy2(src, tmp / name, follow_symlinks=False)
-            if old or out.is_dir():
-                _exchange(tmp, out)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with _locked(parent):
+            _recover(out)
+            _write_locked(out, files)
+    except OSError as e:
+        raise AdapterError(_os_error_message(out, e)) from e
+
+
+def _os_error_message(out: Path, e: OSError) -> str:
+    where = e.filename or out
+    name = errno.errorcode.get(e.errno or 0, "")
+    text = f"cannot save the adapter to {out}: {e.strerror or e} ({name}) at {where}"
+    if e.errno == errno.EXDEV:
+        text += (f"; {out} is on another filesystem than {out.parent} (a mount point?): an "
+                 "adapter is swapped in by a rename within one filesystem, so save into a new "
+                 "directory inside it")
+    elif e.errno == errno.ENAMETOOLONG:
+        text += "; choose a shorter directory name"
+    return text + "; the previous adapter there, if any, is unchanged"
+
+
+def _write_locked(out: Path, files: dict[str, bytes]) -> None:
+    parent = out.parent
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"cannot save an adapter to {out}: it is a file")
+    old = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if old and CONFIG_NAME not in old:
+        raise AdapterError(f"cannot save an adapter to {out}: it holds other files "
+                           f"({old[:5]}) and no adapter; choose a new or empty directory")
+    import secrets
+    token = secrets.token_hex(_TOKEN_HEX // 2)
+    journal, tmp_name, aside_name = _unit_names(out, token)
+    tmp, aside = parent / tmp_name, parent / aside_name
+    st = os.stat(out) if out.is_dir() else None
+    record = dict(timm_peft_save=1, target=out.name, token=token,
+                  old=[st.st_dev, st.st_ino] if st is not None else None)
+    # before anything it names exists; one write, so a kill leaves it empty or whole
+    fd = os.open(parent / journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.mkdir(tmp, 0o777)  # the umask applies, as to any directory the user makes
+        for name, data in files.items():
+            with open(tmp / name, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for name in old:
+            src = out / name
+            if name in files or (name.startswith(".") and name.endswith(".tmp")):
+                continue  # ours, or a temporary of the old per-file writes
+            if src.is_dir():
+                shutil.copytree(src, tmp / name, symlinks=True)
             else:
-                os.rename(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # after a swap it holds the old adapter
+                shutil.copy2(src, tmp / name, follow_symlinks=False)
+        if st is not None:
+            _exchange(tmp, out, aside)
+        else:
+            os.rename(tmp, out)
+    finally:
+        _recover(out)  # the old adapter, or what a failure left: the journal says which
 
 
 # ----------------------------------------------------------------------------------------------
