@@ -207,8 +207,16 @@ def _cmd_reproduce(ns: argparse.Namespace) -> int:
 
 
 
-def _saved_run_args(resume: str) -> dict[str, Any]:
-    """The settings a run was started with (its ``args.json``), for ``--resume DIR`` alone."""
+#: the largest args.json a resume reads (a run's own is a few KiB)
+_ARGS_MAX_BYTES = 1 << 20
+
+
+def _saved_run_args(resume: str) -> tuple[dict[str, Any], Path]:
+    """The settings a run was started with (its ``args.json``), for ``--resume DIR`` alone.
+
+    Where the run was written (``output``) is not among them: a resumed run continues where
+    ``--resume`` points (a copy of a run continues in the copy), or in ``--output``.
+    """
     from .train import TrainConfig
     run_dir = Path(resume)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
@@ -216,9 +224,22 @@ def _saved_run_args(resume: str) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"--resume {resume}: no args.json in {run_dir} to take the run's "
                          "settings from; give them again (--model, the data ...)")
-    saved = json.loads(path.read_text())
+    with open(path, "rb") as fh:  # a regular file (checked above): reading it cannot hang
+        raw = fh.read(_ARGS_MAX_BYTES + 1)
+    if len(raw) > _ARGS_MAX_BYTES:
+        raise ValueError(f"{path} is larger than {_ARGS_MAX_BYTES:,d} bytes: not a run's "
+                         "settings")
+    try:
+        saved = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e)[:200]}); give the run's settings "
+                         "again (--model, the data ...)") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} must hold a JSON object of the run's settings, got a "
+                         f"{type(saved).__name__}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in fields and k not in ("resume", "overwrite")}
+    return {k: v for k, v in saved.items()
+            if k in fields and k not in ("resume", "overwrite", "output")}, path
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
@@ -230,11 +251,20 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     recipes = given.pop("recipes", [])
     if given.get("resume") and not recipes:
         # `--resume DIR` alone continues the run as it was started; flags given win
-        saved = _saved_run_args(given["resume"])
+        saved, path = _saved_run_args(given["resume"])
         recipes = saved.pop("recipes", [])
-        given = {**saved, **given}
-        values = dict(given, recipes=tuple(recipes))
-        cfg = TrainConfig(**values)
+        if not isinstance(recipes, list) or not all(isinstance(r, str) for r in recipes):
+            raise ValueError(f"{path}: field 'recipes' must be a list of recipe names")
+        missing = [k for k in ("model",) if not (given.get(k) or saved.get(k))]
+        if missing or not any(given.get(k) or saved.get(k) for k in ("task", "data_dir", "dataset")):
+            raise ValueError(f"{path} lacks the run's {missing[0] if missing else 'data'!r} "
+                             "setting; give it again (--model, --task/--data-dir/--dataset)")
+        values = dict({**saved, **given}, recipes=tuple(recipes))
+        try:
+            cfg = TrainConfig(**values)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--resume {given['resume']}: the settings in {path} (with the "
+                             f"flags given) do not make a run: {e}") from None
     else:
         cfg = TrainConfig.from_recipes(recipes, **given)
     result = train(cfg)

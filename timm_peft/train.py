@@ -1135,14 +1135,51 @@ def _resolve_resume(path: str) -> Path:
     return p
 
 
+#: what a checkpoint holds: key -> the types its value may have
+_CHECKPOINT_KEYS: dict[str, tuple[type, ...]] = {
+    "format": (int,), "model": (str,), "model_kwargs": (dict,), "peft_config": (dict,),
+    "num_classes": (int,), "classes": (list,), "base_fingerprint": (str,), "epoch": (int,),
+    "step": (int,), "adapter": (dict,), "optimizer": (dict,), "scaler": (dict, type(None)),
+    "ema": (dict, type(None)), "best": (dict,), "history": (list,),
+}
+
+
+def _check_checkpoint(path: Path, ckpt: Any) -> None:
+    """Refuse a checkpoint that is not whole (keys, types, finite tensors), naming the file."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a timm_peft checkpoint (format {_CHECKPOINT_FORMAT})")
+    for key, types in _CHECKPOINT_KEYS.items():
+        if key not in ckpt:
+            raise ValueError(f"{path}: checkpoint lacks {key!r}; it is cut short or not one "
+                             "timm_peft wrote: start the run over with --overwrite")
+        value = ckpt[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"{path}: checkpoint field {key!r} is a {type(value).__name__}, "
+                             f"expected {' or '.join(t.__name__ for t in types)}")
+    if min(ckpt["epoch"], ckpt["step"], ckpt["num_classes"]) < 0:
+        raise ValueError(f"{path}: checkpoint fields 'epoch', 'step' and 'num_classes' must be "
+                         ">= 0")
+    best = ckpt["best"]
+    if set(best) != {"acc", "epoch", "state"} or not isinstance(best["state"], (dict, type(None))):
+        raise ValueError(f"{path}: checkpoint field 'best' must hold acc, epoch and state")
+    for field, state in (("adapter", ckpt["adapter"]), ("best.state", best["state"] or {}),
+                         ("ema", ckpt["ema"] or {})):
+        for name, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{path}: checkpoint field {field!r} holds a "
+                                 f"{type(t).__name__} for {name!r}, expected a tensor")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: checkpoint tensor {field}[{name!r}] holds NaN or Inf "
+                                 "values; resume from an earlier copy or start over")
+
+
 def _read_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module,
                      classes: list[str]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise ValueError(f"{path} is not a readable timm_peft checkpoint: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a timm_peft checkpoint (format {_CHECKPOINT_FORMAT})")
+    _check_checkpoint(path, ckpt)
     inner = unwrap_features(model)
     mismatches = []
     if ckpt["model"] != cfg.model:
@@ -1220,15 +1257,21 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
             names = [str(out)]
             dist.broadcast_object_list(names, src=0)
             out = Path(names[0])
-    held = [n for n in _RUN_FILES if (out / n).exists()]
+    held = [n for n in _RUN_FILES if os.path.lexists(out / n)]
+    # resuming continues the run in its own directory, or in an empty --output the user names
+    continuing = resume_path is not None and out.resolve() == resume_path.parent.resolve()
     if resume_path is None and held:
         if not cfg.overwrite:
             hint = f"continue it with --resume {out}, " if CHECKPOINT_NAME in held else ""
             raise ValueError(f"{out} already holds a run ({', '.join(held)}); {hint}start it over "
                              "with --overwrite or choose another --output")
+    elif resume_path is not None and not continuing and held:
+        raise ValueError(f"--output {out} already holds a run ({', '.join(held)}); resuming "
+                         f"{resume_path} writes the continued run where --output points: give a "
+                         f"new --output, or none to continue in {resume_path.parent}")
 
     with _run_logging(dctx.is_main) as attach_log:
-        if resume_path is not None:
+        if continuing:
             attach_log(out)
         return _train_logged(cfg, splits, dctx, out, resume_path, held, attach_log)
 
@@ -1270,8 +1313,8 @@ def _train_logged(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist, out:
                     updates_per_epoch=trainer.updates_per_epoch())
     if dctx.is_main:
         # only now that model and data are ready: a run that fails to start leaves no trace
-        if resume_path is None:
-            for name in held:
+        if resume_path is None or out.resolve() != resume_path.parent.resolve():
+            for name in held:  # --overwrite (a resume into another --output holds none)
                 (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
             out.mkdir(parents=True, exist_ok=True)
             attach_log(out)
