@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from torch.utils.data import Dataset, Subset
 
 __all__ = ["TASKS", "TaskSpec", "SyntheticTask", "list_tasks", "load_image_folder", "DataError",
            "DataSplits", "build_splits", "holdout_split", "TransformDataset", "VTAB1K_TASKS",
-           "FGVC_DATASETS", "ListDataset", "load_dataset_split", "check_dataset_name"]
+           "FGVC_DATASETS", "ListDataset", "load_dataset_split", "check_dataset_name", "load_image",
+           "check_image_tree"]
 
 Rng = np.random.Generator
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -342,6 +344,149 @@ class SyntheticTask(Dataset):
 # ImageFolder trees
 # ----------------------------------------------------------------------------------------------
 
+# Image folders come from users and from strangers' archives: reading one never hangs (a FIFO
+# or device named like an image is refused, and images are opened without blocking), follows no
+# directory loop (a folder is walked once, so no image is counted twice), and every failure names
+# the file.
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def _not_regular(path: str, mode: int) -> DataError:
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return DataError(f"{path} is {kind}, not an image file: an image folder holds regular image "
+                     "files only; remove it")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read one image as RGB; a clear :class:`DataError` naming ``path`` for anything else.
+
+    The file is opened without blocking and checked to be a regular file before a byte is read
+    (a FIFO in place of an image would otherwise hang the loader), and decoded in full here so
+    a truncated file fails now, with its name.
+
+    Example:
+        >>> load_image("/dev/null")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_peft.data.DataError: /dev/null is a character device, not an image file: ...
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise DataError(f"cannot open image {path}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(str(path), mode)
+        try:
+            with Image.open(fh) as img:
+                return img.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def _image_files(top: str, extensions: tuple[str, ...], seen: set[tuple[int, int]],
+                 reserved: set[tuple[int, int]]) -> list[str]:
+    """Image files under ``top``, in ``torchvision``'s order (sorted folders, sorted names).
+
+    Links to folders are followed, but never into a folder already walked (``seen``: a loop, or
+    a folder reached twice) or into another class's folder (``reserved``).
+    """
+    found: dict[str, list[str]] = {}
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise DataError(f"cannot read folder {folder}: {e.strerror}") from e
+        names = found.setdefault(folder, [])
+        for entry in entries:
+            is_image = entry.name.lower().endswith(extensions)
+            try:
+                st = os.stat(entry.path)  # follows links
+            except OSError as e:
+                if is_image:
+                    raise DataError(f"cannot read image {entry.path}: {e.strerror} (a broken "
+                                    "link?)") from e
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key not in seen and key not in reserved:
+                    seen.add(key)
+                    stack.append(entry.path)
+            elif is_image:
+                if not stat.S_ISREG(st.st_mode):
+                    raise _not_regular(entry.path, st.st_mode)
+                names.append(entry.name)
+    return [os.path.join(folder, n) for folder in sorted(found) for n in sorted(found[folder])]
+
+
+def _scan_classes(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...],
+                  allow_empty: bool = False) -> list[tuple[str, int]]:
+    roots = {c: os.path.join(directory, c) for c in class_to_idx}
+    ids = {}
+    for c, root in roots.items():
+        st = os.stat(root)
+        ids[c] = (st.st_dev, st.st_ino)
+    seen: set[tuple[int, int]] = set()
+    out, empty = [], []
+    for c in sorted(class_to_idx):
+        seen.add(ids[c])
+        files = _image_files(roots[c], extensions, seen, set(ids.values()) - {ids[c]})
+        out += [(f, class_to_idx[c]) for f in files]
+        if not files:
+            empty.append(c)
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"found no image ({', '.join(extensions)}) in the class folders "
+                                f"{empty}")
+    return out
+
+
+def _image_folder(path: str) -> Dataset:
+    """``torchvision.datasets.ImageFolder`` that cannot hang, loop or read an image unnamed."""
+    from torchvision.datasets import ImageFolder
+
+    class SafeImageFolder(ImageFolder):
+        @staticmethod
+        def make_dataset(directory: Any, class_to_idx: dict[str, int],
+                         extensions: tuple[str, ...] | None = None,
+                         is_valid_file: Any = None, allow_empty: bool = False) -> list:
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+            return _scan_classes(str(directory), class_to_idx, extensions or IMG_EXTENSIONS,
+                                 allow_empty)
+
+    return SafeImageFolder(path, loader=load_image)
+
+
+def check_image_tree(root: str | os.PathLike) -> None:
+    """Refuse a folder that a reader following links would walk forever or count twice
+    (a link to a folder already walked) or that holds non-regular files named like images."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    top = os.fspath(root)
+    seen: set[tuple[int, int]] = set()
+    st = os.stat(top)
+    seen.add((st.st_dev, st.st_ino))
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        for entry in os.scandir(folder):
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    raise DataError(f"{entry.path} leads to a folder already walked (a link "
+                                    f"loop?) in {top}; remove the link so no image is read twice")
+                seen.add(key)
+                stack.append(entry.path)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS) and not stat.S_ISREG(st.st_mode):
+                raise _not_regular(entry.path, st.st_mode)
+
 def load_image_folder(root: str | os.PathLike, splits: Sequence[str] = ("train", "val", "test"),
                       required: Sequence[str] = ("train",)) -> dict[str, Dataset]:
     """Read ``root/<split>/<class>/<image>`` trees; every split must hold the same class folders.
@@ -353,8 +498,6 @@ def load_image_folder(root: str | os.PathLike, splits: Sequence[str] = ("train",
         >>> dsets["train"].classes  # doctest: +SKIP
         ['cat', 'dog']
     """
-    from torchvision.datasets import ImageFolder
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist (expected {root}/train/<class>/"
@@ -369,7 +512,7 @@ def load_image_folder(root: str | os.PathLike, splits: Sequence[str] = ("train",
                                 f"{root}/{split}/<class>/<image>")
             continue
         try:
-            out[split] = ImageFolder(str(path))
+            out[split] = _image_folder(str(path))
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"cannot read image folder {path}: {e}") from e
     reference = next(iter(out))
@@ -564,12 +707,7 @@ class ListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         rel, label = self.items[index]
-        path = self.root / rel
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except OSError as e:
-            raise DataError(f"cannot read image {path}: {e}") from e
+        return load_image(self.root / rel), label
 
 
 def _read_vtab_list(path: Path) -> list[tuple[str, int]]:
@@ -673,6 +811,7 @@ def load_dataset_split(name: str, root: str | os.PathLike | None, split: str, *,
         # timm falls back to the root itself when <root>/<split> is missing: refuse instead
         if not (Path(root) / split).is_dir():  # type: ignore[arg-type]
             raise DataError(f"folder dataset {root} has no {split}/ folder")
+        check_image_tree(Path(root) / split)  # timm's reader follows every link
         name = ""
     try:
         ds = create_dataset(name, root=None if root is None else str(root), split=split,
