@@ -1325,7 +1325,8 @@ def _train_logged(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist, out:
                            "small file. For a parameter-efficient run pick another method "
                            "suffix (timm-peft info lists them).")
         args = dict(cfg.to_dict(), classes=splits.classes, data_config=data_cfg, run=run_info)
-        (out / "args.json").write_text(json.dumps(args, indent=2) + "\n")
+        # atomically: a resume reads it, and a kill must not leave half of it
+        atomic_write(out / "args.json", (json.dumps(args, indent=2) + "\n").encode())
 
     def checkpoint(epoch: int, optimizer: torch.optim.Optimizer, best: dict[str, Any]) -> None:
         if not dctx.is_main:
@@ -1383,7 +1384,8 @@ def _train_logged(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist, out:
         for key in ("pretrained_file", "data_dir"):  # usable from any working directory
             if training_args.get(key):
                 training_args[key] = str(Path(training_args[key]).resolve())
-        (adapter_dir / TRAINING_ARGS_NAME).write_text(json.dumps(training_args, indent=2) + "\n")
+        atomic_write(adapter_dir / TRAINING_ARGS_NAME,
+                     (json.dumps(training_args, indent=2) + "\n").encode())
         metrics["adapter_bytes"] = (adapter_dir / WEIGHTS_NAME).stat().st_size
         trainer.log(dict(phase="final", step=trainer.global_step, **metrics))
         (out / "summary.json").write_text(json.dumps(dict(run=run_info, metrics=metrics),
