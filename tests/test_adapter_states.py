@@ -134,6 +134,7 @@ def _changes(model, tmp_path):
         "merge_and_unload": lambda: timm_peft.merge_and_unload(model),
         "merge": lambda: timm_peft.merge(model),
         "unload": lambda: timm_peft.unload(model),
+        "apply_method": lambda: timm_peft.apply_method(model, "bias"),
     }
 
 
@@ -172,6 +173,8 @@ def test_every_change_inside_route_is_refused_before_it_happens(tmp_path):
     assert timm_peft.active_adapter(model) == "default" and torch.equal(_out(model), y)
     assert set(ALLOWED) == {"active", "disabled", "routed"} and set(changes) - {
         "set_adapter(list)", "load_adapter(named)"} <= ALLOWED["active"]
+    with pytest.raises(ValueError, match="already carries PEFT method"):
+        timm_peft.apply_method(model, "bias")  # active: a model takes one method, as before
 
 
 def test_set_adapter_and_route_refuse_malformed_names_before_any_change():
@@ -180,6 +183,10 @@ def test_set_adapter_and_route_refuse_malformed_names_before_any_change():
     y = _out(model)
     with pytest.raises(ValueError, match="empty list.*the model has \\['default', 'b'\\]"):
         timm_peft.set_adapter(model, [])
+    timm_peft.add_adapter(model, "p", dict(num_prompts=2, train_head=False), method="vpt")
+    timm_peft.set_adapter(model, dict.fromkeys(["default", "p"]).keys())  # ordered: composes
+    assert timm_peft.active_adapter(model) == ("default", "p")
+    timm_peft.set_adapter(model, ("default",))
     for bad in (None, 3, [None], {"default"}):
         with pytest.raises(TypeError, match="set_adapter takes an adapter name or a list"):
             timm_peft.set_adapter(model, bad)

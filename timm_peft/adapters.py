@@ -68,6 +68,7 @@ import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass
+from collections.abc import KeysView
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -105,7 +106,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "active": frozenset({
         "add_adapter", "load_adapter", "set_adapter", "using_adapter", "delete_adapter",
         "disable_adapter", "route", "save_pretrained", "push_to_hub", "merge", "unmerge",
-        "merge_and_unload", "unload"}),
+        "merge_and_unload", "unload", "apply_method"}),
     "disabled": frozenset({"disable_adapter"}),
     "routed": frozenset(),
 }
@@ -501,7 +502,8 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Modul
     inner = unwrap_features(model)
     check_allowed(model, "set_adapter")
     if not isinstance(adapter_name, str):
-        if not isinstance(adapter_name, (list, tuple)) or not all(
+        # an ordered collection of names (the composition's order); a set has none
+        if not isinstance(adapter_name, (Sequence, KeysView)) or not all(
                 isinstance(n, str) for n in adapter_name):
             raise TypeError(f"set_adapter takes an adapter name or a list of names to compose, "
                             f"got {adapter_name!r}; the model has {list(adapters)}")

@@ -510,6 +510,7 @@ def apply_method(
     config = _make_config(method, peft_cfg)
     method_name = resolve_method(method)[0]
     impl = _METHODS[method_name]
+    _check_state(model, "apply_method")  # inside disable_adapter the model has no config
     if getattr(model, "peft_config", None) is not None:
         raise ValueError(f"model already carries PEFT method {model.peft_method!r}; "
                          "build a fresh model to apply another")
