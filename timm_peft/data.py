@@ -472,7 +472,11 @@ def check_image_tree(root: str | os.PathLike) -> None:
     stack = [top]
     while stack:
         folder = stack.pop()
-        for entry in os.scandir(folder):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise DataError(f"cannot read folder {folder}: {e.strerror}") from e
+        for entry in entries:
             try:
                 st = os.stat(entry.path)
             except OSError:

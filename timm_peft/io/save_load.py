@@ -261,11 +261,11 @@ def _recover(out: Path) -> None:
         except FileNotFoundError:
             moved = False
         if moved:
-            if os.path.lexists(tmp):  # the new adapter never took the place of the old one
-                if not os.path.lexists(out):
-                    os.rename(aside, out)
-            else:  # the new adapter is in place: the old one is no longer needed
+            if not os.path.lexists(out):  # killed between the renames: the previous one back
+                os.rename(aside, out)
+            elif not os.path.lexists(tmp):  # the new adapter took its place: no longer needed
                 shutil.rmtree(aside)
+            # else something else was put at ``out`` meanwhile: the previous adapter stays aside
         if os.path.lexists(tmp) and os.path.isdir(tmp) and not os.path.islink(tmp):
             shutil.rmtree(tmp)  # the new adapter cut short, or the old one after an exchange
     os.unlink(j["path"])
