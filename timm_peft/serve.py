@@ -34,8 +34,7 @@ Example:
     >>> engine.stats()["backbone_passes"]
     1
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the route signatures' real types
 import base64
 import binascii
 import collections
@@ -191,7 +190,9 @@ class AdapterEngine:
         self._model_lock = threading.Lock()    # the model: loads, evictions, forwards
         self._loading: dict[str, threading.Lock] = {}
         self._serial = 0
-        self.counters = collections.Counter()
+        self.counters = collections.Counter(dict.fromkeys(
+            ("requests", "batches", "max_batch", "backbone_passes", "routed_passes", "loads",
+             "evictions", "load_failures", "cached_failures"), 0))
         for adapter_id in self.sources:
             try:
                 self.unpin(self.pin(adapter_id))
