@@ -222,7 +222,11 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     import time
     from .serve import build_app, start
     kwargs, host, port = _serve_kwargs(ns)
-    url = start(build_app(**kwargs), host=host, port=port)
+    try:
+        app = build_app(**kwargs)
+    except ImportError as e:  # Ray Serve is an optional extra: say how to get it, no traceback
+        raise RuntimeError(str(e)) from e
+    url = start(app, host=host, port=port)
     print(f"Serving {len(kwargs['adapters'])} adapter(s) on {ns.model} at {url} "
           f"(POST {url}/predict, GET {url}/adapters, {url}/stats, {url}/healthz); Ctrl-C stops",
           flush=True)

@@ -277,7 +277,7 @@ class AdapterEngine:
             entry.pins -= 1
 
     def _load(self, adapter_id: str) -> _Entry:
-        """Check the adapter without the model, then add it to the model (room made first)."""
+        """Check the adapter without the model, add it to the model, then make room."""
         source = self._source(adapter_id)
         try:
             adapter_dir = resolve_adapter_dir(source)
@@ -286,7 +286,6 @@ class AdapterEngine:
             raise RequestError(422, f"adapter {adapter_id!r} cannot be loaded: "
                                f"{type(e).__name__}: {e}") from e
         with self._model_lock:
-            self._evict(keep=self.max_adapters - 1)
             with self._meta:
                 self._serial += 1
                 name = f"a{self._serial}"
@@ -306,6 +305,7 @@ class AdapterEngine:
                 entry.pins = 1
                 self._entries[adapter_id] = entry
                 self.counters["loads"] += 1
+            self._evict(keep=self.max_adapters)  # after the load: a failed one evicts nothing
         _log.info("loaded adapter %r from %s as %s (%s)", adapter_id, source, name, entry.method)
         return entry
 
