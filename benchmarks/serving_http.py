@@ -17,20 +17,22 @@ Three ways to serve ``n`` SSF adapters of one backbone, on one local Ray Serve, 
 
 A bounded closed-loop load generator (``--concurrency`` clients, aiohttp) sends a fixed, seeded
 sequence of ``--requests`` requests (a stop after ``--duration`` seconds too): JSON bodies with a
-base64 PNG, adapters drawn uniformly or Zipf(``--zipf-s``)-skewed. Every system gets the same
+base64 JPEG, adapters drawn uniformly or Zipf(``--zipf-s``)-skewed. Every system gets the same
 sequence after a warm-up request per adapter. Memory: the resident set of the replica processes
 (``psutil``) and the tensor bytes of the models they hold.
 
 Run: ``nice -n 10 python -m benchmarks.serving_http`` (``--quick`` for a smoke run).
 """
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI reads the route signatures' real types
 
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import tempfile
@@ -43,7 +45,7 @@ import torch
 from starlette.requests import Request  # a module-level name: FastAPI resolves the annotation
 
 import timm_peft
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 from benchmarks.serving import _nbytes
 from timm_peft.serve import AdapterEngine, encode_image
 
@@ -97,6 +99,7 @@ def _multiplexed_deployment() -> Any:
         def __init__(self, engine_kwargs: dict, max_batch_size: int, batch_wait_s: float) -> None:
             torch.set_num_threads(1)
             self.engine = AdapterEngine(**engine_kwargs)
+            self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "model")  # as ours
             self.infer.set_max_batch_size(max_batch_size)
             self.infer.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -119,7 +122,8 @@ def _multiplexed_deployment() -> Any:
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
         async def infer(self, items: list) -> list:
-            return await asyncio.to_thread(self.engine.run_batch, items)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self.engine.run_batch, items)
 
     return Multiplexed
 
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    from timm_peft.serve import build_app, start
+    from timm_peft.serve import build_app
 
     torch.set_num_threads(1)
     counts = [int(c) for c in args.adapters.split(",")]
@@ -238,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     weights, dirs = make_zoo(root, args.arch, kwargs, max(counts), args.method)
     g = torch.Generator().manual_seed(0)
     images = [base64.b64encode(encode_image(torch.rand(3, args.img_size, args.img_size,
-                                                       generator=g))).decode()
-              for _ in range(8)]
+                                                       generator=g), format="JPEG")).decode()
+              for _ in range(8)]  # JPEG, as photos come: the bodies stay small
     common = dict(pretrained_file=str(weights), model_kwargs=kwargs, num_cpus=0,
                   max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
 
@@ -251,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
 
     single = _nbytes(timm_peft.from_pretrained(dirs[0], pretrained_cfg_overlay=dict(
         file=str(weights), custom_load=False)))
+    model_ratio = {n: bytes_ours(n) / (n * single) for n in counts}
+    runs = RESULTS / f"{args.out}_runs.json"
 
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
     port = _free_port()
@@ -328,19 +334,20 @@ def main(argv: list[str] | None = None) -> None:
                     print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
                           flush=True)
                     rows.append(row)
+                    runs.write_text(json.dumps(rows, indent=2) + "\n")  # kept if a later cell fails
                 for app in apps:
                     serve.delete(app)
                 print(f"  {system} n={n}: {time.time() - t0:.0f} s", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
     # ratios against (b) and (a) in the same run
     by = {(r["adapters"], r["traffic"], r["system"]): r for r in rows}
     rss_one = statistics.median(one_replica_rss) if one_replica_rss else float("nan")
     summary = []
     for n in counts:
-        model_ratio = bytes_ours(n) / (n * single)
         for kind in ("uniform", "zipf"):
             ours, mux = by[(n, kind, "ours")], by[(n, kind, "multiplexed")]
             pa = by.get((n, kind, "per_adapter"))
@@ -354,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                 ours_p99_ms=ours["p99_ms"], multiplexed_p99_ms=mux["p99_ms"],
                 per_adapter_p99_ms=pa["p99_ms"] if pa else float("nan"),
                 rss_vs_per_adapter=ours["replica_rss_mb"] * 2**20 / (n * rss_one),
-                model_bytes_vs_per_adapter=model_ratio))
+                model_bytes_vs_per_adapter=model_ratio[n]))
     command = "python -m benchmarks.serving_http " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:])
     notes = (
@@ -378,8 +385,6 @@ def main(argv: list[str] | None = None) -> None:
         f"Total time {time.time() - t_start:.0f} s.")
     md = write_report(args.out, "Serving over HTTP: mixed-adapter batches vs Ray multiplexing "
                       "vs a deployment per adapter", command.strip(), summary, notes)
-    detail = md.with_name(f"{args.out}_runs.json")
-    detail.write_text(json.dumps(rows, indent=2) + "\n")
     print(md.read_text())
 
 

@@ -38,6 +38,7 @@ Example:
 import base64
 import binascii
 import collections
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -515,6 +516,8 @@ def _deployment_class() -> Any:
                      batch_wait_s: float) -> None:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
             self.engine = AdapterEngine(**engine_kwargs)
+            # the model's own thread: batches never queue behind decoding in the default pool
+            self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "timm_peft-model")
             self.max_body = self.engine.max_image_bytes * 4 // 3 + 4096  # base64 + JSON
             self.infer.set_max_batch_size(max_batch_size)
             self.infer.set_batch_wait_timeout_s(batch_wait_s)
@@ -564,7 +567,8 @@ def _deployment_class() -> Any:
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
         async def infer(self, items: list[tuple[_Entry, torch.Tensor, int | None]]
                         ) -> list[dict[str, Any]]:
-            return await asyncio.to_thread(self.engine.run_batch, items)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self.engine.run_batch, items)
 
     _DEPLOYMENT = TimmPeftServer
     return _DEPLOYMENT
