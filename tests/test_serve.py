@@ -184,12 +184,13 @@ def test_engine_lru_evicts_without_touching_the_base_and_reloads(zoo):
 
 @pytest.mark.parametrize("hostile", ["hostile_base", "hostile_nan", "hostile_config"])
 def test_engine_hostile_adapter_leaves_the_model_unchanged_and_failure_is_cached(zoo, hostile):
-    engine = _engine(zoo)
-    before = _snapshot(engine.model)
+    engine = _engine(zoo, max_adapters=len(ADAPTERS))  # full: a load would have to evict
+    before, held = _snapshot(engine.model), engine.listing()["loaded"]
     with pytest.raises(RequestError) as e:
         engine.pin(hostile)
     assert e.value.status == 422 and hostile in e.value.message
     assert _same(before, _snapshot(engine.model))
+    assert engine.listing()["loaded"] == held and engine.stats()["evictions"] == 0
     loads = engine.stats()["load_failures"]
     with pytest.raises(RequestError):
         engine.pin(hostile)
