@@ -30,7 +30,6 @@ import asyncio
 import base64
 import concurrent.futures
 import json
-import os
 import random
 import shutil
 import socket
@@ -85,7 +84,7 @@ def _multiplexed_deployment() -> Any:
     from fastapi import FastAPI
     from ray import serve
 
-    from timm_peft.serve import RequestError, _parse_request
+    from timm_peft.serve import _parse_request
 
     api = FastAPI()
 

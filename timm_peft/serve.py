@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .adapters import delete_adapter, get_adapters, route, set_adapter, using_adapter
-from .io import HUB_PREFIX, AdapterError, load_adapter, verify_adapter
+from .io import HUB_PREFIX, load_adapter, verify_adapter
 from .io.hub import resolve_adapter_dir
 
 __all__ = ["AdapterEngine", "RequestError", "build_app", "app_builder", "start", "encode_image",
