@@ -24,7 +24,9 @@ setup(
         "huggingface_hub>=0.23",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=7", "hypothesis>=6", "pyyaml", "datasets", "onnx", "onnxscript"]},
+    extras_require={"dev": ["pytest>=7", "hypothesis>=6", "pyyaml", "datasets", "onnx", "onnxscript",
+                            "ray[serve]"],
+                    "serve": ["ray[serve]"]},
     entry_points={"console_scripts": ["timm-peft=timm_peft.cli:main"]},
     license="Apache-2.0",
 )

@@ -1,4 +1,4 @@
-"""The ``timm-peft`` command line: ``train``, ``eval``, ``reproduce`` and ``info``.
+"""The ``timm-peft`` command line: ``train``, ``eval``, ``reproduce``, ``info`` and ``serve``.
 
 ``train`` exposes every :class:`timm_peft.train.TrainConfig` field as a flag (``--batch-size``,
 ``--lr``, ``--no-aug`` ...); ``--recipe`` applies published settings first, flags given on the
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="timm-peft", description="Parameter-efficient fine-tuning of timm models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,eval,reproduce,info}")
+                                metavar="{train,eval,reproduce,info,serve}")
 
     p = sub.add_parser("train", help="fine-tune a method and save the best adapter",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -122,7 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", nargs="?", help="adapter directory; without it: list everything")
     p.add_argument("--recipe", choices=list_recipes(), help="show one recipe's settings")
     p.add_argument("--json", action="store_true", help="print as JSON")
+
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve adapters over HTTP on one backbone (Ray Serve)",
+                       description="Serve many adapters on one frozen backbone with Ray Serve: "
+                       "POST /predict, GET /adapters, GET /stats, GET /healthz. Needs "
+                       "pip install 'timm_peft[serve]'.")
+    p.add_argument("--model", required=True, help="backbone <arch>[.<weight tag>]")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="[ID=]DIR_OR_HUB_ID",
+                   help="adapters loaded at start (directory or hf-hub:<org>/<name>; the id "
+                   "clients use is ID, else the source itself)")
+    p.add_argument("--max-adapters", type=int, default=16, help="adapters held per replica "
+                   "(LRU; default %(default)s)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--allow", nargs="+", metavar="ID_OR_PREFIX", help="ids or id prefixes that "
+                   "may be loaded on demand (default: any hf-hub: id)")
+    p.add_argument("--adapter-root", help="load unknown ids on demand from directories under it")
+    p.add_argument("--model-kwargs", nargs="+", metavar="KEY=VALUE", default=[])
+    p.add_argument("--pretrained-file", help="local base weights (timm's pretrained path)")
+    p.add_argument("--no-pretrained", action="store_true", help="random base (tests only)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
 
 
 _REPRODUCE_EPILOG = """\
@@ -170,6 +198,46 @@ def _add_reproduce_parser(sub: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------
+
+def _serve_kwargs(ns: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
+    """:func:`timm_peft.serve.build_app`'s keywords, host and port from ``timm-peft serve``."""
+    adapters: dict[str, str] = {}
+    for item in ns.adapters:
+        name, eq, source = item.partition("=")
+        if not eq or name.startswith(("hf-hub:", "local-dir:")) or "/" in name:
+            name, source = item, item  # a path or Hub id (which may hold '='), its own id
+        if name in adapters:
+            raise ValueError(f"--adapters: the id {name!r} is given twice")
+        adapters[name] = source
+    kwargs = dict(model=ns.model, adapters=adapters, max_adapters=ns.max_adapters,
+                  replicas=ns.replicas, max_batch_size=ns.max_batch_size,
+                  batch_wait_ms=ns.batch_wait_ms, allow=ns.allow, adapter_root=ns.adapter_root,
+                  model_kwargs=_parse_kv(ns.model_kwargs, "--model-kwargs"),
+                  pretrained=not ns.no_pretrained, pretrained_file=ns.pretrained_file,
+                  top_k=ns.top_k, num_cpus=ns.num_cpus)
+    return kwargs, ns.host, ns.port
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    import time
+    from .serve import build_app, start
+    kwargs, host, port = _serve_kwargs(ns)
+    try:
+        app = build_app(**kwargs)
+    except ImportError as e:  # Ray Serve is an optional extra: say how to get it, no traceback
+        raise RuntimeError(str(e)) from e
+    url = start(app, host=host, port=port)
+    print(f"Serving {len(kwargs['adapters'])} adapter(s) on {ns.model} at {url} "
+          f"(POST {url}/predict, GET {url}/adapters, {url}/stats, {url}/healthz); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+        serve.shutdown()
+    return 0
+
 
 def _cmd_reproduce(ns: argparse.Namespace) -> int:
     from .reproduce import estimate, reproduce
@@ -400,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     ns = parser.parse_args(argv)
-    commands = dict(train=_cmd_train, eval=_cmd_eval, reproduce=_cmd_reproduce, info=_cmd_info)
+    commands = dict(train=_cmd_train, eval=_cmd_eval, reproduce=_cmd_reproduce, info=_cmd_info,
+                    serve=_cmd_serve)
     with _console_logging():
         try:
             return commands[ns.command](ns)

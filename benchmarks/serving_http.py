@@ -1,0 +1,391 @@
+"""Serving over real HTTP on Ray Serve: mixed-adapter batches vs Ray's multiplexing vs one
+deployment per adapter, for 1, 8 and 64 adapters under uniform and Zipf traffic.
+
+Three ways to serve ``n`` SSF adapters of one backbone, on one local Ray Serve, in one run:
+
+* ``ours``: :func:`timm_peft.serve.build_app`, one replica, one backbone, ``@serve.batch``
+  collecting requests across adapter ids, adapters that share a structure routed together in one
+  backbone pass (:func:`timm_peft.route`).
+* ``multiplexed`` (b): Ray Serve's model multiplexing (``@serve.multiplexed`` +
+  ``serve.get_multiplexed_model_id``, the id in the ``serve_multiplexed_model_id`` header) with
+  ``@serve.batch``, which splits each batch by model id: one backbone pass per adapter in a batch.
+  To isolate the batching, everything else is ours: the same FastAPI ingress, request parsing,
+  preprocessing and Serve settings, and its "models" are adapters on one shared backbone (so its
+  memory is ours; a model per id would only cost it more memory).
+* ``per_adapter`` (a): one deployment (one replica, our engine with one adapter, batching its
+  own requests) per adapter, each at its own route prefix.
+
+A bounded closed-loop load generator (``--concurrency`` clients, aiohttp) sends a fixed, seeded
+sequence of ``--requests`` requests (a stop after ``--duration`` seconds too): JSON bodies with a
+base64 JPEG, adapters drawn uniformly or Zipf(``--zipf-s``)-skewed. Every system gets the same
+sequence after a warm-up request per adapter. Memory: the resident set of the replica processes
+(``psutil``) and the tensor bytes of the models they hold.
+
+Run: ``nice -n 10 python -m benchmarks.serving_http`` (``--quick`` for a smoke run).
+"""
+# no `from __future__ import annotations`: FastAPI reads the route signatures' real types
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import json
+import random
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from starlette.requests import Request  # a module-level name: FastAPI resolves the annotation
+
+import timm_peft
+from benchmarks.common import RESULTS, write_report
+from benchmarks.serving import _nbytes
+from timm_peft.serve import AdapterEngine, encode_image
+
+
+# ----------------------------------------------------------------------------------------------
+# the adapters
+# ----------------------------------------------------------------------------------------------
+
+def make_zoo(root: Path, arch: str, kwargs: dict, n: int, method: str) -> tuple[Path, list[Path]]:
+    """A base weights file and ``n`` trained-looking adapters of ``method`` (heads of 10-14)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    weights = root / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(arch, **kwargs).state_dict().items()},
+              str(weights))
+    overlay = dict(file=str(weights), custom_load=False)
+    dirs = []
+    for i in range(n):
+        classes = 10 + i % 5
+        m = timm.create_model(f"{arch}.{method}", pretrained=True, pretrained_cfg_overlay=overlay,
+                              num_classes=classes, **kwargs)
+        g = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn(p.shape, generator=g))
+        dirs.append(timm_peft.save_pretrained(m, root / f"t{i}", label_names=[
+            f"t{i}_class{c}" for c in range(classes)]))
+    return weights, dirs
+
+
+# ----------------------------------------------------------------------------------------------
+# (b): Ray Serve multiplexing, batches split by model id
+# ----------------------------------------------------------------------------------------------
+
+def _multiplexed_deployment() -> Any:
+    from fastapi import FastAPI
+    from ray import serve
+
+    from timm_peft.serve import _parse_request
+
+    api = FastAPI()
+
+    @serve.deployment(name="multiplexed")
+    @serve.ingress(api)
+    class Multiplexed:
+        """Ours with Ray's multiplexing in place of our adapter handling: the same FastAPI
+        ingress, request parsing, engine and preprocessing; the adapter id comes from the
+        ``serve_multiplexed_model_id`` header and ``@serve.batch`` splits batches by it."""
+
+        def __init__(self, engine_kwargs: dict, max_batch_size: int, batch_wait_s: float) -> None:
+            torch.set_num_threads(1)
+            self.engine = AdapterEngine(**engine_kwargs)
+            self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "model")  # as ours
+            self.infer.set_max_batch_size(max_batch_size)
+            self.infer.set_batch_wait_timeout_s(batch_wait_s)
+
+        @serve.multiplexed(max_num_models_per_replica=64)
+        async def get_model(self, model_id: str) -> Any:
+            return self.engine.pin(model_id)  # an adapter on the shared backbone, kept pinned
+
+        @api.get("/stats")
+        def stats(self) -> dict:
+            return self.engine.stats()
+
+        @api.post("/predict")
+        async def predict(self, request: Request) -> Any:
+            entry = await self.get_model(serve.get_multiplexed_model_id())
+            _, data, top_k = _parse_request(await request.body(),
+                                            request.headers.get("content-type", ""),
+                                            dict(request.query_params), 1 << 24)
+            x = await asyncio.to_thread(self.engine.preprocess, entry, data)
+            return await self.infer((entry, x, top_k))
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+        async def infer(self, items: list) -> list:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self.engine.run_batch, items)
+
+    return Multiplexed
+
+
+# ----------------------------------------------------------------------------------------------
+# load and measurement
+# ----------------------------------------------------------------------------------------------
+
+def traffic(n: int, kind: str, count: int, s: float, seed: int = 0) -> list[int]:
+    """``count`` adapter indices: uniform, or Zipf(s) over ranks given to adapters at random."""
+    rng = random.Random(seed)
+    if kind == "uniform":
+        return [rng.randrange(n) for _ in range(count)]
+    ranks = list(range(n))
+    rng.shuffle(ranks)
+    weights = [1.0 / (r + 1) ** s for r in ranks]
+    return rng.choices(range(n), weights=weights, k=count)
+
+
+async def _load(requests: list[tuple[str, dict, bytes]], concurrency: int, duration: float
+                ) -> dict[str, Any]:
+    """Send ``requests`` (url, headers, body) from ``concurrency`` clients; stop at the end or
+    after ``duration`` seconds."""
+    import aiohttp
+    latencies: list[float] = []
+    errors = 0
+    it = iter(requests)
+    t0 = time.perf_counter()
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        for url, headers, body in it:
+            if time.perf_counter() - t0 > duration:
+                return
+            t = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+                    continue
+            latencies.append(time.perf_counter() - t)
+
+    timeout = aiohttp.ClientTimeout(total=max(60.0, duration))
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        await asyncio.gather(*(client(s) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else float("nan")
+
+    return dict(done=len(lat), errors=errors, seconds=elapsed, req_per_s=len(lat) / elapsed,
+                p50_ms=pct(0.50), p99_ms=pct(0.99))
+
+
+def _replica_memory(app_prefix: str) -> tuple[int, int]:
+    """Resident bytes summed over the Serve replica processes of apps named ``app_prefix*``."""
+    import psutil
+    total, count = 0, 0
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if f"ServeReplica:{app_prefix}" in cmd:
+            try:
+                total += p.memory_info().rss
+                count += 1
+            except psutil.Error:
+                pass
+    return total, count
+
+
+def _stats(url: str) -> dict[str, int]:
+    import urllib.request
+    with urllib.request.urlopen(url + "/stats") as r:
+        return json.loads(r.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="vit_tiny_patch16_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--method", default="ssf")
+    p.add_argument("--adapters", default="1,8,64")
+    p.add_argument("--per-adapter-max", type=int, default=8,
+                   help="largest n run as n real deployments for (a); above it (a)'s memory is "
+                   "n x one replica's and its throughput is not measured")
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--duration", type=float, default=45.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    p.add_argument("--out", default="serving_http", help="report name under benchmarks/results/")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.adapters, args.requests, args.duration, args.depth = "1,8", 60, 10.0, 2
+        args.img_size = 64
+    import ray
+    from ray import serve
+
+    from timm_peft.serve import build_app
+
+    torch.set_num_threads(1)
+    counts = [int(c) for c in args.adapters.split(",")]
+    kwargs = dict(img_size=args.img_size, depth=args.depth)
+    root = Path(tempfile.mkdtemp(prefix="serving_http_"))
+    t_start = time.time()
+    weights, dirs = make_zoo(root, args.arch, kwargs, max(counts), args.method)
+    g = torch.Generator().manual_seed(0)
+    images = [base64.b64encode(encode_image(torch.rand(3, args.img_size, args.img_size,
+                                                       generator=g), format="JPEG")).decode()
+              for _ in range(8)]  # JPEG, as photos come: the bodies stay small
+    common = dict(pretrained_file=str(weights), model_kwargs=kwargs, num_cpus=0,
+                  max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+
+    # model tensor bytes (in this process): one backbone with n adapters vs n single models
+    def bytes_ours(n: int) -> int:
+        e = AdapterEngine(args.arch, {f"t{i}": str(dirs[i]) for i in range(n)}, max_adapters=n,
+                          pretrained_file=str(weights), model_kwargs=kwargs)
+        return _nbytes(e.model)
+
+    single = _nbytes(timm_peft.from_pretrained(dirs[0], pretrained_cfg_overlay=dict(
+        file=str(weights), custom_load=False)))
+    model_ratio = {n: bytes_ours(n) / (n * single) for n in counts}
+    runs = RESULTS / f"{args.out}_runs.json"
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options=dict(host="127.0.0.1", port=port))
+    rows: list[dict[str, Any]] = []
+    one_replica_rss: list[int] = []
+    try:
+        for n in counts:
+            ids = [f"t{i}" for i in range(n)]
+            sources = {a: str(dirs[i]) for i, a in enumerate(ids)}
+            body = {k: [json.dumps(dict(adapter=a, image=images[j % len(images)],
+                                        top_k=3)).encode() for j in range(len(images))]
+                    for k, a in enumerate(ids)}
+            systems: dict[str, Any] = {}
+
+            def deploy_ours() -> list[str]:
+                serve.run(build_app(args.arch, sources, max_adapters=n, **common),
+                          name="ours", route_prefix="/")
+                return ["ours"]
+
+            def deploy_multiplexed() -> list[str]:
+                engine_kwargs = dict(model=args.arch, adapters=sources, max_adapters=n,
+                                     pretrained_file=str(weights), model_kwargs=kwargs)
+                app = _multiplexed_deployment().options(  # Serve's settings as ours has them
+                    ray_actor_options=dict(num_cpus=0),
+                    max_ongoing_requests=max(64, 4 * args.max_batch_size)).bind(
+                    engine_kwargs, args.max_batch_size, args.batch_wait_ms / 1000)
+                serve.run(app, name="multiplexed", route_prefix="/")
+                return ["multiplexed"]
+
+            def deploy_per_adapter() -> list[str]:
+                targets = [serve.RunTarget(build_app(args.arch, {a: src}, max_adapters=1,
+                                                     **common),
+                                           name=f"per_adapter_{a}", route_prefix=f"/{a}")
+                           for a, src in sources.items()]
+                serve.run_many(targets)  # deployed together, waits until all run
+                return [t.name for t in targets]
+
+            def req_ours(k: int, j: int) -> tuple[str, dict, bytes]:
+                return f"{url}/predict", {"Content-Type": "application/json"}, body[k][j]
+
+            def req_multiplexed(k: int, j: int) -> tuple[str, dict, bytes]:
+                return f"{url}/predict", {"Content-Type": "application/json",
+                                   "serve_multiplexed_model_id": ids[k]}, body[k][j]
+
+            def req_per_adapter(k: int, j: int) -> tuple[str, dict, bytes]:
+                return f"{url}/{ids[k]}/predict", {"Content-Type": "application/json"}, body[k][j]
+
+            systems["ours"] = (deploy_ours, req_ours)
+            systems["multiplexed"] = (deploy_multiplexed, req_multiplexed)
+            if n <= args.per_adapter_max:
+                systems["per_adapter"] = (deploy_per_adapter, req_per_adapter)
+            for system, (deploy, make) in systems.items():
+                t0 = time.time()
+                apps = deploy()
+                # warm-up: every adapter once, then a short burst
+                warm = [make(k, 0) for k in range(n)] + [make(k % n, 1) for k in range(32)]
+                w = asyncio.run(_load(warm, min(args.concurrency, len(warm)), 120.0))
+                assert w["errors"] == 0, (system, w)
+                rss, procs = _replica_memory(system if system != "per_adapter" else "per_adapter_")
+                if system == "per_adapter" and procs:
+                    one_replica_rss.append(rss // procs)
+                for kind in ("uniform", "zipf"):
+                    seq = traffic(n, kind, args.requests, args.zipf_s)
+                    reqs = [make(k, i % len(images)) for i, k in enumerate(seq)]
+                    stats0 = _stats(url) if system != "per_adapter" else None
+                    res = asyncio.run(_load(reqs, args.concurrency, args.duration))
+                    row = dict(adapters=n, traffic=kind, system=system, **res,
+                               replica_rss_mb=rss / 2**20, replicas=procs)
+                    if stats0 is not None:  # requests per batch and per backbone pass
+                        st = {k: v - stats0[k] for k, v in _stats(url).items()}
+                        row["mean_batch"] = st["requests"] / max(1, st["batches"])
+                        row["req_per_pass"] = st["requests"] / max(1, st["backbone_passes"])
+                    print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
+                          flush=True)
+                    rows.append(row)
+                    runs.write_text(json.dumps(rows, indent=2) + "\n")  # kept if a later cell fails
+                for app in apps:
+                    serve.delete(app)
+                print(f"  {system} n={n}: {time.time() - t0:.0f} s", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+    # ratios against (b) and (a) in the same run
+    by = {(r["adapters"], r["traffic"], r["system"]): r for r in rows}
+    rss_one = statistics.median(one_replica_rss) if one_replica_rss else float("nan")
+    summary = []
+    for n in counts:
+        for kind in ("uniform", "zipf"):
+            ours, mux = by[(n, kind, "ours")], by[(n, kind, "multiplexed")]
+            pa = by.get((n, kind, "per_adapter"))
+            summary.append(dict(
+                adapters=n, traffic=kind,
+                ours_req_s=ours["req_per_s"], multiplexed_req_s=mux["req_per_s"],
+                per_adapter_req_s=pa["req_per_s"] if pa else float("nan"),
+                throughput_vs_multiplexed=ours["req_per_s"] / mux["req_per_s"],
+                ours_req_per_pass=ours.get("req_per_pass", float("nan")),
+                multiplexed_req_per_pass=mux.get("req_per_pass", float("nan")),
+                ours_p99_ms=ours["p99_ms"], multiplexed_p99_ms=mux["p99_ms"],
+                per_adapter_p99_ms=pa["p99_ms"] if pa else float("nan"),
+                rss_vs_per_adapter=ours["replica_rss_mb"] * 2**20 / (n * rss_one),
+                model_bytes_vs_per_adapter=model_ratio[n]))
+    command = "python -m benchmarks.serving_http " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:])
+    notes = (
+        f"`{args.arch}` ({args.img_size}x{args.img_size} input, depth {args.depth}, random "
+        f"base from a local weights file), {args.method.upper()} adapters with heads of 10-14 "
+        f"classes. Ray Serve {ray.__version__} on this machine (2 CPU cores shared with other "
+        "jobs; every process under `nice`; one torch thread per replica), HTTP on localhost from "
+        f"an aiohttp load generator in the driver: {args.concurrency} concurrent clients, "
+        f"{args.requests} requests per cell (stop after {args.duration:g} s), the same seeded "
+        f"sequence for every system; Zipf s={args.zipf_s}. `@serve.batch` up to "
+        f"{args.max_batch_size} requests, {args.batch_wait_ms:g} ms wait, for every system. "
+        "(b) `multiplexed` shares one backbone too (only its batching differs). (a) "
+        f"`per_adapter` runs as n real deployments up to n={args.per_adapter_max}; above that "
+        "its memory is n x the median replica RSS measured at the smaller n and its throughput "
+        "is not measured (n replica processes do not fit the shared machine). "
+        "`rss_vs_per_adapter`: resident memory of our one replica / n x one per-adapter "
+        "replica (processes: the torch runtime counts); `model_bytes_vs_per_adapter`: tensor "
+        "bytes of one backbone with n adapters / n separate models. Goals: 64 adapters, Zipf: "
+        "throughput ≥ 2x (b) at equal p99; memory ≤ 0.15 of (a). Closed loop: a system with "
+        "a higher throughput and a lower p99 at one concurrency meets 'at equal p99'. "
+        f"Total time {time.time() - t_start:.0f} s.")
+    md = write_report(args.out, "Serving over HTTP: mixed-adapter batches vs Ray multiplexing "
+                      "vs a deployment per adapter", command.strip(), summary, notes)
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
