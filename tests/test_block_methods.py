@@ -403,7 +403,7 @@ def test_build_time_refusal_says_what_is_missing(method):
 # ----------------------------------------------------------------------------------------------
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ("### Adapter", "### AdaptFormer", "### LoRA")
+SECTIONS = ("### Adapter:", "### AdaptFormer:", "### LoRA:")
 
 
 @pytest.mark.parametrize("heading", SECTIONS)
