@@ -415,3 +415,74 @@ def test_readme_section_runs(heading, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, f"README {heading}", "exec"), {})
+
+
+# ----------------------------------------------------------------------------------------------
+# an adapter is untrusted input: every size-like field is bounded, at every door
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["adapter", "adaptformer", "lora"])
+def test_every_numeric_config_field_is_bounded(method):
+    import dataclasses
+    import typing
+    cls = timm_peft.core.get_method(method).config_cls
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if int in args or float in args:
+            assert f.metadata.get("le") is not None or f.metadata.get("lt") is not None, f.name
+
+
+@pytest.mark.parametrize("method,cfg,field,value,message", [
+    ("lora", dict(r=2), "r", 10 ** 9, r"LoraConfig.r must be <= 4096"),
+    ("lora", dict(r=2), "r", 4, r"mis-shaped tensors"),
+    ("lora", dict(r=2), "target_modules", ["x"] * 1000, r"target_modules must name 1 to 64"),
+    ("lora", dict(r=2), "target_modules", ["fc1"], r"tensors|keys"),
+    ("lora", dict(r=2), "lora_alpha", 1e30, r"LoraConfig.lora_alpha must be <= 65536"),
+    ("adapter", dict(bottleneck=4), "bottleneck", 10 ** 9, r"AdapterConfig.bottleneck must be <= 8192"),
+    ("adapter", dict(bottleneck=4), "reduction_factor", 10 ** 9,
+     r"AdapterConfig.reduction_factor must be <= 4096"),
+    ("adapter", dict(bottleneck=4), "placement", "houlsby", r"tensors|keys"),
+    ("adaptformer", dict(bottleneck=4), "bottleneck", 10 ** 7,
+     r"AdaptFormerConfig.bottleneck must be <= 8192"),
+    ("adaptformer", dict(bottleneck=4), "scale", 1e300, r"AdaptFormerConfig.scale must be <= 100"),
+])
+def test_hostile_configs_are_refused_and_change_nothing(method, cfg, field, value, message,
+                                                        tmp_path):
+    import json
+    from timm_peft.io import CONFIG_NAME, AdapterError
+    torch.manual_seed(0)
+    model = _perturb(timm.create_model(f"{ARCH}.{method}", num_classes=3, peft_cfg=cfg, **VIT))
+    out = timm_peft.save_pretrained(model, tmp_path / "a")
+    config = json.loads((out / CONFIG_NAME).read_text())
+    config["peft_config"][field] = value
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=message):
+        timm_peft.from_pretrained(out)
+    target = _perturb(timm.create_model(f"{ARCH}.{method}", num_classes=3, peft_cfg=cfg, **VIT), 7)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(AdapterError):
+        timm_peft.load_adapter(target, out)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("first,second,cfg2", [
+    ("ssf", "adapter", dict(bottleneck=4, placement="houlsby")), ("adapter", "ssf", {}),
+    ("ssf", "adaptformer", dict(bottleneck=4)),
+    ("ssf", "lora", dict(r=2, target_modules=("proj", "fc2")))])
+def test_composition_with_ssf_keeps_the_residual_adds_right(first, second, cfg2):
+    """SSF moves a pre-norm block's residual adds into its branches' last Linears while training
+    (a memory saving); with another method adding to those branches' outputs it must not, or the
+    adapter would read (and LoRA's update skip the layer scale of) the residual stream."""
+    torch.manual_seed(0)
+    kwargs = dict(VIT, init_values=0.5)  # a layer scale, as DeiT-III's
+    first_cfg = dict(bottleneck=4) if first == "adapter" else None
+    model = timm.create_model(f"{ARCH}.{first}", num_classes=3, peft_cfg=first_cfg, **kwargs)
+    timm_peft.add_adapter(model, "b", dict(cfg2, train_head=False), method=second)
+    timm_peft.set_adapter(model, ["default", "b"])
+    _perturb(model, scale=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.eval()(x)  # timm's block forward (no grad: no residual fusion)
+    got = model.train()(x)      # eager training: SSF's fused residual where it may
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
