@@ -25,7 +25,7 @@ setup(
         "tqdm",
     ],
     extras_require={"dev": ["pytest>=7", "hypothesis>=6", "pyyaml", "datasets", "onnx", "onnxscript",
-                            "ray[serve]"],
+                            "peft>=0.13", "ray[serve]"],
                     "serve": ["ray[serve]"]},
     entry_points={"console_scripts": ["timm-peft=timm_peft.cli:main"]},
     license="Apache-2.0",

@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import linear_scale_shift, scale_shift
-from .swap import AdapterModule, Swappable, is_swapped, original_class, restore_class, swap_class
+from .swap import (AdapterModule, Swappable, is_swapped, mixins_of, original_class, restore_class,
+                   swap_class)
 
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
            "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftNorm", "attach_scale_shift",
@@ -98,10 +99,12 @@ def scan(model: nn.Module, roots: tuple[str, ...],
 
     Operations of a :data:`CHANNEL_AXIS` type are sites; operation-like modules of other types
     are yielded with the reason they are skipped, and so are operations whose fold would not be
-    exact when ``skip_unfoldable``. Modules inside ``exclude`` (the classifier) are not scanned.
+    exact when ``skip_unfoldable``. Modules inside ``exclude`` (the classifier) are not scanned,
+    nor those another method inserted (inside an :class:`AdapterModule`: not the base's).
     """
     from ..families.base import SsfSite
     excluded = {id(m) for e in exclude for m in e.modules()}
+    excluded |= {id(m) for a in model.modules() if isinstance(a, AdapterModule) for m in a.modules()}
     for root in roots:
         try:
             mod = model.get_submodule(root)
@@ -250,14 +253,17 @@ class ScaleShiftLinear(Swappable):
     method = "ssf"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if mixins_of(self)[-1] is not ScaleShiftLinear:
+            # another method's mixin changes the Linear's own output (LoRA): scale-shift that
+            return self.ssf(super().forward(x))
         return self.ssf.after_linear(x, self.weight, self.bias,
                                      *self.__dict__.pop("_peft_residual", ()))
 
 
 def takes_residual(op: nn.Module) -> bool:
     """Whether ``op`` can add a residual handed to it by :func:`residual_into` (a Linear with
-    SSF attached)."""
-    return is_swapped(op, ScaleShiftLinear)
+    SSF attached and nothing else: another mixin may add to its output after the residual)."""
+    return mixins_of(op) == (ScaleShiftLinear,)
 
 
 @contextlib.contextmanager
@@ -425,6 +431,8 @@ class ResidualIntoBranch(Swappable):
         scales = []
         for br in self.residual_branches:
             body = getattr(self, br.body)
+            if any(getattr(m, "wraps_output", False) for m in mixins_of(body)):
+                return None  # another method adds to the branch's output (Adapter, AdaptFormer)
             if not (takes_residual(body.get_submodule(br.last))
                     and _passes_through(body.get_submodule(br.after_last))
                     and _passes_through(getattr(self, br.drop_path))):
