@@ -24,7 +24,7 @@ setup(
         "huggingface_hub>=0.23",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=7", "pyyaml", "datasets", "onnx", "onnxscript"]},
+    extras_require={"dev": ["pytest>=7", "pyyaml", "datasets", "onnx", "onnxscript", "peft>=0.13"]},
     entry_points={"console_scripts": ["timm-peft=timm_peft.cli:main"]},
     license="Apache-2.0",
 )

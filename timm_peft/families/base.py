@@ -22,6 +22,10 @@ Questions:
 * :meth:`Family.ssf_sites`: the operations SSF follows, and the ones it must skip (with why).
 * :meth:`Family.residual_branches`: pre-norm residual blocks whose adds SSF may move into each
   branch's last Linear (memory only).
+* :meth:`Family.block_layers`: each block's MLP and attention, the width-preserving residual
+  bodies bottleneck adapters follow or run beside (Adapter, AdaptFormer).
+* :meth:`Family.linear_layers`: the Linear and 1×1 conv layers whose outputs a low-rank update
+  may change (LoRA), with any layer the model reads without calling it reported.
 * :meth:`Family.final_norms`: the norms between the last block and the head.
 * :meth:`Family.classifiers` and :meth:`Family.pooled`: the modules that turn pooled features
   into logits, and whether the model pools at all (LION's feature prompt).
@@ -38,8 +42,11 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 from torch import nn
 
+from ..layers.swap import Swappable
+
 __all__ = ["Family", "TokenSequence", "WindowLayer", "PixelInput", "LayerGroups", "SsfSite",
-           "FamilyCapabilityError", "classifier_modules", "pre_norm_blocks"]
+           "BlockLayers", "LinearLayer", "FamilyCapabilityError", "classifier_modules",
+           "pre_norm_blocks"]
 
 
 class FamilyCapabilityError(ValueError):
@@ -111,6 +118,76 @@ class SsfSite:
     merge_reason: str | None = None
 
 
+@dataclass
+class BlockLayers:
+    """One residual layer of a block as bottleneck adapters see it: the block's MLP and its
+    attention (token mixer), each mapping ``dim`` channels to ``dim`` channels, either None.
+
+    ``channel_axis`` is where the channels are in both modules' inputs and outputs: -1 for
+    Linear MLPs (tokens, channels-last maps), 1 for 1×1-conv MLPs on NCHW maps.
+    """
+
+    mlp: nn.Module | None
+    attn: nn.Module | None
+    dim: int
+    channel_axis: int = -1
+
+
+@dataclass
+class LinearLayer:
+    """A Linear (or 1×1 conv) layer a low-rank update may change, by its name in the model.
+
+    ``reason`` says why its output cannot be changed through its ``forward`` (the model reads its
+    weight itself); ``caller`` is a ``(module, mixin)`` pair whose :func:`~timm_peft.layers.
+    swap_class` makes the model call it (same function) so that it can.
+    """
+
+    name: str
+    op: nn.Module
+    reason: str | None = None
+    caller: tuple[nn.Module, type] | None = None
+
+
+class SeparateQkvBias(Swappable):
+    """An attention of timm's (EVA, BEiT, Swin-V2) with separate q/v biases that calls its
+    ``qkv`` Linear and adds the biases after it (timm's ``qkv_bias_separate=True`` path, the same
+    function) instead of calling ``F.linear`` on ``qkv.weight``: so a method that changes
+    ``qkv``'s forward (LoRA) is not bypassed."""
+
+    prefix = "SeparateQkvBias"
+    method = "lora"
+    fx_transparent = True  # timm's own computation
+
+    @property
+    def qkv_bias_separate(self) -> bool:  # a data descriptor: wins over timm's instance attribute
+        return True
+
+    @qkv_bias_separate.setter
+    def qkv_bias_separate(self, value: bool) -> None:
+        pass
+
+
+def _mlp_classes() -> tuple[type, ...]:
+    from timm.layers import ConvMlp, GatedMlp, GluMlp, Mlp, SwiGLU
+    return (Mlp, GluMlp, SwiGLU, GatedMlp, ConvMlp)
+
+
+def mlp_width(mlp: nn.Module) -> tuple[int, int] | None:
+    """``(channels, channel axis)`` of a width-preserving MLP: read from its first and last
+    Linear / 1×1 conv (``fc1``/``fc2`` in timm's MLPs); None when they differ or are missing."""
+    layers = [m for m in mlp.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        return None
+    first, last = layers[0], layers[-1]
+    if isinstance(first, nn.Linear) and isinstance(last, nn.Linear):
+        cin, cout, axis = first.in_features, last.out_features, -1
+    elif isinstance(first, nn.Conv2d) and isinstance(last, nn.Conv2d):
+        cin, cout, axis = first.in_channels, last.out_channels, 1
+    else:
+        return None
+    return (cout, axis) if cin == cout else None
+
+
 def pre_norm_blocks(blocks: Iterable[nn.Module], block_cls: type, attn_cls: type,
                     branches: tuple[Any, ...]) -> list[tuple[nn.Module, tuple[Any, ...]]]:
     """``(block, branches)`` for the blocks of exactly ``block_cls`` whose ``attn`` is exactly
@@ -177,7 +254,10 @@ class Family:
     modules: ClassVar[tuple[str, ...]] = ()
     #: what every model of the family provides: ``layer_groups``, ``ssf``, ``tokens``,
     #: ``kv_attention``, ``windows``, ``pixels``, ``classifier`` (pooled features read by
-    #: ``get_classifier``'s module(s) and the family's extra heads: LION)
+    #: ``get_classifier``'s module(s) and the family's extra heads: LION), ``block_mlp`` (every
+    #: block has a width-preserving MLP: :meth:`block_layers`), ``block_attn`` (and an
+    #: attention), ``qkv`` (every attention has a packed ``qkv`` Linear LoRA can change:
+    #: :meth:`linear_layers`)
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     # --- membership ----------------------------------------------------------------------------
@@ -336,6 +416,58 @@ class Family:
         """
         return []
 
+    # --- bottleneck adapters and low-rank updates ---------------------------------------------
+    def block_layers(self, model: nn.Module) -> list[BlockLayers] | None:
+        """Per residual layer of every block, its MLP and attention (Adapter, AdaptFormer).
+
+        Generic answer: in each block of :meth:`blocks`, the child ``mlp`` (or the one timm MLP
+        inside it: ``Mlp``, ``GluMlp``, ``SwiGLU``, ``GatedMlp``, ``ConvMlp``) and the child
+        ``attn``; None when a block has no width-preserving MLP. ``attn`` is None where a block
+        has none.
+        """
+        blocks = self.blocks(model)
+        if not blocks:
+            return None
+        out = []
+        for b in blocks:
+            mlp = b._modules.get("mlp")
+            if not isinstance(mlp, nn.Module):
+                mlps = [m for m in b.modules() if isinstance(m, _mlp_classes())]
+                mlp = mlps[0] if len(mlps) == 1 else None
+            width = mlp_width(mlp) if mlp is not None else None
+            if width is None:
+                return None
+            attn = b._modules.get("attn")
+            out.append(BlockLayers(mlp, attn if isinstance(attn, nn.Module) else None, *width))
+        return out
+
+    def linear_layers(self, model: nn.Module) -> list[LinearLayer]:
+        """Every ``nn.Linear`` and 1×1 ``nn.Conv2d`` (no groups) outside the classifier, in
+        ``named_modules`` order (LoRA picks its targets among them by name).
+
+        A packed ``qkv`` whose attention keeps separate q/v biases (EVA, BEiT, Swin-V2: ``q_bias``
+        set) is read with ``F.linear(x, qkv.weight, ...)``, never called: where the attention
+        offers timm's ``qkv_bias_separate`` path it comes with the :class:`SeparateQkvBias`
+        caller, else with the reason.
+        """
+        heads = classifier_modules(model)
+        head_ids = {id(m) for h in heads for m in h.modules()}
+        named = dict(model.named_modules())
+        out = []
+        for name, op in named.items():
+            if id(op) in head_ids or not _low_rank_able(op):
+                continue
+            layer = LinearLayer(name, op)
+            parent_name, _, attr = name.rpartition(".")
+            parent = named.get(parent_name)
+            if attr == "qkv" and getattr(parent, "q_bias", None) is not None:
+                if hasattr(parent, "qkv_bias_separate"):
+                    layer.caller = (parent, SeparateQkvBias)
+                else:
+                    layer.reason = FUNCTIONAL_QKV_LORA
+            out.append(layer)
+        return out
+
     # --- helpers -------------------------------------------------------------------------------
     @staticmethod
     def submodules(model: nn.Module, names: tuple[str, ...]) -> Iterator[nn.Module]:
@@ -377,6 +509,23 @@ class TokenBlocksFamily(Family):
 
 FUNCTIONAL_QKV = ("the attention calls F.linear on qkv.weight itself (separate q/k/v biases), "
                   "so a scale-shift after qkv would never run; SSF follows the attention's proj")
+
+
+FUNCTIONAL_QKV_LORA = ("the attention calls F.linear on qkv.weight itself (separate q/v biases), "
+                       "so a change to qkv's forward would never run")
+
+
+def _low_rank_able(op: nn.Module) -> bool:
+    """Exactly ``nn.Linear`` (or timm's ``Linear``) or a 1×1, ungrouped, undilated ``nn.Conv2d``:
+    subclasses may compute something else in ``forward``."""
+    from timm.layers.linear import Linear as TimmLinear
+
+    from ..layers.swap import original_class
+    cls = original_class(op)
+    if cls in (nn.Linear, TimmLinear):
+        return True
+    return cls is nn.Conv2d and tuple(op.kernel_size) == (1, 1) and op.groups == 1 \
+        and tuple(op.stride) == (1, 1) and op.padding in ((0, 0), 0, "valid")
 
 
 def report_functional_qkv(model: nn.Module, sites: Iterable[SsfSite]) -> list[SsfSite]:

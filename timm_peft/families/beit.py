@@ -17,7 +17,7 @@ from .eva import GAMMA_BRANCHES
 @register_family
 class Beit(TokenBlocksFamily):
     name = "beit"
-    capabilities = TokenBlocksFamily.capabilities | {"kv_attention"}
+    capabilities = TokenBlocksFamily.capabilities | {"kv_attention", "block_mlp", "block_attn", "qkv"}
     modules = ("beit",)
 
     def matches(self, model: nn.Module) -> bool:

@@ -27,7 +27,8 @@ LAYER_SCALE_BLOCK_BRANCHES = (
 class Cait(TokenBlocksFamily):
     name = "cait"
     modules = ("cait",)
-    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens", "kv_attention"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens", "kv_attention",
+                              "block_mlp", "block_attn", "qkv"})
 
     def layer_groups(self, model: nn.Module) -> LayerGroups:
         # timm's group_matcher is a function here (no block patterns to number)

@@ -12,7 +12,7 @@ from .base import Family, LayerGroups, PixelInput, SsfSite
 class ConvNeXt(Family):
     name = "convnext"
     modules = ("convnext",)
-    capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels", "block_mlp"})
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.convnext import ConvNeXt as TimmConvNeXt

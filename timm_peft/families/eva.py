@@ -9,7 +9,7 @@ from torch import nn
 
 from ..layers.scale_shift import ResidualBranch, scan
 from . import register_family
-from .base import (SsfSite, TokenBlocksFamily, TokenSequence, pre_norm_blocks,
+from .base import (SsfSite, TokenBlocksFamily, TokenSequence, entrypoint_uses, pre_norm_blocks,
                    report_functional_qkv)
 
 #: ``EvaBlock`` (and BEiT's ``Block``): ``x + drop_path1(gamma_1 * attn(norm1(x), ...))``, then
@@ -23,12 +23,18 @@ GAMMA_BRANCHES = (
 @register_family
 class Eva(TokenBlocksFamily):
     name = "eva"
-    capabilities = TokenBlocksFamily.capabilities | {"kv_attention"}
+    capabilities = TokenBlocksFamily.capabilities | {"kv_attention", "block_mlp", "block_attn", "qkv"}
     modules = ("eva",)
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.eva import Eva as TimmEva
         return isinstance(model, TimmEva)
+
+    def arch_capabilities(self, arch: str) -> frozenset[str]:
+        # separate q/k/v projections (qkv_fused=False): no packed qkv for LoRA's default target
+        if entrypoint_uses(arch, "qkv_fused=False"):
+            return self.capabilities - {"qkv"}
+        return self.capabilities
 
     def token_sequence(self, model: nn.Module) -> TokenSequence:
         return super().token_sequence(model, prefix_attention=[b.attn for b in model.blocks])

@@ -12,7 +12,8 @@ from .base import Family, LayerGroups, SsfSite, WindowLayer
 class Swin(Family):
     name = "swin"
     modules = ("swin_transformer",)
-    capabilities = frozenset({"layer_groups", "ssf", "classifier", "windows"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "windows", "block_mlp",
+                              "block_attn", "qkv"})
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.swin_transformer import SwinTransformer

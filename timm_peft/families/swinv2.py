@@ -16,7 +16,8 @@ from .base import Family, SsfSite, WindowLayer, report_functional_qkv
 class SwinV2(Family):
     name = "swinv2"
     modules = ("swin_transformer_v2",)
-    capabilities = frozenset({"layer_groups", "ssf", "classifier", "windows"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "windows", "block_mlp",
+                              "block_attn", "qkv"})
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.swin_transformer_v2 import SwinTransformerV2
@@ -27,6 +28,9 @@ class SwinV2(Family):
         # as it is, so prompts join the window's tokens unnormalised
         return [[WindowLayer(nn.Identity(), b.attn, b.dim) for b in stage.blocks]
                 for stage in model.layers]
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [b for stage in model.layers for b in stage.blocks]
 
     def ssf_sites(self, model: nn.Module) -> list[SsfSite]:
         sites = report_functional_qkv(model, super().ssf_sites(model))

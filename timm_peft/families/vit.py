@@ -8,7 +8,8 @@ from torch import nn
 
 from ..layers.scale_shift import ResidualBranch, scan
 from . import register_family
-from .base import SsfSite, TokenBlocksFamily, entrypoint_uses as _entrypoint_uses, pre_norm_blocks
+from .base import (BlockLayers, SsfSite, TokenBlocksFamily, entrypoint_uses as _entrypoint_uses,
+                   mlp_width, pre_norm_blocks)
 
 
 #: timm's ``Block``: ``x + drop_path1(ls1(attn(norm1(x), ...)))``, then the same with ``mlp``
@@ -21,7 +22,8 @@ BLOCK_BRANCHES = (
 class ViT(TokenBlocksFamily):
     name = "vit"
     modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
-    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens", "kv_attention"})
+    capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens", "kv_attention",
+                              "block_mlp", "block_attn", "qkv"})
 
     def matches(self, model: nn.Module) -> bool:
         from timm.models.vision_transformer import VisionTransformer
@@ -41,9 +43,28 @@ class ViT(TokenBlocksFamily):
     def arch_capabilities(self, arch: str) -> frozenset[str]:
         # ParallelScalingBlock fuses attention into the block: no attention layer to prompt;
         # differential attention (attn_layer='diff') computes two attention maps per head
-        if _entrypoint_uses(arch, "ParallelScalingBlock") or _entrypoint_uses(arch, "attn_layer='diff'"):
+        if _entrypoint_uses(arch, "ParallelScalingBlock"):  # no MLP, attention or qkv module
+            return self.capabilities - {"kv_attention", "block_mlp", "block_attn", "qkv"}
+        if _entrypoint_uses(arch, "attn_layer='diff'"):
             return self.capabilities - {"kv_attention"}
         return self.capabilities
+
+    def block_layers(self, model: nn.Module) -> list[BlockLayers] | None:
+        # ParallelThingsBlock: one (attention, MLP) pair per parallel branch
+        out = []
+        for b in model.blocks:
+            if getattr(b, "ffns", None) is not None and getattr(b, "attns", None) is not None:
+                pairs = [(f.mlp, a.attn) for f, a in zip(b.ffns, b.attns)]
+            elif isinstance(getattr(b, "mlp", None), nn.Module):
+                pairs = [(b.mlp, getattr(b, "attn", None))]
+            else:  # ParallelScalingBlock: attention and MLP fused into the block
+                return None
+            for mlp, attn in pairs:
+                width = mlp_width(mlp)
+                if width is None:
+                    return None
+                out.append(BlockLayers(mlp, attn, *width))
+        return out
 
     def residual_branches(self, model: nn.Module) -> list[tuple[nn.Module, tuple[Any, ...]]]:
         from timm.models.vision_transformer import Attention, Block

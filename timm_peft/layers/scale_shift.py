@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops import linear_scale_shift, scale_shift
-from .swap import AdapterModule, Swappable, is_swapped, original_class, restore_class, swap_class
+from .swap import (AdapterModule, Swappable, is_swapped, mixins_of, original_class, restore_class,
+                   swap_class)
 
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
            "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftNorm", "attach_scale_shift",
@@ -250,14 +251,17 @@ class ScaleShiftLinear(Swappable):
     method = "ssf"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if mixins_of(self)[-1] is not ScaleShiftLinear:
+            # another method's mixin changes the Linear's own output (LoRA): scale-shift that
+            return self.ssf(super().forward(x))
         return self.ssf.after_linear(x, self.weight, self.bias,
                                      *self.__dict__.pop("_peft_residual", ()))
 
 
 def takes_residual(op: nn.Module) -> bool:
     """Whether ``op`` can add a residual handed to it by :func:`residual_into` (a Linear with
-    SSF attached)."""
-    return is_swapped(op, ScaleShiftLinear)
+    SSF attached, computing the Linear itself)."""
+    return is_swapped(op, ScaleShiftLinear) and mixins_of(op)[-1] is ScaleShiftLinear
 
 
 @contextlib.contextmanager
@@ -425,6 +429,8 @@ class ResidualIntoBranch(Swappable):
         scales = []
         for br in self.residual_branches:
             body = getattr(self, br.body)
+            if any(getattr(m, "wraps_output", False) for m in mixins_of(body)):
+                return None  # another method adds to the branch's output (Adapter, AdaptFormer)
             if not (takes_residual(body.get_submodule(br.last))
                     and _passes_through(body.get_submodule(br.after_last))
                     and _passes_through(getattr(self, br.drop_path))):
