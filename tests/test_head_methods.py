@@ -262,3 +262,31 @@ def test_listed_on_every_classifier_family(method):
     for arch in ("vit_base_patch16_224", "resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224",
                  "deit_base_distilled_patch16_224", "mixer_b16_224"):
         assert f"{arch}.{method}" in listed
+
+
+# ----------------------------------------------------------------------------------------------
+# the README's section for these methods runs as written and prints what it shows
+# ----------------------------------------------------------------------------------------------
+
+def test_readme_section_runs_and_prints_what_it_shows(capsys):
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### MLP-k and Sidetune", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        capsys.readouterr()
+        exec(compile(block, "README MLP-k and Sidetune", "exec"), {})
+        shown = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+        assert capsys.readouterr().out.splitlines() == shown
+    # the table's numbers are paper_results.json's
+    from timm_peft.reproduce import paper_results
+    published = paper_results()
+    rows = re.findall(r"^\| `(\w+)` \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+                      section, flags=re.M)
+    assert len(rows) == 8
+    for method, *numbers in rows:
+        entry = published[method]
+        want = [entry["fgvc"]["group_means"]["fgvc"], *entry["vtab1k"]["group_means"].values()]
+        assert [float(n) for n in numbers] == want, method
