@@ -699,6 +699,30 @@ def _mergeable(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     return previous
 
 
+def _check_reproduces(previous: dict[str, Any], backbone: Backbone, weights: Path,
+                      hyper: dict[str, Any]) -> None:
+    """Run the cheapest saved run of ``backbone`` again (one thread, as the workers run) and
+    refuse the merge unless it gives the saved accuracies exactly: same weights, same code."""
+    saved = [r for r in previous["runs"] if r["backbone"] == backbone.name
+             and "reference" not in r["method"]]
+    r = min(saved, key=lambda r: r["cpu_seconds"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = run_one(dict(group=r["group"], backbone=r["backbone"], arch=backbone.arch,
+                             model_kwargs=backbone.model_kwargs, method=r["method"],
+                             label=r["method"], weights=str(weights), task=r["task"],
+                             hyper=hyper, seed=r["seed"], lr=r["lr"], stage=r["stage"]))
+    finally:
+        torch.set_num_threads(threads)
+    if (again["val_acc"], again["test_acc"]) != (r["val_acc"], r["test_acc"]):
+        raise SystemExit(
+            f"--merge: the saved run {r['group']} (seed {r['seed']}, lr {r['lr']}) gives "
+            f"val/test accuracy {again['val_acc']}/{again['test_acc']} now, "
+            f"{r['val_acc']}/{r['test_acc']} when saved: the weights or the code differ, so new "
+            "runs would not compare with the saved ones; run without --merge")
+
+
 def merge_records(previous: dict[str, Any], new: dict[str, Any], num_seeds: int) -> dict[str, Any]:
     """``previous`` (a complete record) with the runs of ``new`` (a ``--merge`` run, maybe still
     going) added: a method of ``new`` replaces its old runs, and is listed among the groups (so
@@ -828,6 +852,8 @@ def main(argv: list[str] | None = None) -> Path:
                 f"--merge: the cached stand-in weights of {bname!r} are not those of the saved "
                 f"runs (upstream test_acc {info['test_acc']} vs {previous['pretrain'][bname]['test_acc']}):"
                 " their runs would not compare; run without --merge")
+        if previous is not None:
+            _check_reproduces(previous, backbone, weights, hyper)
         jobs = [(m, m, str(weights)) for m in methods_for(backbone.arch, names, backbone.model_kwargs)]
         if previous is None:
             jobs.append(("linear", "linear (reference: random-init base)", None))

@@ -150,7 +150,10 @@ def test_merge_adds_methods_to_saved_runs_without_rerunning_them(tmp_path, monke
     real = tb.run_one
     monkeypatch.setattr(tb, "run_one", lambda job: ran.append(job["group"]) or real(job))
     md = tb.main(["--merge", "--methods", "bias", *common])
-    assert set(ran) == {"tiny/bias/count"}  # only the added method ran
+    # the cheapest saved run once again (it must reproduce), then only the added method
+    cheapest = min(before["runs"], key=lambda r: r["cpu_seconds"] if "reference" not in
+                   r["method"] else float("inf"))
+    assert ran[0] == cheapest["group"] and set(ran[1:]) == {"tiny/bias/count"}
     after = json.loads((out / "transfer.json").read_text())
     assert after["runs"][:len(before["runs"])] == before["runs"]  # the saved runs, untouched
     assert {r["group"] for r in after["runs"]} == {r["group"] for r in before["runs"]} | {
@@ -160,6 +163,13 @@ def test_merge_adds_methods_to_saved_runs_without_rerunning_them(tmp_path, monke
     assert "--merge" in after["command"] and after["timing"]["wall"] > before["timing"]["wall"]
     text = md.read_text()
     assert "| bias |" in text and "| linear |" in text and "bias beats linear" in text
+    # a saved run that does not reproduce (other weights or code): refused, nothing added
+    (out / "transfer.json").write_text(json.dumps(dict(before, runs=[
+        dict(r, test_acc=r["test_acc"] + 0.01) for r in before["runs"]])))
+    with pytest.raises(SystemExit, match="the weights or the code differ"):
+        tb.main(["--merge", "--methods", "bias", *common])
+    assert "tiny/bias/count" not in {r["group"] for r in
+                                     json.loads((out / "transfer.json").read_text())["runs"]}
     # other settings than the saved runs': refused before anything runs
     ran.clear()
     with pytest.raises(SystemExit, match="other settings: epochs=1"):
