@@ -94,10 +94,23 @@ def test_mlp_on_two_headed_and_conv_headed_models():
         want = (F.linear(h[:, 0], m.head.weight, m.head.bias)
                 + F.linear(h[:, 1], m.head_dist.weight, m.head_dist.bias)) / 2
         torch.testing.assert_close(m(X), want)
-    # a 1x1-conv classifier (DLA) reads the MLP on its channel axis
-    dla = timm.create_model("dla34.mlp3", num_classes=3).eval()
-    out = dla(torch.randn(1, 3, 64, 64))
-    assert out.shape == (1, 3) and type(dla.fc).__name__ == "MlpConv2d"
+    # a 1x1-conv classifier (DLA) reads the MLP, and Sidetune's blend, on its channel axis
+    x = torch.randn(2, 3, 64, 64)
+    for method, cfg in (("mlp3", None), ("sidetune", dict(SMALL_SIDE, alpha=0.0,
+                                                           learn_alpha=False))):
+        torch.manual_seed(0)
+        plain = timm.create_model("dla34", num_classes=3).eval()
+        dla = timm_peft.apply_method(copy.deepcopy(plain), method, cfg).eval()
+        assert type(dla.fc).__name__ in ("MlpConv2d", "SidetuneConv2d")
+        with torch.no_grad():
+            f = _pooled(plain, x)  # (B, C, 1, 1)
+            if method == "mlp3":
+                h = dla.mlp_head(f.flatten(1), f.shape[1])
+            else:  # alpha = 0: the projected side features alone
+                h = _side_reference(dla.sidetune.side, x, 2) @ dla.sidetune.proj[
+                    str(f.shape[1])].weight.T
+            want = plain.fc(h[:, :, None, None]).flatten(1)
+            torch.testing.assert_close(dla(x), want)
 
 
 def test_mlp_config_bounds_and_refusals():

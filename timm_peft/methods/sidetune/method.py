@@ -93,7 +93,8 @@ class SideTuning(AdapterModule):
 
     def blend(self, feats: torch.Tensor, width: int) -> torch.Tensor:
         """``α·F + (1 - α)·P_width(S(x))`` for pooled features ``F`` ``(B, width)`` (tokens
-        ``(B, N, width)`` get the same side vector on every token)."""
+        ``(B, N, width)`` or a channels-last map ``(B, 1, 1, width)`` get the sample's side
+        vector at every position)."""
         side = self.__dict__.get("_peft_side", {}).get(self._key())
         if side is None:
             raise RuntimeError(
@@ -101,8 +102,8 @@ class SideTuning(AdapterModule):
                 "model(x) computes; forward_head(features) alone has no image: call model(x) "
                 "(or timm_peft.disable_adapter(model) for the frozen backbone's head)")
         s = self.proj[str(width)](side).to(feats.dtype)
-        if feats.ndim == 3:
-            s = s.unsqueeze(1)
+        # one side vector per sample, over every token or position the classifier reads
+        s = s.view(s.shape[0], *[1] * (feats.ndim - 2), s.shape[-1])
         alpha = self.alpha.to(feats.dtype)
         return alpha * feats + (1 - alpha) * s
 
