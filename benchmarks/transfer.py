@@ -519,9 +519,8 @@ def write_report(data: dict[str, Any], out_dir: Path = RESULTS) -> Path:
     record :func:`main` builds (runs, chosen rates, timings, pre-training records)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     a = argparse.Namespace(**data["args"])
-    listed = {g["group"] for g in data["groups"]}  # a merge lists a method once it finished
-    runs = complete_tasks([r for r in reported_runs(data["runs"], data["chosen"])
-                           if r["group"] in listed], data["groups"], len(a.seeds))
+    runs = complete_tasks(reported_runs(data["runs"], data["chosen"]), data["groups"],
+                          len(a.seeds))
     rows = summarize(runs, data["chosen"])
     (out_dir / "transfer.svg").write_text(svg_plot(rows, "Transfer: accuracy vs trainable parameters"))
     tasks = [t for t in TASKS if any(t in r["tasks"] for r in rows)]
@@ -690,7 +689,8 @@ def _mergeable(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--merge: no saved runs at {path}")
     previous = json.loads(path.read_text())
     if not previous.get("complete", False):
-        raise SystemExit(f"--merge: {path} holds a run cut short; finish or redo it first")
+        raise SystemExit(f"--merge: {path} holds a run cut short; finish or redo it first "
+                         "(a merge cut short leaves a complete record)")
     old = argparse.Namespace(**previous["args"])
     differ = [k for k in MERGE_KEYS if getattr(old, k) != getattr(args, k)]
     if differ:
@@ -724,46 +724,51 @@ def _check_reproduces(previous: dict[str, Any], backbone: Backbone, weights: Pat
 
 
 def merge_records(previous: dict[str, Any], new: dict[str, Any], num_seeds: int) -> dict[str, Any]:
-    """``previous`` (a complete record) with the runs of ``new`` (a ``--merge`` run, maybe still
-    going) added: a method of ``new`` replaces its old runs, and is listed among the groups (so
-    reported) once all its groups have every seed. Times add up; each part's command and commit
-    are kept under ``merges``.
+    """``previous`` (a complete record) with the methods of ``new`` (a ``--merge`` run, maybe
+    still going) that finished every task and seed: such a method replaces its old runs, if any.
+    The result is always a complete record, so a merge cut short keeps the methods it finished
+    and another ``--merge`` adds the rest. Times add up; each part's command and commit are kept
+    under ``merges``.
 
     Example:
         >>> old = dict(groups=[dict(group="b/a/t")], runs=[dict(group="b/a/t", cpu_seconds=1.0)],
         ...            chosen={"b/a/t": 0.1}, planned=1, command="c0", commit="h0",
-        ...            timing=dict(wall=1.0, cpu=1.0, runs_cpu=1.0, load=[1, 1], cached=[]))
-        >>> new = dict(groups=[dict(group="b/m/t")], runs=[dict(group="b/m/t", cpu_seconds=2.0)],
-        ...            chosen={"b/m/t": 0.1}, planned=1, command="c1", commit="h1",
-        ...            complete=True, env={}, timing=dict(wall=2.0, cpu=2.0, runs_cpu=2.0,
-        ...                                              load=[2, 2], cached=[]))
-        >>> m = merge_records(old, new, num_seeds=1)
-        >>> [g["group"] for g in m["groups"]], m["timing"]["wall"], m["planned"]
-        (['b/a/t', 'b/m/t'], 3.0, 2)
+        ...            complete=True, timing=dict(wall=1.0, cpu=1.0, runs_cpu=1.0, load=[1, 1],
+        ...                                       cached=[]))
+        >>> new = dict(groups=[dict(group="b/m/t"), dict(group="b/n/t")],
+        ...            runs=[dict(group="b/m/t", cpu_seconds=2.0, stage="select", lr=0.1)],
+        ...            chosen={"b/m/t": 0.1}, planned=2, command="c1", commit="h1",
+        ...            complete=False, env={}, timing=dict(wall=2.0, cpu=2.0, runs_cpu=2.0,
+        ...                                                load=[2, 2], cached=[]))
+        >>> m = merge_records(old, new, num_seeds=1)  # b/n has not run yet: not merged
+        >>> [g["group"] for g in m["groups"]], m["timing"]["wall"], m["planned"], m["complete"]
+        (['b/a/t', 'b/m/t'], 3.0, 2, True)
     """
-    replaced = {g["group"] for g in new["groups"]}
     count: dict[str, int] = defaultdict(int)
     for r in new["runs"]:
-        if r.get("stage", "seed") != "select" or r["lr"] == new["chosen"].get(r["group"]):
+        if r.get("stage") != "select" or r["lr"] == new["chosen"].get(r["group"]):
             count[r["group"]] += 1
     method_of = {g["group"]: g["group"].rsplit("/", 1)[0] for g in new["groups"]}
-    unfinished = {method_of[g] for g in replaced if g not in new["chosen"] or count[g] < num_seeds}
-    runs = [r for r in previous["runs"] if r["group"] not in replaced] + new["runs"]
+    unfinished = {method_of[g] for g in method_of if g not in new["chosen"] or count[g] < num_seeds}
+    done = {g for g in method_of if method_of[g] not in unfinished}
+    added = [r for r in new["runs"] if r["group"] in done]
+    runs = [r for r in previous["runs"] if r["group"] not in done] + added
     merges = previous.get("merges", [dict(command=previous["command"], commit=previous["commit"],
                                           runs=len(previous["runs"]))])
     t0, t1 = previous["timing"], new["timing"]
     return dict(
-        previous, env=new["env"], complete=new["complete"],
+        previous, env=new["env"], complete=previous["complete"],
         command=" && ".join([previous["command"], new["command"]]),
         commit=", then ".join(dict.fromkeys([previous["commit"], new["commit"]])),
-        merges=[*merges, dict(command=new["command"], commit=new["commit"],
-                              runs=len(new["runs"]))],
-        groups=[g for g in previous["groups"] if g["group"] not in replaced]
-        + [g for g in new["groups"] if method_of[g["group"]] not in unfinished],
-        planned=previous["planned"] - sum(1 for r in previous["runs"] if r["group"] in replaced)
-        + new["planned"],
-        chosen={**{k: v for k, v in previous["chosen"].items() if k not in replaced},
-                **new["chosen"]},
+        merges=[*merges, dict(command=new["command"], commit=new["commit"], runs=len(added),
+                              methods=sorted({m.split("/", 1)[1] for m in set(method_of.values())
+                                              - unfinished}))],
+        groups=[g for g in previous["groups"] if g["group"] not in done]
+        + [g for g in new["groups"] if g["group"] in done],
+        planned=previous["planned"] - sum(1 for r in previous["runs"] if r["group"] in done)
+        + len(added),
+        chosen={**{k: v for k, v in previous["chosen"].items() if k not in done},
+                **{k: v for k, v in new["chosen"].items() if k in done}},
         runs=runs,
         timing=dict(wall=t0["wall"] + t1["wall"], cpu=t0["cpu"] + t1["cpu"],
                     runs_cpu=sum(r["cpu_seconds"] for r in runs), load=t1["load"],
@@ -798,7 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="run only --methods and add their runs to <out-dir>/transfer.json, "
                         "keeping its other runs (the settings and stand-in weights must be the "
-                        "saved runs'; a method run again replaces its old runs)")
+                        "saved runs', checked by running one saved run again); a method is "
+                        "added once it finished every task and seed, replacing its old runs")
     return p
 
 
