@@ -35,6 +35,9 @@ SUPPORT: dict[str, tuple[str, ...]] = {
     "vpt_shallow": ("yes", "yes", "yes", "refused", "yes"),
     "e2vpt": ("yes", "yes", "yes", "refused", "yes"),
     "lion (solver_loop=masked)": ("yes", "yes", "yes", "refused", "no"),
+    "adapter": ("yes", "yes", "yes", "refused", "yes"),
+    "adaptformer": ("yes", "yes", "yes", "refused", "yes"),
+    "lora": ("yes", "yes", "yes", "refused", "yes"),
     "mlp3": ("yes", "yes", "yes", "refused", "yes"),
     "sidetune": ("yes", "yes", "yes", "refused", "yes"),
 }
@@ -46,6 +49,8 @@ CASES = {
     "e2vpt": ("e2vpt", dict(num_prompts=4, num_kv_prompts=3)),
     "lion (solver_loop=masked)": ("lion", dict(solver_loop="masked", max_iter=3, eval_max_iter=3,
                                                backward_max_iter=3, p2_width=16)),
+    "adapter": ("adapter", dict(placement="houlsby", bottleneck=8)),
+    "adaptformer": ("adaptformer", dict(bottleneck=8)), "lora": ("lora", dict(r=4)),
     "mlp3": ("mlp3", None), "sidetune": ("sidetune", dict(side_channels=(8, 16), side_pool=2)),
 }
 README = Path(__file__).resolve().parents[1] / "README.md"

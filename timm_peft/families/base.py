@@ -442,16 +442,20 @@ class Family:
         return out
 
     def linear_layers(self, model: nn.Module) -> list[LinearLayer]:
-        """Every ``nn.Linear`` and 1×1 ``nn.Conv2d`` (no groups) outside the classifier, in
-        ``named_modules`` order (LoRA picks its targets among them by name).
+        """Every ``nn.Linear`` and 1×1 ``nn.Conv2d`` (no groups) outside the classifier and the
+        modules methods inserted, in ``named_modules`` order (LoRA picks its targets by name).
 
         A packed ``qkv`` whose attention keeps separate q/v biases (EVA, BEiT, Swin-V2: ``q_bias``
         set) is read with ``F.linear(x, qkv.weight, ...)``, never called: where the attention
         offers timm's ``qkv_bias_separate`` path it comes with the :class:`SeparateQkvBias`
         caller, else with the reason.
         """
+        from ..layers.swap import AdapterModule
         heads = classifier_modules(model)
         head_ids = {id(m) for h in heads for m in h.modules()}
+        # layers another method inserted are not the base's
+        head_ids |= {id(m) for a in model.modules() if isinstance(a, AdapterModule)
+                     for m in a.modules()}
         named = dict(model.named_modules())
         out = []
         for name, op in named.items():

@@ -31,8 +31,9 @@ class Eva(TokenBlocksFamily):
         return isinstance(model, TimmEva)
 
     def arch_capabilities(self, arch: str) -> frozenset[str]:
-        # separate q/k/v projections (qkv_fused=False): no packed qkv for LoRA's default target
-        if entrypoint_uses(arch, "qkv_fused=False"):
+        # separate q/k/v projections (qkv_fused=False; Sapiens2's grouped-query attention): no
+        # packed qkv for LoRA's default target
+        if entrypoint_uses(arch, "qkv_fused=False") or entrypoint_uses(arch, "_sapiens2_args"):
             return self.capabilities - {"qkv"}
         return self.capabilities
 

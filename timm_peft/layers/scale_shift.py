@@ -99,10 +99,12 @@ def scan(model: nn.Module, roots: tuple[str, ...],
 
     Operations of a :data:`CHANNEL_AXIS` type are sites; operation-like modules of other types
     are yielded with the reason they are skipped, and so are operations whose fold would not be
-    exact when ``skip_unfoldable``. Modules inside ``exclude`` (the classifier) are not scanned.
+    exact when ``skip_unfoldable``. Modules inside ``exclude`` (the classifier) are not scanned,
+    nor those another method inserted (inside an :class:`AdapterModule`: not the base's).
     """
     from ..families.base import SsfSite
     excluded = {id(m) for e in exclude for m in e.modules()}
+    excluded |= {id(m) for a in model.modules() if isinstance(a, AdapterModule) for m in a.modules()}
     for root in roots:
         try:
             mod = model.get_submodule(root)
@@ -260,8 +262,8 @@ class ScaleShiftLinear(Swappable):
 
 def takes_residual(op: nn.Module) -> bool:
     """Whether ``op`` can add a residual handed to it by :func:`residual_into` (a Linear with
-    SSF attached, computing the Linear itself)."""
-    return is_swapped(op, ScaleShiftLinear) and mixins_of(op)[-1] is ScaleShiftLinear
+    SSF attached and nothing else: another mixin may add to its output after the residual)."""
+    return mixins_of(op) == (ScaleShiftLinear,)
 
 
 @contextlib.contextmanager
