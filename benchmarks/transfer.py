@@ -28,6 +28,11 @@ the first time, cached in ``~/.cache/timm_peft/transfer``)::
     python -m benchmarks.transfer
     python -m benchmarks.transfer --full      # + resnet, partial, vpt_shallow, 3 seeds, 10 epochs
     python -m benchmarks.transfer --methods linear,ssf --tasks count --seeds 0   # a quick look
+    python -m benchmarks.transfer --merge --methods adapter,lora   # add methods to the report
+
+``--merge`` adds methods to the saved runs of ``results/transfer.json`` instead of running every
+method again: the settings must be the saved ones, and one saved run must reproduce exactly
+(:func:`_check_reproduces`) before a new run counts.
 """
 from __future__ import annotations
 
