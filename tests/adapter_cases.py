@@ -273,7 +273,7 @@ def crafted_cases() -> list[Case]:
         add(f"format_version_bad_{i}", setk("format_version", v),
             "format_version must be a positive integer")
     add("format_version_future", setk("format_version", 99), "format_version 99, newer")
-    for i, v in enumerate([123, None, "lora", [], {"a": 1}]):
+    for i, v in enumerate([123, None, "dora", [], {"a": 1}]):
         add(f"peft_type_bad_{i}", setk("peft_type", v), "field 'peft_type': unknown PEFT method")
     for i, v in enumerate([123, None, "", "../../etc", "a" * 300]):
         add(f"architecture_bad_type_{i}", setk("architecture", v), "field 'architecture' must be")

@@ -232,7 +232,7 @@ def test_errors_for_damaged_files(saved):
 @pytest.mark.parametrize("change, message", [
     (dict(format_version=3), "format_version 3, newer than this timm_peft reads .2.; upgrade"),
     (dict(format_version="1"), "format_version must be a positive integer"),
-    (dict(peft_type="lora"), "unknown PEFT method 'lora'"),
+    (dict(peft_type="dora"), "unknown PEFT method 'dora'"),
     (dict(architecture=None), r"incomplete: missing \['architecture'\]"),
     (dict(peft_config={"num_blocks": 0}), "bad peft_config: PartialConfig.num_blocks must be >= 1"),
     (dict(peft_config={"blocks": 1}), r"bad peft_config: unknown PartialConfig field\(s\) \['blocks'\]"),
