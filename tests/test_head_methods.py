@@ -115,7 +115,8 @@ def test_mlp_on_two_headed_and_conv_headed_models():
 
 def test_mlp_config_bounds_and_refusals():
     for bad in (dict(num_layers=1), dict(num_layers=17), dict(hidden_dim=0),
-                dict(hidden_dim=10 ** 6), dict(act="tanh"), dict(dropout=1.0)):
+                dict(hidden_dim=10 ** 6), dict(act="tanh"), dict(dropout=1.0),
+                dict(num_layers=2, hidden_dim=8), dict(num_layers=True)):
         with pytest.raises((ValueError, TypeError)):
             MlpConfig(**bad)
     with pytest.raises(ValueError, match="does not pool"):

@@ -26,3 +26,10 @@ class MlpConfig(PeftConfig):
                                             "for Mlp-3)")
     act: str = cfg_field("relu", choices=("relu", "gelu"), help="activation after each hidden layer")
     dropout: float = cfg_field(0.0, ge=0.0, lt=1.0, help="dropout after each hidden activation")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_dim is not None and self.num_layers < 3:
+            raise ValueError(f"MlpConfig.hidden_dim sets the width between hidden layers, which "
+                             f"num_layers={self.num_layers} does not have (its one hidden layer "
+                             "maps d to d); use num_layers >= 3 or hidden_dim=None")
