@@ -514,7 +514,7 @@ def test_empty_or_missing_cache(tmp_path, monkeypatch):
     (dict(base="org/na/me"), ValueError, "is not a Hub repo id"),
     (dict(base=3), TypeError, "base must be a str"),
     (dict(method="vpt_shallow"), ValueError, "preset of 'vpt'.*method='vpt'"),
-    (dict(method="lora"), ValueError, r"unknown PEFT method 'lora'; .* one of \['bias'"),
+    (dict(method="dora"), ValueError, r"unknown PEFT method 'dora'; .* one of \['adapter'"),
     (dict(task=""), ValueError, "task must be a non-empty name"),
     (dict(task=["uoft-cs/cifar10"]), TypeError, "task must be a str"),
     (dict(author=" org"), ValueError, "author must be a non-empty name"),

@@ -177,7 +177,8 @@ def test_pixel_prompts_sized_from_the_model_input_and_features_match_feature_inf
 _SAMPLE = 3
 
 
-@pytest.mark.parametrize("method", ["ssf", "vpt", "e2vpt", "partial", "bias"])
+@pytest.mark.parametrize("method", ["ssf", "vpt", "e2vpt", "partial", "bias", "adapter",
+                                    "adaptformer", "lora"])
 def test_listed_archs_build_and_run(method):
     names = timm_peft.list_models(method=method)
     assert names and all(n.endswith(f".{method}") for n in names)

@@ -59,9 +59,9 @@ def test_split_method(tag, expected):
 
 
 def test_unknown_method_suffix_lists_methods():
-    with pytest.raises(ValueError, match=r"unknown PEFT method suffix 'lora'.*registered methods: "
+    with pytest.raises(ValueError, match=r"unknown PEFT method suffix 'dora'.*registered methods: "
                                          r"\[.*'linear'"):
-        timm.create_model("vit_tiny_patch16_224.augreg_in21k.lora", **TINY_VIT)
+        timm.create_model("vit_tiny_patch16_224.augreg_in21k.dora", **TINY_VIT)
 
 
 def test_unknown_weight_tag_keeps_timm_error():
