@@ -486,3 +486,16 @@ def test_composition_with_ssf_keeps_the_residual_adds_right(first, second, cfg2)
         want = model.eval()(x)  # timm's block forward (no grad: no residual fusion)
     got = model.train()(x)      # eager training: SSF's fused residual where it may
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generic_answer_finds_timms_mlp_and_attention_on_unpromised_families():
+    """Models whose family promises nothing (XCiT among the mixers) still take the methods where
+    timm's own block structure has an ``mlp`` and an ``attn``; they are not listed."""
+    arch, kwargs = "xcit_nano_12_p16_224", dict(img_size=32, depth=2)
+    assert f"{arch}.adapter" not in timm_peft.list_models("xcit_*", method="adapter")
+    x = torch.randn(2, 3, 32, 32)
+    for method, cfg in [("adapter", dict(placement="houlsby")), ("adaptformer", None),
+                        ("lora", None)]:
+        plain, model = _pair(arch, kwargs, method, cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-6)
