@@ -28,6 +28,11 @@ the first time, cached in ``~/.cache/timm_peft/transfer``)::
     python -m benchmarks.transfer
     python -m benchmarks.transfer --full      # + resnet, partial, vpt_shallow, 3 seeds, 10 epochs
     python -m benchmarks.transfer --methods linear,ssf --tasks count --seeds 0   # a quick look
+    python -m benchmarks.transfer --merge --methods adapter,lora   # add methods to the report
+
+``--merge`` adds methods to the saved runs of ``results/transfer.json`` instead of running every
+method again: the settings must be the saved ones, and one saved run must reproduce exactly
+(:func:`_check_reproduces`) before a new run counts.
 """
 from __future__ import annotations
 
@@ -93,6 +98,8 @@ TASKS = ("orientation", "count", "texture", "position")
 ABLATIONS = ("lion_no_p1", "lion_no_p2", "lion_no_robust", "e2vpt_prune")
 #: methods added by ``--full`` (see :data:`MODES`)
 FULL_EXTRA = ("partial", "vpt_shallow")
+#: a method whose default config is a paper's named variant runs under that name (VPT's Mlp-3)
+PAPER_NAMES = {"mlp": "mlp3"}
 #: validation split of the 1000 training images (VTAB-1k: 800 train + 200 val)
 VAL_SPLIT = 0.2
 #: learning-rate grids (AdamW): methods that update backbone weights need a lower rate than
@@ -135,6 +142,14 @@ CLAIMS = (
           "lion_no_p2"),
     Claim("LION (Wang et al. 2024)", "ablation: the robust rule helps (+2 points)", "lion",
           "lion_no_robust"),
+    # the baselines of their tables (issue 23); VPT Sec. 4.2: "VPT-Deep outperforms all the
+    # other parameter-efficient tuning protocols (Tab. 1(b,c)) across all task groups"
+    Claim("VPT (Jia et al. 2022)", "VPT-deep beats Adapter (Table 1)", "vpt", "adapter"),
+    Claim("VPT (Jia et al. 2022)", "VPT-deep beats Mlp-3 (Table 1)", "vpt", "mlp3"),
+    Claim("VPT (Jia et al. 2022)", "VPT-deep beats Sidetune (Table 1)", "vpt", "sidetune"),
+    Claim("SSF (Lian et al. 2022)", "SSF beats Adapter (Tables 3-4)", "ssf", "adapter"),
+    Claim("E2VPT (Han et al. 2023)", "E2VPT beats Adapter (Table 1)", "e2vpt", "adapter"),
+    Claim("LION (Wang et al. 2024)", "LION beats Adapter (Tables 1-2)", "lion", "adapter"),
 )
 #: points within which ">=" counts as "no worse"; also the least difference called a win
 MARGIN = 1.0
@@ -631,9 +646,10 @@ def write_report(data: dict[str, Any], out_dir: Path = RESULTS) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 def default_methods() -> list[str]:
-    """Every registered method under its own name except ``partial``, then :data:`ABLATIONS`."""
+    """Every registered method under its own name (or its :data:`PAPER_NAMES` name) except
+    :data:`FULL_EXTRA`, then :data:`ABLATIONS`."""
     own = [n for n in timm_peft.list_methods() if resolve_method(n) == (n, {})]
-    return [n for n in own if n not in FULL_EXTRA] + list(ABLATIONS)
+    return [PAPER_NAMES.get(n, n) for n in own if n not in FULL_EXTRA] + list(ABLATIONS)
 
 
 #: what ``--full`` changes; the defaults fit 20 minutes on 2 idle cores
@@ -665,6 +681,105 @@ def _commit() -> str:
     return head + (" with local changes to timm_peft/" if dirty else "")
 
 
+#: what must agree between saved runs and the runs merged into them
+MERGE_KEYS = ("backbones", "tasks", "seeds", "epochs", "warmup_epochs", "batch_size",
+              "weight_decay", "train_size", "test_size")
+
+
+def _mergeable(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The saved record ``--merge`` adds to, once its settings are checked to be ``args``'."""
+    if args.methods in ("default", "all"):
+        raise SystemExit("--merge runs only the methods it adds: name them with --methods")
+    if not path.is_file():
+        raise SystemExit(f"--merge: no saved runs at {path}")
+    previous = json.loads(path.read_text())
+    if not previous.get("complete", False):
+        raise SystemExit(f"--merge: {path} holds a run cut short; finish or redo it first "
+                         "(a merge cut short leaves a complete record)")
+    old = argparse.Namespace(**previous["args"])
+    differ = [k for k in MERGE_KEYS if getattr(old, k) != getattr(args, k)]
+    if differ:
+        raise SystemExit("--merge: the saved runs used other settings: " + ", ".join(
+            f"{k}={getattr(old, k)!r} (now {getattr(args, k)!r})" for k in differ))
+    return previous
+
+
+def _check_reproduces(previous: dict[str, Any], backbone: Backbone, weights: Path,
+                      hyper: dict[str, Any]) -> None:
+    """Run the cheapest saved run of ``backbone`` again (one thread, as the workers run) and
+    refuse the merge unless it gives the saved accuracies exactly: same weights, same code."""
+    saved = [r for r in previous["runs"] if r["backbone"] == backbone.name
+             and "reference" not in r["method"]]
+    r = min(saved, key=lambda r: r["cpu_seconds"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = run_one(dict(group=r["group"], backbone=r["backbone"], arch=backbone.arch,
+                             model_kwargs=backbone.model_kwargs, method=r["method"],
+                             label=r["method"], weights=str(weights), task=r["task"],
+                             hyper=hyper, seed=r["seed"], lr=r["lr"], stage=r["stage"]))
+    finally:
+        torch.set_num_threads(threads)
+    if (again["val_acc"], again["test_acc"]) != (r["val_acc"], r["test_acc"]):
+        raise SystemExit(
+            f"--merge: the saved run {r['group']} (seed {r['seed']}, lr {r['lr']}) gives "
+            f"val/test accuracy {again['val_acc']}/{again['test_acc']} now, "
+            f"{r['val_acc']}/{r['test_acc']} when saved: the weights or the code differ, so new "
+            "runs would not compare with the saved ones; run without --merge")
+
+
+def merge_records(previous: dict[str, Any], new: dict[str, Any], num_seeds: int) -> dict[str, Any]:
+    """``previous`` (a complete record) with the methods of ``new`` (a ``--merge`` run, maybe
+    still going) that finished every task and seed: such a method replaces its old runs, if any.
+    The result is always a complete record, so a merge cut short keeps the methods it finished
+    and another ``--merge`` adds the rest. Times add up; each part's command and commit are kept
+    under ``merges``.
+
+    Example:
+        >>> old = dict(groups=[dict(group="b/a/t")], runs=[dict(group="b/a/t", cpu_seconds=1.0)],
+        ...            chosen={"b/a/t": 0.1}, planned=1, command="c0", commit="h0",
+        ...            complete=True, timing=dict(wall=1.0, cpu=1.0, runs_cpu=1.0, load=[1, 1],
+        ...                                       cached=[]))
+        >>> new = dict(groups=[dict(group="b/m/t"), dict(group="b/n/t")],
+        ...            runs=[dict(group="b/m/t", cpu_seconds=2.0, stage="select", lr=0.1)],
+        ...            chosen={"b/m/t": 0.1}, planned=2, command="c1", commit="h1",
+        ...            complete=False, env={}, timing=dict(wall=2.0, cpu=2.0, runs_cpu=2.0,
+        ...                                                load=[2, 2], cached=[]))
+        >>> m = merge_records(old, new, num_seeds=1)  # b/n has not run yet: not merged
+        >>> [g["group"] for g in m["groups"]], m["timing"]["wall"], m["planned"], m["complete"]
+        (['b/a/t', 'b/m/t'], 3.0, 2, True)
+    """
+    count: dict[str, int] = defaultdict(int)
+    for r in new["runs"]:
+        if r.get("stage") != "select" or r["lr"] == new["chosen"].get(r["group"]):
+            count[r["group"]] += 1
+    method_of = {g["group"]: g["group"].rsplit("/", 1)[0] for g in new["groups"]}
+    unfinished = {method_of[g] for g in method_of if g not in new["chosen"] or count[g] < num_seeds}
+    done = {g for g in method_of if method_of[g] not in unfinished}
+    added = [r for r in new["runs"] if r["group"] in done]
+    runs = [r for r in previous["runs"] if r["group"] not in done] + added
+    merges = previous.get("merges", [dict(command=previous["command"], commit=previous["commit"],
+                                          runs=len(previous["runs"]))])
+    t0, t1 = previous["timing"], new["timing"]
+    return dict(
+        previous, env=new["env"], complete=previous["complete"],
+        command=" && ".join([previous["command"], new["command"]]),
+        commit=", then ".join(dict.fromkeys([previous["commit"], new["commit"]])),
+        merges=[*merges, dict(command=new["command"], commit=new["commit"], runs=len(added),
+                              methods=sorted({m.split("/", 1)[1] for m in set(method_of.values())
+                                              - unfinished}))],
+        groups=[g for g in previous["groups"] if g["group"] not in done]
+        + [g for g in new["groups"] if g["group"] in done],
+        planned=previous["planned"] - sum(1 for r in previous["runs"] if r["group"] in done)
+        + len(added),
+        chosen={**{k: v for k, v in previous["chosen"].items() if k not in done},
+                **{k: v for k, v in new["chosen"].items() if k in done}},
+        runs=runs,
+        timing=dict(wall=t0["wall"] + t1["wall"], cpu=t0["cpu"] + t1["cpu"],
+                    runs_cpu=sum(r["cpu_seconds"] for r in runs), load=t1["load"],
+                    cached=t1["cached"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="the longer run: " + ", ".join(
@@ -690,6 +805,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress bars of pre-training")
     p.add_argument("--replot", action="store_true",
                    help="only rewrite the report and plot from <out-dir>/transfer.json")
+    p.add_argument("--merge", action="store_true",
+                   help="run only --methods and add their runs to <out-dir>/transfer.json, "
+                        "keeping its other runs (the settings and stand-in weights must be the "
+                        "saved runs', checked by running one saved run again); a method is "
+                        "added once it finished every task and seed, replacing its old runs")
     return p
 
 
@@ -726,6 +846,7 @@ def main(argv: list[str] | None = None) -> Path:
         if v != str(mode[k]):
             command += f" --{k} {v}"
 
+    previous = _mergeable(out_dir / "transfer.json", args) if args.merge else None
     start, load0 = time.perf_counter(), os.getloadavg()[0]
     hyper = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "batch_size",
                                             "weight_decay", "train_size", "test_size")}
@@ -737,13 +858,24 @@ def main(argv: list[str] | None = None) -> Path:
         if time.perf_counter() - t0 < 0.5 * info["seconds"]:
             cached.append(bname)
         pretrain[bname] = info
+        if previous is not None and previous["pretrain"][bname]["test_acc"] != info["test_acc"]:
+            raise SystemExit(
+                f"--merge: the cached stand-in weights of {bname!r} are not those of the saved "
+                f"runs (upstream test_acc {info['test_acc']} vs {previous['pretrain'][bname]['test_acc']}):"
+                " their runs would not compare; run without --merge")
+        if previous is not None:
+            _check_reproduces(previous, backbone, weights, hyper)
         jobs = [(m, m, str(weights)) for m in methods_for(backbone.arch, names, backbone.model_kwargs)]
-        jobs.append(("linear", "linear (reference: random-init base)", None))
-        # task by task, so that a run cut short still holds whole tasks
-        groups += [dict(group=f"{bname}/{label}/{t}", backbone=bname, arch=backbone.arch,
-                        model_kwargs=backbone.model_kwargs, method=m, label=label, weights=w,
-                        task=t, hyper=hyper, grid=lr_grid(m))
-                   for t in tasks for m, label, w in jobs]
+        if previous is None:
+            jobs.append(("linear", "linear (reference: random-init base)", None))
+        new = [dict(group=f"{bname}/{label}/{t}", backbone=bname, arch=backbone.arch,
+                    model_kwargs=backbone.model_kwargs, method=m, label=label, weights=w,
+                    task=t, hyper=hyper, grid=lr_grid(m))
+               for t in tasks for m, label, w in jobs]
+        # task by task, so that a run cut short still holds whole tasks; a merge goes method by
+        # method instead, so that one cut short adds whole methods
+        groups += sorted(new, key=lambda g: list(dict.fromkeys(x["label"] for x in new)).index(
+            g["label"])) if previous is not None else new
     out_dir.mkdir(parents=True, exist_ok=True)
     record = dict(env=environment(), command=command, commit=_commit(), args=vars(args),
                   pretrain=pretrain,
@@ -762,6 +894,8 @@ def main(argv: list[str] | None = None) -> Path:
     def save(runs: list[dict], chosen: dict[str, float], complete: bool = False) -> None:
         # saved after every run: one cut short leaves its finished runs for --replot to draw
         data = dict(record, complete=complete, timing=timing(runs), chosen=chosen, runs=runs)
+        if previous is not None:
+            data = merge_records(previous, data, len(args.seeds))
         atomic_write_text(out_dir / "transfer.json", json.dumps(data, indent=2) + "\n")
 
     results, chosen = run_plan(groups, args.seeds, args.jobs, on_result=save)

@@ -46,6 +46,10 @@ TEMPLATES = {
                  dict(num_classes=3, peft_cfg=dict(p1_width=4, p2_width=8, norm_groups=2),
                       **TINY_VIT)),
     "resnet_bias": ("resnet10t.bias", dict(num_classes=3)),
+    "vit_mlp3": ("vit_tiny_patch16_224.mlp3", dict(num_classes=3, **TINY_VIT)),
+    "vit_sidetune": ("vit_tiny_patch16_224.sidetune",
+                     dict(num_classes=3, peft_cfg=dict(side_channels=(8, 16), side_pool=2),
+                          **TINY_VIT)),
 }
 
 
@@ -323,6 +327,26 @@ def crafted_cases() -> list[Case]:
         r"LionConfig.gate_init must be < 1.0", "vit_lion")
     add("lion_wider_than_saved", setk("peft_config.p2_width", 16),
         r"mis-shaped tensors", "vit_lion")
+    add("mlp_num_layers_huge", setk("peft_config.num_layers", 10 ** 6),
+        r"MlpConfig.num_layers must be <= 16", "vit_mlp3")
+    add("mlp_hidden_dim_huge", setk("peft_config.hidden_dim", 10 ** 9),
+        r"MlpConfig.hidden_dim must be <= 8192", "vit_mlp3")
+    add("mlp_deeper_than_saved", edit(lambda c: c["peft_config"].update(
+        num_layers=16, hidden_dim=8192)), r"missing tensors|unexpected tensors|mis-shaped",
+        "vit_mlp3")
+    add("sidetune_side_channels_huge", setk("peft_config.side_channels", [10 ** 6]),
+        r"SidetuneConfig.side_channels must be <= 1024", "vit_sidetune")
+    add("sidetune_too_many_layers", setk("peft_config.side_channels", [8] * 10 ** 4),
+        r"SidetuneConfig.side_channels must hold 1 to 8", "vit_sidetune")
+    add("sidetune_side_pool_huge", setk("peft_config.side_pool", 10 ** 4),
+        r"SidetuneConfig.side_pool must be <= 8", "vit_sidetune")
+    add("sidetune_alpha_at_an_end_but_learned", setk("peft_config.alpha", 1.0),
+        r"SidetuneConfig.alpha must be in \(0, 1\)", "vit_sidetune")
+    # the largest side network the bounds allow (~60M values): refused against the saved
+    # tensors' shapes before anything is allocated
+    add("sidetune_largest_in_bounds", edit(lambda c: c["peft_config"].update(
+        side_channels=[1024] * 8, side_pool=8)), r"missing tensors|unexpected tensors|mis-shaped",
+        "vit_sidetune")
     add("bias_unknown_field", setk("peft_config.num_blocks", 2),
         r"unknown BiasConfig field|unknown PeftConfig field", "resnet_bias")
     # --- model_args: only architecture arguments, bounded ------------------------------------

@@ -26,10 +26,12 @@ VIT_METHODS = {
     "ssf": None, "vpt": dict(num_prompts=3), "vpt_shallow": dict(num_prompts=3),
     "e2vpt": dict(num_prompts=3, num_kv_prompts=2), "lion": None, "bias": None, "linear": None,
     "partial": dict(num_blocks=1), "adapter": dict(placement="houlsby", bottleneck=4),
-    "adaptformer": dict(bottleneck=4), "lora": dict(r=2),
+    "adaptformer": dict(bottleneck=4), "lora": dict(r=2), "mlp3": None,
+    "sidetune": dict(side_channels=(8, 16), side_pool=2),
 }
 CNN_METHODS = {"ssf": None, "vpt": dict(img_size=32), "lion": None, "bias": None, "linear": None,
-               "partial": dict(num_blocks=1)}
+               "partial": dict(num_blocks=1), "mlp3": None,
+               "sidetune": dict(side_channels=(8, 16), side_pool=2)}
 
 
 def _build(arch: str, method: str, cfg, kwargs, num_classes: int = 3, seed: int = 0):

@@ -38,6 +38,8 @@ SUPPORT: dict[str, tuple[str, ...]] = {
     "adapter": ("yes", "yes", "yes", "refused", "yes"),
     "adaptformer": ("yes", "yes", "yes", "refused", "yes"),
     "lora": ("yes", "yes", "yes", "refused", "yes"),
+    "mlp3": ("yes", "yes", "yes", "refused", "yes"),
+    "sidetune": ("yes", "yes", "yes", "refused", "yes"),
 }
 #: tiny configs: the method name in the table -> (registered method, peft_cfg)
 CASES = {
@@ -49,6 +51,7 @@ CASES = {
                                                backward_max_iter=3, p2_width=16)),
     "adapter": ("adapter", dict(placement="houlsby", bottleneck=8)),
     "adaptformer": ("adaptformer", dict(bottleneck=8)), "lora": ("lora", dict(r=4)),
+    "mlp3": ("mlp3", None), "sidetune": ("sidetune", dict(side_channels=(8, 16), side_pool=2)),
 }
 README = Path(__file__).resolve().parents[1] / "README.md"
 

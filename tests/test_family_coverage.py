@@ -235,7 +235,8 @@ def _small_listed(method: str, count: int, seed: str) -> list[str]:
 
 
 @pytest.mark.parametrize("method", ["ssf", "vpt", "vpt_shallow", "e2vpt", "partial", "lion",
-                                    "bias", "adapter", "adaptformer", "lora"])
+                                    "bias", "adapter", "adaptformer", "lora", "mlp3",
+                                    "sidetune"])
 def test_sampled_listed_archs_build_forward_and_backward(method):
     for name in _small_listed(method, 1, f"{method}-issue-13"):
         torch.manual_seed(0)

@@ -215,3 +215,58 @@ def test_reproduce_spreads_runs_over_torchrun_processes(tmp_path):
     assert proc.stdout.count("| dtd | natural |") == 1  # rank 0 writes the table
     report = json.loads((out / "linear-vtab1k.json").read_text())
     assert len(report["rows"][0]["seeds"]) == 2
+
+
+# the papers' baselines (issue 23): the protocol each runs, the recipe it brings, its paper number
+BASELINES = {
+    # method: (recipe optimiser, grid keys, paper number of dtd or natural group mean)
+    "adapter": ("momentum", {"lr_base", "weight_decay"}, ("per_task", "dtd", 63.2)),
+    "mlp3": ("momentum", {"lr_base", "weight_decay"}, ("group_means", "natural", 67.80)),
+    "sidetune": ("momentum", {"lr_base", "weight_decay"}, ("group_means", "natural", 58.21)),
+    "lora": ("adamw", {"lr"}, None),
+    "adaptformer": ("adamw", {"lr"}, None),
+}
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_baseline_reproductions_run_their_protocol(tmp_path, method):
+    from timm_peft.reproduce import PROTOCOLS
+    opt, keys, paper = BASELINES[method]
+    assert set(PROTOCOLS[method].grid) == keys and PROTOCOLS[method].seeds == 3
+    data = make_fake_vtab(tmp_path / "vtab-1k", tasks=("dtd",))
+    spy = Counting()
+    point = {"lr_base": [0.5], "weight_decay": [0.001]} if "lr_base" in keys else {"lr": [0.01]}
+    res = reproduce(method, "vtab1k", data, "vit_tiny_patch16_224", tasks=["dtd"],
+                    output=tmp_path / "out", grid=point, seeds=1, train_args=QUICK, run=spy)
+    assert len(spy.runs) == 1  # one grid point: no tuning, one final run
+    cfg = spy.runs[0]
+    assert cfg.model == f"vit_tiny_patch16_224.{method}" and cfg.opt == opt
+    assert cfg.train_split == "train800val200" and cfg.test_split == "test"
+    summary = json.loads((tmp_path / "out" / method / "vtab1k" / "dtd" / "final" / "seed0" /
+                          "summary.json").read_text())
+    assert summary["metrics"]["trainable_params"] > 0
+    row = res.rows[0]
+    assert row["ours"] == pytest.approx(summary["metrics"]["test_acc"] * 100, abs=0.01)
+    table = res.table_md.read_text()
+    if paper is None:
+        assert row["paper"] is None and "none published for this method" in table
+    else:
+        kind, key, value = paper
+        assert paper_results()[method]["vtab1k"][kind][key] == value
+        natural = next(g for g in res.groups if g["group"] == "natural")
+        assert (row["paper"] if kind == "per_task" else natural["paper"]) == value
+        assert "vpt-eccv2022.txt Table 1" in table
+
+
+def test_mlp3_fgvc_reproduction_through_the_cli(tmp_path, capsys):
+    data = make_fake_fgvc(tmp_path / "fgvc", names=("cub",))
+    out = tmp_path / "out"
+    argv = ["reproduce", "--method", "mlp3", "--benchmark", "fgvc", "--data-root", str(data),
+            "--model", "vit_tiny_patch16_224", "--tasks", "cub", "--output", str(out),
+            "--seeds", "1", "--grid", "lr_base=0.5", "--epochs", "1", "--batch-size", "4",
+            "--no-pretrained", "--model-kwargs", *[f"{k}={v}" for k, v in TINY.items()],
+            "--train-args", "workers=0"]
+    assert main(argv) == 0
+    assert "| cub | fgvc |" in capsys.readouterr().out
+    report = json.loads((out / "mlp3-fgvc.json").read_text())
+    assert report["groups"][0]["paper"] == 79.80  # VPT Table 1, Mlp-3, FGVC

@@ -133,3 +133,48 @@ def test_main_end_to_end_on_tiny_settings(tmp_path, monkeypatch, tiny_cache):
     (tmp_path / "out" / "transfer.json").write_text(json.dumps(data))
     partial = tb.main(["--replot", "--out-dir", str(tmp_path / "out")]).read_text()
     assert "Partial run" in partial and "| bias |" not in partial and "| bias |" in text
+
+
+def test_merge_adds_methods_to_saved_runs_without_rerunning_them(tmp_path, monkeypatch,
+                                                                 tiny_cache):
+    monkeypatch.setitem(tb.BACKBONES, "tiny", TINY)
+    monkeypatch.setattr(tb, "CLAIMS", (tb.Claim("P", "bias beats linear", "bias", "linear"),))
+    monkeypatch.setattr(tb, "LR_GRID", (1e-3, 1e-2))
+    out = tmp_path / "out"
+    common = ["--backbones", "tiny", "--tasks", "count", "--seeds", "0,1", "--epochs", "1",
+              "--warmup-epochs", "0", "--train-size", "40", "--test-size", "20", "--jobs", "1",
+              "--cache-dir", str(tiny_cache), "--out-dir", str(out)]
+    tb.main(["--methods", "linear", *common])
+    before = json.loads((out / "transfer.json").read_text())
+    ran = []
+    real = tb.run_one
+    monkeypatch.setattr(tb, "run_one", lambda job: ran.append(job["group"]) or real(job))
+    md = tb.main(["--merge", "--methods", "bias", *common])
+    # the cheapest saved run once again (it must reproduce), then only the added method
+    cheapest = min(before["runs"], key=lambda r: r["cpu_seconds"] if "reference" not in
+                   r["method"] else float("inf"))
+    assert ran[0] == cheapest["group"] and set(ran[1:]) == {"tiny/bias/count"}
+    after = json.loads((out / "transfer.json").read_text())
+    assert after["runs"][:len(before["runs"])] == before["runs"]  # the saved runs, untouched
+    assert {r["group"] for r in after["runs"]} == {r["group"] for r in before["runs"]} | {
+        "tiny/bias/count"}
+    assert after["complete"] and after["planned"] == len(after["runs"]) == 9
+    assert [m["command"] for m in after["merges"]] == [before["command"], after["merges"][1]["command"]]
+    assert "--merge" in after["command"] and after["timing"]["wall"] > before["timing"]["wall"]
+    text = md.read_text()
+    assert "| bias |" in text and "| linear |" in text and "bias beats linear" in text
+    # a saved run that does not reproduce (other weights or code): refused, nothing added
+    (out / "transfer.json").write_text(json.dumps(dict(before, runs=[
+        dict(r, test_acc=r["test_acc"] + 0.01) for r in before["runs"]])))
+    with pytest.raises(SystemExit, match="the weights or the code differ"):
+        tb.main(["--merge", "--methods", "bias", *common])
+    assert "tiny/bias/count" not in {r["group"] for r in
+                                     json.loads((out / "transfer.json").read_text())["runs"]}
+    # other settings than the saved runs': refused before anything runs
+    ran.clear()
+    with pytest.raises(SystemExit, match="other settings: epochs=1"):
+        tb.main(["--merge", "--methods", "ssf", *common[:-10], "--epochs", "2",
+                 *common[-10:]])
+    with pytest.raises(SystemExit, match="name them with --methods"):
+        tb.main(["--merge", *common])
+    assert ran == []

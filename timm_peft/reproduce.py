@@ -74,6 +74,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 _VPT_GRID = {"lr_base": [50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05],
              "weight_decay": [0.01, 0.001, 0.0001, 0.0]}
+_SSF_LR_GRID = {"lr": [5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3]}
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ PROTOCOLS: dict[str, Protocol] = {p.method: p for p in (
              "prompt length per task: add it with --grid peft_cfg.num_prompts=..."),
     Protocol("e2vpt", "e2vpt", _VPT_GRID, 3,
              "E2VPT Sec. 4.1 and Table 1 ('three runs', VPT's protocol and grid)"),
-    Protocol("ssf", "ssf", {"lr": [5e-2, 2e-2, 1e-2, 5e-3, 2e-3, 1e-3]}, 3,
+    Protocol("ssf", "ssf", _SSF_LR_GRID, 3,
              "SSF Sec. 4.1 (AdamW, cosine, 100 epochs with 10 warm-up); its per-task learning "
              "rates span 1e-3 to 5e-2, searched here on the validation split; seeds: VPT's three"),
     Protocol("lion", "lion", {"lr": [1e-5]}, 3,
@@ -102,6 +103,24 @@ PROTOCOLS: dict[str, Protocol] = {p.method: p for p in (
     Protocol("linear", "vpt", _VPT_GRID, 3, "VPT Sec. 4.1: baselines with VPT's protocol"),
     Protocol("bias", "vpt", _VPT_GRID, 3, "VPT Sec. 4.1: baselines with VPT's protocol"),
     Protocol("full", "vpt", _VPT_GRID, 3, "VPT Sec. 4.1: baselines with VPT's protocol"),
+    Protocol("partial_1", "vpt", _VPT_GRID, 3, "VPT Sec. 4.1: baselines with VPT's protocol"),
+    Protocol("mlp3", "vpt", _VPT_GRID, 3,
+             "VPT Sec. 4.1 and Table 1: the Mlp-3 baseline with VPT's protocol and grid"),
+    Protocol("sidetune", "vpt", _VPT_GRID, 3,
+             "VPT Sec. 4.1 and Table 1: the Sidetune baseline with VPT's protocol and grid (the "
+             "side network starts from random weights here, see timm_peft.methods.sidetune)"),
+    Protocol("adapter", "vpt", _VPT_GRID, 3,
+             "VPT Sec. 4.1 and Table 1: the Adapter baseline with VPT's protocol and grid; VPT "
+             "also varies the reduction rate (Fig. 6): add it with "
+             "--grid peft_cfg.reduction_factor=8,64,256"),
+    Protocol("lora", "ssf", _SSF_LR_GRID, 3,
+             "none of the four papers states a LoRA protocol or publishes its VTAB-1k/FGVC "
+             "numbers; ours: SSF's AdamW recipe and learning-rate search (r = 8 on qkv, the "
+             "setting of the SSF-era tables), VPT's three seeds"),
+    Protocol("adaptformer", "ssf", _SSF_LR_GRID, 3,
+             "none of the four papers states an AdaptFormer protocol or publishes its "
+             "VTAB-1k/FGVC numbers; ours: SSF's AdamW recipe and learning-rate search "
+             "(bottleneck 64, scale 0.1 as the AdaptFormer paper), VPT's three seeds"),
 )}
 
 
