@@ -29,8 +29,9 @@ allocator's peak, and times come from CUDA events. ``--amp bf16`` runs forward u
 ``--modes eager,compiled`` measures each model eagerly and ``torch.compile``-d (memory of
 compiled models is reported on CUDA only: inductor's buffers bypass the CPU tracker), with
 ``--compile-mode`` (e.g. ``reduce-overhead``: CUDA graphs) and at most ``--compile-timeout``
-seconds for an entry's first calls (where it compiles): an entry that takes longer is left out
-and reported, so a compiled run cannot hang on one model.
+seconds for an entry's first calls (where it compiles), ``--compile-budget`` for all of them:
+an entry that takes longer is left out and reported, so a compiled run cannot hang on one
+model and ends in a known time (``benchmarks/gpu_check.sh``).
 
 Archs: ``--archs`` takes timm names and the sets of :data:`ARCH_SETS` (``families``: one arch
 of each family the report tracks beyond ViT-S and ResNet-50; ``report``: all of them).
@@ -299,18 +300,28 @@ def _deadline(seconds: float | None, what: str) -> Iterator[None]:
 def _drop_failing(arch: str, mode: str, entries: dict[str, Entry],
                   train_fns: dict[str, Callable[[], None]],
                   infer_fns: dict[str, Callable[[], None]], skipped: list[str],
-                  timeout: float | None = None) -> None:
+                  timeout: float | None = None, budget: float | None = None) -> None:
     """Run every call once; an entry whose training step or inference raises, or whose first
     calls together take more than ``timeout`` seconds (compiled mode: the compilation), is left
     out of the timing and reported (with the error) among the left-out rows, so one failure on a
-    device does not cost the whole table. A failing reference (full, the limit, the plain
-    model) raises."""
-    with _deadline(timeout, f"{arch}: the plain model's first call"):
+    device does not cost the whole table. ``budget`` caps the seconds of all these first calls
+    together: the references run first, and entries left when it is spent are left out. A
+    failing reference (full, the limit, the plain model) raises."""
+    start = time.perf_counter()
+
+    def cap() -> float | None:
+        left = None if not budget else budget - (time.perf_counter() - start)
+        return left if not timeout else (timeout if left is None else min(timeout, left))
+
+    with _deadline(cap(), f"{arch}: the plain model's first call"):
         infer_fns["plain"]()
-    for k in list(entries):
+    for k in sorted(entries, key=lambda k: k not in ("full", LIMIT)):  # references first
         fns = (train_fns[k], infer_fns[k], infer_fns.get(f"{k} (merged)"))
         try:
-            with _deadline(timeout, f"{arch}.{k}: the first calls"):
+            seconds = cap()
+            if seconds is not None and seconds <= 0:
+                raise TimeoutError(f"not tried: the --compile-budget of {budget:g} s is spent")
+            with _deadline(seconds, f"{arch}.{k}: the first calls"):
                 for fn in fns:
                     if fn is not None:
                         fn()
@@ -349,8 +360,10 @@ def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
     infer_fns.update({f"{k} (merged)": _infer(e.merged, _forward(e.merged, mode, cmode), x,
                                               device, args.amp)
                       for k, e in entries.items() if e.merged is not None})
+    compiled = mode == "compiled"
     _drop_failing(arch, mode, entries, train_fns, infer_fns, skipped,
-                  timeout=args.compile_timeout if mode == "compiled" else None)
+                  timeout=args.compile_timeout if compiled else None,
+                  budget=args.compile_budget if compiled else None)
     print(f"{arch} [{mode}]: timing {len(train_fns)} training steps and {len(infer_fns)} "
           f"inferences (batch {args.batch_size}, {tuple(input_size)}, {args.reps} rounds)",
           flush=True)
@@ -463,6 +476,10 @@ def main() -> None:
     parser.add_argument("--compile-timeout", type=float, default=300.0,
                         help="seconds an entry's first calls may take in compiled mode (where "
                              "it compiles); a slower entry is left out and reported (0: no cap)")
+    parser.add_argument("--compile-budget", type=float, default=0.0,
+                        help="seconds all entries' first calls of one arch may take together in "
+                             "compiled mode (references first); entries left when it is spent "
+                             "are left out and reported (0: no cap)")
     parser.add_argument("--name", default="efficiency", help="report name under results/")
     args = parser.parse_args()
     if args.threads:

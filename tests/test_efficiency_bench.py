@@ -55,3 +55,24 @@ def test_arch_sets_cover_the_report_families():
     assert eff.expand_archs("vit_small_patch16_224,report")[:2] == list(eff.ARCH_SETS["default"])
     assert set(eff.ARCH_SETS["families"]) <= set(eff.expand_archs("report"))
     assert len(eff.expand_archs("report")) == len(set(eff.expand_archs("report"))) == 7
+
+
+def test_the_compile_budget_runs_the_references_first_and_leaves_out_the_rest():
+    import time
+
+    def ok():
+        pass
+
+    def slow():
+        time.sleep(0.4)
+
+    entries = {"ssf": object(), "vpt": object(), "full": object(), eff.LIMIT: object()}
+    train = {"ssf": slow, "vpt": ok, "full": slow, eff.LIMIT: ok}
+    infer = {"plain": ok, "ssf": ok, "vpt": ok, "full": ok, eff.LIMIT: ok}
+    skipped = []
+    eff._drop_failing("vit", "compiled", entries, train, infer, skipped, timeout=10, budget=0.6)
+    # full (0.4 s) and the limit ran first; ssf hit the rest of the budget, vpt was not tried
+    assert set(entries) == {"full", eff.LIMIT}
+    assert skipped[0].startswith("vit.ssf [compiled] FAILED: TimeoutError")
+    assert skipped[1] == ("vit.vpt [compiled] FAILED: TimeoutError: not tried: the "
+                          "--compile-budget of 0.6 s is spent")
