@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         new = {r["method"]: r for r in rows}
         measured = ", ".join(new)
         rows = [new.pop(r["method"], r) for r in old["rows"]] + list(new.values())
-        update = (f" The {measured} row(s) were re-measured by `{command}` (the total time is that run's); the "
-                  f"others are from `{old['command']}`.")
+        update = (f" The {measured} row(s) were re-measured by `{command}` (the total time is "
+                  f"that run's); the others are from `{old['command']}`.")
         command = f"{old['command']}; then {command}"
     notes = (
         f"{args.adapters} adapters per method on one frozen `{args.arch}`"
