@@ -466,3 +466,20 @@ def test_vectorised_masked_loop_stops_when_every_sample_has_stopped():
     for i in range(3):
         torch.testing.assert_close(z[i], alone[i][0], rtol=1e-5, atol=1e-6)
     assert deq.forward_stats.solves == 3 and alone_its  # the vectorised solve is not counted
+
+def test_any_over_batch_reduces_over_the_vectorised_dimension():
+    from torch.func import vmap
+
+    from timm_peft.deq import _any_over_batch
+    flags = torch.tensor([[False, False], [True, False], [False, False]])
+    assert not bool(_any_over_batch(flags[0])) and bool(_any_over_batch(flags[1]))
+    seen = []
+
+    def per_sample(f):
+        out = _any_over_batch(f)
+        seen.append(bool(out))  # unbatched: the host may read it inside vmap
+        return f.float().sum() * out
+
+    assert vmap(per_sample)(flags).tolist() == [0.0, 1.0, 0.0]
+    assert seen == [True]  # one answer for the whole vectorised batch
+    assert vmap(_any_over_batch)(flags[[0, 2]]).tolist() == [False, False]

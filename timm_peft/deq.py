@@ -115,12 +115,8 @@ def _any_over_batch(flags: torch.Tensor) -> torch.Tensor:
     """Whether any element of ``flags`` is True, and under :func:`torch.func.vmap` whether any
     element of *any sample* is: the batching rule reduces over the vectorised dimension and
     returns an unbatched scalar, which the host may read inside ``vmap`` (a batched one it may
-    not). The vectorised masked loop uses it to stop once every sample has stopped.
-
-    Example:
-        >>> from torch.func import vmap
-        >>> vmap(lambda f: f * _any_over_batch(f))(torch.tensor([False, True]))
-        tensor([False,  True])
+    not). The vectorised masked loop uses it to stop once every sample has stopped
+    (``tests/test_deq.py``).
     """
     return flags.any()
 
