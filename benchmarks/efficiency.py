@@ -29,8 +29,8 @@ allocator's peak, and times come from CUDA events. ``--amp bf16`` runs forward u
 ``--modes eager,compiled`` measures each model eagerly and ``torch.compile``-d (memory of
 compiled models is reported on CUDA only: inductor's buffers bypass the CPU tracker), with
 ``--compile-mode`` (e.g. ``reduce-overhead``: CUDA graphs) and at most ``--compile-timeout``
-seconds for an entry's first calls (where it compiles), ``--compile-budget`` for all of them:
-an entry that takes longer is left out and reported, so a compiled run cannot hang on one
+seconds for an entry's first calls (where it compiles), ``--compile-budget`` for those of all
+entries but the references: an entry that takes longer is left out and reported, so a compiled run cannot hang on one
 model and ends in a known time (``benchmarks/gpu_check.sh``).
 
 Archs: ``--archs`` takes timm names and the sets of :data:`ARCH_SETS` (``families``: one arch
@@ -304,21 +304,26 @@ def _drop_failing(arch: str, mode: str, entries: dict[str, Entry],
     """Run every call once; an entry whose training step or inference raises, or whose first
     calls together take more than ``timeout`` seconds (compiled mode: the compilation), is left
     out of the timing and reported (with the error) among the left-out rows, so one failure on a
-    device does not cost the whole table. ``budget`` caps the seconds of all these first calls
-    together: the references run first, and entries left when it is spent are left out. A
-    failing reference (full, the limit, the plain model) raises."""
-    start = time.perf_counter()
+    device does not cost the whole table. The references run first (each within ``timeout``);
+    ``budget`` then caps the seconds of all other entries' first calls together, and entries
+    left when it is spent are left out. A failing reference (full, the limit, the plain model)
+    raises."""
+    start = None
 
-    def cap() -> float | None:
-        left = None if not budget else budget - (time.perf_counter() - start)
-        return left if not timeout else (timeout if left is None else min(timeout, left))
+    def cap(reference: bool) -> float | None:
+        nonlocal start
+        if reference or not budget:
+            return timeout or None
+        start = time.perf_counter() if start is None else start
+        left = budget - (time.perf_counter() - start)
+        return left if not timeout else min(timeout, left)
 
-    with _deadline(cap(), f"{arch}: the plain model's first call"):
+    with _deadline(cap(True), f"{arch}: the plain model's first call"):
         infer_fns["plain"]()
     for k in sorted(entries, key=lambda k: k not in ("full", LIMIT)):  # references first
         fns = (train_fns[k], infer_fns[k], infer_fns.get(f"{k} (merged)"))
         try:
-            seconds = cap()
+            seconds = cap(k in ("full", LIMIT))
             if seconds is not None and seconds <= 0:
                 raise TimeoutError(f"not tried: the --compile-budget of {budget:g} s is spent")
             with _deadline(seconds, f"{arch}.{k}: the first calls"):
@@ -477,9 +482,9 @@ def main() -> None:
                         help="seconds an entry's first calls may take in compiled mode (where "
                              "it compiles); a slower entry is left out and reported (0: no cap)")
     parser.add_argument("--compile-budget", type=float, default=0.0,
-                        help="seconds all entries' first calls of one arch may take together in "
-                             "compiled mode (references first); entries left when it is spent "
-                             "are left out and reported (0: no cap)")
+                        help="seconds the first calls of one arch's entries other than the "
+                             "references may take together in compiled mode; entries left when "
+                             "it is spent are left out and reported (0: no cap)")
     parser.add_argument("--name", default="efficiency", help="report name under results/")
     args = parser.parse_args()
     if args.threads:

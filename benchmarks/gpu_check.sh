@@ -10,9 +10,10 @@
 #    benchmarks/results/efficiency_cuda_ssf.{md,json,svg}.
 # 2. `--modes compiled` for every method of the report on ViT-S/16 at the same batch:
 #    benchmarks/results/efficiency_cuda_compiled.{md,json,svg}. It cannot hang: each entry's
-#    first calls (where torch.compile compiles) get at most --compile-timeout seconds and all of
-#    them together --compile-budget (the references first); an entry over either is left out and
-#    named in the report. Every stage also runs under coreutils `timeout`.
+#    first calls (where torch.compile compiles) get at most --compile-timeout seconds, and those
+#    of all entries but the references (which run first) together --compile-budget; an entry over
+#    either is left out and named in the report. Every stage also runs under coreutils `timeout`
+#    (150 + 450 s at most).
 #
 # Where the device tool sets $OUT, the reports are copied there too. PYTHON picks the
 # interpreter (default python3, the one holding PyTorch on the lent machines).
@@ -31,9 +32,9 @@ timeout 150 "$PY" -m benchmarks.efficiency "${COMMON[@]}" --methods ssf --warmup
     --name efficiency_cuda_ssf || status=1
 
 echo "== 2. every method compiled (mode $COMPILE_MODE) on ViT-S"
-timeout 420 "$PY" -m benchmarks.efficiency "${COMMON[@]}" \
+timeout 450 "$PY" -m benchmarks.efficiency "${COMMON[@]}" \
     --methods bias,ssf,vpt,e2vpt,e2vpt_prune,lion,full --modes compiled \
-    --compile-mode "$COMPILE_MODE" --compile-timeout 60 --compile-budget 300 --warmup 2 --reps 5 \
+    --compile-mode "$COMPILE_MODE" --compile-timeout 45 --compile-budget 240 --warmup 2 --reps 5 \
     --name efficiency_cuda_compiled || status=1
 
 if [ -n "${OUT:-}" ]; then
