@@ -11,8 +11,9 @@ are measured once) is built on the same base and measured next to:
 * **HF peft LoRA** r=8 on ``qkv``, and on every linear of the blocks (``qkv, proj, fc1, fc2``),
   head trained (``modules_to_save``), where the arch has those modules and ``peft`` is installed;
 * **variants** of methods with a non-default config (:data:`VARIANTS`): VPT with E²VPT's
-  number of visual prompts (the reference of E²VPT's memory), LION's masked solver loop (the one
-  that compiles whole).
+  number of visual prompts (the reference of E²VPT's memory), LION's masked solver loop forced in
+  eager (no host sync, the full iteration cap: what the default ``solver_loop="auto"`` runs
+  under ``torch.compile``).
 
 A preset whose method prunes during training (``e2vpt_prune``) is measured pruned
 (:data:`PRUNE`): what it trains after pruning and what it serves.
