@@ -499,7 +499,8 @@ class DEQ(nn.Module):
         left alone (they are updated in place, and a vectorised solve has one set of statistics
         per sample).
         """
-        vmapped, record = self.__dict__.get("_vmapped", False), self.__dict__.get("_record_stats", True)
+        vmapped = self.__dict__.get("_vmapped", False)
+        record = self.__dict__.get("_record_stats", True)
         self._vmapped, self._record_stats = True, False
         try:
             yield
