@@ -31,8 +31,8 @@ allocator's peak, and times come from CUDA events. ``--amp bf16`` runs forward u
 compiled models is reported on CUDA only: inductor's buffers bypass the CPU tracker), with
 ``--compile-mode`` (e.g. ``reduce-overhead``: CUDA graphs) and at most ``--compile-timeout``
 seconds for an entry's first calls (where it compiles), ``--compile-budget`` for those of all
-entries but the references: an entry that takes longer is left out and reported, so a compiled run cannot hang on one
-model and ends in a known time (``benchmarks/gpu_check.sh``).
+entries but the references: an entry that takes longer is left out and reported, so a
+compiled run cannot hang on one model and ends in a known time (``benchmarks/gpu_check.sh``).
 
 Archs: ``--archs`` takes timm names and the sets of :data:`ARCH_SETS` (``families``: one arch
 of each family the report tracks beyond ViT-S and ResNet-50; ``report``: all of them).
