@@ -11,8 +11,9 @@ are measured once) is built on the same base and measured next to:
 * **HF peft LoRA** r=8 on ``qkv``, and on every linear of the blocks (``qkv, proj, fc1, fc2``),
   head trained (``modules_to_save``), where the arch has those modules and ``peft`` is installed;
 * **variants** of methods with a non-default config (:data:`VARIANTS`): VPT with E²VPT's
-  number of visual prompts (the reference of E²VPT's memory), LION's masked solver loop (the one
-  that compiles whole).
+  number of visual prompts (the reference of E²VPT's memory), LION's masked solver loop forced in
+  eager (no host sync, the full iteration cap: what the default ``solver_loop="auto"`` runs
+  under ``torch.compile``).
 
 A preset whose method prunes during training (``e2vpt_prune``) is measured pruned
 (:data:`PRUNE`): what it trains after pruning and what it serves.
@@ -27,7 +28,14 @@ ratios to full fine-tuning and to the limit (training) or to the plain model (in
 Devices and modes: on CPU memory is the peak of live tensor storage (``PeakMemory``); on CUDA the
 allocator's peak, and times come from CUDA events. ``--amp bf16`` runs forward under autocast;
 ``--modes eager,compiled`` measures each model eagerly and ``torch.compile``-d (memory of
-compiled models is reported on CUDA only: inductor's buffers bypass the CPU tracker).
+compiled models is reported on CUDA only: inductor's buffers bypass the CPU tracker), with
+``--compile-mode`` (e.g. ``reduce-overhead``: CUDA graphs) and at most ``--compile-timeout``
+seconds for an entry's first calls (where it compiles), ``--compile-budget`` for those of all
+entries but the references: an entry that takes longer is left out and reported, so a
+compiled run cannot hang on one model and ends in a known time (``benchmarks/gpu_check.sh``).
+
+Archs: ``--archs`` takes timm names and the sets of :data:`ARCH_SETS` (``families``: one arch
+of each family the report tracks beyond ViT-S and ResNet-50; ``report``: all of them).
 
 Run from the repository root::
 
@@ -38,15 +46,18 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import signal
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import timm
 import torch
@@ -65,6 +76,24 @@ LR = 1e-4
 LORA_TARGETS = {"HF peft LoRA r=8 (qkv)": ["qkv"],
                 "HF peft LoRA r=8 (qkv, proj, fc1, fc2)": ["qkv", "proj", "fc1", "fc2"]}
 LIMIT = "frozen-backbone limit"
+#: named sets of archs for ``--archs``
+ARCH_SETS: dict[str, tuple[str, ...]] = {
+    "default": ("vit_small_patch16_224", "resnet50"),
+    "families": ("swin_tiny_patch4_window7_224", "convnext_tiny", "beit_base_patch16_224",
+                 "efficientnet_b0", "mobilenetv3_large_100"),
+}
+ARCH_SETS["report"] = ARCH_SETS["default"] + ARCH_SETS["families"]
+
+
+def expand_archs(spec: str) -> list[str]:
+    """Comma-separated timm archs and :data:`ARCH_SETS` names, in order, without repeats.
+
+    Example:
+        >>> expand_archs("resnet50,families")[:3]
+        ['resnet50', 'swin_tiny_patch4_window7_224', 'convnext_tiny']
+    """
+    names = [a for item in spec.split(",") if item for a in ARCH_SETS.get(item, (item,))]
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -242,30 +271,73 @@ def _infer(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x:
     return run
 
 
-def _forward(model: nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return torch.compile(model) if mode == "compiled" else model
+def _forward(model: nn.Module, mode: str,
+             compile_mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.compile(model, mode=compile_mode) if mode == "compiled" else model
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, what: str) -> Iterator[None]:
+    """Raise ``TimeoutError`` in the block after ``seconds`` (SIGALRM; no cap without it, or
+    off the main thread, or for ``None``/0)."""
+    usable = (seconds and hasattr(signal, "SIGALRM")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expire(*_: Any) -> None:
+        raise TimeoutError(f"{what} took more than {seconds:g} s (--compile-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _drop_failing(arch: str, mode: str, entries: dict[str, Entry],
                   train_fns: dict[str, Callable[[], None]],
-                  infer_fns: dict[str, Callable[[], None]], skipped: list[str]) -> None:
-    """Run every call once; an entry whose training step or inference raises is left out of the
-    timing and reported (with the error) among the left-out rows, so one failure on a device
-    does not cost the whole table. A failing reference (full, the limit) raises; the plain model
-    is not tried here and fails in the timing itself."""
-    for k in list(entries):
-        for fn in (train_fns[k], infer_fns[k], infer_fns.get(f"{k} (merged)")):
-            try:
-                if fn is not None:
-                    fn()
-            except Exception as err:  # noqa: BLE001 - reported in the table's notes
-                if k in ("full", LIMIT):
-                    raise
-                first = (str(err).splitlines() or [""])[0][:200]
-                skipped.append(f"{arch}.{k} [{mode}] FAILED: {type(err).__name__}: {first}")
-                del entries[k], train_fns[k], infer_fns[k]
-                infer_fns.pop(f"{k} (merged)", None)
-                break
+                  infer_fns: dict[str, Callable[[], None]], skipped: list[str],
+                  timeout: float | None = None, budget: float | None = None) -> None:
+    """Run every call once; an entry whose training step or inference raises, or whose first
+    calls together take more than ``timeout`` seconds (compiled mode: the compilation), is left
+    out of the timing and reported (with the error) among the left-out rows, so one failure on a
+    device does not cost the whole table. The references run first (each within ``timeout``);
+    ``budget`` then caps the seconds of all other entries' first calls together, and entries
+    left when it is spent are left out. A failing reference (full, the limit, the plain model)
+    raises."""
+    start = None
+
+    def cap(reference: bool) -> float | None:
+        nonlocal start
+        if reference or not budget:
+            return timeout or None
+        start = time.perf_counter() if start is None else start
+        left = budget - (time.perf_counter() - start)
+        return left if not timeout else min(timeout, left)
+
+    with _deadline(cap(True), f"{arch}: the plain model's first call"):
+        infer_fns["plain"]()
+    for k in sorted(entries, key=lambda k: k not in ("full", LIMIT)):  # references first
+        fns = (train_fns[k], infer_fns[k], infer_fns.get(f"{k} (merged)"))
+        try:
+            seconds = cap(k in ("full", LIMIT))
+            if seconds is not None and seconds <= 0:
+                raise TimeoutError(f"not tried: the --compile-budget of {budget:g} s is spent")
+            with _deadline(seconds, f"{arch}.{k}: the first calls"):
+                for fn in fns:
+                    if fn is not None:
+                        fn()
+        except Exception as err:  # noqa: BLE001 - reported in the table's notes
+            if k in ("full", LIMIT):
+                raise
+            first = (str(err).splitlines() or [""])[0][:200]
+            skipped.append(f"{arch}.{k} [{mode}] FAILED: {type(err).__name__}: {first}")
+            del entries[k], train_fns[k], infer_fns[k]
+            infer_fns.pop(f"{k} (merged)", None)
 
 
 def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
@@ -285,15 +357,19 @@ def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
     x = torch.randn(args.batch_size, *input_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
 
-    train_fns = {k: _train_step(e, _forward(e.model, mode), x, y, device, args.amp)
+    cmode = args.compile_mode
+    train_fns = {k: _train_step(e, _forward(e.model, mode, cmode), x, y, device, args.amp)
                  for k, e in entries.items()}
-    infer_fns = {"plain": _infer(plain, _forward(plain, mode), x, device, args.amp)}
-    infer_fns.update({k: _infer(e.model, _forward(e.model, mode), x, device, args.amp)
+    infer_fns = {"plain": _infer(plain, _forward(plain, mode, cmode), x, device, args.amp)}
+    infer_fns.update({k: _infer(e.model, _forward(e.model, mode, cmode), x, device, args.amp)
                       for k, e in entries.items()})
-    infer_fns.update({f"{k} (merged)": _infer(e.merged, _forward(e.merged, mode), x, device,
-                                              args.amp)
+    infer_fns.update({f"{k} (merged)": _infer(e.merged, _forward(e.merged, mode, cmode), x,
+                                              device, args.amp)
                       for k, e in entries.items() if e.merged is not None})
-    _drop_failing(arch, mode, entries, train_fns, infer_fns, skipped)
+    compiled = mode == "compiled"
+    _drop_failing(arch, mode, entries, train_fns, infer_fns, skipped,
+                  timeout=args.compile_timeout if compiled else None,
+                  budget=args.compile_budget if compiled else None)
     print(f"{arch} [{mode}]: timing {len(train_fns)} training steps and {len(infer_fns)} "
           f"inferences (batch {args.batch_size}, {tuple(input_size)}, {args.reps} rounds)",
           flush=True)
@@ -383,7 +459,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="vit_small_patch16_224,resnet50",
-                        help="comma-separated timm archs (each at its default input size)")
+                        help="comma-separated timm archs (each at its default input size) and "
+                             f"sets of them: {', '.join(ARCH_SETS)}")
     parser.add_argument("--methods", default="all",
                         help="comma-separated registry names; 'all': every method and preset")
     parser.add_argument("--model-kwargs", type=json.loads, default={},
@@ -398,6 +475,17 @@ def main() -> None:
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                         help="forward under torch.autocast with this dtype")
     parser.add_argument("--modes", default="eager", help="comma-separated: eager, compiled")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile mode of --modes compiled (reduce-overhead: CUDA "
+                             "graphs)")
+    parser.add_argument("--compile-timeout", type=float, default=300.0,
+                        help="seconds an entry's first calls may take in compiled mode (where "
+                             "it compiles); a slower entry is left out and reported (0: no cap)")
+    parser.add_argument("--compile-budget", type=float, default=0.0,
+                        help="seconds the first calls of one arch's entries other than the "
+                             "references may take together in compiled mode; entries left when "
+                             "it is spent are left out and reported (0: no cap)")
     parser.add_argument("--name", default="efficiency", help="report name under results/")
     args = parser.parse_args()
     if args.threads:
@@ -409,7 +497,7 @@ def main() -> None:
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
-    runs = [(arch, mode) for arch in args.archs.split(",") for mode in modes]
+    runs = [(arch, mode) for arch in expand_archs(args.archs) for mode in modes]
     for i, (arch, mode) in enumerate(runs):
         rows += measure(arch, names, args, mode, skipped)
         # written after every arch, so a long run that is stopped keeps what it measured

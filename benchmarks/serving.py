@@ -18,11 +18,13 @@ of samples. Measured in one run, as ratios:
 Throughputs use the process CPU time (steadier than the wall clock on a shared machine), one
 round-robin round calling each variant once, the median of the per-round ratios.
 
-Run: ``python -m benchmarks.serving`` (add ``--quick`` for a smoke run on a tiny ViT).
+Run: ``python -m benchmarks.serving`` (add ``--quick`` for a smoke run on a tiny ViT;
+``--methods lion --update`` re-measures one method's row in the committed report).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -31,7 +33,7 @@ import timm
 import torch
 
 import timm_peft
-from benchmarks.common import median_ratio, round_robin_clocks, write_report
+from benchmarks.common import RESULTS, median_ratio, round_robin_clocks, write_report
 
 DEFAULT_METHODS = ("ssf", "vpt", "bias", "e2vpt", "lion", "linear")
 
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny ViT, for a smoke run")
     p.add_argument("--out", default="serving", help="report name under benchmarks/results/")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the rows of --methods in the existing report, keeping the "
+                        "others; its command line then names both runs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kwargs, img = {}, 224
@@ -147,21 +152,33 @@ def main(argv: list[str] | None = None) -> None:
         row = measure(args.arch, method, args.adapters, args.per_adapter, args.rounds, kwargs, img)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         rows.append(row)
-    command = "python -m benchmarks.serving " + " ".join(argv if argv is not None else
-                                                          __import__("sys").argv[1:])
+    command = ("python -m benchmarks.serving " + " ".join(argv if argv is not None else
+                                                           __import__("sys").argv[1:])).strip()
+    update = ""
+    if args.update:
+        old = json.loads((RESULTS / f"{args.out}.json").read_text())
+        new = {r["method"]: r for r in rows}
+        measured = ", ".join(new)
+        rows = [new.pop(r["method"], r) for r in old["rows"]] + list(new.values())
+        update = (f" The {measured} row(s) were re-measured by `{command}` (the total time is "
+                  f"that run's); the others are from `{old['command']}`.")
+        command = f"{old['command']}; then {command}"
     notes = (
         f"{args.adapters} adapters per method on one frozen `{args.arch}`"
         f"{' (tiny config)' if args.quick else ''}, heads of {_heads(args.adapters)} classes, a "
         f"mixed batch of {args.per_adapter} samples per adapter, {args.threads} CPU thread(s), "
         f"{args.rounds} round-robin rounds. Ratios > 1 mean the routed forward is faster "
-        "(`routed_vs_grouped` = grouped CPU time / routed CPU time; goal ≥ 0.9 for SSF, VPT and "
-        "bias); `memory_vs_separate` ≤ 0.15 is the goal. `switch_us`: `set_adapter` between two "
+        "(`routed_vs_grouped` = grouped CPU time / routed CPU time; goal ≥ 0.9 for SSF, VPT, "
+        "bias and LION); `memory_vs_separate` ≤ 0.15 is the goal. `switch_us`: `set_adapter` "
+        "between two "
         "adapters of the method with one head size (tensors re-pointed, nothing copied); "
         "`switch_other_head_us` / `switch_other_method_us`: to an adapter with another head size "
         "/ of another method (the method's surgery is redone on the same base tensors). Routed forwards run each sample as "
         "its own batch of one under `torch.func.vmap`: torch has no batching rule for the CPU "
         "flash-attention kernel, so attention falls back to a per-sample loop (it is a small "
-        f"part of the time). Total time {time.time() - t0:.0f} s.")
+        "part of the time). LION's equilibrium solvers run vectorised too, each sample its own "
+        "solve, and stop once the batch's slowest sample has converged, as a grouped batch's do. "
+        f"Total time {time.time() - t0:.0f} s.{update}")
     md = write_report(args.out, "Many adapters on one backbone: memory, mixed batches, switching",
                       command.strip(), rows, notes)
     print(f"wrote {md}")

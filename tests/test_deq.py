@@ -247,7 +247,7 @@ def test_autocast_and_low_precision():
     assert half(u.detach().bfloat16()).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("loop", ["early_exit", "masked"])
+@pytest.mark.parametrize("loop", ["auto", "early_exit", "masked"])
 def test_autocast_injection_from_a_layer_backward_reevaluates_under_autocast(loop):
     # as in LION: u comes out of a layer under autocast (bfloat16) while the cell's weights are
     # float32, so the adjoint's re-evaluation of f must run under the same autocast
@@ -376,18 +376,23 @@ def test_masked_deq_compiles_whole_for_training_and_inference_and_exports():
     assert torch.allclose(exported.module()(u.detach()), deq(u.detach()))
 
 
-def test_lion_compiles_whole_with_the_masked_loop():
-    """LION's two equilibria switched to the masked loop: the whole model trains under
-    ``torch.compile(fullgraph=True)`` like in eager, and exports."""
+def test_lion_compiles_whole_in_its_default_configuration():
+    """LION as built by default (``solver_loop="auto"``): the whole model trains under
+    ``torch.compile(fullgraph=True)`` like in eager (a graph break would be an error), and
+    exports; eager keeps stopping early."""
     import timm
     import torch.nn.functional as F
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224.lion", img_size=32, depth=1, num_classes=5,
-                              peft_cfg=dict(max_iter=3, eval_max_iter=3, backward_max_iter=3,
-                                            p2_width=16, solver_loop="masked"))
+                              peft_cfg=dict(max_iter=6, eval_max_iter=6, backward_max_iter=6,
+                                            p2_width=16))
+    assert model.peft_config.solver_loop == "auto"
     deqs = list(model.lion.deqs().values())
     assert len(deqs) == 2
-    assert all(deq.loop == "masked" for deq in deqs)  # the config reaches both equilibria
+    assert all(deq.loop == "auto" for deq in deqs)  # the config reaches both equilibria
+    with torch.no_grad():  # non-trivial prompts, so the equilibria take several iterations
+        for p in model.lion.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -397,11 +402,84 @@ def test_lion_compiles_whole_with_the_masked_loop():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DEQConvergenceWarning)
         eager = step(model)
+        eager_its = [d.forward_stats.iterations for d in deqs]
         compiled = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
         for a, b in zip(compiled, eager):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
         assert any(float(g.abs().max()) > 0 for g in compiled[:-2])  # not just the head
-        assert all(d.forward_stats.solves == 2 for d in deqs)  # eager and compiled
+        # eager and compiled solves both counted; the compiled one ran the same iterations
+        assert all(d.forward_stats.solves == 2 for d in deqs)
+        assert [d.forward_stats.iterations for d in deqs] == [2 * i for i in eager_its]
         model.eval()
         exported = torch.export.export(model, (x,))
         assert torch.allclose(exported.module()(x), model(x), atol=1e-6)
+
+
+def test_auto_loop_is_early_exit_in_eager_and_masked_when_traced():
+    torch.manual_seed(0)
+    cell = ConvCell()
+    u = torch.randn(2, 4, 6, 6, requires_grad=True)
+    params = [u, *cell.parameters()]
+    kw = dict(max_iter=40, tol=1e-4, backward_max_iter=40, backward_tol=1e-5)
+    auto, exit_ = DEQ(cell, **kw), DEQ(cell, loop="early_exit", **kw)
+    assert auto.loop == "auto"
+    z = auto(u)
+    grads = torch.autograd.grad(z.square().sum(), params)
+    z_e = exit_(u)
+    assert torch.equal(z, z_e) and auto.forward_stats == exit_.forward_stats
+    assert 1 < auto.forward_stats.last.iterations < 40  # stopped early, in eager
+    # traced: the masked loop (a host read would be a graph break, an error with fullgraph)
+    compiled = torch.compile(auto, fullgraph=True, backend="aot_eager")
+    z_c = compiled(u)
+    for a, b in zip(torch.autograd.grad(z_c.square().sum(), params), grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(z_c, z)
+    stats = auto.forward_stats  # one eager and one compiled solve, same iterations
+    assert stats.solves == 2 and stats.iterations == 2 * exit_.forward_stats.iterations
+    exported = torch.export.export(DEQ(cell, **kw).eval(), (u.detach(),))
+    assert torch.allclose(exported.module()(u.detach()), z.detach(), atol=1e-6)
+
+
+def test_vectorised_masked_loop_stops_when_every_sample_has_stopped():
+    """Under vmap (route) every sample is its own masked solve, and the loop stops once the
+    slowest sample of the whole batch has converged, not at the cap; each sample's result is the
+    one it gets alone."""
+    from torch.func import vmap
+    torch.manual_seed(0)
+    cell = ConvCell()
+    deq = DEQ(cell, max_iter=200, tol=1e-5).eval()
+    calls = []
+    cell.register_forward_pre_hook(lambda *_: calls.append(1))
+    u = torch.randn(3, 4, 6, 6) * torch.tensor([0.1, 1.0, 3.0]).view(3, 1, 1, 1)
+    with torch.no_grad():
+        alone = [deq(u[i:i + 1]) for i in range(3)]
+        alone_its = [deq.forward_stats.last.iterations]  # the last (slowest) sample
+        its = [s.sample_iterations[0] for s in (anderson(lambda z: cell(z, u[i:i + 1]),
+                                                         torch.zeros_like(u[i:i + 1]),
+                                                         max_iter=200, tol=1e-5)[1]
+                                                for i in range(3))]
+        calls.clear()
+        with deq.vmap_context():
+            z = vmap(lambda ui: deq(ui[None])[0])(u)
+    assert len(set(its)) > 1 and max(its) < 200
+    assert len(calls) == max(its)  # the slowest sample's iterations, not the cap
+    for i in range(3):
+        torch.testing.assert_close(z[i], alone[i][0], rtol=1e-5, atol=1e-6)
+    assert deq.forward_stats.solves == 3 and alone_its  # the vectorised solve is not counted
+
+def test_any_over_batch_reduces_over_the_vectorised_dimension():
+    from torch.func import vmap
+
+    from timm_peft.deq import _any_over_batch
+    flags = torch.tensor([[False, False], [True, False], [False, False]])
+    assert not bool(_any_over_batch(flags[0])) and bool(_any_over_batch(flags[1]))
+    seen = []
+
+    def per_sample(f):
+        out = _any_over_batch(f)
+        seen.append(bool(out))  # unbatched: the host may read it inside vmap
+        return f.float().sum() * out
+
+    assert vmap(per_sample)(flags).tolist() == [0.0, 1.0, 0.0]
+    assert seen == [True]  # one answer for the whole vectorised batch
+    assert vmap(_any_over_batch)(flags[[0, 2]]).tolist() == [False, False]

@@ -25,3 +25,54 @@ def test_a_failing_entry_is_left_out_with_its_error_and_the_references_must_run(
     train["full"] = bad  # a reference that fails stops the run
     with pytest.raises(RuntimeError, match="boom"):
         eff._drop_failing("vit", "eager", entries, train, infer, skipped)
+
+
+def test_an_entry_slower_than_the_compile_timeout_is_left_out():
+    """Compiled mode caps each entry's first calls (where it compiles), so a run cannot hang on
+    one model; the others are measured."""
+    import time
+
+    def ok():
+        pass
+
+    def slow():
+        time.sleep(5)  # interrupted at the deadline, not slept out
+
+    entries = {"lion": object(), "bias": object(), "full": object(), eff.LIMIT: object()}
+    train = {"lion": slow, "bias": ok, "full": ok, eff.LIMIT: ok}
+    infer = {"plain": ok, "lion": ok, "bias": ok, "full": ok, eff.LIMIT: ok}
+    skipped = []
+    t0 = time.perf_counter()
+    eff._drop_failing("vit", "compiled", entries, train, infer, skipped, timeout=0.3)
+    assert time.perf_counter() - t0 < 3
+    assert set(entries) == {"bias", "full", eff.LIMIT}
+    assert skipped == ["vit.lion [compiled] FAILED: TimeoutError: vit.lion: the first calls took "
+                       "more than 0.3 s (--compile-timeout)"]
+    time.sleep(0.5)  # the alarm is disarmed once the block ends
+
+
+def test_arch_sets_cover_the_report_families():
+    assert eff.expand_archs("vit_small_patch16_224,report")[:2] == list(eff.ARCH_SETS["default"])
+    assert set(eff.ARCH_SETS["families"]) <= set(eff.expand_archs("report"))
+    assert len(eff.expand_archs("report")) == len(set(eff.expand_archs("report"))) == 7
+
+
+def test_the_compile_budget_runs_the_references_first_and_leaves_out_the_rest():
+    import time
+
+    def ok():
+        pass
+
+    def slow():
+        time.sleep(0.4)
+
+    entries = {"ssf": object(), "vpt": object(), "full": object(), eff.LIMIT: object()}
+    train = {"ssf": slow, "vpt": ok, "full": slow, eff.LIMIT: ok}
+    infer = {"plain": ok, "ssf": ok, "vpt": ok, "full": ok, eff.LIMIT: ok}
+    skipped = []
+    eff._drop_failing("vit", "compiled", entries, train, infer, skipped, timeout=10, budget=0.3)
+    # full (0.4 s, not counted) and the limit ran first; ssf hit the budget, vpt was not tried
+    assert set(entries) == {"full", eff.LIMIT}
+    assert skipped[0].startswith("vit.ssf [compiled] FAILED: TimeoutError")
+    assert skipped[1] == ("vit.vpt [compiled] FAILED: TimeoutError: not tried: the "
+                          "--compile-budget of 0.3 s is spent")

@@ -527,3 +527,49 @@ def test_robust_optimiser_behaves_as_an_optimizer():
         RobustOptimizer([p])
     loss = opt.step(lambda: (p.sum()).backward() or torch.tensor(1.0))
     assert loss.item() == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# routed mixed batches
+# ----------------------------------------------------------------------------------------------
+
+def test_routed_lion_equals_each_adapter_alone_and_stops_at_the_slowest_sample():
+    """A routed mixed batch (vmap over the samples, each with its adapter's prompt blocks) gives
+    each sample the logits it gets alone with its adapter, and its solvers stop once the slowest
+    sample of the batch has converged (not at the cap: the cost of a grouped batch)."""
+    _, model = _build("vit", eval_max_iter=200, tol=1e-6)
+    model.eval()
+    _randomize(model, seed=3)
+    timm_peft.add_adapter(model, "b", {**SMALL, "eval_max_iter": 200, "tol": 1e-6},
+                          num_classes=6)
+    timm_peft.set_adapter(model, "b")
+    _randomize(model, seed=4)
+    timm_peft.set_adapter(model, "default")
+    names = ["b", "default", "b", "default"]
+    x = _input(5, n=4) * torch.tensor([0.2, 1.0, 3.0, 1.5]).view(4, 1, 1, 1)
+    calls = []
+    from timm_peft.methods.lion import EquilibriumCell
+
+    def count(module, _):  # every cell call, also of the modules switching rebuilds
+        if isinstance(module, EquilibriumCell):
+            calls.append(1)
+
+    hook = nn.modules.module.register_module_forward_pre_hook(count)
+    with torch.no_grad():
+        alone, its = [], []
+        for i, n in enumerate(names):
+            timm_peft.set_adapter(model, n)
+            calls.clear()
+            alone.append(model(x[i:i + 1])[0])
+            its.append(len(calls))  # P1's and P2's iterations of this sample alone
+        timm_peft.set_adapter(model, "default")
+        calls.clear()
+        with timm_peft.route(model, names):
+            routed = model(x)
+    hook.remove()
+    assert len(set(its)) > 1 and max(its) < 2 * 200  # samples differ, and none hit the caps
+    # each solver ran as long as its slowest sample: at most the slowest sample's total
+    assert max(its) <= len(calls) <= sum(its) and len(calls) < 2 * 200
+    for i, ref in enumerate(alone):
+        torch.testing.assert_close(routed[i, :len(ref)], ref, rtol=1e-4, atol=2e-5)
+        assert torch.isinf(routed[i, len(ref):]).all()

@@ -18,12 +18,19 @@ Choices made here (all exposed as arguments):
   best iterate (lowest residual), so a late oscillation never makes the answer worse.
 * Anderson acceleration (Walker & Ni 2011) mixes the last ``m`` iterates per sample; its small
   least-squares system is regularised relative to its own scale and solved in float64.
-* Two ways to run the iterations (``loop``): ``"early_exit"`` stops as soon as every sample has
-  converged, reading the residual on the host each iteration; ``"masked"`` always runs the cap
-  with every update masked off from the iteration at which the early-exit loop stops, so the
+* Two ways to run the iterations: the early-exit loop stops as soon as every sample has
+  converged, reading the residual on the host each iteration; the masked loop always runs the
+  cap with every update masked off from the iteration at which the early-exit loop stops, so the
   result and the statistics are the same but there is no data-dependent Python control flow and
   no host synchronisation: ``torch.compile(fullgraph=True)`` and ``torch.export`` take the
-  whole layer. It pays the cap's evaluations in eager, so it is not the default.
+  whole layer. ``loop="auto"`` (the default) picks per call: the masked loop while
+  ``torch.compile`` or ``torch.export`` traces (:func:`torch.compiler.is_compiling`), the
+  early-exit loop in eager, where the masked one would pay the cap's evaluations.
+* Under :func:`torch.func.vmap` (per-sample routing, :meth:`DEQ.vmap_context`) each sample is
+  its own solve, so the masked loop runs, but it still stops early in eager: once every sample
+  of the whole vectorised batch has stopped, read through :func:`_any_over_batch`, a custom op
+  whose batching rule reduces over the vectorised dimension. Each sample's result is the one it
+  gets alone.
 * Non-convergence is never silent: every forward and backward solve is recorded in
   :class:`SolverStats`, counted in :attr:`DEQ.counters`, and the first non-converged solve of a
   layer issues a :class:`DEQConvergenceWarning`; a non-finite result raises
@@ -103,6 +110,30 @@ def relative_residual(fz: torch.Tensor, z: torch.Tensor, eps: float = 1e-9) -> t
     return (fz - z).norm(dim=1) / (z.norm(dim=1) + eps)
 
 
+@torch.library.custom_op("timm_peft::any_over_batch", mutates_args=())
+def _any_over_batch(flags: torch.Tensor) -> torch.Tensor:
+    """Whether any element of ``flags`` is True, and under :func:`torch.func.vmap` whether any
+    element of *any sample* is: the batching rule reduces over the vectorised dimension and
+    returns an unbatched scalar, which the host may read inside ``vmap`` (a batched one it may
+    not). The vectorised masked loop uses it to stop once every sample has stopped
+    (``tests/test_deq.py``).
+    """
+    return flags.any()
+
+
+@_any_over_batch.register_fake
+def _(flags: torch.Tensor) -> torch.Tensor:
+    return flags.new_empty((), dtype=torch.bool)
+
+
+def _any_over_batch_vmap(info: Any, in_dims: tuple[int | None], flags: torch.Tensor
+                         ) -> tuple[torch.Tensor, None]:
+    return flags.any(), None  # every sample's elements at once; the result is not batched
+
+
+_any_over_batch.register_vmap(_any_over_batch_vmap)
+
+
 class _Best:
     """Per-sample best iterate seen so far (lowest relative residual) and, per sample, the
     iteration at which its best residual first fell below ``tol`` (0 while it has not).
@@ -149,12 +180,14 @@ class _Loop:
     nothing changes any more (``running`` turns False and gates every update), so the point and
     the statistics are those of the early-exit loop, without data-dependent Python control flow
     or host synchronisation: the loop compiles whole (``torch.compile(fullgraph=True)``) and
-    exports (``torch.export``).
+    exports (``torch.export``). ``exit_early=True`` (masked, in eager under ``vmap``) also stops
+    once no sample of the vectorised batch is running any more, which changes no result.
     """
 
-    def __init__(self, z0: torch.Tensor, tol: float, masked: bool) -> None:
+    def __init__(self, z0: torch.Tensor, tol: float, masked: bool,
+                 exit_early: bool = False) -> None:
         self.best = _Best(z0, tol)
-        self.tol, self.masked = tol, masked
+        self.tol, self.masked, self.exit_early = tol, masked, exit_early
         self.running = torch.ones((), dtype=torch.bool, device=z0.device) if masked else None
         self.iterations: torch.Tensor | int = (torch.zeros((), dtype=torch.long, device=z0.device)
                                                if masked else 0)
@@ -167,7 +200,7 @@ class _Loop:
             return not float(worst) < self.tol
         self.iterations = self.iterations + self.running.long()
         self.running = self.running & ~(worst < self.tol)  # NaN never counts as converged
-        return True
+        return not self.exit_early or bool(_any_over_batch(self.running))
 
     def keep(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """``new`` while running, else ``old`` (masked); plainly ``new`` in the early-exit loop."""
@@ -188,8 +221,9 @@ def _stats(result: SolveResult, tol: float) -> SolverStats:
 
 @torch.no_grad()
 def _fixed_point(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
-                 max_iter: int = 50, tol: float = 1e-3, masked: bool = False) -> SolveResult:
-    loop, z = _Loop(z0, tol, masked), z0
+                 max_iter: int = 50, tol: float = 1e-3, masked: bool = False,
+                 exit_early: bool = False) -> SolveResult:
+    loop, z = _Loop(z0, tol, masked, exit_early), z0
     for k in range(1, max_iter + 1):
         fz = f(z)
         if not loop.step(z, fz, k):
@@ -220,7 +254,7 @@ def fixed_point_iteration(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.T
 @torch.no_grad()
 def _anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
               max_iter: int = 50, tol: float = 1e-3, m: int = 5, lam: float = 1e-4,
-              beta: float = 1.0, masked: bool = False) -> SolveResult:
+              beta: float = 1.0, masked: bool = False, exit_early: bool = False) -> SolveResult:
     bsz, shape, dtype = z0.shape[0], z0.shape, z0.dtype
     # the history and the mixing stay in (at least) float32, also under autocast
     x0 = z0.reshape(bsz, -1).to(torch.promote_types(dtype, torch.float32))
@@ -228,7 +262,7 @@ def _anderson(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *,
     # once, and nothing below allocates more than a few z per iteration
     fs = x0.new_zeros(bsz, m, x0.shape[1])
     rs = torch.zeros_like(fs)
-    loop, x = _Loop(x0, tol, masked), x0
+    loop, x = _Loop(x0, tol, masked, exit_early), x0
     for k in range(1, max_iter + 1):
         i = k - 1
         if i == 1:
@@ -292,7 +326,7 @@ SOLVERS: dict[str, Solver] = {"anderson": anderson, "fixed_point": fixed_point_i
 _SOLVER_LOOPS: dict[str, Callable[..., SolveResult]] = {"anderson": _anderson,
                                                          "fixed_point": _fixed_point}
 #: ways of running a solver's iterations (:class:`DEQ` ``loop=``)
-LOOPS = ("early_exit", "masked")
+LOOPS = ("auto", "early_exit", "masked")
 
 
 class _ImplicitFixedPoint(torch.autograd.Function):
@@ -306,8 +340,9 @@ class _ImplicitFixedPoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, deq: "DEQ", u: torch.Tensor, z0: torch.Tensor,  # noqa: ANN001
                 *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        result = deq._run(lambda v: deq.f(v, u), z0, backward=False)
-        ctx.deq = deq
+        masked = deq._masked()
+        result = deq._run(lambda v: deq.f(v, u), z0, backward=False, masked=masked)
+        ctx.deq, ctx.masked = deq, masked
         # backward re-evaluates f: under the forward's autocast state, or the cell would see
         # low-precision activations next to float32 weights
         dev = u.device.type
@@ -322,7 +357,7 @@ class _ImplicitFixedPoint(torch.autograd.Function):
         deq: DEQ = ctx.deq
         z_star, u, *params = ctx.saved_tensors
         dev, amp, amp_dtype = ctx.amp
-        if deq.loop == "masked":
+        if ctx.masked:
             with torch.autocast(dev, dtype=amp_dtype, enabled=amp):
                 return (None, *_masked_adjoint(deq, grad, z_star, u, params,
                                                ctx.needs_input_grad))
@@ -354,7 +389,7 @@ def _masked_adjoint(deq: "DEQ", grad: torch.Tensor, z_star: torch.Tensor, u: tor
         return torch.func.functional_call(deq.f, dict(zip(names, ps)), (z, u_))
 
     _, vjp = torch.func.vjp(step, z_star, u, *params)
-    result = deq._run(lambda g: vjp(g)[0] + grad, grad, backward=True)
+    result = deq._run(lambda g: vjp(g)[0] + grad, grad, backward=True, masked=True)
     if not torch.compiler.is_compiling() and deq.__dict__.get("_record_stats", True):
         deq._record("backward", result, deq.backward_tol)
     _, grad_u, *grad_params = vjp(result.z)
@@ -378,22 +413,27 @@ class DEQ(nn.Module):
             ``phantom_steps`` steps ``z ← (1-λ)z + λf(z, u)``, ``λ = phantom_damping``).
         anderson_m / anderson_lam / anderson_beta: Anderson memory, relative ridge and damping.
         loop: how the solver's iterations run (an attribute, may be changed at any time).
-            ``"early_exit"`` (default): a Python loop that stops as soon as every sample has
-            converged; it reads the residual on the host every iteration, so ``torch.compile``
-            breaks the graph there. ``"masked"``: always the full cap, but from the iteration at
-            which the early-exit loop stops every update is masked off, so the equilibrium, the
-            iteration count and the residual are the same (the same arithmetic, bit for bit in
-            eager), with no data-dependent Python control flow and no host synchronisation: the
-            layer compiles whole (``torch.compile(fullgraph=True)``, inference and training) and
+            ``"early_exit"``: a Python loop that stops as soon as every sample has converged;
+            it reads the residual on the host every iteration, so ``torch.compile`` breaks the
+            graph there. ``"masked"``: always the full cap, but from the iteration at which the
+            early-exit loop stops every update is masked off, so the equilibrium, the iteration
+            count and the residual are the same (the same arithmetic, bit for bit in eager), with
+            no data-dependent Python control flow and no host synchronisation: the layer
+            compiles whole (``torch.compile(fullgraph=True)``, inference and training) and
             exports (``torch.export``). It costs the cap's worth of ``f`` evaluations per solve
-            in eager (``benchmarks/results/efficiency.md`` has the measured ratio).
+            in eager (``benchmarks/results/efficiency.md`` has the measured ratio). ``"auto"``
+            (default): the masked loop while ``torch.compile``/``torch.export`` traces the
+            layer (:func:`torch.compiler.is_compiling`), the early-exit loop in eager, so the
+            default compiles whole and loses nothing in eager.
 
     After every forward, :attr:`forward_stats` / :attr:`backward_stats` count the solves
     (:class:`DEQCounters`, with the ``last`` :class:`SolverStats`); :meth:`stats` flattens them.
-    With ``loop="masked"`` the counts are kept in tensors (non-persistent buffers) and read only
+    Solves of the masked loop are counted in tensors (non-persistent buffers) and read only
     when asked for; a non-converged solve is then warned about when the counters are read, and a
     non-finite one is counted (``*_nonfinite``) rather than raised, since raising needs the host.
     Under ``torch.compile`` the adjoint (backward) solves of the masked loop are not counted.
+    With ``"auto"`` the counters add up both kinds of solve (``last`` is the last eager one, or
+    the last traced one if no solve ran in eager).
 
     Example:
         >>> class Cell(nn.Module):
@@ -406,7 +446,7 @@ class DEQ(nn.Module):
         >>> z = deq(u); z.sum().backward()
         >>> deq.forward_stats.last.converged and u.grad is not None
         True
-        >>> deq.loop = "masked"  # compiles whole: torch.compile(deq, fullgraph=True)
+        >>> deq.loop = "masked"  # the loop "auto" traces: torch.compile(deq, fullgraph=True)
         >>> torch.equal(deq(u), z)
         True
     """
@@ -415,7 +455,7 @@ class DEQ(nn.Module):
                  eval_max_iter: int | None = None, tol: float = 1e-3, backward: str = "implicit",
                  backward_max_iter: int = 30, backward_tol: float = 1e-3, phantom_steps: int = 1,
                  phantom_damping: float = 1.0, anderson_m: int = 5, anderson_lam: float = 1e-4,
-                 anderson_beta: float = 1.0, loop: str = "early_exit") -> None:
+                 anderson_beta: float = 1.0, loop: str = "auto") -> None:
         super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"DEQ solver must be one of {sorted(SOLVERS)}, got {solver!r}")
@@ -451,17 +491,21 @@ class DEQ(nn.Module):
         """Make the forward safe for :func:`torch.func.vmap` inside the block.
 
         Per-sample routing (:func:`timm_peft.route`) vectorises the model's forward over the
-        batch. The early-exit loop reads the residual on the host (``.item()``), which ``vmap``
-        cannot do, so the block uses the masked loop (same iterates, every sample stops at its
-        own tolerance) and leaves the statistics counters alone (they are updated in place, and
-        a vectorised solve has one set of statistics per sample).
+        batch. The early-exit loop reads a batched residual on the host (``.item()``), which
+        ``vmap`` cannot do, so the block uses the masked loop (same iterates, every sample stops
+        at its own tolerance), which in eager still stops once every sample of the whole batch
+        has stopped (:func:`_any_over_batch`): a routed batch pays its slowest sample's
+        iterations, as a batch of one adapter does, not the cap. The statistics counters are
+        left alone (they are updated in place, and a vectorised solve has one set of statistics
+        per sample).
         """
-        loop, record = self.loop, self.__dict__.get("_record_stats", True)
-        self.loop, self._record_stats = "masked", False
+        vmapped = self.__dict__.get("_vmapped", False)
+        record = self.__dict__.get("_record_stats", True)
+        self._vmapped, self._record_stats = True, False
         try:
             yield
         finally:
-            self.loop, self._record_stats = loop, record
+            self._vmapped, self._record_stats = vmapped, record
 
     def extra_repr(self) -> str:
         return (f"solver={self.solver}, max_iter={self.max_iter}, eval_max_iter="
@@ -476,14 +520,23 @@ class DEQ(nn.Module):
             return self.backward_max_iter, self.backward_tol
         return (self.max_iter if self.training else self.eval_max_iter), self.tol
 
+    def _masked(self) -> bool:
+        """Whether this call runs the masked loop: asked for, vectorised (:meth:`vmap_context`),
+        or ``"auto"`` while ``torch.compile``/``torch.export`` traces."""
+        return (self.loop == "masked" or self.__dict__.get("_vmapped", False)
+                or (self.loop == "auto" and torch.compiler.is_compiling()))
+
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
-             backward: bool) -> SolveResult:
+             backward: bool, masked: bool) -> SolveResult:
         """One solve; the early-exit loop also records it (and warns / raises) here."""
-        if self.loop != "masked":
+        if not masked:
             return SolveResult(self._solve(fn, z0, backward), *(torch.empty(()),) * 3)
         cap, tol = self._cap_tol(backward)
         kwargs = self.anderson_kwargs if self.solver == "anderson" else {}
-        return _SOLVER_LOOPS[self.solver](fn, z0, max_iter=cap, tol=tol, masked=True, **kwargs)
+        # vectorised in eager: stop once no sample runs (the host may read that flag here)
+        exit_early = self.__dict__.get("_vmapped", False) and not torch.compiler.is_compiling()
+        return _SOLVER_LOOPS[self.solver](fn, z0, max_iter=cap, tol=tol, masked=True,
+                                          exit_early=exit_early, **kwargs)
 
     def _solve(self, fn: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
                backward: bool) -> torch.Tensor:
@@ -522,8 +575,20 @@ class DEQ(nn.Module):
         getattr(self, f"_{which}_last_residual").copy_(result.residual.reshape(1))
 
     def _counters_of(self, which: str) -> DEQCounters:
-        if self.loop != "masked":
-            return self._counters[which]
+        eager = self._counters[which]
+        if self.loop == "early_exit":
+            return eager
+        traced = self._masked_counters(which)
+        if self.loop == "masked" or not eager.solves:
+            return traced
+        if not traced.solves:
+            return eager
+        return DEQCounters(solves=eager.solves + traced.solves,
+                           iterations=eager.iterations + traced.iterations,
+                           nonconverged=eager.nonconverged + traced.nonconverged,
+                           last=eager.last, nonfinite=eager.nonfinite + traced.nonfinite)
+
+    def _masked_counters(self, which: str) -> DEQCounters:
         solves, iterations, bad, nonfinite, last_it = getattr(self, f"_{which}_counts").tolist()
         residual = float(getattr(self, f"_{which}_last_residual"))
         tol = self.backward_tol if which == "backward" else self.tol
@@ -551,12 +616,13 @@ class DEQ(nn.Module):
         params = [p for p in self.f.parameters()]
         needs_grad = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad
                                                                          for p in params))
+        masked = self._masked()
         if needs_grad and self.backward == "implicit":
             result = SolveResult(*_ImplicitFixedPoint.apply(self, u, z0, *params), None)
         else:
             with torch.no_grad():
-                result = self._run(lambda v: self.f(v, u), z0, backward=False)
-        if self.loop == "masked" and self.__dict__.get("_record_stats", True):
+                result = self._run(lambda v: self.f(v, u), z0, backward=False, masked=masked)
+        if masked and self.__dict__.get("_record_stats", True):
             self._record("forward", result, self.tol)
         z = result.z
         if needs_grad and self.backward == "phantom":

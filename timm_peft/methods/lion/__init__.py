@@ -40,7 +40,9 @@ Choices where the paper is silent:
 * **Solver.** Anderson acceleration (memory ``anderson_m``) or plain iteration (``solver``),
   tolerance ``tol`` on the per-sample relative residual, caps ``max_iter`` (training) and
   ``eval_max_iter``; gradients by implicit differentiation (adjoint solved to ``backward_tol``
-  within ``backward_max_iter``) or the phantom gradient (``backward="phantom"``). See
+  within ``backward_max_iter``) or the phantom gradient (``backward="phantom"``). The solver
+  loop (``solver_loop="auto"``) stops early in eager and runs masked, without host syncs, while
+  ``torch.compile``/``torch.export`` traces, so the default model compiles whole. See
   :mod:`timm_peft.deq`.
 * **Robust training.** τ is the *fraction* of elements that are non-crucial (the paper writes a
   threshold on ``|g·θ|`` but sweeps τ in 0.2-0.8 like a ratio). Elements are ranked within each

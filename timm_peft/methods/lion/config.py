@@ -28,11 +28,12 @@ class LionConfig(PeftConfig):
                                                  "so the model starts as the backbone")
     gate_init: float = cfg_field(0.5, gt=0.0, lt=1.0, help="β of both blends at initialisation")
     solver: str = cfg_field("anderson", choices=tuple(SOLVERS), help="fixed-point solver")
-    solver_loop: str = cfg_field("early_exit", choices=LOOPS,
-                                 help="early_exit: stop once converged (host sync each iteration); "
-                                      "masked: always run the cap with converged updates masked "
-                                      "off, same result, compiles whole (torch.compile fullgraph, "
-                                      "torch.export)")
+    solver_loop: str = cfg_field("auto", choices=LOOPS,
+                                 help="auto: masked while torch.compile/torch.export traces, "
+                                      "early_exit in eager; early_exit: stop once converged (host "
+                                      "sync each iteration); masked: always run the cap with "
+                                      "converged updates masked off, same result, no host sync, "
+                                      "compiles whole (torch.compile fullgraph, torch.export)")
     max_iter: int = cfg_field(20, ge=1, le=1000, help="solver iteration cap in training")
     eval_max_iter: int = cfg_field(40, ge=1, le=1000, help="solver iteration cap in eval mode")
     tol: float = cfg_field(1e-3, ge=0.0, help="relative residual ‖f(z)-z‖/‖z‖ to stop at")
