@@ -728,15 +728,18 @@ class _Body(nn.Module):
         return F.gelu(self.pw(self.se(F.gelu(self.conv(x))))).mean((2, 3))
 
 
-def test_conv_sites_save_their_output_unless_an_inplace_op_may_overwrite_it():
-    """Conv sites save their output in training (ops.scale_shift) except in a module with an
-    in-place activation (the SE block's ReLU would overwrite it and backward would fail). The
-    gradients of every γ, β match plain autograd of ``conv(x) * γ + β``."""
+def test_conv_sites_save_their_output_even_when_an_inplace_op_overwrites_it():
+    """Conv sites save their output in training (ops.scale_shift); the SE block's in-place ReLU
+    overwrites one of them, which then keeps a copy first (ops.SavedOutput). The gradients of
+    every γ, β match plain autograd of ``conv(x) * γ + β``."""
+    from timm_peft.ops import SavedOutput
     torch.manual_seed(0)
     model = timm_peft.apply_method(_Body(), "ssf")
     sites = {n: m.ssf for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert {n: s.save_output for n, s in sites.items()} == {
-        "conv": True, "se.conv_reduce": False, "se.conv_expand": False, "pw": True}
+    kept = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, a, out, n=n: kept.__setitem__(n, out))
     with torch.no_grad():
         for s in sites.values():
             s.scale.add_(0.2 * torch.randn_like(s.scale))
@@ -745,6 +748,9 @@ def test_conv_sites_save_their_output_unless_an_inplace_op_may_overwrite_it():
     x = torch.randn(2, 3, 6, 6)
     probe = torch.randn(2, 8)
     got = torch.autograd.grad((model(x) * probe).sum(), params)
+    assert all(isinstance(o, SavedOutput) for o in kept.values())
+    assert {n: o._peft_kept.value is not None for n, o in kept.items()} == {
+        "conv": False, "se.conv_reduce": True, "se.conv_expand": False, "pw": False}
     for s in sites.values():  # the formula, with autograd's own backward
         s.forward = lambda t, s=s: t * s.scale.view(-1, 1, 1) + s.shift.view(-1, 1, 1)
     want = torch.autograd.grad((model(x) * probe).sum(), params)

@@ -143,10 +143,6 @@ class ScaleShift(AdapterModule):
                       if shift else None)
         self.merged = False
         self.added_bias = False
-        #: training saves the output, not the input (:func:`timm_peft.ops.scale_shift`); False
-        #: where something may modify the output in place (see ``SSF``'s surgery), which would
-        #: make backward fail
-        self.save_output = True
 
     def reset_parameters(self, init: str = "normal", std: float = 0.02) -> None:
         """γ ~ N(1, std), β ~ N(0, std) for ``"normal"``; γ = 1, β = 0 for ``"identity"``."""
@@ -176,12 +172,13 @@ class ScaleShift(AdapterModule):
             shape = [-1 if d == self.dim % x.ndim else 1 for d in range(x.ndim)]
             y = x * self.scale.view(shape)
             return y if self.shift is None else y + self.shift.view(shape)
-        if self.save_output and x.ndim >= 2 and torch.is_grad_enabled() and (
+        if x.ndim >= 2 and torch.is_grad_enabled() and (
                 x.requires_grad or self.scale.requires_grad
                 or (self.shift is not None and self.shift.requires_grad)):
             # In training, save the output instead of the input (issue 16): the output is what
             # the next operation saves anyway, so a site after a frozen Linear/Conv keeps no
-            # extra activation alive (γ's magnitude is floored at ops.DEFAULT_MIN_SCALE).
+            # extra activation alive (γ's magnitude is floored at ops.DEFAULT_MIN_SCALE). Whatever
+            # writes the output in place later makes it keep a copy first (ops.SavedOutput).
             return scale_shift(x, self.scale, self.shift, self.dim)
         # γ ⊙ x + β is an inference-mode batch norm with mean 0, variance 1 and eps 0 (so its
         # 1/sqrt(var + eps) is exactly 1). torch's fused batch-norm kernels produce the output,

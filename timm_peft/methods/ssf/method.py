@@ -51,20 +51,6 @@ def _factory_kwargs(op: nn.Module, model: nn.Module) -> dict[str, Any]:
     return dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
 
 
-def _inplace_near(model: nn.Module, name: str) -> bool:
-    """Whether a sibling of operation ``name`` works in place (``inplace=True``), like the
-    ``ReLU(inplace=True)`` after the first conv of an SE block.
-
-    Such a module may overwrite the site's output, so the site does not save its output for
-    backward (``ScaleShift.save_output``): it keeps its input, one activation more. Activations
-    inside timm's norm + activation layers act on the norm's output and do not count. An
-    in-place operation this misses (written in a ``forward``) makes backward raise autograd's
-    "modified by an inplace operation" error, never a wrong gradient.
-    """
-    parent = model.get_submodule(name.rpartition(".")[0])
-    return any(getattr(m, "inplace", False) is True for m in parent.children())
-
-
 def _attached(model: nn.Module) -> Iterator[tuple[str, nn.Module, ScaleShift]]:
     for name, op in model.named_modules():
         ss = op._modules.get("ssf")
@@ -179,7 +165,6 @@ class SSF(PeftMethod):
             ss.reset_parameters(config.init, config.init_std)
             if site.merge_reason is not None:
                 ss.merge_reason = site.merge_reason
-            ss.save_output = not _inplace_near(model, name)
             op.ssf = ss
             attach_scale_shift(op)
         for block, branches in family.residual_branches(model):
