@@ -358,6 +358,13 @@ class ResidualBranch:
     or a tensor attribute that may be None (BEiT's and EVA's ``gamma_1``); None: no layer scale.
     ``block_args``: the block's extra forward arguments go to the body (attention masks, rotary
     embeddings), in the block's order.
+
+    A channels-first block whose branch runs channels-last (ConvNeXt:
+    ``x + drop_path(λ ⊙ body(norm(pre(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2))``) names
+    its ``pre`` module (the depthwise conv) and sets ``channels_last``: the residual is handed
+    to ``last`` as the same permuted view, so the sum comes out channels-first again by one
+    permutation of a view. ``shortcut`` names a module on the residual path that must pass its
+    input through (an Identity) for the add to move.
     """
 
     norm: str
@@ -367,6 +374,9 @@ class ResidualBranch:
     drop_path: str
     layer_scale: str | None = None
     block_args: bool = False
+    pre: str | None = None
+    channels_last: bool = False
+    shortcut: str | None = None
 
 
 _NOT_FUSABLE = object()
@@ -424,7 +434,8 @@ class ResidualIntoBranch(Swappable):
             body = getattr(self, br.body)
             if not (takes_residual(body.get_submodule(br.last))
                     and _passes_through(body.get_submodule(br.after_last))
-                    and _passes_through(getattr(self, br.drop_path))):
+                    and _passes_through(getattr(self, br.drop_path))
+                    and (br.shortcut is None or _passes_through(getattr(self, br.shortcut)))):
                 return None
             scales.append(_frozen_layer_scale(
                 None if br.layer_scale is None else getattr(self, br.layer_scale)))
@@ -436,7 +447,13 @@ class ResidualIntoBranch(Swappable):
             return super().forward(x, *args, **kwargs)
         for br, lam in zip(self.residual_branches, scales):
             body = getattr(self, br.body)
-            with residual_into(body.get_submodule(br.last), x, lam):
-                h = getattr(self, br.norm)(x)
+            h = x if br.pre is None else getattr(self, br.pre)(x)
+            r = x
+            if br.channels_last:
+                h, r = h.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
+            with residual_into(body.get_submodule(br.last), r, lam):
+                h = getattr(self, br.norm)(h)
                 x = body(h, *args, **kwargs) if br.block_args else body(h)
+            if br.channels_last:
+                x = x.permute(0, 3, 1, 2)
         return x
