@@ -637,7 +637,7 @@ def test_residual_into_branch_matches_timm_block_forward_and_gradients(init_valu
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith(("ls1.gamma", "ls2.gamma")):
-                    p.copy_(torch.randn_like(p) * torch.logspace(-3, 0, p.numel()))
+                    p.copy_(torch.randn_like(p).sign() * torch.logspace(-3, 0, p.numel()))
     assert all(is_swapped(b, ResidualIntoBranch) for b in model.blocks)
     for b in model.blocks:
         scales = b._layer_scales()
@@ -807,7 +807,7 @@ def test_residual_into_branch_on_each_family(arch, kwargs):
     with torch.no_grad():  # layer scales of mixed size and sign, as after pretraining
         for n, p in model.named_parameters():
             if n.endswith(("gamma_1", "gamma_2", "ls1.gamma", "ls2.gamma")):
-                p.copy_(torch.randn_like(p) * torch.logspace(-2, 0, p.numel()))
+                p.copy_(torch.randn_like(p).sign() * torch.logspace(-2, 0, p.numel()))
     blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
     assert len(blocks) == 2 and all(b._layer_scales() is not None for b in blocks)
     ref = copy.deepcopy(model)
@@ -825,3 +825,66 @@ def test_residual_into_branch_on_each_family(arch, kwargs):
     (out_ref * g).sum().backward()
     _assert_same_ssf_grads(model, ref)
     assert type(timm_peft.unload(model).blocks[0]) is original_class(ref.blocks[0])
+
+
+@pytest.mark.parametrize("arch,kwargs", [
+    ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1), conv_mlp=False)),
+    ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1), conv_mlp=False,
+                           ls_init_value=None)),
+    ("convnextv2_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1), conv_mlp=False)),
+])
+def test_convnext_residual_into_fc2_matches_timm_block_forward(arch, kwargs):
+    """ConvNeXt's channels-last MLP ends in fc2, whose add into the channels-first residual
+    moves into fc2 (ResidualBranch with pre, channels_last, shortcut): logits and every gradient
+    equal timm's block forward with the same SSF, and one forward saves each block's fc2 output
+    fewer (the sum and the block input are what the convs and norms around save anyway). With
+    conv_mlp (atto's default) fc2 is a 1x1 conv and timm's forward runs."""
+    from timm_peft.layers.scale_shift import ResidualIntoBranch
+    torch.manual_seed(0)
+    model = timm.create_model(f"{arch}.ssf", num_classes=3, **kwargs)
+    with torch.no_grad():  # layer scales of mixed size and sign, as after pretraining
+        for n, p in model.named_parameters():
+            if n.endswith(".gamma") and p.ndim == 1:
+                p.copy_(torch.randn_like(p).sign() * torch.logspace(-2, 0, p.numel()))
+    blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
+    assert len(blocks) == 5 and all(b._layer_scales() is not None for b in blocks)
+    ref = copy.deepcopy(model)
+    restore_classes(ref, ResidualIntoBranch)
+    fc2_bytes = []
+    for b in ref.modules():
+        if original_class(b).__name__ == "ConvNeXtBlock":
+            b.mlp.fc2.register_forward_hook(
+                lambda m, a, out: fc2_bytes.append(out.untyped_storage().nbytes()))
+    x, g = torch.randn(2, 3, 64, 64), torch.randn(2, 3)
+    (fused_bytes, out), (ref_bytes, out_ref) = _saved_bytes(model, x), _saved_bytes(ref, x)
+    assert len(fc2_bytes) == 5
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    # the last block's sum is pooled before the head's norm: nothing else saves it
+    assert fused_bytes <= ref_bytes - sum(fc2_bytes[:-1]), (fused_bytes, ref_bytes, fc2_bytes)
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert any(n.endswith("fc2.ssf.scale") for n, p in model.named_parameters())
+    for b in blocks:  # an active drop-path: timm's forward runs
+        b.drop_path = timm.layers.DropPath(0.5)
+        assert b._layer_scales() is None
+
+
+def test_tiny_layer_scales_keep_timm_forward_and_exact_gradients():
+    """With timm's layer-scale init (1e-6, before pretraining) ``out − r`` cannot give back
+    ``λ ⊙ y`` to float32 precision, so the branch keeps timm's forward (the Linear saves its own
+    output): gradients equal plain autograd's, relative to each gradient's size."""
+    from benchmarks.ssf_gradients import compare
+    from timm_peft.layers.scale_shift import MIN_FUSED_LAYER_SCALE, ResidualIntoBranch
+    kwargs = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), conv_mlp=False)
+    model = timm.create_model("convnext_atto.ssf", num_classes=3, **kwargs)
+    blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
+    assert blocks and all(b.gamma.abs().max() < MIN_FUSED_LAYER_SCALE for b in blocks)
+    assert all(b._layer_scales() is None for b in blocks)
+    with torch.no_grad():
+        blocks[0].gamma.fill_(0.5)  # a new version of λ is checked again
+    assert blocks[0]._layer_scales() == [blocks[0].gamma]
+    res = compare("convnext_atto", input_size=64, **kwargs)
+    assert res["grad_err"] < 1e-4 and not res["missing"], res

@@ -23,7 +23,8 @@ CASES = {
     "mobilenetv3 (SE, in-place activations)": ("mobilenetv3_small_050", 64, {}),
     "vit (residual adds in the branches)": ("vit_tiny_patch16_224", 32,
                                             dict(img_size=32, depth=2)),
-    "convnext": ("convnext_atto", 64, dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))),
+    "convnext (residual add into the channels-last fc2)": (
+        "convnext_atto", 64, dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), conv_mlp=False)),
     "swin": ("swin_tiny_patch4_window7_224", 32, dict(img_size=32, embed_dim=16, depths=(1, 1),
                                                       num_heads=(2, 4), window_size=4)),
 }

@@ -395,15 +395,30 @@ def _passes_through(m: nn.Module) -> bool:
     return False
 
 
+#: smallest layer scale |λ| the fused add takes: backward recovers ``λ ⊙ y`` as ``out − r``,
+#: exact to the add's rounding ``ε·|out|``, so its relative error is ``ε·|out| / |λ ⊙ y|``
+#: (float32: about 6e-5·|out|/|y| at λ = 1e-3). Below it (timm's 1e-5/1e-6 inits before
+#: pretraining) the branch runs timm's forward and its Linear saves its own output.
+MIN_FUSED_LAYER_SCALE = 1e-3
+
+
 def _frozen_layer_scale(ls: Any) -> Any:
     """A branch's layer scale as the fused add sees it: None (none, or an identity), a frozen
-    λ, or ``_NOT_FUSABLE`` (a module of another kind, or a λ that trains)."""
+    λ, or ``_NOT_FUSABLE`` (a module of another kind, a λ that trains, or one with an entry
+    below :data:`MIN_FUSED_LAYER_SCALE`; checked once per version of λ, so no host sync per
+    step)."""
     from timm.layers import LayerScale
     if ls is None or (isinstance(ls, nn.Module) and _passes_through(ls)):
         return None
     lam = ls.gamma if isinstance(ls, nn.Module) and original_class(ls) is LayerScale else ls
     frozen = isinstance(lam, torch.Tensor) and lam.ndim == 1 and not lam.requires_grad
-    return lam if frozen else _NOT_FUSABLE
+    if not frozen:
+        return _NOT_FUSABLE
+    version, large = lam.__dict__.get("_peft_large", (None, False))  # kept with the tensor
+    if version != lam._version:
+        large = bool(lam.detach().abs().min() >= MIN_FUSED_LAYER_SCALE)
+        lam.__dict__["_peft_large"] = (lam._version, large)
+    return lam if large else _NOT_FUSABLE
 
 
 class ResidualIntoBranch(Swappable):
