@@ -365,12 +365,17 @@ class ResidualBranch:
     to ``last`` as the same permuted view, so the sum comes out channels-first again by one
     permutation of a view. ``shortcut`` names a module on the residual path that must pass its
     input through (an Identity) for the add to move.
+
+    ``last=None`` describes a branch whose add cannot move (Swin's windowed attention, whose
+    output is reversed out of its windows after ``proj``): it runs as
+    ``x + drop_path(body(norm(x)))``, ``body`` possibly a method of the block, so that the
+    block's other branches can still move theirs.
     """
 
     norm: str
     body: str
-    last: str
-    after_last: str
+    last: str | None
+    after_last: str | None
     drop_path: str
     layer_scale: str | None = None
     block_args: bool = False
@@ -447,6 +452,9 @@ class ResidualIntoBranch(Swappable):
         scales = []
         for br in self.residual_branches:
             body = getattr(self, br.body)
+            if br.last is None:
+                scales.append(None)
+                continue
             if not (takes_residual(body.get_submodule(br.last))
                     and _passes_through(body.get_submodule(br.after_last))
                     and _passes_through(getattr(self, br.drop_path))
@@ -462,6 +470,9 @@ class ResidualIntoBranch(Swappable):
             return super().forward(x, *args, **kwargs)
         for br, lam in zip(self.residual_branches, scales):
             body = getattr(self, br.body)
+            if br.last is None:
+                x = x + getattr(self, br.drop_path)(body(getattr(self, br.norm)(x)))
+                continue
             h = x if br.pre is None else getattr(self, br.pre)(x)
             r = x
             if br.channels_last:
