@@ -827,19 +827,34 @@ def test_residual_into_branch_on_each_family(arch, kwargs):
     assert type(timm_peft.unload(model).blocks[0]) is original_class(ref.blocks[0])
 
 
-@pytest.mark.parametrize("arch,kwargs", [
-    ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1), conv_mlp=False)),
-    ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1), conv_mlp=False,
-                           ls_init_value=None)),
-    ("convnextv2_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1), conv_mlp=False)),
-])
-def test_convnext_residual_into_fc2_matches_timm_block_forward(arch, kwargs):
-    """ConvNeXt's channels-last MLP ends in fc2, whose add into the channels-first residual
-    moves into fc2 (ResidualBranch with pre, channels_last, shortcut): logits and every gradient
-    equal timm's block forward with the same SSF, and one forward saves each block's fc2 output
+#: (arch, kwargs, input size, the blocks whose sum a conv or norm after them saves anyway):
+#: ConvNeXt's last block is pooled before the head's norm; Swin's patch merging copies the
+#: tokens (a permutation) before its norm, so only blocks followed by a block or the final norm
+BRANCH_FAMILIES = {
+    "convnext": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
+                                       conv_mlp=False), 64, (0, 1, 2, 3)),
+    "convnext, no layer scale": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
+                                                       conv_mlp=False, ls_init_value=None),
+                                 64, (0, 1, 2, 3)),
+    "convnextv2 (GRN MLP)": ("convnextv2_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
+                                                    conv_mlp=False), 64, (0, 1, 2, 3)),
+    "swin (attention branch as timm's)": (
+        "swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(2, 2, 1),
+                                             num_heads=(2, 2, 4), window_size=4,
+                                             drop_path_rate=0.0), 32, (0, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("family", list(BRANCH_FAMILIES))
+def test_residual_into_fc2_matches_timm_block_forward(family):
+    """ConvNeXt's channels-last MLP and Swin's MLP end in fc2, whose add into the residual moves
+    into fc2 (ConvNeXt: ResidualBranch with pre, channels_last, shortcut; Swin: its windowed
+    attention branch kept as timm computes it, last=None): logits and every gradient equal
+    timm's block forward with the same SSF, and one forward saves each block's fc2 output
     fewer (the sum and the block input are what the convs and norms around save anyway). With
-    conv_mlp (atto's default) fc2 is a 1x1 conv and timm's forward runs."""
+    conv_mlp (ConvNeXt-atto's default) fc2 is a 1x1 conv and timm's forward runs."""
     from timm_peft.layers.scale_shift import ResidualIntoBranch
+    arch, kwargs, size, saved_after = BRANCH_FAMILIES[family]
     torch.manual_seed(0)
     model = timm.create_model(f"{arch}.ssf", num_classes=3, **kwargs)
     with torch.no_grad():  # layer scales of mixed size and sign, as after pretraining
@@ -852,24 +867,21 @@ def test_convnext_residual_into_fc2_matches_timm_block_forward(arch, kwargs):
     restore_classes(ref, ResidualIntoBranch)
     fc2_bytes = []
     for b in ref.modules():
-        if original_class(b).__name__ == "ConvNeXtBlock":
+        if original_class(b).__name__ in ("ConvNeXtBlock", "SwinTransformerBlock"):
             b.mlp.fc2.register_forward_hook(
                 lambda m, a, out: fc2_bytes.append(out.untyped_storage().nbytes()))
-    x, g = torch.randn(2, 3, 64, 64), torch.randn(2, 3)
+    x, g = torch.randn(2, 3, size, size), torch.randn(2, 3)
     (fused_bytes, out), (ref_bytes, out_ref) = _saved_bytes(model, x), _saved_bytes(ref, x)
     assert len(fc2_bytes) == 5
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    # the last block's sum is pooled before the head's norm: nothing else saves it
-    assert fused_bytes <= ref_bytes - sum(fc2_bytes[:-1]), (fused_bytes, ref_bytes, fc2_bytes)
+    assert fused_bytes <= ref_bytes - sum(fc2_bytes[i] for i in saved_after), (
+        fused_bytes, ref_bytes, fc2_bytes)
     (out * g).sum().backward()
     (out_ref * g).sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
     assert any(n.endswith("fc2.ssf.scale") for n, p in model.named_parameters())
-    for b in blocks:  # an active drop-path: timm's forward runs
-        b.drop_path = timm.layers.DropPath(0.5)
-        assert b._layer_scales() is None
 
 
 def test_tiny_layer_scales_keep_timm_forward_and_exact_gradients():
