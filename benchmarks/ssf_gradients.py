@@ -7,8 +7,8 @@ checks that they compute what plain autograd computes, whatever code follows a s
 module of ``timm.list_modules()`` (its smallest arch, :func:`benchmarks.archs.smallest_archs`)
 that builds with SSF, one training-mode forward and backward of the SSF model against a copy
 whose every scale-shift is the plain formula ``x * γ + β`` (:meth:`ScaleShift.vmap_context`'s
-path) and whose blocks run timm's own forward (no moved residual adds), from the same seed:
-the logits and the gradient of every trainable tensor must agree.
+path) and whose blocks and attentions run timm's own forward (no moved residual adds, no
+attention from the saved ``qkv``), from the same seed: the logits and the gradient of every trainable tensor must agree.
 
 Run: ``nice python -m benchmarks.ssf_gradients`` (all modules, ~20 min on one core); writes
 ``benchmarks/results/ssf_gradients.md`` and ``.json``. ``tests/test_ssf_gradients.py`` runs
@@ -28,7 +28,8 @@ from torch import nn
 
 import timm_peft
 from timm_peft.layers.scale_shift import ResidualIntoBranch, ScaleShift
-from timm_peft.layers.swap import restore_classes
+from timm_peft.families import get_family
+from timm_peft.layers.swap import restore_class, restore_classes
 
 from .common import write_report
 
@@ -41,9 +42,12 @@ RTOL = 2e-3
 def plain_reference(model: nn.Module) -> nn.Module:
     """A copy of an SSF ``model`` computing the same function with plain autograd: every
     scale-shift ``x * γ + β`` (its ``vmap_context`` path, γ not folded into a Linear) and every
-    block its timm forward (:class:`ResidualIntoBranch` taken out)."""
+    block and attention its timm forward (:class:`ResidualIntoBranch` and the family's
+    ``ssf_attention`` mixins taken out)."""
     ref = copy.deepcopy(model)
     restore_classes(ref, ResidualIntoBranch)
+    for attn, mixin in get_family(ref).ssf_attention(ref):
+        restore_class(attn, mixin)
     for m in ref.modules():
         if isinstance(m, ScaleShift):
             m.__dict__["_plain"] = True

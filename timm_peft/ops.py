@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["SavedOutput", "KeptOutput", "scale_shift", "ScaleShiftFunction", "linear_scale_shift", "LinearScaleShiftFunction",
+__all__ = ["SavedOutput", "KeptOutput", "packed_attention", "PackedAttentionFunction",
+           "scale_shift", "ScaleShiftFunction", "linear_scale_shift", "LinearScaleShiftFunction",
            "fold_linear", "floor_magnitude", "prompted_qkv", "kv_prompt_attention",
            "DEFAULT_MIN_SCALE"]
 
@@ -465,6 +466,69 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
             x.requires_grad or scale.requires_grad or (shift is not None and shift.requires_grad)):
         return _scale_shift_value(x, floor_magnitude(scale, min_scale), shift, dim)
     return ScaleShiftFunction.apply(x, scale, shift, dim, min_scale)
+
+
+def _qkv_views(qkv: torch.Tensor, num_heads: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, C3 = qkv.shape
+    return qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """``softmax(q kᵀ · scale + bias) v`` from a packed ``qkv`` (B, N, 3·H·d), saving ``qkv``
+    and the attention probabilities only.
+
+    The same products as timm's unfused attention (``q * scale @ kᵀ``, ``+ bias``, softmax,
+    ``@ v``), whose matmuls each save a contiguous copy of their operands (q·scale, kᵀ, v: as
+    many bytes as ``qkv``) next to the probabilities; here backward reads q, k and v as views
+    of ``qkv`` itself, so where ``qkv`` is saved anyway (SSF's scale-shift after it) the
+    attention keeps nothing more than the probabilities. Backward: ``∂v = Pᵀ g``,
+    ``∂S = P ⊙ (g vᵀ − rowsum(P ⊙ g vᵀ))``, ``∂q = scale · ∂S k``, ``∂k = scale · ∂Sᵀ q``.
+    ``bias`` (broadcast to (B, H, N, N)) gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                scale: float) -> torch.Tensor:
+        q, k, v = _qkv_views(qkv, num_heads)
+        s = (q * scale) @ k.transpose(-2, -1)
+        attn = (s if bias is None else s + bias).softmax(-1)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        ctx.save_for_backward(qkv, attn)
+        return attn @ v
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qkv, attn = ctx.saved_tensors
+        q, k, v = _qkv_views(qkv, ctx.num_heads)
+        g_attn = grad @ v.transpose(-2, -1)
+        g_v = attn.transpose(-2, -1) @ grad
+        g_s = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True))
+        g_q = (g_s @ k) * ctx.scale
+        g_k = (g_s.transpose(-2, -1) @ q) * ctx.scale
+        g_qkv = torch.stack([g_q, g_k, g_v]).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
+        return g_qkv, None, None, None
+
+
+def packed_attention(qkv: torch.Tensor, num_heads: int, scale: float,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention ``(B, H, N, d)`` from a packed ``qkv`` (B, N, 3·H·d) with an additive ``bias``
+    that does not train, saving ``qkv`` and the probabilities (:class:`PackedAttentionFunction`).
+
+    Example:
+        >>> qkv = torch.randn(2, 5, 3 * 2 * 4, requires_grad=True)
+        >>> q, k, v = qkv.view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        >>> ref = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        >>> torch.allclose(packed_attention(qkv, 2, 0.5), ref, atol=1e-6)
+        True
+    """
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"packed_attention: qkv must be (B, N, 3·heads·head_dim) with heads="
+                         f"{num_heads}, got shape {tuple(qkv.shape)}")
+    if bias is not None and bias.requires_grad:
+        raise ValueError("packed_attention: the bias gets no gradient; use plain autograd for a "
+                         "bias that trains")
+    return PackedAttentionFunction.apply(qkv, bias, num_heads, scale)
 
 
 def prompted_qkv(qkv: torch.Tensor, num_heads: int, prompt_k: torch.Tensor,

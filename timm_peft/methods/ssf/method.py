@@ -13,7 +13,7 @@ from ...families import Family, get_family, refuse
 from ...layers.scale_shift import (CHANNEL_AXIS, ResidualIntoBranch, ScaleShift,
                                    attach_scale_shift, detach_scale_shift, num_channels,
                                    unfoldable)
-from ...layers.swap import original_class, restore_classes, swap_class
+from ...layers.swap import original_class, restore_class, restore_classes, swap_class
 from .config import SSFConfig
 
 __all__ = ["SSF", "ssf_sites"]
@@ -170,6 +170,8 @@ class SSF(PeftMethod):
         for block, branches in family.residual_branches(model):
             # innermost: it replaces timm's forward, so other methods' mixins still wrap it
             swap_class(block, ResidualIntoBranch, innermost=True, residual_branches=branches)
+        for attn, mixin in family.ssf_attention(model):
+            swap_class(attn, mixin, innermost=True)
         return model
 
     def merge(self, model: nn.Module) -> None:
@@ -208,6 +210,8 @@ class SSF(PeftMethod):
             detach_scale_shift(op)
             del op.ssf
         restore_classes(model, ResidualIntoBranch)
+        for attn, mixin in get_family(model).ssf_attention(model):
+            restore_class(attn, mixin)
         return model
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
