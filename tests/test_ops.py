@@ -431,3 +431,44 @@ def test_kv_prompt_attention_compiles_and_bad_shapes_are_explained():
         prompted_qkv(qkv[..., :-1], H, pk, pv)
     with pytest.raises(ValueError, match=r"\(heads, T, head_dim\) = \(3, T, 8\)"):
         prompted_qkv(qkv, H, pk[:, :, :4], pv)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention from a packed qkv
+# ----------------------------------------------------------------------------------------------
+
+def _unfused(qkv, heads, scale, bias):
+    """timm's unfused attention: q·scale @ kᵀ, + bias, softmax, @ v."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    return ((attn if bias is None else attn + bias).softmax(-1)) @ v
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_attention_matches_unfused_attention_and_saves_qkv_and_probabilities(with_bias):
+    from timm_peft.ops import packed_attention
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 7, 3 * 2 * 8, requires_grad=True)
+    bias = torch.randn(4, 2, 7, 7) if with_bias else None
+    out, saved = _saved_storages(lambda: packed_attention(qkv, 2, 0.3, bias))
+    ref, ref_saved = _saved_storages(lambda: _unfused(qkv, 2, 0.3, bias))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    probe = torch.randn(ref.shape)
+    for a, b in zip(torch.autograd.grad((out * probe).sum(), qkv),
+                    torch.autograd.grad((ref * probe).sum(), qkv)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(set(saved)) == 2 and qkv.untyped_storage().data_ptr() in saved
+    assert qkv.untyped_storage().data_ptr() not in ref_saved  # timm's matmuls save copies
+    assert len(set(ref_saved)) >= 4
+    q64 = qkv.detach()[:2].double().requires_grad_()
+    b64 = None if bias is None else bias[:2].double()
+    assert torch.autograd.gradcheck(lambda t: packed_attention(t, 2, 0.3, b64), (q64,))
+
+
+def test_packed_attention_bad_arguments_are_explained():
+    from timm_peft.ops import packed_attention
+    with pytest.raises(ValueError, match="qkv must be"):
+        packed_attention(torch.randn(2, 3, 10), 2, 0.5)
+    with pytest.raises(ValueError, match="bias gets no gradient"):
+        packed_attention(torch.randn(2, 3, 12), 2, 0.5, torch.zeros(3, 3, requires_grad=True))
