@@ -271,11 +271,13 @@ def _drop_failing(arch: str, mode: str, entries: dict[str, Entry],
 def saved_activation_bytes(entry: Entry, x: torch.Tensor, y: torch.Tensor,
                            device: torch.device, amp: str | None) -> int:
     """Bytes of the distinct storages autograd saves for backward in one training forward of
-    ``entry`` (``saved_tensors_hooks``; the model's parameters and buffers and the input are not
-    activations and are left out). Deterministic: the same on a loaded machine as on a quiet one.
+    ``entry`` (``saved_tensors_hooks``; the model's parameters and buffers, the input and the
+    labels are not activations and are left out). Deterministic: the same on a loaded machine
+    as on a quiet one.
     """
     model = entry.model
-    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)}
+    skip = {t.untyped_storage().data_ptr()
+            for t in (*model.parameters(), *model.buffers(), x, y)}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
