@@ -417,7 +417,7 @@ def _frozen_layer_scale(ls: Any) -> Any:
         return None
     lam = ls.gamma if isinstance(ls, nn.Module) and original_class(ls) is LayerScale else ls
     frozen = isinstance(lam, torch.Tensor) and lam.ndim == 1 and not lam.requires_grad
-    if not frozen:
+    if not frozen or lam.device.type == "meta":  # meta: no values to check (shapes only)
         return _NOT_FUSABLE
     version, large = lam.__dict__.get("_peft_large", (None, False))  # kept with the tensor
     if version != lam._version:
