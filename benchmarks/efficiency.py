@@ -340,6 +340,54 @@ def _drop_failing(arch: str, mode: str, entries: dict[str, Entry],
             infer_fns.pop(f"{k} (merged)", None)
 
 
+def saved_activation_bytes(entry: Entry, x: torch.Tensor, y: torch.Tensor,
+                           device: torch.device, amp: str | None) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training forward of
+    ``entry`` (``saved_tensors_hooks``; the model's parameters and buffers, the input and the
+    labels are not activations and are left out). Deterministic: the same on a loaded machine
+    as on a quiet one.
+    """
+    model = entry.model
+    skip = {t.untyped_storage().data_ptr()
+            for t in (*model.parameters(), *model.buffers(), x, y)}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+    model.train()
+    xi = x.detach().requires_grad_() if entry.input_grad else x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, amp):
+        loss = F.cross_entropy(model(xi).float(), y)
+    del loss  # the graph, and what it saved, go with it
+    return sum(saved.values())
+
+
+def measure_saved(arch: str, names: list[str], args: argparse.Namespace,
+                  skipped: list[str]) -> list[dict[str, Any]]:
+    """``--saved-bytes``: one row per entry with its saved-activation bytes
+    (:func:`saved_activation_bytes`) and their ratio to the limit's; no timing."""
+    device = torch.device(args.device)
+    entries = build_entries(arch, names, args.model_kwargs, skipped)
+    size = resolve_data_config(model=entries[LIMIT].model)["input_size"]
+    if args.input_size:
+        size = (size[0], args.input_size, args.input_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, *size, generator=g).to(device)
+    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
+    saved = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, e in entries.items():
+            e.model.to(device)
+            saved[k] = saved_activation_bytes(e, x, y, device, args.amp)
+    return [dict(arch=arch, method=k, kind=e.kind, saved_MiB=saved[k] / 2 ** 20,
+                 saved_vs_limit=saved[k] / saved[LIMIT],
+                 saved_vs_full=saved[k] / saved["full"]) for k, e in entries.items()]
+
+
 def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
             skipped: list[str]) -> list[dict[str, Any]]:
     """One row per entry (and one for the plain model) on ``arch`` in ``mode``."""
@@ -487,6 +535,9 @@ def main() -> None:
                              "references may take together in compiled mode; entries left when "
                              "it is spent are left out and reported (0: no cap)")
     parser.add_argument("--name", default="efficiency", help="report name under results/")
+    parser.add_argument("--saved-bytes", action="store_true",
+                        help="measure only the exact saved-activation bytes of one training "
+                             "forward (saved_tensors_hooks, distinct storages), no timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -499,6 +550,20 @@ def main() -> None:
     skipped: list[str] = []
     runs = [(arch, mode) for arch in expand_archs(args.archs) for mode in modes]
     for i, (arch, mode) in enumerate(runs):
+        if args.saved_bytes:
+            if mode != modes[0]:
+                continue
+            rows += measure_saved(arch, names, args, skipped)
+            path = write_report(args.name, "Saved-activation bytes per training step",
+                                _command(parser, args), rows,
+                                ("**Partial.** " if i + 1 < len(runs) else "")
+                                + f"Batch {args.batch_size}; exact bytes of the distinct "
+                                "storages autograd saves in one training forward "
+                                "(saved_tensors_hooks; parameters, buffers and the input left "
+                                "out), as ratios to the frozen-backbone limit and to full "
+                                "fine-tuning. " + (f"Left out: {'; '.join(skipped)}." if skipped
+                                                   else ""))
+            continue
         rows += measure(arch, names, args, mode, skipped)
         # written after every arch, so a long run that is stopped keeps what it measured
         path = report(parser, args, modes, rows, skipped, time.perf_counter() - start,
@@ -506,14 +571,19 @@ def main() -> None:
     print(path.read_text())
 
 
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    return "python -m benchmarks.efficiency" + "".join(
+        f" --{k.replace('_', '-')}" + ("" if v is True else
+                                        f" {repr(json.dumps(v)) if isinstance(v, dict) else v}")
+        for k, v in vars(args).items()
+        if v != parser.get_default(k))
+
+
 def report(parser: argparse.ArgumentParser, args: argparse.Namespace, modes: list[str],
            rows: list[dict[str, Any]], skipped: list[str], seconds: float,
            partial: bool) -> Path:
     """Write ``results/<name>.md``/``.json`` (and the plot) for the rows measured so far."""
-    command = "python -m benchmarks.efficiency" + "".join(
-        f" --{k.replace('_', '-')} {repr(json.dumps(v)) if isinstance(v, dict) else v}"
-        for k, v in vars(args).items()
-        if v != parser.get_default(k))
+    command = _command(parser, args)
     figure = plot(rows, RESULTS / f"{args.name}.svg")
     device = torch.device(args.device)
     notes = (

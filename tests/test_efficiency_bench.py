@@ -76,3 +76,20 @@ def test_the_compile_budget_runs_the_references_first_and_leaves_out_the_rest():
     assert skipped[0].startswith("vit.ssf [compiled] FAILED: TimeoutError")
     assert skipped[1] == ("vit.vpt [compiled] FAILED: TimeoutError: not tried: the "
                           "--compile-budget of 0.3 s is spent")
+def test_saved_activation_bytes_counts_distinct_activation_storages():
+    """``--saved-bytes``: deterministic, parameters and the input left out, a storage saved by
+    two operations counted once; against a hand count on a two-layer model."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model[2].weight.requires_grad_(True)  # the head: its matmul saves the GELU output
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    entry = eff.Entry(model, "reference", input_grad=True)
+    got = eff.saved_activation_bytes(entry, x, y, torch.device("cpu"), None)
+    # GELU's input (4, 8) and output (4, 8), cross-entropy's log-softmax (4, 3) and the total
+    # weight of its mean (a float32 scalar); the labels are left out like the input
+    assert got == 4 * (4 * 8 + 4 * 8 + 4 * 3) + 4
+    assert got == eff.saved_activation_bytes(entry, x, y, torch.device("cpu"), None)

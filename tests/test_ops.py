@@ -72,12 +72,110 @@ def test_scale_shift_saves_its_output_not_its_input():
     assert len(big) == 2  # the output and the floored γ (a small new tensor)
 
 
-def test_scale_shift_output_modified_in_place_is_an_error():
-    x = torch.randn(3, 4, requires_grad=True)
-    y = scale_shift(x, torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True))
-    y.relu_()
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
+#: what code after a site may do to its output in place (each a function of the output)
+WRITES = {
+    "relu_": lambda y: y.relu_(),
+    "F.relu inplace": lambda y: F.relu(y, inplace=True),
+    "F.relu inplace positional": lambda y: F.relu(y, True),
+    "F.dropout inplace": lambda y: F.dropout(y, 0.5, True, True),
+    "+=": lambda y: y.__iadd__(1.5),
+    "mul_ on a view": lambda y: (y.view(-1)[:5].mul_(3.0), y)[1],
+    "setitem": lambda y: (y.__setitem__((Ellipsis, 0), 7.0), y)[1],
+    "transpose then add_": lambda y: (y.transpose(0, -1).add_(2.0), y)[1],
+    "narrow then sigmoid_": lambda y: (y.narrow(0, 0, 1).sigmoid_(), y)[1],
+    "aten add_": lambda y: torch.ops.aten.add_.Tensor(y, 1.0),
+    "out= without grad": lambda y: _no_grad(lambda: torch.mul(y, 2.0, out=y), y),
+    "copy_": lambda y: y.copy_(torch.ones_like(y)),
+    "detach then add_": lambda y: (y.detach().add_(1.0), y)[1],
+    "twice": lambda y: y.add_(1.0).relu_(),
+}
+
+
+def _no_grad(fn, y):
+    with torch.no_grad():
+        fn()
+    return y
+
+
+def _site_and_reference(kind, x, gamma, beta, w=None, b=None, r=None):
+    """(fused op, plain autograd formula) of a site."""
+    shape = [1] * (x.ndim - 1) + [-1]
+    if kind == "scale_shift":
+        return scale_shift(x, gamma, beta), x * gamma.view(shape) + beta.view(shape)
+    ref = F.linear(x, w, b) * gamma + beta
+    fused = linear_scale_shift(x, w, b, gamma, beta, residual=r)
+    return fused, ref if r is None else r + ref
+
+
+@pytest.mark.parametrize("kind", ["scale_shift", "linear", "linear_residual"])
+@pytest.mark.parametrize("write", list(WRITES))
+def test_an_output_written_in_place_keeps_exact_gradients(kind, write):
+    """Whatever overwrites a site's saved output in place (an in-place activation, ``+=``, a
+    view written in place, ``out=``, an aten operator), backward neither fails nor uses the
+    written value: every gradient equals plain autograd's of the formula followed by the same
+    write."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    gamma = (1 + 0.3 * torch.randn(6)).requires_grad_()
+    beta = torch.randn(6, requires_grad=True)
+    w, b = torch.randn(6, 6), torch.randn(6)
+    r = torch.randn(3, 4, 6, requires_grad=True) if kind == "linear_residual" else None
+    params = [x, gamma, beta] + ([r] if r is not None else [])
+    probe = torch.randn(3, 4, 6)
+    grads = []
+    for which in (0, 1):
+        torch.manual_seed(1)  # the same dropout mask
+        out = _site_and_reference(kind.split("_")[0] if kind != "scale_shift" else kind,
+                                  x, gamma, beta, w, b, r)[which]
+        if which == 1:
+            out = out.clone()  # the formula's own output is a plain tensor autograd saves
+        y = WRITES[write](out)
+        grads.append(torch.autograd.grad((y * probe).sum(), params))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_an_output_nobody_writes_keeps_no_copy_and_a_written_one_keeps_one():
+    """The memory-saving path stays: unwritten, the saved output is the output itself; written,
+    one copy of it (what the plain path would have saved) and nothing more."""
+    from timm_peft.ops import SavedOutput
+    x = torch.randn(4, 8, 6, requires_grad=True)
+    gamma, beta = torch.ones(6, requires_grad=True), torch.zeros(6, requires_grad=True)
+    y = scale_shift(x, gamma, beta)
+    assert isinstance(y, SavedOutput) and y._peft_kept.value is None
+    z = F.gelu(y)  # read, not written
+    assert type(z) is torch.Tensor and y._peft_kept.value is None
+    view = y[:, 1:]
+    assert isinstance(view, SavedOutput) and view._peft_kept is y._peft_kept
+    view.relu_()
+    kept = y._peft_kept.value
+    assert kept is not None and kept.shape == y.shape
+    assert kept.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+    y.add_(1.0)  # a second write keeps nothing more
+    assert y._peft_kept.value is kept
+    with torch.no_grad():  # inference: a plain tensor, no guard
+        assert type(scale_shift(x, gamma, beta)) is torch.Tensor
+
+
+def test_an_output_written_in_place_under_compile_keeps_exact_gradients():
+    """Compiled, the graph is functional: the saved output is not the written one."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, requires_grad=True)
+    gamma, beta = (1 + 0.3 * torch.randn(6)).requires_grad_(), torch.randn(6, requires_grad=True)
+
+    def f(x, g, b):
+        y = scale_shift(x, g, b)
+        y.relu_()
+        return (y * torch.arange(6.0)).sum()
+
+    def ref(x, g, b):
+        return ((x * g + b).relu() * torch.arange(6.0)).sum()
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(
+        x, gamma, beta), [x, gamma, beta])
+    want = torch.autograd.grad(ref(x, gamma, beta), [x, gamma, beta])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 def test_scale_shift_floors_tiny_scales_and_passes_their_gradient_through():
@@ -333,3 +431,44 @@ def test_kv_prompt_attention_compiles_and_bad_shapes_are_explained():
         prompted_qkv(qkv[..., :-1], H, pk, pv)
     with pytest.raises(ValueError, match=r"\(heads, T, head_dim\) = \(3, T, 8\)"):
         prompted_qkv(qkv, H, pk[:, :, :4], pv)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention from a packed qkv
+# ----------------------------------------------------------------------------------------------
+
+def _unfused(qkv, heads, scale, bias):
+    """timm's unfused attention: q·scale @ kᵀ, + bias, softmax, @ v."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    return ((attn if bias is None else attn + bias).softmax(-1)) @ v
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_attention_matches_unfused_attention_and_saves_qkv_and_probabilities(with_bias):
+    from timm_peft.ops import packed_attention
+    torch.manual_seed(0)
+    qkv = torch.randn(4, 7, 3 * 2 * 8, requires_grad=True)
+    bias = torch.randn(4, 2, 7, 7) if with_bias else None
+    out, saved = _saved_storages(lambda: packed_attention(qkv, 2, 0.3, bias))
+    ref, ref_saved = _saved_storages(lambda: _unfused(qkv, 2, 0.3, bias))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    probe = torch.randn(ref.shape)
+    for a, b in zip(torch.autograd.grad((out * probe).sum(), qkv),
+                    torch.autograd.grad((ref * probe).sum(), qkv)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(set(saved)) == 2 and qkv.untyped_storage().data_ptr() in saved
+    assert qkv.untyped_storage().data_ptr() not in ref_saved  # timm's matmuls save copies
+    assert len(set(ref_saved)) >= 4
+    q64 = qkv.detach()[:2].double().requires_grad_()
+    b64 = None if bias is None else bias[:2].double()
+    assert torch.autograd.gradcheck(lambda t: packed_attention(t, 2, 0.3, b64), (q64,))
+
+
+def test_packed_attention_bad_arguments_are_explained():
+    from timm_peft.ops import packed_attention
+    with pytest.raises(ValueError, match="qkv must be"):
+        packed_attention(torch.randn(2, 3, 10), 2, 0.5)
+    with pytest.raises(ValueError, match="bias gets no gradient"):
+        packed_attention(torch.randn(2, 3, 12), 2, 0.5, torch.zeros(3, 3, requires_grad=True))

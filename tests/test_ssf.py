@@ -637,7 +637,7 @@ def test_residual_into_branch_matches_timm_block_forward_and_gradients(init_valu
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith(("ls1.gamma", "ls2.gamma")):
-                    p.copy_(torch.randn_like(p) * torch.logspace(-3, 0, p.numel()))
+                    p.copy_(torch.randn_like(p).sign() * torch.logspace(-3, 0, p.numel()))
     assert all(is_swapped(b, ResidualIntoBranch) for b in model.blocks)
     for b in model.blocks:
         scales = b._layer_scales()
@@ -728,15 +728,18 @@ class _Body(nn.Module):
         return F.gelu(self.pw(self.se(F.gelu(self.conv(x))))).mean((2, 3))
 
 
-def test_conv_sites_save_their_output_unless_an_inplace_op_may_overwrite_it():
-    """Conv sites save their output in training (ops.scale_shift) except in a module with an
-    in-place activation (the SE block's ReLU would overwrite it and backward would fail). The
-    gradients of every γ, β match plain autograd of ``conv(x) * γ + β``."""
+def test_conv_sites_save_their_output_even_when_an_inplace_op_overwrites_it():
+    """Conv sites save their output in training (ops.scale_shift); the SE block's in-place ReLU
+    overwrites one of them, which then keeps a copy first (ops.SavedOutput). The gradients of
+    every γ, β match plain autograd of ``conv(x) * γ + β``."""
+    from timm_peft.ops import SavedOutput
     torch.manual_seed(0)
     model = timm_peft.apply_method(_Body(), "ssf")
     sites = {n: m.ssf for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert {n: s.save_output for n, s in sites.items()} == {
-        "conv": True, "se.conv_reduce": False, "se.conv_expand": False, "pw": True}
+    kept = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, a, out, n=n: kept.__setitem__(n, out))
     with torch.no_grad():
         for s in sites.values():
             s.scale.add_(0.2 * torch.randn_like(s.scale))
@@ -745,6 +748,9 @@ def test_conv_sites_save_their_output_unless_an_inplace_op_may_overwrite_it():
     x = torch.randn(2, 3, 6, 6)
     probe = torch.randn(2, 8)
     got = torch.autograd.grad((model(x) * probe).sum(), params)
+    assert all(isinstance(o, SavedOutput) for o in kept.values())
+    assert {n: o._peft_kept.value is not None for n, o in kept.items()} == {
+        "conv": False, "se.conv_reduce": True, "se.conv_expand": False, "pw": False}
     for s in sites.values():  # the formula, with autograd's own backward
         s.forward = lambda t, s=s: t * s.scale.view(-1, 1, 1) + s.shift.view(-1, 1, 1)
     want = torch.autograd.grad((model(x) * probe).sum(), params)
@@ -801,7 +807,7 @@ def test_residual_into_branch_on_each_family(arch, kwargs):
     with torch.no_grad():  # layer scales of mixed size and sign, as after pretraining
         for n, p in model.named_parameters():
             if n.endswith(("gamma_1", "gamma_2", "ls1.gamma", "ls2.gamma")):
-                p.copy_(torch.randn_like(p) * torch.logspace(-2, 0, p.numel()))
+                p.copy_(torch.randn_like(p).sign() * torch.logspace(-2, 0, p.numel()))
     blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
     assert len(blocks) == 2 and all(b._layer_scales() is not None for b in blocks)
     ref = copy.deepcopy(model)
@@ -819,3 +825,78 @@ def test_residual_into_branch_on_each_family(arch, kwargs):
     (out_ref * g).sum().backward()
     _assert_same_ssf_grads(model, ref)
     assert type(timm_peft.unload(model).blocks[0]) is original_class(ref.blocks[0])
+
+
+#: (arch, kwargs, input size, the blocks whose sum a conv or norm after them saves anyway):
+#: ConvNeXt's last block is pooled before the head's norm; Swin's patch merging copies the
+#: tokens (a permutation) before its norm, so only blocks followed by a block or the final norm
+BRANCH_FAMILIES = {
+    "convnext": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
+                                       conv_mlp=False), 64, (0, 1, 2, 3)),
+    "convnext, no layer scale": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
+                                                       conv_mlp=False, ls_init_value=None),
+                                 64, (0, 1, 2, 3)),
+    "convnextv2 (GRN MLP)": ("convnextv2_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
+                                                    conv_mlp=False), 64, (0, 1, 2, 3)),
+    "swin (attention branch as timm's)": (
+        "swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(2, 2, 1),
+                                             num_heads=(2, 2, 4), window_size=4,
+                                             drop_path_rate=0.0), 32, (0, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("family", list(BRANCH_FAMILIES))
+def test_residual_into_fc2_matches_timm_block_forward(family):
+    """ConvNeXt's channels-last MLP and Swin's MLP end in fc2, whose add into the residual moves
+    into fc2 (ConvNeXt: ResidualBranch with pre, channels_last, shortcut; Swin: its windowed
+    attention branch kept as timm computes it, last=None): logits and every gradient equal
+    timm's block forward with the same SSF, and one forward saves each block's fc2 output
+    fewer (the sum and the block input are what the convs and norms around save anyway). With
+    conv_mlp (ConvNeXt-atto's default) fc2 is a 1x1 conv and timm's forward runs."""
+    from timm_peft.layers.scale_shift import ResidualIntoBranch
+    arch, kwargs, size, saved_after = BRANCH_FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(f"{arch}.ssf", num_classes=3, **kwargs)
+    with torch.no_grad():  # layer scales of mixed size and sign, as after pretraining
+        for n, p in model.named_parameters():
+            if n.endswith(".gamma") and p.ndim == 1:
+                p.copy_(torch.randn_like(p).sign() * torch.logspace(-2, 0, p.numel()))
+    blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
+    assert len(blocks) == 5 and all(b._layer_scales() is not None for b in blocks)
+    ref = copy.deepcopy(model)
+    restore_classes(ref, ResidualIntoBranch)
+    fc2_bytes = []
+    for b in ref.modules():
+        if original_class(b).__name__ in ("ConvNeXtBlock", "SwinTransformerBlock"):
+            b.mlp.fc2.register_forward_hook(
+                lambda m, a, out: fc2_bytes.append(out.untyped_storage().nbytes()))
+    x, g = torch.randn(2, 3, size, size), torch.randn(2, 3)
+    (fused_bytes, out), (ref_bytes, out_ref) = _saved_bytes(model, x), _saved_bytes(ref, x)
+    assert len(fc2_bytes) == 5
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert fused_bytes <= ref_bytes - sum(fc2_bytes[i] for i in saved_after), (
+        fused_bytes, ref_bytes, fc2_bytes)
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert any(n.endswith("fc2.ssf.scale") for n, p in model.named_parameters())
+
+
+def test_tiny_layer_scales_keep_timm_forward_and_exact_gradients():
+    """With timm's layer-scale init (1e-6, before pretraining) ``out − r`` cannot give back
+    ``λ ⊙ y`` to float32 precision, so the branch keeps timm's forward (the Linear saves its own
+    output): gradients equal plain autograd's, relative to each gradient's size."""
+    from benchmarks.ssf_gradients import compare
+    from timm_peft.layers.scale_shift import MIN_FUSED_LAYER_SCALE, ResidualIntoBranch
+    kwargs = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), conv_mlp=False)
+    model = timm.create_model("convnext_atto.ssf", num_classes=3, **kwargs)
+    blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
+    assert blocks and all(b.gamma.abs().max() < MIN_FUSED_LAYER_SCALE for b in blocks)
+    assert all(b._layer_scales() is None for b in blocks)
+    with torch.no_grad():
+        blocks[0].gamma.fill_(0.5)  # a new version of λ is checked again
+    assert blocks[0]._layer_scales() == [blocks[0].gamma]
+    res = compare("convnext_atto", input_size=64, **kwargs)
+    assert res["grad_err"] < 1e-4 and not res["missing"], res

@@ -20,15 +20,29 @@ it keeps no activation for backward. What a method adds after it should not undo
 
 Both match the plain formulation to floating-point rounding, forward and backward
 (``tests/test_ops.py``); the memory they save is measured in ``benchmarks/efficiency.py``.
+
+Saving an output is only sound while nobody overwrites it before backward, and what follows a
+site is any model's code: an in-place activation, ``x += r`` in a ``forward``, a view written in
+place. So the output of :class:`ScaleShiftFunction` and :class:`LinearScaleShiftFunction` is a
+:class:`SavedOutput` in eager training: the first in-place write to it or to any view of it
+copies the saved value first (:class:`KeptOutput`), and backward uses that copy. A site whose
+output nobody writes keeps no copy (the memory-saving path, exact); one whose output is written
+pays one copy, the activation the plain path ``x * γ + β`` would have saved (exact too). Nothing
+in the check depends on which model the site is in.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["scale_shift", "ScaleShiftFunction", "linear_scale_shift", "LinearScaleShiftFunction",
+__all__ = ["SavedOutput", "KeptOutput", "packed_attention", "PackedAttentionFunction",
+           "scale_shift", "ScaleShiftFunction", "linear_scale_shift", "LinearScaleShiftFunction",
            "fold_linear", "floor_magnitude", "prompted_qkv", "kv_prompt_attention",
            "DEFAULT_MIN_SCALE"]
 
@@ -96,6 +110,159 @@ def _affine_grads(grad: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor,
     return grad_scale, grad_b if need_shift else None
 
 
+# ----------------------------------------------------------------------------------------------
+# Outputs saved for backward, kept safe from in-place writes
+# ----------------------------------------------------------------------------------------------
+
+#: in-place methods that change metadata only, not the values backward reads
+_METADATA_ONLY = frozenset({"requires_grad_", "retain_grad", "share_memory_"})
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_param(func: Any) -> int | None:
+    """Position of ``func``'s ``inplace`` parameter (``F.relu(x, inplace)``, ``F.dropout``), or
+    None."""
+    try:
+        params = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The arguments ``func(*args, **kwargs)`` may write into: from an aten operator's schema;
+    otherwise the first argument of an in-place method or function (``add_``, ``__iadd__``,
+    ``__setitem__``, ``F.relu(x, inplace=True)``) and any ``out=``. Errs on the side of
+    "written": a false alarm costs one copy, never a gradient."""
+    schema = getattr(func, "_schema", None)
+    if schema is not None:  # torch.ops.aten.*: the schema marks written arguments (Tensor(a!))
+        return [args[i] if i < len(args) else kwargs.get(a.name)
+                for i, a in enumerate(schema.arguments)
+                if a.alias_info is not None and a.alias_info.is_write]
+    name = getattr(func, "__name__", "")
+    out = [kwargs["out"]] if kwargs.get("out") is not None else []
+    inplace = (name.endswith("_") and not name.endswith("__") and name not in _METADATA_ONLY) \
+        or (name.startswith("__i") and name.endswith("__")) or name == "__setitem__"
+    if not inplace and args:
+        try:
+            pos = _inplace_param(func)
+        except TypeError:  # unhashable callable
+            pos = None
+        inplace = pos is not None and (kwargs.get("inplace") is True
+                                       or (pos < len(args) and args[pos] is True))
+    if inplace and args:
+        out += list(args[0]) if isinstance(args[0], (list, tuple)) else [args[0]]
+    return out
+
+
+class KeptOutput:
+    """Where a saved output's value goes if something is about to overwrite it.
+
+    Holds no tensor until :meth:`keep` (so no reference cycle with the output); then a copy of
+    the whole saved output, read from the storage of whichever alias is being written, before
+    the write.
+    """
+
+    __slots__ = ("dtype", "size", "stride", "offset", "value")
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self.dtype, self.size, self.stride = y.dtype, y.shape, y.stride()
+        self.offset, self.value = y.storage_offset(), None
+
+    def keep(self, alias: torch.Tensor) -> None:
+        if self.value is None:
+            with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+                self.value = torch.empty(0, dtype=self.dtype, device=alias.device).set_(
+                    alias.untyped_storage(), self.offset, self.size, self.stride).clone()
+
+
+class SavedOutput(torch.Tensor):
+    """A site's output that its backward saved, in eager training (see the module docstring).
+
+    Every torch call that takes it passes through :meth:`__torch_function__`: an in-place write
+    to it (or to a view of it, which is a ``SavedOutput`` too) first makes its
+    :class:`KeptOutput` copy the saved value; results that are not views are plain tensors, so
+    the check reaches no further than the site's output and its views.
+
+    Example:
+        >>> x = torch.randn(3, 4, requires_grad=True)
+        >>> g, b = torch.full((4,), 2.0, requires_grad=True), torch.zeros(4, requires_grad=True)
+        >>> y = scale_shift(x, g, b)
+        >>> type(y).__name__, type(y + 1).__name__, type(y[0]).__name__
+        ('SavedOutput', 'Tensor', 'SavedOutput')
+        >>> y.relu_().sum().backward()   # written in place: backward reads the kept copy
+        >>> torch.allclose(g.grad, (x * (x * 2 > 0)).sum(0))
+        True
+    """
+
+    _peft_kept: KeptOutput
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        for t in _written(func, args, kwargs):
+            kept = getattr(t, "_peft_kept", None)
+            if kept is not None:
+                kept.keep(t)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        sources = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, SavedOutput)]
+        return tree_map(lambda r: _as_saved_view(r, sources), out) if sources else out
+
+
+def _as_saved_view(r: Any, sources: list[SavedOutput]) -> Any:
+    """``r`` as a :class:`SavedOutput` with the guard of the source it aliases, else ``r``."""
+    if not isinstance(r, torch.Tensor) or isinstance(r, SavedOutput):
+        return r
+    with torch._C.DisableTorchFunctionSubclass():
+        for src in sources:
+            if torch._C._is_alias_of(r, src):
+                view = r.as_subclass(SavedOutput)
+                view._peft_kept = src._peft_kept
+                return view
+    return r
+
+
+def _saved_output(ctx: Any, y: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
+    """Save ``(y, *tensors)`` for backward and return ``y`` as a :class:`SavedOutput` whose
+    :class:`KeptOutput` is ``ctx.kept``. Under ``torch.compile``/``torch.export`` the graph is
+    functional (an in-place write after this op is a new value, the saved one unchanged), so
+    ``y`` is returned as it is."""
+    if torch.compiler.is_compiling():
+        ctx.kept = None
+        ctx.save_for_backward(y, *tensors)
+        return y
+    out = torch.Tensor._make_subclass(SavedOutput, y)  # an alias, not a view: autograd tracks it
+    out._peft_kept = ctx.kept = KeptOutput(y)
+    ctx.save_for_backward(out, *tensors)
+    # the rest again, to read without unpacking the written output (inputs and small tensors:
+    # no reference cycle), with their versions for autograd's own check
+    ctx.unwritten = tensors
+    ctx.versions = [None if t is None else t._version for t in tensors]
+    return out
+
+
+def _saved(ctx: Any) -> tuple[torch.Tensor | None, ...]:
+    """What :func:`_saved_output` saved, the output replaced by its kept copy if it was written
+    (its saved version then no longer matches, and autograd would refuse to unpack it)."""
+    kept = ctx.kept.value if ctx.kept is not None else None
+    if kept is None:
+        return ctx.saved_tensors
+    for t, v in zip(ctx.unwritten, ctx.versions):
+        if t is not None and t._version != v:
+            raise RuntimeError(f"one of the variables needed for gradient computation has been "
+                               f"modified by an inplace operation: {tuple(t.shape)} tensor at "
+                               f"version {t._version}; expected version {v}")
+    return (kept, *ctx.unwritten)
+
+
+def _scale_shift_value(x: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor | None,
+                       dim: int) -> torch.Tensor:
+    g = _channel_view(gamma.to(x.dtype), x, dim)
+    return x * g if shift is None else torch.addcmul(_channel_view(shift.to(x.dtype), x, dim), x, g)
+
+
 class ScaleShiftFunction(torch.autograd.Function):
     """``y = γ̃ ⊙ x + β`` along axis ``dim``, saving ``(y, γ̃, β)`` rather than ``x``.
 
@@ -110,15 +277,13 @@ class ScaleShiftFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
                 dim: int, min_scale: float) -> torch.Tensor:
         gamma = floor_magnitude(scale, min_scale)
-        g = _channel_view(gamma.to(x.dtype), x, dim)
-        y = x * g if shift is None else torch.addcmul(_channel_view(shift.to(x.dtype), x, dim), x, g)
+        y = _scale_shift_value(x, gamma, shift, dim)
         ctx.dim = dim
-        ctx.save_for_backward(y, gamma, shift)
-        return y
+        return _saved_output(ctx, y, gamma, shift)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        y, gamma, shift = ctx.saved_tensors
+        y, gamma, shift = _saved(ctx)
         need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
         grad_x = grad * _channel_view(gamma.to(grad.dtype), grad, ctx.dim) if need_x else None
         grad_scale, grad_shift = _affine_grads(grad, y, gamma, shift, ctx.dim, need_scale,
@@ -157,14 +322,17 @@ class LinearScaleShiftFunction(torch.autograd.Function):
         ctx.y_dtype = y.dtype
         ctx.from_residual = residual is not None and out.dtype in (torch.float32, torch.float64)
         if ctx.from_residual:
-            ctx.save_for_backward(out, weight, gamma, shift, residual, layer_scale)
-        else:
-            ctx.save_for_backward(y, weight, gamma, shift, None, layer_scale)
+            return _saved_output(ctx, out, weight, gamma, shift, residual, layer_scale)
+        if residual is None:
+            return _saved_output(ctx, y, weight, gamma, shift, None, layer_scale)
+        # a low-precision sum: y is saved, and the output (the sum) is a new tensor
+        ctx.kept = None
+        ctx.save_for_backward(y, weight, gamma, shift, None, layer_scale)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        y, weight, gamma, shift, residual, layer_scale = ctx.saved_tensors
+        y, weight, gamma, shift, residual, layer_scale = _saved(ctx)
         need_x, _, _, need_scale, need_shift, need_res = ctx.needs_input_grad[:6]
         if ctx.from_residual:
             y = y - residual  # one activation-sized temporary, freed on return
@@ -266,8 +434,9 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
                 dim: int = -1, min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
     """SSF's ``γ ⊙ x + β`` along channel axis ``dim``, keeping no copy of ``x`` for backward.
 
-    ``scale`` (γ) and ``shift`` (β, or None) have shape ``(x.shape[dim],)``. The output, saved
-    for backward, must not be modified in place afterwards (autograd then raises). γ is applied
+    ``scale`` (γ) and ``shift`` (β, or None) have shape ``(x.shape[dim],)``. The output is saved
+    for backward; in training it is a :class:`SavedOutput`, so writing it in place afterwards
+    copies the saved value first (gradients stay exact, at the plain path's memory). γ is applied
     with its magnitude floored at ``min_scale`` (default 1e-3; SSF starts γ at N(1, 0.02²)): for
     ``|γ| ≥ min_scale`` this is exactly ``γ ⊙ x + β``. Recovering ``x`` costs accuracy when
     ``|γ|`` is tiny: its error is about the dtype's epsilon times ``|y| / |γ|``. See
@@ -293,7 +462,73 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
                          f"{None if shift is None else tuple(shift.shape)}")
     if not min_scale > 0:
         raise ValueError(f"scale_shift: min_scale must be > 0, got {min_scale!r}")
+    if not torch.is_grad_enabled() or not (
+            x.requires_grad or scale.requires_grad or (shift is not None and shift.requires_grad)):
+        return _scale_shift_value(x, floor_magnitude(scale, min_scale), shift, dim)
     return ScaleShiftFunction.apply(x, scale, shift, dim, min_scale)
+
+
+def _qkv_views(qkv: torch.Tensor, num_heads: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, C3 = qkv.shape
+    return qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """``softmax(q kᵀ · scale + bias) v`` from a packed ``qkv`` (B, N, 3·H·d), saving ``qkv``
+    and the attention probabilities only.
+
+    The same products as timm's unfused attention (``q * scale @ kᵀ``, ``+ bias``, softmax,
+    ``@ v``), whose matmuls each save a contiguous copy of their operands (q·scale, kᵀ, v: as
+    many bytes as ``qkv``) next to the probabilities; here backward reads q, k and v as views
+    of ``qkv`` itself, so where ``qkv`` is saved anyway (SSF's scale-shift after it) the
+    attention keeps nothing more than the probabilities. Backward: ``∂v = Pᵀ g``,
+    ``∂S = P ⊙ (g vᵀ − rowsum(P ⊙ g vᵀ))``, ``∂q = scale · ∂S k``, ``∂k = scale · ∂Sᵀ q``.
+    ``bias`` (broadcast to (B, H, N, N)) gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                scale: float) -> torch.Tensor:
+        q, k, v = _qkv_views(qkv, num_heads)
+        s = (q * scale) @ k.transpose(-2, -1)
+        attn = (s if bias is None else s + bias).softmax(-1)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        ctx.save_for_backward(qkv, attn)
+        return attn @ v
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        qkv, attn = ctx.saved_tensors
+        q, k, v = _qkv_views(qkv, ctx.num_heads)
+        g_attn = grad @ v.transpose(-2, -1)
+        g_v = attn.transpose(-2, -1) @ grad
+        g_s = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True))
+        g_q = (g_s @ k) * ctx.scale
+        g_k = (g_s.transpose(-2, -1) @ q) * ctx.scale
+        g_qkv = torch.stack([g_q, g_k, g_v]).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
+        return g_qkv, None, None, None
+
+
+def packed_attention(qkv: torch.Tensor, num_heads: int, scale: float,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention ``(B, H, N, d)`` from a packed ``qkv`` (B, N, 3·H·d) with an additive ``bias``
+    that does not train, saving ``qkv`` and the probabilities (:class:`PackedAttentionFunction`).
+
+    Example:
+        >>> qkv = torch.randn(2, 5, 3 * 2 * 4, requires_grad=True)
+        >>> q, k, v = qkv.view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        >>> ref = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        >>> torch.allclose(packed_attention(qkv, 2, 0.5), ref, atol=1e-6)
+        True
+    """
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"packed_attention: qkv must be (B, N, 3·heads·head_dim) with heads="
+                         f"{num_heads}, got shape {tuple(qkv.shape)}")
+    if bias is not None and bias.requires_grad:
+        raise ValueError("packed_attention: the bias gets no gradient; use plain autograd for a "
+                         "bias that trains")
+    return PackedAttentionFunction.apply(qkv, bias, num_heads, scale)
 
 
 def prompted_qkv(qkv: torch.Tensor, num_heads: int, prompt_k: torch.Tensor,

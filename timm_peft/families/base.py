@@ -26,6 +26,8 @@ Questions:
   bodies bottleneck adapters follow or run beside (Adapter, AdaptFormer).
 * :meth:`Family.linear_layers`: the Linear and 1×1 conv layers whose outputs a low-rank update
   may change (LoRA), with any layer the model reads without calling it reported.
+* :meth:`Family.ssf_attention`: attentions that can run from the ``qkv`` output SSF saves
+  (memory only).
 * :meth:`Family.final_norms`: the norms between the last block and the head.
 * :meth:`Family.classifiers` and :meth:`Family.pooled`: the modules that turn pooled features
   into logits, and whether the model pools at all (LION's feature prompt).
@@ -405,6 +407,12 @@ class Family:
         from ..layers.scale_shift import scan
         return list(scan(model, ("",), skip_unfoldable=True,
                          exclude=tuple(classifier_modules(model))))
+
+    def ssf_attention(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
+        """``(attention, mixin)`` pairs: attentions that, with SSF after their ``qkv``, can run
+        from the ``qkv`` output SSF saves anyway instead of saving copies of q, k and v (memory
+        only; default: none)."""
+        return []
 
     def residual_branches(self, model: nn.Module) -> list[tuple[nn.Module, tuple[Any, ...]]]:
         """Pre-norm blocks ``x + drop_path(λ ⊙ body(norm(x)))`` whose bodies each end in a

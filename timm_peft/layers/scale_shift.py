@@ -146,10 +146,6 @@ class ScaleShift(AdapterModule):
                       if shift else None)
         self.merged = False
         self.added_bias = False
-        #: training saves the output, not the input (:func:`timm_peft.ops.scale_shift`); False
-        #: where something may modify the output in place (see ``SSF``'s surgery), which would
-        #: make backward fail
-        self.save_output = True
 
     def reset_parameters(self, init: str = "normal", std: float = 0.02) -> None:
         """γ ~ N(1, std), β ~ N(0, std) for ``"normal"``; γ = 1, β = 0 for ``"identity"``."""
@@ -179,12 +175,13 @@ class ScaleShift(AdapterModule):
             shape = [-1 if d == self.dim % x.ndim else 1 for d in range(x.ndim)]
             y = x * self.scale.view(shape)
             return y if self.shift is None else y + self.shift.view(shape)
-        if self.save_output and x.ndim >= 2 and torch.is_grad_enabled() and (
+        if x.ndim >= 2 and torch.is_grad_enabled() and (
                 x.requires_grad or self.scale.requires_grad
                 or (self.shift is not None and self.shift.requires_grad)):
             # In training, save the output instead of the input (issue 16): the output is what
             # the next operation saves anyway, so a site after a frozen Linear/Conv keeps no
-            # extra activation alive (γ's magnitude is floored at ops.DEFAULT_MIN_SCALE).
+            # extra activation alive (γ's magnitude is floored at ops.DEFAULT_MIN_SCALE). Whatever
+            # writes the output in place later makes it keep a copy first (ops.SavedOutput).
             return scale_shift(x, self.scale, self.shift, self.dim)
         # γ ⊙ x + β is an inference-mode batch norm with mean 0, variance 1 and eps 0 (so its
         # 1/sqrt(var + eps) is exactly 1). torch's fused batch-norm kernels produce the output,
@@ -367,15 +364,30 @@ class ResidualBranch:
     or a tensor attribute that may be None (BEiT's and EVA's ``gamma_1``); None: no layer scale.
     ``block_args``: the block's extra forward arguments go to the body (attention masks, rotary
     embeddings), in the block's order.
+
+    A channels-first block whose branch runs channels-last (ConvNeXt:
+    ``x + drop_path(λ ⊙ body(norm(pre(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2))``) names
+    its ``pre`` module (the depthwise conv) and sets ``channels_last``: the residual is handed
+    to ``last`` as the same permuted view, so the sum comes out channels-first again by one
+    permutation of a view. ``shortcut`` names a module on the residual path that must pass its
+    input through (an Identity) for the add to move.
+
+    ``last=None`` describes a branch whose add cannot move (Swin's windowed attention, whose
+    output is reversed out of its windows after ``proj``): it runs as
+    ``x + drop_path(body(norm(x)))``, ``body`` possibly a method of the block, so that the
+    block's other branches can still move theirs.
     """
 
     norm: str
     body: str
-    last: str
-    after_last: str
+    last: str | None
+    after_last: str | None
     drop_path: str
     layer_scale: str | None = None
     block_args: bool = False
+    pre: str | None = None
+    channels_last: bool = False
+    shortcut: str | None = None
 
 
 _NOT_FUSABLE = object()
@@ -394,15 +406,30 @@ def _passes_through(m: nn.Module) -> bool:
     return False
 
 
+#: smallest layer scale |λ| the fused add takes: backward recovers ``λ ⊙ y`` as ``out − r``,
+#: exact to the add's rounding ``ε·|out|``, so its relative error is ``ε·|out| / |λ ⊙ y|``
+#: (float32: about 6e-5·|out|/|y| at λ = 1e-3). Below it (timm's 1e-5/1e-6 inits before
+#: pretraining) the branch runs timm's forward and its Linear saves its own output.
+MIN_FUSED_LAYER_SCALE = 1e-3
+
+
 def _frozen_layer_scale(ls: Any) -> Any:
     """A branch's layer scale as the fused add sees it: None (none, or an identity), a frozen
-    λ, or ``_NOT_FUSABLE`` (a module of another kind, or a λ that trains)."""
+    λ, or ``_NOT_FUSABLE`` (a module of another kind, a λ that trains, or one with an entry
+    below :data:`MIN_FUSED_LAYER_SCALE`; checked once per version of λ, so no host sync per
+    step)."""
     from timm.layers import LayerScale
     if ls is None or (isinstance(ls, nn.Module) and _passes_through(ls)):
         return None
     lam = ls.gamma if isinstance(ls, nn.Module) and original_class(ls) is LayerScale else ls
     frozen = isinstance(lam, torch.Tensor) and lam.ndim == 1 and not lam.requires_grad
-    return lam if frozen else _NOT_FUSABLE
+    if not frozen or lam.device.type == "meta":  # meta: no values to check (shapes only)
+        return _NOT_FUSABLE
+    version, large = lam.__dict__.get("_peft_large", (None, False))  # kept with the tensor
+    if version != lam._version:
+        large = bool(lam.detach().abs().min() >= MIN_FUSED_LAYER_SCALE)
+        lam.__dict__["_peft_large"] = (lam._version, large)
+    return lam if large else _NOT_FUSABLE
 
 
 class ResidualIntoBranch(Swappable):
@@ -433,9 +460,13 @@ class ResidualIntoBranch(Swappable):
             body = getattr(self, br.body)
             if any(getattr(m, "wraps_output", False) for m in mixins_of(body)):
                 return None  # another method adds to the branch's output (Adapter, AdaptFormer)
+            if br.last is None:
+                scales.append(None)
+                continue
             if not (takes_residual(body.get_submodule(br.last))
                     and _passes_through(body.get_submodule(br.after_last))
-                    and _passes_through(getattr(self, br.drop_path))):
+                    and _passes_through(getattr(self, br.drop_path))
+                    and (br.shortcut is None or _passes_through(getattr(self, br.shortcut)))):
                 return None
             scales.append(_frozen_layer_scale(
                 None if br.layer_scale is None else getattr(self, br.layer_scale)))
@@ -447,7 +478,16 @@ class ResidualIntoBranch(Swappable):
             return super().forward(x, *args, **kwargs)
         for br, lam in zip(self.residual_branches, scales):
             body = getattr(self, br.body)
-            with residual_into(body.get_submodule(br.last), x, lam):
-                h = getattr(self, br.norm)(x)
+            if br.last is None:
+                x = x + getattr(self, br.drop_path)(body(getattr(self, br.norm)(x)))
+                continue
+            h = x if br.pre is None else getattr(self, br.pre)(x)
+            r = x
+            if br.channels_last:
+                h, r = h.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
+            with residual_into(body.get_submodule(br.last), r, lam):
+                h = getattr(self, br.norm)(h)
                 x = body(h, *args, **kwargs) if br.block_args else body(h)
+            if br.channels_last:
+                x = x.permute(0, 3, 1, 2)
         return x

@@ -13,7 +13,7 @@ from ...families import Family, get_family, refuse
 from ...layers.scale_shift import (CHANNEL_AXIS, ResidualIntoBranch, ScaleShift,
                                    attach_scale_shift, detach_scale_shift, num_channels,
                                    unfoldable)
-from ...layers.swap import original_class, restore_classes, swap_class
+from ...layers.swap import original_class, restore_class, restore_classes, swap_class
 from .config import SSFConfig
 
 __all__ = ["SSF", "ssf_sites"]
@@ -49,20 +49,6 @@ def _factory_kwargs(op: nn.Module, model: nn.Module) -> dict[str, Any]:
     if ref is None:
         return {}
     return dict(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-
-
-def _inplace_near(model: nn.Module, name: str) -> bool:
-    """Whether a sibling of operation ``name`` works in place (``inplace=True``), like the
-    ``ReLU(inplace=True)`` after the first conv of an SE block.
-
-    Such a module may overwrite the site's output, so the site does not save its output for
-    backward (``ScaleShift.save_output``): it keeps its input, one activation more. Activations
-    inside timm's norm + activation layers act on the norm's output and do not count. An
-    in-place operation this misses (written in a ``forward``) makes backward raise autograd's
-    "modified by an inplace operation" error, never a wrong gradient.
-    """
-    parent = model.get_submodule(name.rpartition(".")[0])
-    return any(getattr(m, "inplace", False) is True for m in parent.children())
 
 
 def _attached(model: nn.Module) -> Iterator[tuple[str, nn.Module, ScaleShift]]:
@@ -179,12 +165,13 @@ class SSF(PeftMethod):
             ss.reset_parameters(config.init, config.init_std)
             if site.merge_reason is not None:
                 ss.merge_reason = site.merge_reason
-            ss.save_output = not _inplace_near(model, name)
             op.ssf = ss
             attach_scale_shift(op)
         for block, branches in family.residual_branches(model):
             # innermost: it replaces timm's forward, so other methods' mixins still wrap it
             swap_class(block, ResidualIntoBranch, innermost=True, residual_branches=branches)
+        for attn, mixin in family.ssf_attention(model):
+            swap_class(attn, mixin, innermost=True)
         return model
 
     def merge(self, model: nn.Module) -> None:
@@ -223,6 +210,8 @@ class SSF(PeftMethod):
             detach_scale_shift(op)
             del op.ssf
         restore_classes(model, ResidualIntoBranch)
+        for attn, mixin in get_family(model).ssf_attention(model):
+            restore_class(attn, mixin)
         return model
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
