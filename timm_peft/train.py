@@ -1371,12 +1371,13 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
         >>> evaluate_adapter("runs/quickstart/adapter", "test")["acc"]  # doctest: +SKIP
         0.91
     """
-    from .io import from_pretrained, read_adapter_config, resolve_adapter_dir
-    adapter_dir = resolve_adapter_dir(adapter_dir)  # a directory or hf-hub:<org>/<name>
-    adapter_cfg = read_adapter_config(adapter_dir)
-    args_path = adapter_dir / TRAINING_ARGS_NAME
-    saved = json.loads(args_path.read_text()) if args_path.is_file() else {}
-    saved.setdefault("classes", adapter_cfg.get("label_names"))
+    from .io import from_pretrained, read_training_args
+    from .io.load import open_adapter
+    src = open_adapter(adapter_dir)  # a directory or hf-hub:<org>/<name>, checked
+    adapter_dir = src.dir
+    # checked like every adapter file; never a source of base weights, URLs or outputs
+    saved = read_training_args(adapter_dir)
+    saved.setdefault("classes", src.cfg.get("label_names"))
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; allowed: ['train', 'val', 'test']")
     if task is None and data_dir is None:
@@ -1384,15 +1385,14 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
     if task is None and data_dir is None:
         raise ValueError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
                          f"task ({list_tasks()}) or a data directory")
-    pretrained_file = pretrained_file or saved.get("pretrained_file")
-    # without training args, the adapter's recorded base origin decides (None)
+    # the base weights come from the caller (pretrained_file) or timm, never from the adapter
     pretrained = saved.get("pretrained") or (True if pretrained_file is not None else None)
     overrides: dict[str, Any] = {}
-    overlay = pretrained_overlay(saved.get("pretrained_cfg"), pretrained_file)
+    overlay = pretrained_overlay(None, pretrained_file)
     if overlay:
         overrides["pretrained_cfg_overlay"] = overlay
     torch.manual_seed(saved.get("seed", 0))  # a base without weights is rebuilt as in training
-    model = from_pretrained(adapter_dir, pretrained=pretrained, **overrides)
+    model = from_pretrained(src, pretrained=pretrained, **overrides)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
     data_cfg = saved.get("data_config") or _data_config(TrainConfig(), model)
