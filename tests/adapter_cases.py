@@ -440,7 +440,7 @@ def crafted_cases() -> list[Case]:
     add("weights_hash_mismatch", _flip_weight_byte, "field 'weights_sha256' differs")
     add("weights_truncated", _truncate, "truncated")
     add("weights_is_directory", lambda d: ((d / WEIGHTS_NAME).unlink(),
-                                           (d / WEIGHTS_NAME).mkdir()), "no adapter_model")
+                                           (d / WEIGHTS_NAME).mkdir()), "no adapter_model|it is a directory")
     return cases
 
 

@@ -223,7 +223,8 @@ def read_bytes(path: Path, limit: int, what: str) -> bytes:
         except OSError as e:
             raise _os_error(path, e) from e
     if len(data) > limit:
-        raise AdapterError(f"{path} is larger than {limit:,d} bytes, the most {what} may be")
+        raise AdapterError(f"{path} is larger than {limit:,d} bytes; {what} may be at most "
+                           f"{limit:,d}")
     return data
 
 

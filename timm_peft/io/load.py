@@ -33,8 +33,8 @@ from torch import nn
 from ..core import get_method, get_peft_config, resolve_method, unwrap_features
 from .card import HUB_PREFIX, LOCAL_PREFIX
 from .format import (ADAPTER_MARKER, CONFIG_NAME, LIMITS, LOADING_KWARGS, TIMM_CONFIG_NAME,
-                     WEIGHTS_NAME, AdapterError, Header, _check_data_config, _no_unknown, _os_error,
-                     _short, arch_profile, base_fingerprint, check_tensors, read_adapter_config,
+                     WEIGHTS_NAME, _DATA_KEYS, AdapterError, Header, _check_data_config,
+                     _no_unknown, _os_error, _short, arch_profile, base_fingerprint, check_tensors, read_adapter_config,
                      read_header, read_json, read_weights)
 
 __all__ = ["Adapter", "open_adapter", "resolve_adapter_dir", "load_adapter", "from_pretrained",
@@ -206,6 +206,16 @@ def _check_pointer(adapter_dir: Path, cfg: dict[str, Any]) -> None:
     if pointer.get("architecture") != cfg["architecture"]:
         raise AdapterError(f"{path}: field 'architecture' {_short(pointer.get('architecture'))} "
                            f"differs from {CONFIG_NAME}'s {cfg['architecture']!r}")
+    # what timm would act on must agree with the adapter (it is never passed to timm)
+    for key, want in (("num_classes", cfg["model_args"].get("num_classes")),
+                      ("label_names", cfg.get("label_names"))):
+        if key in pointer and want is not None and pointer[key] != want:
+            raise AdapterError(f"{path}: field {key!r} {_short(pointer[key])} differs from "
+                               f"{CONFIG_NAME}'s {_short(want)}")
+    pcfg = pointer.get("pretrained_cfg", {})
+    if not isinstance(pcfg, dict):
+        raise AdapterError(f"{path}: field 'pretrained_cfg' must be an object, got {_short(pcfg)}")
+    _no_unknown(path, pcfg, (*_DATA_KEYS, "num_classes"), " in field 'pretrained_cfg'")
     args = pointer.get("model_args")
     args = {k: v for k, v in args.items() if k != ADAPTER_MARKER} if isinstance(args, dict) else args
     if args != cfg["model_args"]:
@@ -216,9 +226,12 @@ def _check_pointer(adapter_dir: Path, cfg: dict[str, Any]) -> None:
 
 
 def open_adapter(adapter: str | os.PathLike | Adapter, revision: str | None = None, *,
-                 cache_dir: str | os.PathLike | None = None,
-                 token: str | bool | None = None) -> Adapter:
+                 cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                 pointer: bool = False) -> Adapter:
     """Resolve ``adapter`` and read and check its files, without building any model.
+
+    ``adapter_config.json`` and the weights header always; timm's ``config.json`` with
+    ``pointer=True`` (the entry points that timm reaches through it, and ``verify_adapter``).
 
     Example:
         >>> import timm, timm_peft, tempfile
@@ -234,7 +247,8 @@ def open_adapter(adapter: str | os.PathLike | Adapter, revision: str | None = No
     if _stat(adapter_dir / WEIGHTS_NAME) is None:
         raise AdapterError(f"no {WEIGHTS_NAME} in {adapter_dir}")
     header = read_header(adapter_dir / WEIGHTS_NAME)
-    _check_pointer(adapter_dir, cfg)
+    if pointer:
+        _check_pointer(adapter_dir, cfg)
     return Adapter(adapter_dir, cfg, header)
 
 
@@ -330,6 +344,7 @@ def verify_adapter(adapter: str | os.PathLike, revision: str | None = None) -> d
     src = open_adapter(adapter, revision)
     check_against_meta(src)
     read_weights(src.weights, src.cfg["weights_sha256"], src.header)
+    _check_pointer(src.dir, src.cfg)
     return src.cfg
 
 
@@ -649,7 +664,7 @@ def _wrap_config_loaders() -> None:
         def load_model_config_from_path(model_path: Any, *args: Any, **kwargs: Any) -> Any:
             if not _holds_adapter(Path(model_path)):
                 return original_path(model_path, *args, **kwargs)
-            return _adapter_source(open_adapter(Path(model_path)),
+            return _adapter_source(open_adapter(Path(model_path), pointer=True),
                                    {"file": str(model_path), "source": "local-dir"})
         load_model_config_from_path.__timm_peft_original__ = original_path  # type: ignore[attr-defined]
         _factory.load_model_config_from_path = load_model_config_from_path
@@ -661,7 +676,7 @@ def _wrap_config_loaders() -> None:
             snapshot = _hub_adapter_dir(model_id, kwargs.get("cache_dir", args[0] if args else None))
             if snapshot is None:
                 return original_hf(model_id, *args, **kwargs)
-            return _adapter_source(open_adapter(snapshot),
+            return _adapter_source(open_adapter(snapshot, pointer=True),
                                    {"hf_hub_id": model_id, "source": "hf-hub"})
         load_model_config_from_hf.__timm_peft_original__ = original_hf  # type: ignore[attr-defined]
         _factory.load_model_config_from_hf = load_model_config_from_hf
