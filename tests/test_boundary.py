@@ -184,12 +184,13 @@ def test_training_args_never_choose_weights_or_urls(tmp_path, vit_weights):
 def test_info_prints_escape_sequences_escaped(tmp_path, capsys):
     from timm_peft.cli import main
     _, out = _adapter(tmp_path)
-    _with_args(out, metrics={"val_acc": 0.5}, classes=["\x1b[31mred", "b", "c"])
+    _with_args(out, metrics={"val_acc": 0.5}, classes=["\x1b[31mred", "b", "c"], task=None,
+               data_dir="/data/\x1b[2J\x1b[31mred")
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert main(["info", str(out)]) == 0
     text = buf.getvalue()
-    assert "\x1b" not in text and "\\x1b[31mred" in text
+    assert "\x1b" not in text and "\\x1b[2J\\x1b[31mred" in text
 
 
 @pytest.mark.parametrize("key, value", [("crop_pct", 1e-6), ("input_size", [3, 4096, 4096])])
