@@ -261,7 +261,8 @@ def _report_run(cfg: Any, result: Any) -> None:
     else:  # a random base is rebuilt from the seed it was drawn with
         lines += [f"  import torch; torch.manual_seed({cfg.seed})",
                   f"  model = timm_peft.from_pretrained({str(adapter)!r}, pretrained=False{overlay})"]
-    lines.append(f"or measure it again: timm-peft eval {adapter} --split test")
+    weights = f" --pretrained-file {cfg.pretrained_file}" if cfg.pretrained_file else ""
+    lines.append(f"or measure it again: timm-peft eval {adapter} --split test{weights}")
     print("\n".join(lines))
 
 

@@ -1371,7 +1371,7 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
         >>> evaluate_adapter("runs/quickstart/adapter", "test")["acc"]  # doctest: +SKIP
         0.91
     """
-    from .io import from_pretrained, read_training_args
+    from .io import AdapterError, from_pretrained, read_training_args
     from .io.load import open_adapter
     src = open_adapter(adapter_dir)  # a directory or hf-hub:<org>/<name>, checked
     adapter_dir = src.dir
@@ -1380,7 +1380,8 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
     saved.setdefault("classes", src.cfg.get("label_names"))
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; allowed: ['train', 'val', 'test']")
-    if task is None and data_dir is None:
+    from_file = task is None and data_dir is None
+    if from_file:
         task, data_dir = saved.get("task"), saved.get("data_dir")
     if task is None and data_dir is None:
         raise ValueError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
@@ -1397,18 +1398,25 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
     model.to(dev)
     data_cfg = saved.get("data_config") or _data_config(TrainConfig(), model)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields},
-                         "task": task, "data_dir": data_dir, "resume": None, "output": None})
-    splits = _make_splits(cfg, data_cfg["input_size"][-1])
-    if saved.get("classes") and splits.classes != saved["classes"]:
-        raise ValueError(f"the data's classes {splits.classes[:6]}… differ from the adapter's "
-                         f"{saved['classes'][:6]}…")
-    if model.num_classes != splits.num_classes:
-        raise ValueError(f"the adapter has {model.num_classes} classes, the data "
-                         f"{splits.num_classes}")
-    ds = getattr(splits, split)
-    if ds is None:
-        raise ValueError(f"the data has no {split!r} split")
+    try:
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields},
+                             "task": task, "data_dir": data_dir, "resume": None, "output": None})
+        splits = _make_splits(cfg, data_cfg["input_size"][-1])
+        if saved.get("classes") and splits.classes != saved["classes"]:
+            raise ValueError(f"the data's classes {splits.classes[:6]}… differ from the "
+                             f"adapter's {saved['classes'][:6]}…")
+        if model.num_classes != splits.num_classes:
+            raise ValueError(f"the adapter has {model.num_classes} classes, the data "
+                             f"{splits.num_classes}")
+        ds = getattr(splits, split)
+        if ds is None:
+            raise ValueError(f"the data has no {split!r} split")
+    except (ValueError, OSError, RuntimeError) as e:
+        if not from_file or isinstance(e, AdapterError):
+            raise
+        # the data was named by the adapter's own file: say which
+        raise AdapterError(f"{adapter_dir / TRAINING_ARGS_NAME}: the data its fields 'task'/"
+                           f"'data_dir'/'dataset' name does not evaluate this adapter: {e}") from e
     _, eval_tf = build_transforms(data_cfg, aug=False)
     loader = DataLoader(TransformDataset(ds, eval_tf), batch_size=batch_size or cfg.batch_size,
                         num_workers=workers)
