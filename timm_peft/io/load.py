@@ -500,7 +500,14 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, check_base: bool 
     apply: Callable[..., nn.Module] = (
         functools.partial(_load_named, adapter_name=adapter_name) if adapter_name is not None
         else _load_into)
-    apply(_twin(model), src, None, check_base=check_base)  # every check; the model untouched
+    try:
+        twin = _twin(model)
+    except Exception as e:  # noqa: BLE001 - a module deepcopy cannot copy (rare): say so
+        warnings.warn(f"load_adapter cannot copy {type(model).__name__} to check the load on a "
+                      f"twin first ({type(e).__name__}: {str(e)[:120]}); a failed load may leave "
+                      "it changed", stacklevel=2)
+        return apply(model, src, tensors, check_base=check_base)
+    apply(twin, src, None, check_base=check_base)  # every check; the model untouched
     return apply(model, src, tensors, check_base=False)  # the twin checked the shared base
 
 
