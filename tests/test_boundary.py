@@ -96,6 +96,13 @@ def test_local_dir_without_config_json_loads_the_adapter(tmp_path):
         assert torch.equal(loaded(x), model.eval()(x))
 
 
+def test_local_dir_never_takes_weights_the_adapter_does_not_name(tmp_path, vit_weights):
+    _, out = _adapter(tmp_path)
+    _edit(out / CONFIG_NAME, lambda c: c.update(base_source={"kind": "file"}))
+    with pytest.raises(AdapterError, match="came from a local file"):
+        timm.create_model(f"local-dir:{out}", pretrained=True)
+
+
 def test_plain_timm_directory_keeps_timms_behaviour(tmp_path):
     from safetensors.torch import save_file
     torch.manual_seed(0)

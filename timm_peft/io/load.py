@@ -537,8 +537,8 @@ def from_pretrained(adapter: str | os.PathLike, pretrained: bool | None = None,
     kind = (cfg.get("base_source") or {}).get("kind", "unknown")
     if pretrained is None:
         pretrained = kind != "random"
-    weights_given = any(k in overrides for k in ("pretrained_cfg_overlay", "pretrained_cfg",
-                                                 "checkpoint_path"))
+    weights_given = any(overrides.get(k) is not None
+                        for k in ("pretrained_cfg_overlay", "pretrained_cfg", "checkpoint_path"))
     if pretrained and kind == "file" and not weights_given:
         raise AdapterError(f"{src.config_path}: field 'base_source' says the base weights "
                            "came from a local file, not from timm; pass that file with "
@@ -705,8 +705,9 @@ def _build_from_adapter(entrypoint: Any, arch: str, kwargs: dict[str, Any]) -> n
                            f"directory or repo with its {CONFIG_NAME} and {WEIGHTS_NAME}; load an "
                            f"adapter with timm.create_model('{HUB_PREFIX}<org>/<name>') or "
                            f"('{LOCAL_PREFIX}<dir>'), or timm_peft.from_pretrained")
-    kwargs = {k: v for k, v in kwargs.items()
-              if k not in (ADAPTER_MARKER, "pretrained_model_args", "pretrained_cfg", "cache_dir")}
+    # timm passes its own keywords (pretrained_cfg_overlay=None, ...): only what the caller set
+    kwargs = {k: v for k, v in kwargs.items() if v is not None
+              and k not in (ADAPTER_MARKER, "pretrained_model_args", "pretrained_cfg", "cache_dir")}
     if kwargs.pop("pretrained", False):
         return from_pretrained(src, **kwargs)
     import timm
