@@ -734,9 +734,11 @@ def run_controls(templates: dict[str, Path], limit_s: float) -> list[dict[str, A
     return out
 
 
-def run_fuzz(seed: int, cases: int, limit_s: float = 10.0) -> dict[str, Any]:
+def run_fuzz(seed: int, cases: int, limit_s: float = 10.0,
+             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """``cases`` random mutations of the templates, loaded through a rotating entry point;
-    the unmutated templates are loaded by every entry point before and after (live controls)."""
+    the unmutated templates are loaded by every entry point before and after (live controls).
+    ``progress`` gets the results so far every 250 cases (``completed`` says how many)."""
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix="fuzz_adapters_"))
     counts: dict[str, int] = {}
@@ -750,6 +752,18 @@ def run_fuzz(seed: int, cases: int, limit_s: float = 10.0) -> dict[str, Any]:
         controls = run_controls(templates, limit_s)  # also the warm-up
         base_rss = _maxrss_mb()
         loaders = sorted(LOADERS)
+
+        def summary(completed: int) -> dict[str, Any]:
+            bad_controls = [c for c in controls if c["outcome"] != "loaded"]
+            return dict(seed=seed, cases=cases, completed=completed, counts=counts,
+                        by_loader=by_loader, by_mutation=by_kind, controls=len(controls),
+                        controls_failed=bad_controls,
+                        other_exceptions=sum(v for k, v in counts.items()
+                                             if k not in ("loaded", "adapter_error", "hang")),
+                        hangs=counts.get("hang", 0), slowest_case_s=round(slowest, 3),
+                        peak_rss_growth_mb=round(_maxrss_mb() - base_rss, 1),
+                        total_s=round(time.perf_counter() - t0, 1), failures=failures[:50])
+
         for i in range(cases):
             template = rng.choice(sorted(templates))
             d = root / "case"
@@ -769,16 +783,10 @@ def run_fuzz(seed: int, cases: int, limit_s: float = 10.0) -> dict[str, Any]:
             if outcome not in ("loaded", "adapter_error"):
                 failures.append(dict(case=i, template=template, kind=kind, loader=loader,
                                      outcome=outcome, message=msg))
+            if progress is not None and (i + 1) % 250 == 0 and i + 1 < cases:
+                progress(summary(i + 1))
         controls += run_controls(templates, limit_s)
-        bad_controls = [c for c in controls if c["outcome"] != "loaded"]
-        return dict(seed=seed, cases=cases, counts=counts, by_loader=by_loader,
-                    by_mutation=by_kind, controls=len(controls),
-                    controls_failed=bad_controls,
-                    other_exceptions=sum(v for k, v in counts.items()
-                                         if k not in ("loaded", "adapter_error", "hang")),
-                    hangs=counts.get("hang", 0), slowest_case_s=round(slowest, 3),
-                    peak_rss_growth_mb=round(_maxrss_mb() - base_rss, 1),
-                    total_s=round(time.perf_counter() - t0, 1), failures=failures[:50])
+        return summary(cases)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -798,7 +806,10 @@ def _write_report(res: dict[str, Any], stem: Path) -> None:
         "# Adapter mutation fuzzer",
         "",
         f"`python tests/adapter_cases.py fuzz --seed {res['seed']} --cases {res['cases']}`: "
-        f"{res['cases']} mutations of valid adapters ({', '.join(TEMPLATES)}; their "
+        + ("" if res["completed"] == res["cases"] else
+           f"**unfinished: {res['completed']} of the {res['cases']} cases ran** (a progress "
+           "report; the controls after the run are still to come). ")
+        + f"{res['completed']} mutations of valid adapters ({', '.join(TEMPLATES)}; their "
         f"`adapter_config.json`, weights, `config.json`, `training_args.json` and directory "
         f"layout), each loaded through one of {len(LOADERS)} entry points in turn (a "
         f"{10.0:.0f} s alarm counts as a hang). Live controls: every entry point loads every "
@@ -838,9 +849,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "crafted":
         res = run_crafted(ns.loader)
     else:
-        res = run_fuzz(ns.seed, ns.cases)
-        if ns.report is not None:
-            _write_report(res, ns.report)
+        report = ns.report
+        res = run_fuzz(ns.seed, ns.cases,
+                       progress=None if report is None else lambda r: _write_report(r, report))
+        if report is not None:
+            _write_report(res, report)
         if res["controls_failed"]:  # the run means nothing: say so with the exit status
             print(json.dumps(res))
             return 1
