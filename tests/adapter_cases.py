@@ -530,9 +530,16 @@ def _alarm(signum: int, frame: Any) -> None:
 
 
 def run_one(fn: Callable[[], Any], limit_s: float) -> tuple[str, str, float]:
-    """``(outcome, message, seconds)``; outcome: loaded, adapter_error, hang or the exception type."""
+    """``(outcome, message, seconds)``; outcome: loaded, adapter_error, hang or the exception type.
+
+    A hang is ``limit_s`` seconds of CPU (a busy loop) or ``WALL_FACTOR`` times that of wall
+    time (blocked, e.g. on a FIFO): on a shared, loaded machine a wall-clock limit alone would
+    call slow cases hangs.
+    """
     signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    signal.signal(signal.SIGPROF, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit_s * WALL_FACTOR)
+    signal.setitimer(signal.ITIMER_PROF, limit_s)
     t = time.perf_counter()
     try:
         fn()
@@ -540,12 +547,17 @@ def run_one(fn: Callable[[], Any], limit_s: float) -> tuple[str, str, float]:
     except AdapterError as e:
         outcome, msg = "adapter_error", str(e)
     except Timeout:
-        outcome, msg = "hang", f"no result within {limit_s} s"
+        outcome, msg = "hang", f"no result within {limit_s} s of CPU or {limit_s * WALL_FACTOR} s"
     except Exception as e:  # noqa: BLE001 - what the fuzzer counts
         outcome, msg = type(e).__name__, str(e)[:300]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
     return outcome, msg, time.perf_counter() - t
+
+
+#: wall-clock limit of a case, in multiples of its CPU limit
+WALL_FACTOR = 12
 
 
 def _maxrss_mb() -> float:
@@ -811,8 +823,8 @@ def _write_report(res: dict[str, Any], stem: Path) -> None:
            "report; the controls after the run are still to come). ")
         + f"{res['completed']} mutations of valid adapters ({', '.join(TEMPLATES)}; their "
         f"`adapter_config.json`, weights, `config.json`, `training_args.json` and directory "
-        f"layout), each loaded through one of {len(LOADERS)} entry points in turn (a "
-        f"{10.0:.0f} s alarm counts as a hang). Live controls: every entry point loads every "
+        f"layout), each loaded through one of {len(LOADERS)} entry points in turn ({10.0:.0f} s "
+        f"of CPU or {10.0 * WALL_FACTOR:.0f} s of wall time count as a hang). Live controls: every entry point loads every "
         f"unmutated template before and after the run ({res['controls']} loads, "
         f"**{len(res['controls_failed'])} failed**); a failed control fails the run.",
         "",

@@ -1384,8 +1384,8 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
     if from_file:
         task, data_dir = saved.get("task"), saved.get("data_dir")
     if task is None and data_dir is None:
-        raise ValueError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
-                         f"task ({list_tasks()}) or a data directory")
+        raise AdapterError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
+                           f"task ({list_tasks()}) or a data directory")
     # the base weights come from the caller (pretrained_file) or timm, never from the adapter
     pretrained = saved.get("pretrained") or (True if pretrained_file is not None else None)
     overrides: dict[str, Any] = {}

@@ -591,8 +591,8 @@ def read_training_args(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     kept = {k: v for k, v in args.items() if k in fields and k not in _NOT_FROM_FILE}
     try:
         TrainConfig(**{**kept, "model": kept.get("model") or "x"})
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{path}: {e}") from e
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # untrusted values, any way
+        raise AdapterError(f"{path}: {type(e).__name__}: {e}") from e
     total = sum(kept.get(k) or 0 for k in ("train_size", "val_size", "test_size"))
     if total > _GENERATED_IMAGES or (kept.get("task_image_size") or 0) > LIMITS["img_size"]:
         raise AdapterError(f"{path}: fields 'train_size'/'val_size'/'test_size' ask for {total:,d} "
