@@ -1396,7 +1396,9 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
     model = from_pretrained(src, pretrained=pretrained, **overrides)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
-    data_cfg = saved.get("data_config") or _data_config(TrainConfig(), model)
+    # the adapter's own, checked to run on its model; training_args.json's only for old adapters
+    data_cfg = src.cfg.get("data_config") or saved.get("data_config") or \
+        _data_config(TrainConfig(), model)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields},
@@ -1420,6 +1422,12 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
     _, eval_tf = build_transforms(data_cfg, aug=False)
     loader = DataLoader(TransformDataset(ds, eval_tf), batch_size=batch_size or cfg.batch_size,
                         num_workers=workers)
-    res = evaluate(model, loader, dev)
+    try:
+        res = evaluate(model, loader, dev)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        if src.cfg.get("data_config") or not saved.get("data_config"):
+            raise
+        raise AdapterError(f"{adapter_dir / TRAINING_ARGS_NAME}: field 'data_config' does not fit "
+                           f"the adapter's model: {type(e).__name__}: {e}") from e
     return dict(res, split=split, adapter=str(adapter_dir), data=splits.source)
 
