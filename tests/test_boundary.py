@@ -103,6 +103,13 @@ def test_local_dir_never_takes_weights_the_adapter_does_not_name(tmp_path, vit_w
         timm.create_model(f"local-dir:{out}", pretrained=True)
 
 
+def test_base_weights_that_cannot_be_fetched_are_an_adapter_error(tmp_path):
+    _, out = _adapter(tmp_path)  # a random base, recorded as timm's weights: offline, uncached
+    _edit(out / CONFIG_NAME, lambda c: c.update(base_source={"kind": "timm"}))
+    with pytest.raises(AdapterError, match="base weights .* cannot be loaded"):
+        timm_peft.from_pretrained(out)
+
+
 def test_plain_timm_directory_keeps_timms_behaviour(tmp_path):
     from safetensors.torch import save_file
     torch.manual_seed(0)

@@ -545,8 +545,19 @@ def from_pretrained(adapter: str | os.PathLike, pretrained: bool | None = None,
                            "pretrained_cfg_overlay=dict(file=..., custom_load=False)")
     check_against_meta(src, overrides=overrides)
     tensors = read_weights(src.weights, cfg["weights_sha256"], src.header)  # before building
-    model = timm.create_model(_model_name(cfg), pretrained=pretrained, peft=cfg["peft_type"],
-                              peft_cfg=cfg["peft_config"], **{**cfg["model_args"], **overrides})
+    try:
+        model = timm.create_model(_model_name(cfg), pretrained=pretrained, peft=cfg["peft_type"],
+                                  peft_cfg=cfg["peft_config"], **{**cfg["model_args"], **overrides})
+    except (OSError, RuntimeError) as e:
+        if not pretrained or weights_given:  # the caller's own keywords: timm's error
+            raise
+        # the meta build passed: what failed is fetching the base weights the adapter names
+        raise AdapterError(
+            f"{src.config_path}: the base weights its fields 'architecture'/'pretrained_tag' "
+            f"name ({_model_name(cfg)}, origin {kind!r}) cannot be loaded: {type(e).__name__}: "
+            f"{str(e)[:300]}; make them available (network or cache), pass them with "
+            "pretrained_cfg_overlay=dict(file=..., custom_load=False), or load with "
+            "pretrained=False") from e
     # a fresh model needs no twin: a failed load discards it
     return _load_into(model, src, tensors, check_base)
 
