@@ -34,7 +34,9 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import timm_peft  # noqa: E402
-from timm_peft.io import CONFIG_NAME, WEIGHTS_NAME, AdapterError  # noqa: E402
+from timm_peft.io import CONFIG_NAME, TIMM_CONFIG_NAME, WEIGHTS_NAME, AdapterError  # noqa: E402
+
+TRAINING_ARGS = "training_args.json"
 
 TINY_VIT = dict(img_size=32, depth=2)
 #: the valid adapters every case starts from: (model name, create_model kwargs)
@@ -53,8 +55,14 @@ TEMPLATES = {
 }
 
 
+DATA_DIR = Path(tempfile.gettempdir())  # set by make_templates
+
+
 def make_templates(root: Path) -> dict[str, Path]:
-    """Save one valid adapter per template (random bases, trained tensors perturbed)."""
+    """Save one valid adapter per template (random bases, trained tensors perturbed), with the
+    ``training_args.json`` of a run on a tiny image folder."""
+    global DATA_DIR
+    DATA_DIR = make_data(root / "data")
     out = {}
     for name, (model_name, kwargs) in TEMPLATES.items():
         torch.manual_seed(0)
@@ -65,7 +73,36 @@ def make_templates(root: Path) -> dict[str, Path]:
                     p.add_(0.01)
         out[name] = timm_peft.save_pretrained(model, root / name,
                                               label_names=["a", "b", "c"])
+        write_training_args(out[name], model_name)
     return out
+
+
+def write_training_args(d: Path, model_name: str) -> None:
+    """The ``training_args.json`` ``timm-peft train`` writes, for a tiny generated task."""
+    from timm_peft.train import TrainConfig
+    args = TrainConfig(model=model_name, data_dir=str(DATA_DIR), pretrained=False,
+                       batch_size=6, epochs=1).to_dict()
+    data = read_cfg(d).get("data_config")
+    args.update(classes=["a", "b", "c"], data_config=data, metrics={"test_acc": 0.5})
+    (d / TRAINING_ARGS).write_text(json.dumps(args, indent=2))
+
+
+def template_model(template: str) -> torch.nn.Module:
+    """The model a template adapter was saved from (same seed: same random base)."""
+    model_name, kwargs = TEMPLATES[template]
+    torch.manual_seed(0)
+    return timm.create_model(model_name, pretrained=False, **kwargs)
+
+
+def make_data(root: Path) -> Path:
+    """A 3-class ImageFolder tree (classes a, b, c) for the templates' training_args.json."""
+    from PIL import Image
+    for split in ("train", "test"):
+        for i, name in enumerate("abc"):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (80 * i, 40, 200 - 80 * i)).save(d / "0.png")
+    return root
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,17 +501,39 @@ def crafted_cases() -> list[Case]:
     add("weights_hash_mismatch", _flip_weight_byte, "field 'weights_sha256' differs")
     add("weights_truncated", _truncate, "truncated")
     add("weights_is_directory", lambda d: ((d / WEIGHTS_NAME).unlink(),
-                                           (d / WEIGHTS_NAME).mkdir()), "no adapter_model")
+                                           (d / WEIGHTS_NAME).mkdir()), "no adapter_model|it is a directory")
     return cases
 
 
-#: what to call an adapter path with: the adapter-loading entry points
-LOADERS: dict[str, Callable[[Any], Any]] = {
-    "from_pretrained": lambda d: timm_peft.from_pretrained(d, check_base=False),
-    "verify": lambda d: timm_peft.io.verify_adapter(d),
-    "read_config": lambda d: timm_peft.read_adapter_config(d),
-    "local_dir": lambda d: timm.create_model(f"local-dir:{d}", pretrained=True),
+def _seeded(fn: Callable[[], Any]) -> Any:
+    torch.manual_seed(0)  # a template's base is random: the same seed rebuilds it
+    return fn()
+
+
+def _eval(d: Any) -> Any:
+    from timm_peft.train import evaluate_adapter
+    torch.manual_seed(0)
+    return evaluate_adapter(d, "test", device="cpu")
+
+
+def _info(d: Any) -> Any:
+    from timm_peft.cli import _adapter_info
+    return _adapter_info(d)
+
+
+#: every entry point that reads an adapter: ``(adapter path, template name)`` -> anything
+LOADERS: dict[str, Callable[[Any, str], Any]] = {
+    "from_pretrained": lambda d, t: _seeded(lambda: timm_peft.from_pretrained(d)),
+    "load_adapter": lambda d, t: timm_peft.load_adapter(template_model(t), d),
+    "verify": lambda d, t: timm_peft.io.verify_adapter(d),
+    "read_config": lambda d, t: timm_peft.read_adapter_config(d),
+    "local_dir": lambda d, t: _seeded(lambda: timm.create_model(f"local-dir:{d}",
+                                                                pretrained=True)),
+    "local_dir_arch": lambda d, t: timm.create_model(f"local-dir:{d}", pretrained=False),
+    "info": lambda d, t: _info(d),
+    "eval": lambda d, t: _eval(d),
 }
+
 
 #: adapter names that are not directories at all (crafted too)
 BAD_NAMES: list[tuple[str, Any, str]] = [
@@ -495,9 +554,16 @@ def _alarm(signum: int, frame: Any) -> None:
 
 
 def run_one(fn: Callable[[], Any], limit_s: float) -> tuple[str, str, float]:
-    """``(outcome, message, seconds)``; outcome: loaded, adapter_error, hang or the exception type."""
+    """``(outcome, message, seconds)``; outcome: loaded, adapter_error, hang or the exception type.
+
+    A hang is ``limit_s`` seconds of CPU (a busy loop) or ``WALL_FACTOR`` times that of wall
+    time (blocked, e.g. on a FIFO): on a shared, loaded machine a wall-clock limit alone would
+    call slow cases hangs.
+    """
     signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    signal.signal(signal.SIGPROF, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit_s * WALL_FACTOR)
+    signal.setitimer(signal.ITIMER_PROF, limit_s)
     t = time.perf_counter()
     try:
         fn()
@@ -505,12 +571,17 @@ def run_one(fn: Callable[[], Any], limit_s: float) -> tuple[str, str, float]:
     except AdapterError as e:
         outcome, msg = "adapter_error", str(e)
     except Timeout:
-        outcome, msg = "hang", f"no result within {limit_s} s"
+        outcome, msg = "hang", f"no result within {limit_s} s of CPU or {limit_s * WALL_FACTOR} s"
     except Exception as e:  # noqa: BLE001 - what the fuzzer counts
         outcome, msg = type(e).__name__, str(e)[:300]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
     return outcome, msg, time.perf_counter() - t
+
+
+#: wall-clock limit of a case, in multiples of its CPU limit
+WALL_FACTOR = 12
 
 
 def _maxrss_mb() -> float:
@@ -523,20 +594,20 @@ def run_crafted(loader: str = "from_pretrained") -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bad_adapters_"))
     try:
         templates = make_templates(root / "templates")
-        for d in templates.values():  # warm up: imports, caches, one real build per template
-            LOADERS[loader](d)
+        for t, d in templates.items():  # warm up (imports, caches); each template must load
+            LOADERS[loader](d, t)
         base_rss = _maxrss_mb()
         results = []
         for name, template, damage, pattern in crafted_cases():
             d = root / "cases" / name
             shutil.copytree(templates[template], d)
             damage(d)
-            outcome, msg, secs = run_one(lambda: LOADERS[loader](d), 10.0)
+            outcome, msg, secs = run_one(lambda: LOADERS[loader](d, template), 10.0)
             results.append(dict(name=name, outcome=outcome, seconds=round(secs, 4),
                                 matched=bool(re.search(pattern, msg)), pattern=pattern,
                                 message=msg[:400]))
         for name, value, pattern in BAD_NAMES:
-            outcome, msg, secs = run_one(lambda: LOADERS[loader](value), 10.0)
+            outcome, msg, secs = run_one(lambda: LOADERS[loader](value, "vit_linear"), 10.0)
             results.append(dict(name=name, outcome=outcome, seconds=round(secs, 4),
                                 matched=bool(re.search(pattern, msg)), pattern=pattern,
                                 message=msg[:400]))
@@ -614,14 +685,64 @@ def _mutate_bytes(blob: bytes, rng: random.Random, lo: int = 0) -> bytes:
     return bytes(b)
 
 
+def _mutate_file_json(d: Path, name: str, rng: random.Random) -> None:
+    path = d / name
+    path.write_text(json.dumps(_mutate_json(json.loads(path.read_text()), rng)))
+
+
+def _layout(d: Path, rng: random.Random) -> str:
+    """Damage the directory's layout: a file missing, or replaced by a directory, a FIFO, an
+    empty file, a link to a device, a dangling or looping link; or a stray file added."""
+    name = rng.choice([CONFIG_NAME, WEIGHTS_NAME, TIMM_CONFIG_NAME, TRAINING_ARGS])
+    path = d / name
+    op = rng.choice(["missing", "directory", "fifo", "empty", "dev_zero", "dangling", "loop",
+                     "stray", "dir_is_link"])
+    if op == "stray":
+        (d / rng.choice(["model.safetensors", "pytorch_model.bin", "extra.json"])).write_bytes(
+            b"\0" * 16)
+        return op
+    if op == "dir_is_link":  # the whole adapter reached through a symbolic link: must load
+        moved = d.with_name(d.name + "_real")
+        shutil.rmtree(moved, ignore_errors=True)
+        d.rename(moved)
+        d.symlink_to(moved, target_is_directory=True)
+        return op
+    path.unlink(missing_ok=True)
+    if op == "directory":
+        path.mkdir()
+    elif op == "fifo":
+        os.mkfifo(path)
+    elif op == "empty":
+        path.write_bytes(b"")
+    elif op == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif op == "dangling":
+        path.symlink_to(d / "nowhere")
+    elif op == "loop":
+        path.symlink_to(path)
+    return op
+
+
 def fuzz_case(d: Path, rng: random.Random) -> str:
     """Damage the adapter in ``d`` one random way; returns the kind of mutation."""
     kind = rng.choice(["config_json", "config_json", "config_json", "config_bytes",
-                       "header_json", "header_bytes", "weights_bytes", "weights_values"])
+                       "header_json", "header_bytes", "weights_bytes", "weights_values",
+                       "timm_config_json", "timm_config_bytes", "training_args_json",
+                       "training_args_json", "training_args_bytes", "layout"])
     if kind == "config_json":
         write_cfg(d, _mutate_json(read_cfg(d), rng))
     elif kind == "config_bytes":
         (d / CONFIG_NAME).write_bytes(_mutate_bytes((d / CONFIG_NAME).read_bytes(), rng))
+    elif kind == "timm_config_json":
+        _mutate_file_json(d, TIMM_CONFIG_NAME, rng)
+    elif kind == "timm_config_bytes":
+        (d / TIMM_CONFIG_NAME).write_bytes(_mutate_bytes((d / TIMM_CONFIG_NAME).read_bytes(), rng))
+    elif kind == "training_args_json":
+        _mutate_file_json(d, TRAINING_ARGS, rng)
+    elif kind == "training_args_bytes":
+        (d / TRAINING_ARGS).write_bytes(_mutate_bytes((d / TRAINING_ARGS).read_bytes(), rng))
+    elif kind == "layout":
+        kind = f"layout_{_layout(d, rng)}"
     elif kind == "header_json":
         header, data = split_weights(d)
         write_weights(d, pack(_mutate_json(header, rng), data))
@@ -637,44 +758,81 @@ def fuzz_case(d: Path, rng: random.Random) -> str:
     return kind
 
 
-def run_fuzz(seed: int, cases: int, limit_s: float = 10.0) -> dict[str, Any]:
-    """``cases`` random mutations of the templates, loaded through a rotating entry point."""
+def run_controls(templates: dict[str, Path], limit_s: float) -> list[dict[str, Any]]:
+    """Every loader on every unmutated template: each must load (else the fuzzer cannot tell a
+    refusal of damage from a loader that refuses everything)."""
+    out = []
+    for loader in sorted(LOADERS):
+        for t, d in sorted(templates.items()):
+            outcome, msg, secs = run_one(lambda: LOADERS[loader](d, t), limit_s)
+            out.append(dict(loader=loader, template=t, outcome=outcome, message=msg[:300],
+                            seconds=round(secs, 3)))
+    return out
+
+
+def run_fuzz(seed: int, cases: int, limit_s: float = 10.0,
+             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``cases`` random mutations of the templates, loaded through a rotating entry point;
+    the unmutated templates are loaded by every entry point before and after (live controls).
+    ``progress`` gets the results so far every 250 cases (``completed`` says how many)."""
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix="fuzz_adapters_"))
     counts: dict[str, int] = {}
     by_kind: dict[str, dict[str, int]] = {}
+    by_loader: dict[str, dict[str, int]] = {}
     failures = []
     slowest = 0.0
     t0 = time.perf_counter()
     try:
         templates = make_templates(root / "templates")
-        for d in templates.values():
-            LOADERS["from_pretrained"](d)
+        controls = run_controls(templates, limit_s)  # also the warm-up
         base_rss = _maxrss_mb()
         loaders = sorted(LOADERS)
+
+        def summary(completed: int) -> dict[str, Any]:
+            bad_controls = [c for c in controls if c["outcome"] != "loaded"]
+            return dict(seed=seed, cases=cases, completed=completed, counts=counts,
+                        by_loader=by_loader, by_mutation=by_kind, controls=len(controls),
+                        controls_failed=bad_controls,
+                        other_exceptions=sum(v for k, v in counts.items()
+                                             if k not in ("loaded", "adapter_error", "hang")),
+                        hangs=counts.get("hang", 0), slowest_case_s=round(slowest, 3),
+                        peak_rss_growth_mb=round(_maxrss_mb() - base_rss, 1),
+                        total_s=round(time.perf_counter() - t0, 1), failures=failures[:50])
+
         for i in range(cases):
             template = rng.choice(sorted(templates))
             d = root / "case"
-            shutil.rmtree(d, ignore_errors=True)
+            for p in (d, d.with_name(d.name + "_real")):
+                if p.is_symlink():
+                    p.unlink()
+                shutil.rmtree(p, ignore_errors=True)
             shutil.copytree(templates[template], d)
             kind = fuzz_case(d, rng)
             loader = loaders[i % len(loaders)]
-            outcome, msg, secs = run_one(lambda: LOADERS[loader](d), limit_s)
+            outcome, msg, secs = run_one(lambda: LOADERS[loader](d, template), limit_s)
             slowest = max(slowest, secs)
             counts[outcome] = counts.get(outcome, 0) + 1
-            by_kind.setdefault(kind, {}).setdefault(outcome, 0)
-            by_kind[kind][outcome] += 1
+            for table, key in ((by_kind, kind), (by_loader, loader)):
+                table.setdefault(key, {}).setdefault(outcome, 0)
+                table[key][outcome] += 1
             if outcome not in ("loaded", "adapter_error"):
                 failures.append(dict(case=i, template=template, kind=kind, loader=loader,
                                      outcome=outcome, message=msg))
-        return dict(seed=seed, cases=cases, counts=counts, by_mutation=by_kind,
-                    other_exceptions=sum(v for k, v in counts.items()
-                                         if k not in ("loaded", "adapter_error", "hang")),
-                    hangs=counts.get("hang", 0), slowest_case_s=round(slowest, 3),
-                    peak_rss_growth_mb=round(_maxrss_mb() - base_rss, 1),
-                    total_s=round(time.perf_counter() - t0, 1), failures=failures[:50])
+            if progress is not None and (i + 1) % 250 == 0 and i + 1 < cases:
+                progress(summary(i + 1))
+        controls += run_controls(templates, limit_s)
+        return summary(cases)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _table(rows: dict[str, dict[str, int]], what: str) -> list[str]:
+    outcomes = sorted({o for v in rows.values() for o in v})
+    return [f"| {what} | " + " | ".join(outcomes) + " |",
+            "|---" * (len(outcomes) + 1) + "|",
+            *[f"| {k} | " + " | ".join(str(v.get(o, 0)) for o in outcomes) + " |"
+              for k, v in sorted(rows.items())]]
 
 
 def _write_report(res: dict[str, Any], stem: Path) -> None:
@@ -684,8 +842,15 @@ def _write_report(res: dict[str, Any], stem: Path) -> None:
         "# Adapter mutation fuzzer",
         "",
         f"`python tests/adapter_cases.py fuzz --seed {res['seed']} --cases {res['cases']}`: "
-        f"{res['cases']} mutations of valid adapters ({', '.join(TEMPLATES)}), each loaded "
-        f"through one of {sorted(LOADERS)} in turn (a {10.0:.0f} s alarm counts as a hang).",
+        + ("" if res["completed"] == res["cases"] else
+           f"**unfinished: {res['completed']} of the {res['cases']} cases ran** (a progress "
+           "report; the controls after the run are still to come). ")
+        + f"{res['completed']} mutations of valid adapters ({', '.join(TEMPLATES)}; their "
+        f"`adapter_config.json`, weights, `config.json`, `training_args.json` and directory "
+        f"layout), each loaded through one of {len(LOADERS)} entry points in turn ({10.0:.0f} s "
+        f"of CPU or {10.0 * WALL_FACTOR:.0f} s of wall time count as a hang). Live controls: every entry point loads every "
+        f"unmutated template before and after the run ({res['controls']} loads, "
+        f"**{len(res['controls_failed'])} failed**); a failed control fails the run.",
         "",
         "| outcome | cases |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in sorted(res["counts"].items())],
@@ -694,9 +859,13 @@ def _write_report(res: dict[str, Any], stem: Path) -> None:
         f"{res['slowest_case_s']} s; peak memory growth over the warmed-up process "
         f"{res['peak_rss_growth_mb']} MB; total {res['total_s']} s.",
         "",
-        "| mutation | outcomes |", "|---|---|",
-        *[f"| {k} | {', '.join(f'{o}: {n}' for o, n in sorted(v.items()))} |"
-          for k, v in sorted(res["by_mutation"].items())],
+        "Per entry point:",
+        "",
+        *_table(res["by_loader"], "entry point"),
+        "",
+        "Per mutation:",
+        "",
+        *_table(res["by_mutation"], "mutation"),
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines))
@@ -716,9 +885,14 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "crafted":
         res = run_crafted(ns.loader)
     else:
-        res = run_fuzz(ns.seed, ns.cases)
-        if ns.report is not None:
-            _write_report(res, ns.report)
+        report = ns.report
+        res = run_fuzz(ns.seed, ns.cases,
+                       progress=None if report is None else lambda r: _write_report(r, report))
+        if report is not None:
+            _write_report(res, report)
+        if res["controls_failed"]:  # the run means nothing: say so with the exit status
+            print(json.dumps(res))
+            return 1
     print(json.dumps(res))
     return 0
 

@@ -37,8 +37,24 @@ def test_crafted_bad_adapters_fail_clearly_fast_and_without_allocating(loader):
 
 
 def test_fuzzer_small_run_finds_only_adapter_errors():
-    res = _run("fuzz", "--seed", "0", "--cases", "60")
-    assert res["cases"] == 60 and sum(res["counts"].values()) == 60
+    res = _run("fuzz", "--seed", "0", "--cases", "64")
+    assert res["cases"] == 64 and sum(res["counts"].values()) == 64
     assert res["other_exceptions"] == 0 and res["hangs"] == 0, res["failures"]
     assert res["counts"].get("adapter_error", 0) >= 30  # the mutations do damage
+    # live controls: every entry point loaded every unmutated template, before and after
+    assert res["controls"] > 0 and res["controls_failed"] == []
+    assert all(sum(v.values()) == 8 for v in res["by_loader"].values()), res["by_loader"]
     assert res["peak_rss_growth_mb"] < 100
+
+
+def test_fuzzer_fails_when_an_entry_point_refuses_everything(tmp_path, monkeypatch):
+    sys.path.insert(0, str(HERE))
+    import adapter_cases
+
+    def refuses(d, t):
+        raise adapter_cases.AdapterError("refused")
+    templates = adapter_cases.make_templates(tmp_path / "templates")
+    monkeypatch.setitem(adapter_cases.LOADERS, "refuses_all", refuses)
+    failed = [c for c in adapter_cases.run_controls(templates, 10.0) if c["outcome"] != "loaded"]
+    assert {c["loader"] for c in failed} == {"refuses_all"}
+    assert len(failed) == len(templates)

@@ -41,7 +41,9 @@ def test_train_eval_info(weights, tmp_path, capsys):
 
     summary = json.loads((out / "summary.json").read_text())["metrics"]
     for split in ("val", "test"):
-        assert main(["eval", str(adapter), "--split", split, "--json"]) == 0
+        # the base weights come from the caller, never from the adapter's training_args.json
+        assert main(["eval", str(adapter), "--split", split, "--json",
+                     "--pretrained-file", str(weights)]) == 0
         res = json.loads(capsys.readouterr().out)
         assert res["acc"] == summary[f"{split}_acc"]
 

@@ -206,6 +206,8 @@ def plain_timm(monkeypatch):
     monkeypatch.setattr(integration, "BUILD_HOOKS", [])
     monkeypatch.setattr(_factory, "model_entrypoint",
                         getattr(_factory.model_entrypoint, "__timm_peft_original__"))
+    for name in ("load_model_config_from_path", "load_model_config_from_hf"):
+        monkeypatch.setattr(_factory, name, getattr(_factory, name).__timm_peft_original__)
     for arch, fn in list(_registry._model_entrypoints.items()):
         if hasattr(fn, "__timm_peft_original__"):
             monkeypatch.setitem(_registry._model_entrypoints, arch, fn.__timm_peft_original__)

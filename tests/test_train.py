@@ -61,7 +61,7 @@ def test_train_writes_a_loadable_adapter_whose_accuracy_matches_the_log(run, wei
     assert final["phase"] == "final" and final["val_acc"] == max(r["val_acc"] for r in epochs)
     # reloaded from disk through the public API, on the same data
     for split in ("val", "test"):
-        res = evaluate_adapter(result.adapter_dir, split)
+        res = evaluate_adapter(result.adapter_dir, split, pretrained_file=str(weights))
         assert res["acc"] == final[f"{split}_acc"] and res["n"] == (12 if split == "val" else 24)
     model = timm_peft.from_pretrained(result.adapter_dir, pretrained_cfg_overlay=dict(
         file=str(weights), custom_load=False))
@@ -152,8 +152,9 @@ def test_train_on_an_image_folder(tmp_path, weights):
                pretrained_cfg=dict(mean=[0.4] * 3, std=[0.3] * 3))
     result = train(cfg)
     final = _log(result.output_dir)[-1]
-    assert final["test_acc"] == evaluate_adapter(result.adapter_dir, "test")["acc"]
-    assert final["val_acc"] == evaluate_adapter(result.adapter_dir, "val")["acc"] == 1.0
+    ev = dict(pretrained_file=str(weights))  # the caller's weights, never the adapter's
+    assert final["test_acc"] == evaluate_adapter(result.adapter_dir, "test", **ev)["acc"]
+    assert final["val_acc"] == evaluate_adapter(result.adapter_dir, "val", **ev)["acc"] == 1.0
     args = json.loads((result.adapter_dir / "training_args.json").read_text())
     assert args["classes"] == ["blue", "red"]
     # the weights' description reaches timm's pretrained_cfg and so the data pipeline

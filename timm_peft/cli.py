@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import sys
 import typing
 from pathlib import Path
@@ -358,7 +359,8 @@ def _report_run(cfg: Any, result: Any) -> None:
     else:  # a random base is rebuilt from the seed it was drawn with
         lines += [f"  import torch; torch.manual_seed({cfg.seed})",
                   f"  model = timm_peft.from_pretrained({str(adapter)!r}, pretrained=False{overlay})"]
-    lines.append(f"or measure it again: timm-peft eval {adapter} --split test")
+    weights = f" --pretrained-file {cfg.pretrained_file}" if cfg.pretrained_file else ""
+    lines.append(f"or measure it again: timm-peft eval {adapter} --split test{weights}")
     print("\n".join(lines))
 
 
@@ -370,36 +372,41 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(res))
     else:
-        print(f"{res['adapter']} on {res['data']} [{res['split']}]: accuracy {res['acc']:.4f}, "
+        print(f"{_printable(res['adapter'])} on {_printable(res['data'])} [{res['split']}]: "
+              f"accuracy {res['acc']:.4f}, "
               f"loss {res['loss']:.4f} over {res['n']} images")
     return 0
 
 
 def _adapter_info(path: str) -> dict[str, Any]:
-    from .io import WEIGHTS_NAME, resolve_adapter_dir
-    from .io.save_load import verify_adapter
-    from .train import TRAINING_ARGS_NAME
-    cfg = verify_adapter(path)  # config, weights header, hash and values: an AdapterError exits 2
-    path = resolve_adapter_dir(path)
-    weights = Path(path) / WEIGHTS_NAME
-    info = dict(adapter=str(path), method=cfg["peft_type"], base=cfg.get("base_model_name_or_path"),
+    from .io import read_training_args
+    from .io.load import open_adapter, verify_adapter
+    src = open_adapter(path)
+    cfg = verify_adapter(src)  # config, weights header, hash and values: an AdapterError exits 2
+    info = dict(adapter=str(src.dir), method=cfg["peft_type"],
+                base=cfg.get("base_model_name_or_path"),
                 base_origin=(cfg.get("base_source") or {}).get("kind", "unknown"),
                 data_config=cfg.get("data_config"), num_labels=len(cfg.get("label_names") or []),
                 model_args=cfg["model_args"], peft_config=cfg["peft_config"],
                 trainable_params=cfg.get("num_trainable_parameters"),
                 total_params=cfg.get("num_parameters"),
                 adapter_values=cfg.get("num_adapter_values"),
-                adapter_bytes=weights.stat().st_size if weights.is_file() else None,
+                adapter_bytes=src.header.file_bytes,
                 format_version=cfg["format_version"], timm_peft_version=cfg.get("timm_peft_version"),
                 base_fingerprint=cfg.get("base_fingerprint"))
-    args = Path(path) / TRAINING_ARGS_NAME
-    if args.is_file():
-        t = json.loads(args.read_text())
-        info["trained_on"] = t.get("task") or t.get("data_dir")
+    t = read_training_args(src.dir)  # checked like every adapter file
+    if t:
+        info["trained_on"] = t.get("task") or t.get("data_dir") or t.get("dataset")
         info["classes"] = t.get("classes")
         info["metrics"] = {k: v for k, v in (t.get("metrics") or {}).items()
                            if k.endswith("_acc") or k == "best_epoch"}
     return info
+
+
+def _printable(value: Any) -> str:
+    """``value`` as text for a terminal: control characters from an adapter's files escaped."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]", lambda m: repr(m.group())[1:-1],
+                  str(value))
 
 
 def _cmd_info(ns: argparse.Namespace) -> int:
@@ -416,7 +423,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
             for k, v in info.items():
                 if isinstance(v, int) and not isinstance(v, bool):
                     v = f"{v:,d}"
-                print(f"{k:<{width}}  {v}")
+                print(f"{k:<{width}}  {_printable(v)}")
         return 0
     if ns.recipe:
         r = get_recipe(ns.recipe)

@@ -264,9 +264,10 @@ def _read_small(path: Any, size: int, problems: list[str]) -> str | None:
     if size > MAX_FILE_BYTES:
         problems.append(f"{path.name}: {size:,d} bytes, more than the {MAX_FILE_BYTES:,d} read")
         return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    from .io.format import AdapterError, read_bytes
+    try:  # the one bounded reader: a FIFO or device in the cache is refused, not read
+        return read_bytes(path, MAX_FILE_BYTES, f"a cached {path.name}").decode("utf-8")
+    except (AdapterError, UnicodeDecodeError) as e:
         problems.append(f"{path.name}: cannot be read ({e})")
         return None
 

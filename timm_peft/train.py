@@ -1416,47 +1416,63 @@ def evaluate_adapter(adapter_dir: str | os.PathLike, split: str = "test", *,
         >>> evaluate_adapter("runs/quickstart/adapter", "test")["acc"]  # doctest: +SKIP
         0.91
     """
-    from .io import from_pretrained, read_adapter_config, resolve_adapter_dir
-    adapter_dir = resolve_adapter_dir(adapter_dir)  # a directory or hf-hub:<org>/<name>
-    adapter_cfg = read_adapter_config(adapter_dir)
-    args_path = adapter_dir / TRAINING_ARGS_NAME
-    saved = json.loads(args_path.read_text()) if args_path.is_file() else {}
-    saved.setdefault("classes", adapter_cfg.get("label_names"))
+    from .io import AdapterError, from_pretrained, read_training_args
+    from .io.load import open_adapter
+    src = open_adapter(adapter_dir)  # a directory or hf-hub:<org>/<name>, checked
+    adapter_dir = src.dir
+    # checked like every adapter file; never a source of base weights, URLs or outputs
+    saved = read_training_args(adapter_dir)
+    saved.setdefault("classes", src.cfg.get("label_names"))
     if split not in ("train", "val", "test"):
         raise ValueError(f"unknown split {split!r}; allowed: ['train', 'val', 'test']")
-    if task is None and data_dir is None:
+    from_file = task is None and data_dir is None
+    if from_file:
         task, data_dir = saved.get("task"), saved.get("data_dir")
     if task is None and data_dir is None:
-        raise ValueError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
-                         f"task ({list_tasks()}) or a data directory")
-    pretrained_file = pretrained_file or saved.get("pretrained_file")
-    # without training args, the adapter's recorded base origin decides (None)
+        raise AdapterError(f"{adapter_dir} has no {TRAINING_ARGS_NAME} naming its data: give a "
+                           f"task ({list_tasks()}) or a data directory")
+    # the base weights come from the caller (pretrained_file) or timm, never from the adapter
     pretrained = saved.get("pretrained") or (True if pretrained_file is not None else None)
     overrides: dict[str, Any] = {}
-    overlay = pretrained_overlay(saved.get("pretrained_cfg"), pretrained_file)
+    overlay = pretrained_overlay(None, pretrained_file)
     if overlay:
         overrides["pretrained_cfg_overlay"] = overlay
     torch.manual_seed(saved.get("seed", 0))  # a base without weights is rebuilt as in training
-    model = from_pretrained(adapter_dir, pretrained=pretrained, **overrides)
+    model = from_pretrained(src, pretrained=pretrained, **overrides)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
-    data_cfg = saved.get("data_config") or _data_config(TrainConfig(), model)
+    # the adapter's own, checked to run on its model; training_args.json's only for old adapters
+    data_cfg = src.cfg.get("data_config") or saved.get("data_config") or \
+        _data_config(TrainConfig(), model)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields},
-                         "task": task, "data_dir": data_dir, "resume": None, "output": None})
-    splits = _make_splits(cfg, data_cfg["input_size"][-1])
-    if saved.get("classes") and splits.classes != saved["classes"]:
-        raise ValueError(f"the data's classes {splits.classes[:6]}… differ from the adapter's "
-                         f"{saved['classes'][:6]}…")
-    if model.num_classes != splits.num_classes:
-        raise ValueError(f"the adapter has {model.num_classes} classes, the data "
-                         f"{splits.num_classes}")
-    ds = getattr(splits, split)
-    if ds is None:
-        raise ValueError(f"the data has no {split!r} split")
+    try:
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in fields},
+                             "task": task, "data_dir": data_dir, "resume": None, "output": None})
+        splits = _make_splits(cfg, data_cfg["input_size"][-1])
+        if saved.get("classes") and splits.classes != saved["classes"]:
+            raise ValueError(f"the data's classes {splits.classes[:6]}… differ from the "
+                             f"adapter's {saved['classes'][:6]}…")
+        if model.num_classes != splits.num_classes:
+            raise ValueError(f"the adapter has {model.num_classes} classes, the data "
+                             f"{splits.num_classes}")
+        ds = getattr(splits, split)
+        if ds is None:
+            raise ValueError(f"the data has no {split!r} split")
+    except (ValueError, OSError, RuntimeError) as e:
+        if not from_file or isinstance(e, AdapterError):
+            raise
+        # the data was named by the adapter's own file: say which
+        raise AdapterError(f"{adapter_dir / TRAINING_ARGS_NAME}: the data its fields 'task'/"
+                           f"'data_dir'/'dataset' name does not evaluate this adapter: {e}") from e
     _, eval_tf = build_transforms(data_cfg, aug=False)
     loader = DataLoader(TransformDataset(ds, eval_tf), batch_size=batch_size or cfg.batch_size,
                         num_workers=workers)
-    res = evaluate(model, loader, dev)
+    try:
+        res = evaluate(model, loader, dev)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        if src.cfg.get("data_config") or not saved.get("data_config"):
+            raise
+        raise AdapterError(f"{adapter_dir / TRAINING_ARGS_NAME}: field 'data_config' does not fit "
+                           f"the adapter's model: {type(e).__name__}: {e}") from e
     return dict(res, split=split, adapter=str(adapter_dir), data=splits.source)
 

@@ -8,6 +8,7 @@ for their config class, and shapes are compared with a model built on the ``meta
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import inspect
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -45,7 +47,8 @@ LIMITS = dict(
     tensors=10_000,                 # tensors in the weights file
     tensor_dims=8,
     num_classes=100_000,            # model_args.num_classes and the class names
-    img_size=1024,                  # model_args.img_size (each side)
+    img_size=1024,                  # model_args.img_size, data_config.input_size (each side)
+    resize_side=2048,               # eval's resize before the crop: input_size / crop_pct
     label_chars=1024,               # one class name
     string_chars=256,               # any other string value
     list_items=64,                  # a list-valued architecture argument
@@ -85,6 +88,22 @@ class AdapterError(ValueError):
         ...     print("not an adapter directory" in str(e))
         True
     """
+
+    #: longest message kept: a hostile file must not make the error itself unbounded
+    MAX_CHARS = 2000
+
+    def __init__(self, message: Any = "", *args: Any) -> None:
+        if isinstance(message, str):
+            # control characters (terminal escapes from a hostile file or path) are shown escaped
+            message = _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
+            if len(message) > self.MAX_CHARS:
+                cut = len(message) - self.MAX_CHARS + 80
+                message = (message[:self.MAX_CHARS - 140] + f" … [{cut:,d} characters left out] … "
+                           + message[-60:])
+        super().__init__(message, *args)
+
+
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,12 +170,123 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# ----------------------------------------------------------------------------------------------
+# reading: one bounded reader for every file of an adapter
+# ----------------------------------------------------------------------------------------------
+
+def _os_error(path: Path, e: OSError) -> AdapterError:
+    """An OS error while reading ``path``, as the AdapterError that names the file."""
+    reason = {errno.ENAMETOOLONG: "the path is too long", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied", errno.ENOENT: "it does not exist",
+              errno.ELOOP: "too many levels of symbolic links", errno.EISDIR: "it is a directory",
+              errno.ENOTDIR: "a part of the path is not a directory"}.get(
+        e.errno, e.strerror or type(e).__name__)
+    return AdapterError(f"cannot read {path}: {reason}")
+
+
+def open_file(path: Path) -> BinaryIO:
+    """Open a file of an adapter for reading: a regular file, without ever blocking.
+
+    Opened non-blocking and checked on the open descriptor (no race with a swap of the path), so a
+    FIFO, device, socket or directory is refused instead of hanging or streaming forever; every
+    OS error is an :class:`AdapterError` naming the file. Symbolic links are followed (the Hub
+    cache is made of them), and what they lead to is checked the same way.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise _os_error(path, e) from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+            raise AdapterError(f"cannot read {path}: it is {kind}; an adapter's files must be "
+                               "regular files")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path: Path, limit: int, what: str) -> bytes:
+    """At most ``limit`` bytes of a regular file, else an :class:`AdapterError`.
+
+    Reads at most ``limit + 1`` bytes whatever size the file reports (``/proc`` files say 0, a
+    file may grow between a size check and the read).
+    """
+    with open_file(path) as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as e:
+            raise _os_error(path, e) from e
+    if len(data) > limit:
+        raise AdapterError(f"{path} is larger than {limit:,d} bytes; {what} may be at most "
+                           f"{limit:,d}")
+    return data
+
+
+_INT_BOUND = 2 ** 63  # no field of an adapter needs more; larger ints overflow in torch
+
+
+def parse_json(raw: bytes, path: Path, what: str) -> Any:
+    """Parse untrusted JSON: UTF-8, no duplicate keys, no NaN/Infinity or numbers that overflow,
+    integers within int64, strings without lone surrogates, at most ``json_depth`` levels."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            seen: set[str] = set()
+            dup = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+            raise AdapterError(f"{path}: key {_short(dup)} appears twice in one object; "
+                               f"{what} may name each field once")
+        return out
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise AdapterError(f"{path}: the number {text[:40]} is out of range; only finite "
+                               "numbers are allowed")
+        return value
+
+    def integer(text: str) -> int:
+        value = int(text)
+        if not -_INT_BOUND <= value < _INT_BOUND:
+            raise AdapterError(f"{path}: the integer {text[:40]}{'…' if len(text) > 40 else ''} "
+                               "is out of range; integers must fit in 64 bits")
+        return value
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{path} is not UTF-8 text: {e}") from e
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=pairs,
+                           parse_float=number, parse_int=integer)
+    except RecursionError as e:
+        raise AdapterError(f"{path} is nested too deeply to be {what}") from e
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an int too long to convert
+        if isinstance(e, AdapterError):
+            raise
+        raise AdapterError(f"{path} is not valid JSON: {e}") from e
+    _check_json_value(value, "the file", path)
+    return value
+
+
+def read_json(path: Path, what: str, limit: int | None = None) -> Any:
+    """Read and parse one JSON file of an adapter, bounded (see :func:`read_bytes`,
+    :func:`parse_json`); every defect is an :class:`AdapterError` naming the file."""
+    return parse_json(read_bytes(path, LIMITS["config_bytes"] if limit is None else limit, what),
+                      path, what)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _check_json_value(value: Any, where: str, path: Path) -> None:
-    """Depth, string length and finiteness of a parsed JSON value, without recursion."""
+    """Depth, finiteness and encodable strings of a parsed JSON value, without recursion."""
     stack = [(value, 0, where)]
     while stack:
         v, depth, at = stack.pop()
@@ -164,29 +294,33 @@ def _check_json_value(value: Any, where: str, path: Path) -> None:
             raise AdapterError(f"{path}: {at} is nested deeper than {LIMITS['json_depth']} levels")
         if isinstance(v, float) and not math.isfinite(v):
             raise AdapterError(f"{path}: {at} is {v}; only finite numbers are allowed")
-        if isinstance(v, dict):
-            stack.extend((x, depth + 1, f"{at}.{k}") for k, x in v.items())
+        if isinstance(v, str):
+            _check_text(path, at, v)
+        elif isinstance(v, dict):
+            for k in v:
+                _check_text(path, f"{at} key", k)
+            stack.extend((x, depth + 1, f"{at}.{k}"[:200]) for k, x in v.items())
         elif isinstance(v, list):
             stack.extend((x, depth + 1, f"{at}[{i}]") for i, x in enumerate(v))
 
 
-def _load_json(path: Path, limit: int, what: str) -> Any:
+def _check_text(path: Path, at: str, text: str) -> None:
     try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise AdapterError(f"cannot read {path}: {e}") from e
-    if size > limit:
-        raise AdapterError(f"{path} is {size:,d} bytes; {what} may be at most {limit:,d}")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except RecursionError as e:
-        raise AdapterError(f"{path} is nested too deeply to be an {what}") from e
-    except UnicodeDecodeError as e:
-        raise AdapterError(f"{path} is not UTF-8 text: {e}") from e
-    except ValueError as e:  # JSONDecodeError, NaN/Infinity, an int too long to convert
-        raise AdapterError(f"{path} is not valid JSON: {e}") from e
-    except OSError as e:
-        raise AdapterError(f"cannot read {path}: {e}") from e
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise AdapterError(f"{path}: {at} holds a lone surrogate ({text[e.start:e.end]!r}); "
+                           "only Unicode text that can be written as UTF-8 is allowed") from e
+
+
+def _no_unknown(path: Path, obj: dict[str, Any], allowed: tuple[str, ...] | set[str],
+                where: str = "") -> None:
+    """Only ``allowed`` keys in ``obj``; the message lists a bounded few of the others."""
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        shown = [k[:40] for k in unknown[:8]]
+        more = f" and {len(unknown) - 8:,d} more" if len(unknown) > 8 else ""
+        raise AdapterError(f"{path}: unknown field(s) {shown}{more}{where}; allowed: "
+                           f"{sorted(allowed)}")
 
 
 def _is_int(v: Any) -> bool:
@@ -290,26 +424,30 @@ def check_model_args(arch: str, model_args: dict[str, Any], path: Path) -> None:
                                    f"documented limit), got {_short(value)}")
 
 
-def _check_data_config(path: Path, value: Any) -> None:
-    _want(isinstance(value, dict) and set(value) <= set(_DATA_KEYS), path, "data_config",
+def _check_data_config(path: Path, value: Any, where: str = "data_config") -> None:
+    _want(isinstance(value, dict) and set(value) <= set(_DATA_KEYS), path, where,
           f"an object with keys from {list(_DATA_KEYS)}", value)
+    side = LIMITS["img_size"]  # what eval feeds the model: no larger than a model may be built
     size = value.get("input_size")
     _want(isinstance(size, list) and len(size) == 3 and all(_is_int(v) for v in size)
-          and 1 <= size[0] <= 64 and all(1 <= v <= 4096 for v in size[1:]), path,
-          "data_config.input_size", "[channels <= 64, height <= 4096, width <= 4096]", size)
+          and 1 <= size[0] <= 64 and all(1 <= v <= side for v in size[1:]), path,
+          f"{where}.input_size", f"[channels <= 64, height <= {side}, width <= {side}]", size)
     for key in ("mean", "std"):
         v = value.get(key)
         _want(isinstance(v, list) and len(v) == size[0] and all(_is_num(x) for x in v)
-              and (key == "mean" or all(x > 0 for x in v)), path, f"data_config.{key}",
+              and (key == "mean" or all(x > 0 for x in v)), path, f"{where}.{key}",
               f"a list of {size[0]} numbers" + (" > 0" if key == "std" else ""), v)
     interp = value.get("interpolation")
-    _want(interp in _INTERPOLATIONS, path, "data_config.interpolation",
+    _want(interp in _INTERPOLATIONS, path, f"{where}.interpolation",
           f"one of {list(_INTERPOLATIONS)}", interp)
     crop = value.get("crop_pct")
-    _want(_is_num(crop) and 0 < crop <= 4, path, "data_config.crop_pct", "a number in (0, 4]",
-          crop)
+    # eval resizes to input_size / crop_pct before cropping: bound the image it allocates
+    low = max(size[1:]) / LIMITS["resize_side"]
+    _want(_is_num(crop) and low <= crop <= 4, path, f"{where}.crop_pct",
+          f"a number in [{low:.4g}, 4] (eval resizes to input_size / crop_pct, at most "
+          f"{LIMITS['resize_side']} pixels a side)", crop)
     mode = value.get("crop_mode", "center")
-    _want(mode in _CROP_MODES, path, "data_config.crop_mode", f"one of {list(_CROP_MODES)}", mode)
+    _want(mode in _CROP_MODES, path, f"{where}.crop_mode", f"one of {list(_CROP_MODES)}", mode)
 
 
 def _check_labels(path: Path, value: Any, num_classes: Any) -> None:
@@ -359,20 +497,19 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(adapter_dir, (str, os.PathLike)):
         raise AdapterError(f"an adapter is a directory path, got {type(adapter_dir).__name__}")
     path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"no {CONFIG_NAME} in {adapter_dir}: not an adapter directory "
-                           f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    cfg = _load_json(path, LIMITS["config_bytes"], "adapter config")
+    try:
+        cfg = read_json(path, "an adapter config")
+    except AdapterError as e:
+        if isinstance(e.__cause__, OSError) and e.__cause__.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise AdapterError(f"no {CONFIG_NAME} in {adapter_dir}: not an adapter directory "
+                               f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})") from e
+        raise
     if not isinstance(cfg, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
-    _check_json_value(cfg, "the config", path)
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise AdapterError(f"{path} is incomplete: missing {missing}")
-    unknown = sorted(set(cfg) - set(_REQUIRED) - set(_OPTIONAL))
-    if unknown:
-        raise AdapterError(f"{path}: unknown field(s) {unknown}; allowed: "
-                           f"{sorted((*_REQUIRED, *_OPTIONAL))}")
+    _no_unknown(path, cfg, (*_REQUIRED, *_OPTIONAL))
     version = cfg["format_version"]
     if not _is_int(version) or version < 1:
         raise AdapterError(f"{path}: format_version must be a positive integer, got {_short(version)}")
@@ -436,16 +573,24 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 # adapter_model.safetensors
 # ----------------------------------------------------------------------------------------------
 
-def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+class Header(dict):
+    """Name -> (dtype, shape) of a checked safetensors header; ``file_bytes``: the file's size."""
+
+    def __init__(self, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], file_bytes: int):
+        super().__init__(entries)
+        self.file_bytes = file_bytes
+
+
+def read_header(path: Path) -> Header:
     """Name -> (dtype, shape) from a safetensors header, after checking it describes the file.
 
     Only the header is read. Its size is bounded, every entry must be a known dtype with a
     shape whose byte size equals its data range, and the ranges must tile the rest of the file
     exactly (no gaps, overlaps or trailing bytes), so the file holds what the header says.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+    with open_file(path) as fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 2 <= n <= min(LIMITS["header_bytes"], size - 8):
@@ -454,11 +599,11 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
                     f"{n if n >= 0 else '(missing)'} does not fit a {size:,d}-byte file (at most "
                     f"{LIMITS['header_bytes']:,d}); the file is truncated or corrupted")
             raw = fh.read(n)
-    except OSError as e:
-        raise AdapterError(f"cannot read {path}: {e}") from e
+        except OSError as e:
+            raise _os_error(path, e) from e
     try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
+        header = parse_json(raw, path, "a safetensors header")
+    except AdapterError as e:
         raise AdapterError(f"{path} is not a readable safetensors file: bad header ({e})") from e
     if not isinstance(header, dict):
         raise AdapterError(f"{path} is not a readable safetensors file: the header is not an object")
@@ -503,7 +648,7 @@ def read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     if 8 + n + end != size:
         raise AdapterError(f"{path} is {size:,d} bytes but its header describes {8 + n + end:,d}: "
                            "the file is truncated, corrupted or from another save")
-    return out
+    return Header(out, file_bytes=size)
 
 
 def check_tensors(path: Path, header: dict[str, tuple[torch.dtype, tuple[int, ...]]],
@@ -526,15 +671,14 @@ def check_tensors(path: Path, header: dict[str, tuple[torch.dtype, tuple[int, ..
                            f"silently; convert the model or the adapter): {bad[:8]}")
 
 
-def read_weights(path: Path, sha256: str) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file whose header was checked, if its hash matches and every
-    floating-point value is finite."""
+def read_weights(path: Path, sha256: str, header: Header | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, if its hash matches and every floating-point value is
+    finite; at most the bytes its checked ``header`` describes are read (a file swapped since
+    then fails the hash)."""
     from safetensors.torch import load
 
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise AdapterError(f"cannot read {path}: {e}") from e
+    header = read_header(path) if header is None else header
+    blob = read_bytes(path, header.file_bytes, "the weights file its header describes")
     if hashlib.sha256(blob).hexdigest() != sha256:
         raise AdapterError(f"{path} does not match {CONFIG_NAME} (field 'weights_sha256' differs): "
                            "the file is truncated, corrupted or from another save")

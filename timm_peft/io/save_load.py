@@ -1,13 +1,11 @@
-"""Save an adapter as one unit, and load it back exactly as trained.
+"""Save an adapter as one unit.
 
 ``save_pretrained`` writes every file of an adapter into a sibling temporary directory and swaps
 it in with one atomic rename, under a lock, so a reader sees the old adapter or the new one,
 never a mix. Where the atomic exchange is missing (macOS, some filesystems) two renames do it,
 and a journal beside the adapter lets the next save or load put the previous adapter back after
-a kill between them; a save removes only the temporaries its journal names. ``from_pretrained`` checks the whole adapter against a model built on the ``meta``
-device (nothing allocated) before building the real one, restores the data configuration and
-class names into ``model.pretrained_cfg``, and takes the base weights only from timm's source
-for the recorded tag or from what the caller passes.
+a kill between them; a save removes only the temporaries its journal names. Loading is
+:mod:`.load`'s.
 """
 from __future__ import annotations
 
@@ -25,14 +23,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..core import get_method, get_nb_trainable_parameters, get_peft_config, resolve_method, \
-    unwrap_features
+from ..core import get_method, get_nb_trainable_parameters, get_peft_config, unwrap_features
 from .card import make_model_card, timm_config
-from .format import (CONFIG_NAME, FORMAT_VERSION, LIMITS, LOADING_KWARGS, TIMM_CONFIG_NAME,
-                     WEIGHTS_NAME, AdapterError, arch_profile, base_fingerprint, check_model_args,
-                     check_tensors, read_adapter_config, read_header, read_weights)
+from .format import (CONFIG_NAME, FORMAT_VERSION, LOADING_KWARGS, TIMM_CONFIG_NAME, WEIGHTS_NAME,
+                     AdapterError, base_fingerprint, check_model_args)
 
-__all__ = ["save_pretrained", "load_adapter", "from_pretrained", "verify_adapter"]
+__all__ = ["save_pretrained"]
 
 _DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
@@ -112,26 +108,6 @@ def _label_names(inner: nn.Module, label_names: Any) -> list[str] | None:
     if num_classes is not None and len(label_names) != num_classes:
         raise ValueError(f"{len(label_names)} label_names for a model with {num_classes} classes")
     return list(label_names)
-
-
-def restore_pretrained_cfg(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
-    """Put the adapter's data configuration and class names into ``model.pretrained_cfg``."""
-    inner = unwrap_features(model)
-    data = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in (cfg.get("data_config") or {}).items()}
-    for m in {id(model): model, id(inner): inner}.values():
-        pc = dict(getattr(m, "pretrained_cfg", None) or {})
-        pc.update(data)
-        if isinstance(getattr(inner, "num_classes", None), int):
-            pc["num_classes"] = inner.num_classes
-        if cfg.get("label_names"):
-            pc["label_names"] = tuple(cfg["label_names"])
-        else:
-            pc.pop("label_names", None)
-        m.pretrained_cfg = pc
-        if "default_cfg" in m.__dict__:
-            m.default_cfg = pc
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,230 +462,3 @@ def _save_one(model: nn.Module, save_directory: str | os.PathLike, label_names: 
         "README.md": card.encode(),
     })
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# load
-# ----------------------------------------------------------------------------------------------
-
-def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [f"{k}: adapter {saved[k]!r}, model {current.get(k)!r}"
-            for k in saved if saved[k] != current.get(k)]
-
-
-def load_adapter(model: nn.Module, adapter: str | os.PathLike, check_base: bool = True, *,
-                 revision: str | None = None, adapter_name: str | None = None) -> nn.Module:
-    """Load a saved adapter onto a model built with the same arch, method and config.
-
-    ``adapter`` is a directory, ``local-dir:<dir>`` or ``hf-hub:<org>/<name>``. Every mismatch
-    is an :class:`AdapterError`, found before any tensor data is read: another method, arch or
-    method config, missing, unexpected, mis-shaped or other-dtype tensors, or (unless
-    ``check_base=False``) different base weights. The adapter's data configuration and class
-    names go into ``model.pretrained_cfg``.
-
-    Without ``adapter_name`` the adapter replaces the active adapter's values. With it, the
-    adapter is added next to the model's others under that name, with its own method, config,
-    head size, data configuration and class names (the active adapter stays active; see
-    :func:`timm_peft.set_adapter`); it must be for the same arch and architecture arguments.
-
-    Example:
-        >>> import timm, timm_peft, tempfile
-        >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
-        >>> m = timm_peft.load_adapter(timm.create_model("resnet18.bias"), d, check_base=False)
-        >>> m = timm_peft.load_adapter(timm.create_model("resnet18.ssf"), d, check_base=False,
-        ...                            adapter_name="bias_task")
-        >>> sorted(timm_peft.get_adapters(m))
-        ['bias_task', 'default']
-    """
-    from ..core import _check_state
-    from .hub import resolve_adapter_dir
-    _check_state(model, "load_adapter")  # not inside disable_adapter or route
-    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
-    cfg = read_adapter_config(adapter_dir)
-    inner = unwrap_features(model)
-    get_peft_config(model)
-    if adapter_name is not None:
-        return _load_named(model, adapter_dir, cfg, adapter_name, check_base)
-    if resolve_method(cfg["peft_type"])[0] != inner.peft_method:
-        raise AdapterError(f"adapter in {adapter_dir} is for method {cfg['peft_type']!r}, the model "
-                           f"carries {inner.peft_method!r}")
-    method = get_method(inner.peft_method)
-    arch = (getattr(inner, "pretrained_cfg", None) or {}).get("architecture")
-    if arch is not None and arch != cfg["architecture"]:
-        raise AdapterError(f"adapter in {adapter_dir} is for arch {cfg['architecture']!r}, the model "
-                           f"is {arch!r}")
-    saved_config = method.config_cls.from_dict(cfg["peft_config"])  # checked on read
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-    header = read_header(weights)
-    method.prepare_load(inner, saved_config)
-    diff = _config_diff(saved_config.to_dict(), inner.peft_config.to_dict())
-    if diff:
-        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'peft_config' differs from the "
-                           f"model's {type(saved_config).__name__}: {diff[:8]}; build the model "
-                           "with the adapter's config (timm_peft.from_pretrained does)")
-    state = inner.state_dict()
-    check_tensors(weights, header, {k: state[k] for k in inner.peft_adapter_keys}, "the model")
-    tensors = read_weights(weights, cfg["weights_sha256"])
-    # after the structure checks: the fingerprint only means something for the same key set
-    if check_base:
-        fp = base_fingerprint(model)
-        if fp != cfg.get("base_fingerprint"):
-            kind = (cfg.get("base_source") or {}).get("kind", "unknown")
-            raise AdapterError(
-                f"the model's base weights differ from those the adapter in {adapter_dir} was "
-                f"trained on (field 'base_fingerprint': {fp[:19]}… vs "
-                f"{str(cfg.get('base_fingerprint'))[:19]}…; recorded origin: {kind}); build the "
-                "base with the recorded weights or pass check_base=False")
-    inner.load_state_dict(tensors, strict=False)
-    return restore_pretrained_cfg(model, cfg)
-
-
-def _load_named(model: nn.Module, adapter_dir: Path, cfg: dict[str, Any], adapter_name: str,
-                check_base: bool) -> nn.Module:
-    """Add the adapter in ``adapter_dir`` as ``adapter_name``, then load it like the only one."""
-    from ..adapters import add_adapter, delete_adapter, get_adapters, using_adapter
-    if adapter_name in get_adapters(model):
-        raise ValueError(f"the model already has an adapter {adapter_name!r}; delete_adapter it "
-                         "first or choose another name")
-    base = _base_info(model)
-    arch = base["architecture"]
-    if arch != cfg["architecture"]:
-        raise AdapterError(f"adapter in {adapter_dir} is for arch {cfg['architecture']!r}, the "
-                           f"model is {arch!r}")
-    ours = {k: v for k, v in base["model_args"].items() if k not in (*LOADING_KWARGS, "num_classes")}
-    theirs = {k: v for k, v in cfg["model_args"].items() if k not in (*LOADING_KWARGS, "num_classes")}
-    if json.loads(json.dumps(ours, default=str)) != theirs:
-        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'model_args' {theirs} differs from "
-                           f"the model's {ours}: one backbone serves adapters of its own build only")
-    method = get_method(cfg["peft_type"])
-    config = method.config_cls.from_dict(cfg["peft_config"])
-    add_adapter(model, adapter_name, config, method=resolve_method(cfg["peft_type"])[0],
-                num_classes=cfg["model_args"].get("num_classes"))
-    try:
-        with using_adapter(model, adapter_name):
-            load_adapter(model, adapter_dir, check_base=check_base)
-    except BaseException:
-        delete_adapter(model, adapter_name)
-        raise
-    return model
-
-
-def _model_name(cfg: dict[str, Any]) -> str:
-    return cfg["architecture"] + (f".{cfg['pretrained_tag']}" if cfg.get("pretrained_tag") else "")
-
-
-def check_against_meta(adapter_dir: Path, cfg: dict[str, Any],
-                       overrides: dict[str, Any] | None = None) -> None:
-    """Build base + method on the ``meta`` device (no memory) and check the weights header.
-
-    Bounds the base the architecture arguments ask for (at most ``base_params_scale`` times the
-    parameters of the default arch) and checks every tensor's name, shape and dtype.
-    """
-    import timm
-    from ..integration import install
-    install()
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-    header = read_header(weights)
-    kwargs = {**cfg["model_args"],
-              **{k: v for k, v in (overrides or {}).items() if k not in LOADING_KWARGS}}
-    name = _model_name(cfg)
-
-    def build(device: str) -> nn.Module:
-        with torch.device(device), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return timm.create_model(name, pretrained=False, peft=cfg["peft_type"],
-                                     peft_cfg=cfg["peft_config"], **kwargs)
-    try:
-        try:
-            meta = build("meta")
-        except NotImplementedError as e:
-            if "meta" not in str(e):
-                raise
-            # a surgery that reads tensor values (E²VPT's pruned structure): build it for real,
-            # within the bounds the config and architecture arguments have already passed
-            meta = build("cpu")
-    except Exception as e:  # timm and the method refuse bad arguments in many ways
-        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: fields 'model_args'/'peft_config' do "
-                           f"not build {name} with {cfg['peft_type']!r}: {type(e).__name__}: "
-                           f"{str(e)[:300]}") from e
-    inner = unwrap_features(meta)
-    keys = set(inner.peft_adapter_keys)
-    base_params = sum(p.numel() for n, p in inner.named_parameters() if n not in keys)
-    _, default_params = arch_profile(cfg["architecture"])  # inspected by read_adapter_config
-    limit = LIMITS["base_params_scale"] * default_params
-    if base_params > limit:
-        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'model_args' makes a base of "
-                           f"{base_params:,d} parameters; at most {limit:,d} "
-                           f"({LIMITS['base_params_scale']}x {cfg['architecture']}'s) are allowed")
-    method = get_method(cfg["peft_type"])
-    method.prepare_load(inner, method.config_cls.from_dict(cfg["peft_config"]))
-    state = inner.state_dict()
-    check_tensors(weights, header, {k: state[k] for k in inner.peft_adapter_keys},
-                  f"{name} with {cfg['peft_type']!r}")
-
-
-def verify_adapter(adapter: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
-    """Check a whole adapter without building a real model; returns its config.
-
-    The config is read and bounded, the weights header is checked against base + method built
-    on the ``meta`` device, and the weights are read to check their hash and that every value
-    is finite. ``timm-peft info`` runs this.
-
-    Example:
-        >>> import timm, timm_peft, tempfile
-        >>> from timm_peft.io import verify_adapter
-        >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
-        >>> verify_adapter(d)["peft_type"]
-        'bias'
-    """
-    from .hub import resolve_adapter_dir
-    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
-    cfg = read_adapter_config(adapter_dir)
-    check_against_meta(adapter_dir, cfg)
-    read_weights(adapter_dir / WEIGHTS_NAME, cfg["weights_sha256"])
-    return cfg
-
-
-def from_pretrained(adapter: str | os.PathLike, pretrained: bool | None = None,
-                    check_base: bool = True, revision: str | None = None,
-                    **overrides: Any) -> nn.Module:
-    """Rebuild base + method + adapter from an adapter directory or ``hf-hub:org/name``.
-
-    The base arch, weight tag, architecture arguments and method config come from
-    ``adapter_config.json``, and the whole adapter is checked against a ``meta``-device build
-    before anything is allocated. The base weights come from timm's pretrained source for the
-    recorded tag, or from what you pass in ``overrides`` (``timm.create_model`` keywords such as
-    ``pretrained_cfg_overlay=dict(file=...)``); the adapter never chooses them. ``pretrained``
-    defaults to the recorded origin (False for a randomly initialised base). The returned model's
-    ``pretrained_cfg`` holds the data configuration and class names it was trained with.
-
-    Example:
-        >>> import timm, timm_peft, tempfile
-        >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
-        >>> m = timm_peft.from_pretrained(d, pretrained=False, check_base=False)
-        >>> m.peft_method
-        'bias'
-    """
-    import timm
-    from .hub import resolve_adapter_dir
-
-    adapter_dir = resolve_adapter_dir(adapter, revision=revision)
-    cfg = read_adapter_config(adapter_dir)
-    kind = (cfg.get("base_source") or {}).get("kind", "unknown")
-    if pretrained is None:
-        pretrained = kind != "random"
-    weights_given = any(k in overrides for k in ("pretrained_cfg_overlay", "pretrained_cfg",
-                                                 "checkpoint_path"))
-    if pretrained and kind == "file" and not weights_given:
-        raise AdapterError(f"{adapter_dir / CONFIG_NAME}: field 'base_source' says the base weights "
-                           "came from a local file, not from timm; pass that file with "
-                           "pretrained_cfg_overlay=dict(file=..., custom_load=False)")
-    check_against_meta(adapter_dir, cfg, overrides)
-    read_weights(adapter_dir / WEIGHTS_NAME, cfg["weights_sha256"])  # hash, NaN: before building
-    model = timm.create_model(_model_name(cfg), pretrained=pretrained, peft=cfg["peft_type"],
-                              peft_cfg=cfg["peft_config"], **{**cfg["model_args"], **overrides})
-    return load_adapter(model, adapter_dir, check_base=check_base)

@@ -132,8 +132,11 @@ class E2VPT(VPT):
         """Give the prompt groups the saved adapter's structure (which segments survived)."""
         groups = _groups(model)
         kept = _split_kept(groups, config.kept_segments) if config.pruned else [None] * len(groups)
+        # the same recorded structure needs no look at the indices (a meta-device model has none)
+        same = model.peft_config.kept_segments == config.kept_segments
         for g, k in zip(groups, kept):
-            if g.pruned != (k is not None) or (k is not None and g.kept_segments() != list(k)):
+            if g.pruned != (k is not None) or (
+                    k is not None and not same and g.kept_segments() != list(k)):
                 g.set_kept_segments(k)
         _set_config(model, model.peft_config.replace(kept_segments=config.kept_segments))
 

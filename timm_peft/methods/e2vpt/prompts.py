@@ -172,14 +172,14 @@ class E2VPTPrompts(VisualPrompts):
                              f"per kept token {sorted(set(seg_counts.tolist()))}")
         L, T, R = keep_segments.shape
         dev = self.token_mask.device
-        token_index = torch.arange(T).expand(L, T)[keep_tokens].view(L, -1)
+        token_index = torch.arange(T, device="cpu").expand(L, T)[keep_tokens].view(L, -1)
         kept = torch.gather(keep_segments, 1, token_index.unsqueeze(-1).expand(-1, -1, R))
         with torch.no_grad():
             self.token_mask.copy_(keep_tokens.to(dev))
             self.segment_mask.copy_(keep_segments.to(dev))
             self.embeddings.mul_(self._dense_mask())
         self.token_index = token_index.to(dev)
-        self.segment_index = torch.arange(R).expand(L, token_index.shape[1], R)[kept] \
+        self.segment_index = torch.arange(R, device="cpu").expand(L, token_index.shape[1], R)[kept] \
             .view(L, token_index.shape[1], -1).to(dev)
 
     def _dense_mask(self) -> torch.Tensor:
@@ -209,7 +209,8 @@ class E2VPTPrompts(VisualPrompts):
             self.token_index = self.segment_index = None
             return
         L, T, R = self.segment_mask.shape
-        keep = torch.zeros(L, T * R, dtype=torch.bool)
+        # index bookkeeping on the CPU, also while a model is built on the meta device
+        keep = torch.zeros(L, T * R, dtype=torch.bool, device="cpu")
         for layer, idx in enumerate(kept):
             keep[layer, list(idx)] = True
         keep = keep.view(L, T, R)
