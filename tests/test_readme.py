@@ -18,7 +18,7 @@ What the harness substitutes (and nothing else; block text is never edited)
   * Placeholders a reader supplies, defined in the block's namespace before it runs (``PRELUDE``):
     ``loader`` / ``train_loader`` (two batches of two random 224×224 images, labels < 10),
     ``my_fit(model, epochs, desc)`` (one SGD step on one batch, whatever ``epochs`` says) and
-    ``class_names`` (100 names).
+    ``class_names`` (100 names). Nothing else: a block imports what it uses.
   * Pretrained weights: ``pretrained=True`` goes through timm's own pretrained path unchanged; the
     first time a model's weights are asked for, a seeded random-init model of that architecture
     (as shrunk below) is written as ``timm/<arch>.<tag>/model.safetensors`` into a local
@@ -100,9 +100,10 @@ SHRINK = {
 #: Hub repos blocks read: repo id -> (model name, create_model kwargs)
 HUB_REPOS = {
     "my-org/vit-s16-ssf-flowers": ("vit_small_patch16_224.augreg_in21k_ft_in1k.ssf",
-                                   dict(num_classes=102)),
+                                   dict(num_classes=102), dict(dataset="nelorth/oxford-flowers")),
     "my-org/vit-b16-ssf-cifar100": ("vit_base_patch16_224.augreg2_in21k_ft_in1k.ssf",
-                                    dict(num_classes=100)),
+                                    dict(num_classes=100),
+                                    dict(dataset="uoft-cs/cifar100", metrics={"accuracy": 0.912})),
 }
 
 #: TrainConfig fields replaced when a block trains on a data_dir that is not here
@@ -115,6 +116,7 @@ loader = train_loader = [(torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,)
 
 def my_fit(model, epochs, desc=""):
     """One SGD step on one batch (a stand-in for the reader's training loop)."""
+    import torch
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3)
@@ -123,6 +125,7 @@ def my_fit(model, epochs, desc=""):
     opt.step(); opt.zero_grad()
 
 class_names = [f"class_{i}" for i in range(100)]
+del torch  # not a placeholder: a block that uses torch imports it
 '''
 
 FIGURE = re.compile(r"#\s*(trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+)")
@@ -170,7 +173,7 @@ BASH = [b for b in BLOCKS if b.lang in ("bash", "sh", "shell")]
 
 def bash_commands(code: str) -> list[str]:
     """The block's commands: continuations joined, ``&&`` chains split, comments dropped."""
-    joined = re.sub(r"\\\n\s*", " ", code)
+    joined = re.sub(r"\s*\\\n\s*", " ", code)
     commands = []
     for line in joined.splitlines():
         line = line.strip()
@@ -324,12 +327,12 @@ class Harness:
     def publish(self, code: str):
         """Build and push each HUB_REPOS repo the code names (a seeded, moved adapter)."""
         from conftest import move_trainable
-        for repo_id, (name, kwargs) in HUB_REPOS.items():
-            if repo_id in code and not (self.cache / f"models--{repo_id.replace('/', '--')}").exists():
+        for repo_id, (name, kwargs, push_kwargs) in HUB_REPOS.items():
+            if ((repo_id in code or "list_adapters(" in code)
+                    and not (self.cache / f"models--{repo_id.replace('/', '--')}").exists()):
                 torch.manual_seed(1)
                 model = move_trainable(timm.create_model(name, pretrained=True, **kwargs))
-                timm_peft.push_to_hub(model, repo_id, dataset="uoft-cs/cifar100",
-                                      metrics={"accuracy": 0.5})
+                timm_peft.push_to_hub(model, repo_id, **push_kwargs)
 
     # running -------------------------------------------------------------------------------
     def run(self, blocks: list[Block]):
