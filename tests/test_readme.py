@@ -8,7 +8,8 @@ What runs
   * Every command of every ```bash block (``\\`` continuations joined, ``&&`` chains split,
     comments dropped), in order, in one temporary working directory per block, with
     ``timm-peft`` run as ``python -m timm_peft``. A command that cannot run in a test is listed
-    in ``SKIP_COMMANDS`` with the reason; a listed entry that no longer matches a README command
+    in ``SKIP_COMMANDS`` with the reason, and ``FAST_FLAGS`` shrinks a slow one (the CLI
+    section's generated-task run gets a small train/test size and 32 px); a listed entry that no longer matches a README command
     fails (``test_skip_lists_are_current``), and a new command runs unless it is listed.
   * Figures: a ``# trainable params: ... || all params: ... || trainable%: ...`` comment after a
     ``print_trainable_parameters`` call must be what that call prints for the model the README
@@ -65,6 +66,13 @@ from test_hub import _cache_repo, fake_hub, hub_cache  # noqa: F401  (fixtures)
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
+#: flags appended to a bash command that starts with the key, so it runs in seconds on CI (the
+#: quick start's commands are run as written: their runtime is the one the README states)
+FAST_FLAGS = {
+    "timm-peft train --model resnet10t.bias --no-pretrained --task count":
+        "--train-size 64 --test-size 32 --input-size 3 32 32 --batch-size 16",
+}
+
 #: python blocks that cannot run in a test: (first code line, reason)
 SKIP_BLOCKS = {
     "import base64, json, urllib.request":
@@ -107,7 +115,7 @@ HUB_REPOS = {
 }
 
 #: TrainConfig fields replaced when a block trains on a data_dir that is not here
-TRAIN_OVERRIDES = dict(epochs=1, batch_size=4, workers=0)
+TRAIN_OVERRIDES = dict(epochs=1, warmup_epochs=0, batch_size=4, workers=0)
 
 PRELUDE = '''
 import torch
@@ -195,8 +203,9 @@ def test_readme_has_code_blocks():
 
 def test_skip_lists_are_current():
     commands = [c for b in BASH for c in bash_commands(b.code)]
-    stale = [p for p in SKIP_COMMANDS if not any(c.startswith(p) for c in commands)]
-    assert not stale, f"SKIP_COMMANDS entries no README command matches: {stale}"
+    for table in (SKIP_COMMANDS, FAST_FLAGS):
+        stale = [p for p in table if not any(c.startswith(p) for c in commands)]
+        assert not stale, f"entries no README command matches: {stale}"
     firsts = {b.code.strip().splitlines()[0] for b in PYTHON}
     stale = [p for p in SKIP_BLOCKS if p not in firsts]
     assert not stale, f"SKIP_BLOCKS entries no README block starts with: {stale}"
@@ -388,7 +397,8 @@ def test_bash_block(block, tmp_path):
     for command in bash_commands(block.code):
         if skip_reason(command):
             continue
-        argv = shlex.split(command)
+        argv = shlex.split(command) + next(
+            (shlex.split(f) for p, f in FAST_FLAGS.items() if command.startswith(p)), [])
         if argv[0] == "timm-peft":
             argv = [sys.executable, "-m", "timm_peft", *argv[1:]]
         proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
