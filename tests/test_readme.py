@@ -29,7 +29,8 @@ What the harness substitutes (and nothing else; block text is never edited)
     with the widths/depths of the table, applied inside timm's ``build_model_with_cfg`` so every
     build of that architecture (ours, ``from_pretrained``'s, a reloaded base's) agrees. Input
     sizes are kept (224). Figures are checked on a fresh, full-size build of the same
-    ``create_model`` call (on the ``meta`` device, no weights).
+    ``create_model`` call (on the ``meta`` device, no weights); a model not built by
+    ``create_model`` (``from_pretrained``) is checked as it is.
   * The Hub: ``hf-hub:`` repos a block reads are built first (``HUB_REPOS``: base, method, head)
     and published with the real ``push_to_hub``; ``push_to_hub`` runs huggingface_hub's real
     client against tests/test_hub.py's ``FakeHub`` (only the transport replaced), and what it
@@ -235,7 +236,6 @@ class Harness:
     # models --------------------------------------------------------------------------------
     def _install(self):
         from timm.models import _builder
-        from timm.models._pretrained import PretrainedCfg  # noqa: F401
         orig_build = _builder.build_model_with_cfg
         harness = self
 
@@ -295,7 +295,6 @@ class Harness:
         self.mp.setattr(train_module, "train", train)
 
     def _ensure_weights(self, orig_build, model_cls, variant, args, kwargs):
-        from timm.models._registry import get_pretrained_cfg  # noqa: F401
         from timm.models._builder import resolve_pretrained_cfg
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                      pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
@@ -310,11 +309,9 @@ class Harness:
             torch.manual_seed(0)
             model = orig_build(model_cls, variant, False, *args,
                                **dict(plain, num_classes=cfg.num_classes))
-        data = io.BytesIO()
         path = self.tmp / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         _cache_repo(self.cache, cfg.hf_hub_id, {"model.safetensors": path.read_bytes()})
-        del data
 
     def _full_size_figure(self, orig_print, model) -> str:
         """What print_trainable_parameters says of a full-size build of the same call."""
