@@ -1,0 +1,407 @@
+"""README.md is executable: every ```python and ```bash block of it runs here, offline.
+
+What runs
+  * Every ```python block, its text executed verbatim (``exec``), one test per block, named by
+    its line and heading (``L262-ssf-scale-and-shift-...``). Blocks under one heading (any level)
+    share one namespace and run in order: a block's test first runs the blocks above it under
+    the same heading (E²VPT's "step by step" block uses the model of the block before it).
+  * Every command of every ```bash block (``\\`` continuations joined, ``&&`` chains split,
+    comments dropped), in order, in one temporary working directory per block, with
+    ``timm-peft`` run as ``python -m timm_peft``. A command that cannot run in a test is listed
+    in ``SKIP_COMMANDS`` with the reason, and ``FAST_FLAGS`` shrinks a slow one (the CLI
+    section's generated-task run gets a small train/test size and 32 px); a listed entry that no longer matches a README command
+    fails (``test_skip_lists_are_current``), and a new command runs unless it is listed.
+  * Figures: a ``# trainable params: ... || all params: ... || trainable%: ...`` comment after a
+    ``print_trainable_parameters`` call must be what that call prints for the model the README
+    names, at its real size (see "shrinking" below).
+
+What the harness substitutes (and nothing else; block text is never edited)
+  * Placeholders a reader supplies, defined in the block's namespace before it runs (``PRELUDE``):
+    ``loader`` / ``train_loader`` (two batches of two random 224×224 images, labels < 10),
+    ``my_fit(model, epochs, desc)`` (one SGD step on one batch, whatever ``epochs`` says) and
+    ``class_names`` (100 names). Nothing else: a block imports what it uses.
+  * Pretrained weights: ``pretrained=True`` goes through timm's own pretrained path unchanged; the
+    first time a model's weights are asked for, a seeded random-init model of that architecture
+    (as shrunk below) is written as ``timm/<arch>.<tag>/model.safetensors`` into a local
+    huggingface_hub cache read with ``HF_HUB_OFFLINE`` (as ``timm_weights_cached`` in
+    tests/test_hub.py).
+  * Shrinking (``SHRINK``): models too big for CI (ViT-B/S, Swin-B, ConvNeXt-B, ResNet-50) are built
+    with the widths/depths of the table, applied inside timm's ``build_model_with_cfg`` so every
+    build of that architecture (ours, ``from_pretrained``'s, a reloaded base's) agrees. Input
+    sizes are kept (224). Figures are checked on a fresh, full-size build of the same
+    ``create_model`` call (on the ``meta`` device, no weights); a model not built by
+    ``create_model`` (``from_pretrained``) is checked as it is.
+  * The Hub: ``hf-hub:`` repos a block reads are built first (``HUB_REPOS``: base, method, head)
+    and published with the real ``push_to_hub``; ``push_to_hub`` runs huggingface_hub's real
+    client against tests/test_hub.py's ``FakeHub`` (only the transport replaced), and what it
+    commits is mirrored into the local Hub cache, which every read uses offline.
+  * ``timm_peft.train.train(cfg)`` on a ``data_dir`` that does not exist here (``/data/...``)
+    runs on a generated ImageFolder tree of that layout (tests/test_data_folders.py's ``_tree``)
+    with ``TRAIN_OVERRIDES`` (1 epoch, tiny batches); every other field is the block's.
+  * Python blocks that cannot run in a test are listed in ``SKIP_BLOCKS`` with the reason.
+  * Registries a block writes to (``register_family``) are restored after it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import constants
+from safetensors.torch import save_file
+
+import timm_peft
+from test_data_folders import _tree
+from test_hub import _cache_repo, fake_hub, hub_cache  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+#: flags appended to a bash command that starts with the key, so it runs in seconds on CI (the
+#: quick start's commands are run as written: their runtime is the one the README states)
+FAST_FLAGS = {
+    "timm-peft train --model resnet10t.bias --no-pretrained --task count":
+        "--train-size 64 --test-size 32 --input-size 3 32 32 --batch-size 16",
+}
+
+#: python blocks that cannot run in a test: (first code line, reason)
+SKIP_BLOCKS = {
+    "import base64, json, urllib.request":
+        "an HTTP client for a running `timm-peft serve`; tests/test_serve.py sends the same "
+        "JSON request to a real local Ray Serve",
+}
+
+#: bash commands that cannot run in a test: (command prefix, reason)
+SKIP_COMMANDS = {
+    "pip install": "installs the package; CI has installed it",
+    "HF_HUB_OFFLINE=1 python -m pytest": "the test command itself",
+    "timm-peft serve": "starts a long-running server; tests/test_serve.py runs it on a local "
+                       "Ray Serve",
+    "curl": "a client of the server above",
+    "timm-peft train --model vit_base_patch16_224.augreg2_in21k_ft_in1k.ssf --data-dir /data/":
+        "needs a real dataset and ViT-B weights; --data-dir trees are covered by "
+        "tests/test_data_folders.py",
+    "timm-peft reproduce --method ssf --benchmark vtab1k --data-root /data/":
+        "the full VTAB-1k protocol on a real dataset (GPU hours); tests/test_reproduce.py runs "
+        "it on generated stand-ins",
+    "torchrun": "8 processes of the full FGVC protocol; DDP is tested in tests/test_ddp.py",
+}
+
+#: architecture (timm's variant name, regex) -> model kwargs that shrink it for CI
+SHRINK = {
+    r"vit_(tiny|small|base|large)_patch16_224": dict(embed_dim=48, depth=2, num_heads=3),
+    r"swin_(tiny|small|base|large)_patch4_window7_224": dict(embed_dim=16, depths=(1, 1, 1, 1),
+                                                             num_heads=(1, 2, 4, 8)),
+    r"convnext_(tiny|small|base|large)": dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+    r"resnet50": dict(layers=(1, 1, 1, 1)),
+}
+
+#: Hub repos blocks read: repo id -> (model name, create_model kwargs)
+HUB_REPOS = {
+    "my-org/vit-s16-ssf-flowers": ("vit_small_patch16_224.augreg_in21k_ft_in1k.ssf",
+                                   dict(num_classes=102), dict(dataset="nelorth/oxford-flowers")),
+    "my-org/vit-b16-ssf-cifar100": ("vit_base_patch16_224.augreg2_in21k_ft_in1k.ssf",
+                                    dict(num_classes=100),
+                                    dict(dataset="uoft-cs/cifar100", metrics={"accuracy": 0.912})),
+}
+
+#: TrainConfig fields replaced when a block trains on a data_dir that is not here
+TRAIN_OVERRIDES = dict(epochs=1, warmup_epochs=0, batch_size=4, workers=0)
+
+PRELUDE = '''
+import torch
+torch.manual_seed(0)
+loader = train_loader = [(torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,))) for _ in range(2)]
+
+def my_fit(model, epochs, desc=""):
+    """One SGD step on one batch (a stand-in for the reader's training loop)."""
+    import torch
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    x, y = loader[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step(); opt.zero_grad()
+
+class_names = [f"class_{i}" for i in range(100)]
+del torch  # not a placeholder: a block that uses torch imports it
+'''
+
+FIGURE = re.compile(r"#\s*(trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: [\d.]+)")
+
+
+# ----------------------------------------------------------------------------------------------
+# README parsing
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Block:
+    lang: str
+    line: int  # of the opening fence
+    heading: str
+    code: str
+
+    @property
+    def id(self) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")[:40]
+        return f"L{self.line}-{slug}"
+
+
+def readme_blocks(text: str | None = None) -> list[Block]:
+    lines = (README.read_text() if text is None else text).splitlines()
+    blocks, heading, i = [], "", 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        elif line.startswith("```"):
+            lang, start, body = line[3:].strip(), i + 1, []
+            i += 1
+            while not lines[i].startswith("```"):
+                body.append(lines[i])
+                i += 1
+            blocks.append(Block(lang, start, heading, "\n".join(body) + "\n"))
+        i += 1
+    return blocks
+
+
+BLOCKS = readme_blocks()
+PYTHON = [b for b in BLOCKS if b.lang == "python"]
+BASH = [b for b in BLOCKS if b.lang in ("bash", "sh", "shell")]
+
+
+def bash_commands(code: str) -> list[str]:
+    """The block's commands: continuations joined, ``&&`` chains split, comments dropped."""
+    joined = re.sub(r"\s*\\\n\s*", " ", code)
+    commands = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = re.split(r"\s+#\s", line)[0].strip()  # a trailing comment
+        commands += [c.strip() for c in line.split("&&") if c.strip()]
+    return commands
+
+
+def skip_reason(command: str) -> str | None:
+    return next((r for p, r in SKIP_COMMANDS.items() if command.startswith(p)), None)
+
+
+def test_readme_has_code_blocks():
+    assert len(PYTHON) >= 8 and len(BASH) >= 4, (len(PYTHON), len(BASH))
+    assert {b.lang for b in BLOCKS} <= {"python", "bash", ""}, "a new code block language"
+
+
+def test_skip_lists_are_current():
+    commands = [c for b in BASH for c in bash_commands(b.code)]
+    for table in (SKIP_COMMANDS, FAST_FLAGS):
+        stale = [p for p in table if not any(c.startswith(p) for c in commands)]
+        assert not stale, f"entries no README command matches: {stale}"
+    firsts = {b.code.strip().splitlines()[0] for b in PYTHON}
+    stale = [p for p in SKIP_BLOCKS if p not in firsts]
+    assert not stale, f"SKIP_BLOCKS entries no README block starts with: {stale}"
+
+
+def test_bash_commands_parse():
+    code = "a --x 1 \\\n   --y 2 \\\n  && b # note\n# comment\nc arg   # trailing\n"
+    assert bash_commands(code) == ["a --x 1 --y 2", "b", "c arg"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the harness
+# ----------------------------------------------------------------------------------------------
+
+def _shrink_kwargs(variant: str) -> dict:
+    return next((kw for pat, kw in SHRINK.items() if re.fullmatch(pat, variant)), {})
+
+
+class Harness:
+    def __init__(self, tmp: Path, cache: Path, hub, monkeypatch):
+        self.tmp, self.cache, self.hub, self.mp = tmp, cache, hub, monkeypatch
+        self.shrink = True
+        self.made: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> full build
+        self.figures: list[str] = []
+        self._install()
+
+    # models --------------------------------------------------------------------------------
+    def _install(self):
+        from timm.models import _builder
+        orig_build = _builder.build_model_with_cfg
+        harness = self
+
+        def build(model_cls, variant, pretrained, *args, **kwargs):
+            if harness.shrink:
+                kwargs.update(_shrink_kwargs(variant))
+                if pretrained:
+                    harness._ensure_weights(orig_build, model_cls, variant, args, kwargs)
+            return orig_build(model_cls, variant, pretrained, *args, **kwargs)
+
+        for name, module in list(sys.modules.items()):
+            if name.startswith("timm.models") and getattr(module, "build_model_with_cfg",
+                                                          None) is orig_build:
+                self.mp.setattr(module, "build_model_with_cfg", build)
+
+        for owner in (timm, timm_peft):
+            orig = owner.create_model
+
+            def create(*args, _orig=orig, **kwargs):
+                model = _orig(*args, **kwargs)
+                if harness.shrink:
+                    harness.made[model] = (_orig, args, kwargs)
+                return model
+            self.mp.setattr(owner, "create_model", create)
+
+        orig_print = timm_peft.print_trainable_parameters
+
+        def print_trainable_parameters(model, *args, **kwargs):
+            orig_print(model, *args, **kwargs)
+            self.figures.append(self._full_size_figure(orig_print, model))
+        self.mp.setattr(timm_peft, "print_trainable_parameters", print_trainable_parameters)
+
+        orig_push = timm_peft.push_to_hub
+
+        def push_to_hub(model, repo_id, *args, **kwargs):
+            self.mp.setattr(constants, "HF_HUB_OFFLINE", False)
+            try:
+                out = orig_push(model, repo_id, *args, **kwargs)
+            finally:
+                self.mp.setattr(constants, "HF_HUB_OFFLINE", True)
+            repo = repo_id if "/" in repo_id else f"{self.hub.user}/{repo_id}"
+            revision = kwargs.get("revision") or "main"
+            _cache_repo(self.cache, repo, self.hub.commits[(repo, revision)]["files"], ref=revision)
+            return out
+        self.mp.setattr(timm_peft, "push_to_hub", push_to_hub)
+        self.mp.setattr(constants, "HF_HUB_OFFLINE", True)
+
+        import timm_peft.train as train_module
+        orig_train = train_module.train
+
+        def train(cfg, *args, **kwargs):
+            if cfg.data_dir and not Path(cfg.data_dir).exists():
+                root = _tree(self.tmp / "data" / Path(cfg.data_dir).name,
+                             splits=("train", "val", "test"), per_class=4)
+                cfg = dataclasses.replace(cfg, data_dir=str(root), **TRAIN_OVERRIDES)
+            return orig_train(cfg, *args, **kwargs)
+        self.mp.setattr(train_module, "train", train)
+
+    def _ensure_weights(self, orig_build, model_cls, variant, args, kwargs):
+        from timm.models._builder import resolve_pretrained_cfg
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                     pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+        if cfg.file or not cfg.hf_hub_id:
+            return
+        repo = self.cache / f"models--{cfg.hf_hub_id.replace('/', '--')}"
+        if repo.exists():
+            return
+        plain = {k: v for k, v in kwargs.items()
+                 if k not in ("features_only", "out_indices", "feature_cls", "num_classes")}
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = orig_build(model_cls, variant, False, *args,
+                               **dict(plain, num_classes=cfg.num_classes))
+        path = self.tmp / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        _cache_repo(self.cache, cfg.hf_hub_id, {"model.safetensors": path.read_bytes()})
+
+    def _full_size_figure(self, orig_print, model) -> str:
+        """What print_trainable_parameters says of a full-size build of the same call."""
+        made = self.made.get(model)
+        if made is not None:
+            create, args, kwargs = made
+            self.shrink = False
+            try:
+                with torch.device("meta"):
+                    model = create(*args, **dict(kwargs, pretrained=False))
+            finally:
+                self.shrink = True
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            orig_print(model)
+        return out.getvalue().strip()
+
+    # the Hub -------------------------------------------------------------------------------
+    def publish(self, code: str):
+        """Build and push each HUB_REPOS repo the code names (a seeded, moved adapter)."""
+        from conftest import move_trainable
+        for repo_id, (name, kwargs, push_kwargs) in HUB_REPOS.items():
+            if ((repo_id in code or "list_adapters(" in code)
+                    and not (self.cache / f"models--{repo_id.replace('/', '--')}").exists()):
+                torch.manual_seed(1)
+                model = move_trainable(timm.create_model(name, pretrained=True, **kwargs))
+                timm_peft.push_to_hub(model, repo_id, **push_kwargs)
+
+    # running -------------------------------------------------------------------------------
+    def run(self, blocks: list[Block]):
+        from timm_peft.families import _FAMILIES
+        families = dict(_FAMILIES)
+        namespace: dict = {"__name__": "__readme__"}
+        exec(PRELUDE, namespace)
+        try:
+            for block in blocks:
+                self.publish(block.code)
+                self.figures = []
+                exec(compile(block.code, f"README.md:{block.line}", "exec"), namespace)
+                check_figures(block, self.figures)
+        finally:
+            _FAMILIES.clear()
+            _FAMILIES.update(families)
+
+
+def check_figures(block: Block, printed: list[str]):
+    """Each figure comment after a print_trainable_parameters call is what that call printed."""
+    lines = block.code.splitlines()
+    stated = []
+    for i, line in enumerate(lines):
+        if "print_trainable_parameters(" in line:
+            m = FIGURE.search(lines[i + 1]) if i + 1 < len(lines) else None
+            stated.append(m.group(1) if m else None)
+    assert len(printed) == len(stated), (printed, stated)
+    for s, p in zip(stated, printed):
+        if s is not None:
+            assert p == s, f"README.md:{block.line} states '{s}', the code prints '{p}'"
+
+
+@pytest.fixture
+def harness(tmp_path, hub_cache, fake_hub, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    return Harness(tmp_path, hub_cache, fake_hub, monkeypatch)
+
+
+@pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
+def test_python_block(block, harness):
+    first = block.code.strip().splitlines()[0]
+    if first in SKIP_BLOCKS:
+        pytest.skip(SKIP_BLOCKS[first])
+    same = [b for b in PYTHON if b.heading == block.heading and b.line <= block.line]
+    harness.run([b for b in same if b.code.strip().splitlines()[0] not in SKIP_BLOCKS])
+
+
+@pytest.mark.parametrize("block", BASH, ids=[b.id for b in BASH])
+def test_bash_block(block, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    ran = 0
+    for command in bash_commands(block.code):
+        if skip_reason(command):
+            continue
+        argv = shlex.split(command) + next(
+            (shlex.split(f) for p, f in FAST_FLAGS.items() if command.startswith(p)), [])
+        if argv[0] == "timm-peft":
+            argv = [sys.executable, "-m", "timm_peft", *argv[1:]]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (f"README.md:{block.line}: `{command}` failed:\n"
+                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        ran += 1
+    if not ran:
+        pytest.skip("; ".join(sorted({skip_reason(c) for c in bash_commands(block.code)})))
