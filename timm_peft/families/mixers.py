@@ -13,5 +13,23 @@ from .base import Family
 class Mixers(Family):
     name = "mixers"
     modules = ("crossvit", "davit", "edgenext", "efficientformer", "fastvit", "focalnet", "hiera",
-               "levit", "maxxvit", "mlp_mixer", "pvt_v2", "xcit")
+               "levit", "maxxvit", "mlp_mixer", "pvt_v2", "xcit",
+               # issue 24: the token mixers the all-modules coverage sweep found working
+               "convit", "cpubone", "deepseek_vit",
+               "efficientformer_v2", "efficientvim", "efficientvit_mit", "efficientvit_msra",
+               "gcvit", "gemma4_vit", "hieradet_sam2", "iformer", "lowformer",
+               "mobilenetv5", "mvitv2", "naflexvit", "nest", "nextvit", "qwen3_vit",
+               "sequencer", "shvit", "swiftformer", "swin_transformer_v2_cr", "tiny_vit", "tnt",
+               "twins", "visformer", "vision_transformer_relpos", "vision_transformer_sam")
     capabilities = frozenset({"layer_groups", "ssf", "classifier"})
+
+
+@register_family
+class UngroupedMixers(Family):
+    """Token mixers whose timm ``group_matcher`` does not number their blocks (CoaT's serial and
+    parallel stages, CSATv2, MetaFormer's stages, PiT's pooling transformer): Partial-k has no
+    blocks to count, so it is not promised (a build is refused); the rest is as :class:`Mixers`."""
+
+    name = "ungrouped_mixers"
+    modules = ("coat", "csatv2", "metaformer", "pit")
+    capabilities = frozenset({"ssf", "classifier"})
