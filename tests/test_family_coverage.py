@@ -203,7 +203,7 @@ def test_list_models_lists_registered_families_only():
         archs = [n.rsplit(".", 1)[0] for n in timm_peft.list_models(method=method)]
         assert {family_of_arch(a).name for a in archs} - {"generic"} == \
             {family_of_arch(a).name for a in archs}, method
-    assert "tnt_s_patch16_224.partial" not in timm_peft.list_models("tnt_*", method="partial")
+    assert "pit_ti_224.partial" not in timm_peft.list_models("pit_*", method="partial")
     e2vpt = timm_peft.list_models("vit_*", method="e2vpt")
     assert "vit_small_patch16_18x2_224.e2vpt" in e2vpt  # parallel branches of timm Attention
     assert "vit_base_patch16_xp_224.e2vpt" not in e2vpt  # attention fused into the block
@@ -503,3 +503,60 @@ def test_lion_where_the_head_pools_or_takes_arguments(arch, kwargs, size):
     with torch.no_grad():  # identity prompts: the frozen backbone
         torch.testing.assert_close(model(x), base(x), atol=1e-5, rtol=0)
     _backward_reaches_every_trainable(model, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# the all-modules coverage report and list_models agree
+# ----------------------------------------------------------------------------------------------
+
+def _coverage():
+    import json
+    from benchmarks.coverage import RESULTS
+    data = json.loads((RESULTS / "coverage.json").read_text())
+    if data["timm"] != timm.__version__:
+        pytest.skip(f"coverage.json is of timm {data['timm']}, this is {timm.__version__}")
+    return data
+
+
+@pytest.mark.xfail(strict=True, reason="issue 24's sweep is unfinished on the shared CPUs: run "
+                   "`nice -n 10 python -m benchmarks.coverage --sections modules 'test archs'`, "
+                   "then drop this marker")
+def test_coverage_report_has_every_module():
+    data = _coverage()
+    rows = {r["label"]: r for r in data["rows"]}
+    assert {k for k, r in rows.items() if r["section"] == "modules"} == set(timm.list_modules())
+    assert {k for k, r in rows.items() if r["section"] == "test archs"} == \
+        {a for a in timm.list_models("test_*")}
+
+
+def test_coverage_report_has_no_failure():
+    rows = {r["label"]: r for r in _coverage()["rows"]}
+    assert len(rows) >= 40
+    failing = [f"{k}.{m}: {c[1]}" for k, r in rows.items() for m, c in r["cells"].items()
+               if c[0] not in ("works", "refused")]
+    assert not failing
+
+
+def test_list_models_lists_exactly_the_cells_that_work():
+    from benchmarks.coverage import mismatches
+    assert mismatches(_coverage()) == {"listed_failing": [], "working_unlisted": []}
+
+
+def test_sampled_coverage_cells_still_hold():
+    # the report is not stale: a few cells of small models, rerun now, say what it says
+    from benchmarks.archs import num_params
+    from benchmarks.coverage import check
+    data = _coverage()
+    rng = random.Random("issue-24")
+    cells = [(r, m, c[0]) for r in data["rows"] for m, c in r["cells"].items()
+             if r["section"] != "variants"]
+    rng.shuffle(cells)
+    picked = {}
+    for r, m, status in cells:
+        if status not in picked and num_params(r["arch"]) < 3e6:
+            picked[status] = (r, m)
+    assert set(picked) == {"works", "refused"}
+    for status, (r, m) in picked.items():
+        import ast
+        got = check(r["arch"], m, ast.literal_eval(r["kwargs"]), r["size"])
+        assert got[0] == status, (r["label"], m, got)
