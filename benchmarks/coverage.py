@@ -312,6 +312,8 @@ def main() -> None:
                         "test archs, variant labels (default: all); merged likewise")
     parser.add_argument("--sections", nargs="*", default=["modules", "test archs", "variants"],
                         help="sections to run (default: all)")
+    parser.add_argument("--missing", action="store_true", help="run only the cells coverage.json "
+                        "does not have yet (an interrupted sweep, a new method); merged")
     parser.add_argument("--shard", help="I/N: run every N-th row from the I-th (two processes "
                         "on two cores: --shard 0/2 and --shard 1/2, then --combine); writes "
                         "coverage.shardI.json")
@@ -323,7 +325,7 @@ def main() -> None:
                         help="rewrite coverage.md from coverage.json (no sweep)")
     args = parser.parse_args()
     path = RESULTS / "coverage.json"
-    merge = bool(args.methods or args.modules or args.rewrite or args.combine
+    merge = bool(args.methods or args.modules or args.rewrite or args.combine or args.missing
                  or set(args.sections) != {"modules", "test archs", "variants"})
     data = json.loads(path.read_text()) if merge and path.is_file() else dict(rows=[], seconds={})
     if args.combine:
@@ -356,6 +358,10 @@ def main() -> None:
     todo = [r for r in rows(tuple(args.sections)) if not args.modules or r[1] in args.modules]
     if args.modules and len(todo) != len(set(args.modules)):
         parser.error(f"unknown rows {sorted(set(args.modules) - {r[1] for r in todo})}")
+    if args.missing:
+        have = {r["label"]: set(r["cells"]) for r in data["rows"]}
+        todo = [r for r in todo if not set(methods) <= have.get(r[1], set())]
+        methods_of = {r[1]: [m for m in methods if m not in have.get(r[1], set())] for r in todo}
     size_of = {arch: n for _, arch, n in _ranked()}
     todo.sort(key=lambda r: size_of.get(r[2], 0),  # small models first: early rows come fast
               reverse=args.largest_first)
@@ -376,7 +382,7 @@ def main() -> None:
             row["cells"].update({m: ("FAILS", f"base does not build: {e}", arch in listed[m])
                                  for m in methods})
         else:
-            for m in methods:
+            for m in (methods_of[label] if args.missing else methods):
                 is_listed = arch in listed[m]
                 row["cells"][m] = (*check(arch, m, kwargs, size, is_listed), is_listed)
         row["seconds"] = round(time.time() - t0, 1) + (row.get("seconds", 0) if merge else 0)
@@ -423,7 +429,7 @@ def write(data: dict[str, Any]) -> None:
         "`timm_peft.list_models(method=...)` does not list: every listed cell works and every "
         "working cell is listed (`tests/test_family_coverage.py` checks this file against "
         "`list_models`). Cells of a method added later: `python -m benchmarks.coverage "
-        "--methods <name>` (merged into this report); — is a cell not swept yet.", "",
+        "--methods <name>` (merged into this report); — is a cell not swept yet (`--missing` sweeps exactly those).", "",
         f"Modules swept: {n_modules} of {len(timm.list_modules())}"
         + ("" if n_modules == len(timm.list_modules()) else " (an interrupted sweep: rerun)")
         + f". Listed but not working: {len(bad['listed_failing'])}"

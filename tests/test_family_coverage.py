@@ -519,7 +519,7 @@ def _coverage():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 24's sweep is unfinished on the shared CPUs: run "
-                   "`nice -n 10 python -m benchmarks.coverage --sections modules 'test archs'`, "
+                   "`nice -n 10 python -m benchmarks.coverage --missing`, "
                    "then drop this marker")
 def test_coverage_report_has_every_module():
     data = _coverage()
