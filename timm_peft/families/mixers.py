@@ -6,7 +6,7 @@ them; token and key-value prompts need a family module that knows their attentio
 from __future__ import annotations
 
 from . import register_family
-from .base import Family
+from .base import Family, entrypoint_uses
 
 
 @register_family
@@ -22,6 +22,13 @@ class Mixers(Family):
                "sequencer", "shvit", "swiftformer", "swin_transformer_v2_cr", "tiny_vit", "tnt",
                "twins", "visformer", "vision_transformer_relpos", "vision_transformer_sam")
     capabilities = frozenset({"layer_groups", "ssf", "classifier"})
+
+    def arch_capabilities(self, arch: str) -> frozenset[str]:
+        """Nothing for the VLM encoders (DeepSeek, Gemma 4, Qwen 3, MobileNet-V5 ``*_enc``):
+        they return tokens for a language model, no class scores, so no method is promised."""
+        if entrypoint_uses(arch, "_encoder(") or entrypoint_uses(arch, "encoder=True"):
+            return frozenset()
+        return self.capabilities
 
 
 @register_family
