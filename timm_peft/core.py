@@ -474,7 +474,9 @@ def adapter_keys(model: nn.Module) -> list[str]:
 
     A key is adapter state if it is a trainable parameter, belongs to a module a method inserted
     (:class:`AdapterModule`), or is a buffer of a module all of whose parameters train (e.g. the
-    running statistics of a BatchNorm in an unfrozen block).
+    running statistics of a BatchNorm in an unfrozen block). A tensor the state dict names more
+    than once (a module or parameter shared by two paths) gets one key, its first name: loading
+    it sets every alias, and a saved file holds each tensor once.
     """
     keys: set[str] = set()
     for prefix, mod, inside_adapter in walk_modules(model):
@@ -486,8 +488,12 @@ def adapter_keys(model: nn.Module) -> list[str]:
         for n, b in mod.named_buffers(recurse=False):
             if b is not None and (inside_adapter or all_train) and n not in mod._non_persistent_buffers_set:
                 keys.add(prefix + n)
-    state_keys = model.state_dict().keys()
-    return [k for k in state_keys if k in keys]
+    out, seen = [], set()
+    for k, t in model.state_dict(keep_vars=True).items():
+        if k in keys and id(t) not in seen:
+            seen.add(id(t))
+            out.append(k)
+    return out
 
 
 def apply_method(

@@ -206,11 +206,15 @@ def pre_norm_blocks(blocks: Iterable[nn.Module], block_cls: type, attn_cls: type
 
 def classifier_modules(model: nn.Module) -> list[nn.Module]:
     """The model's classifier module(s) from ``get_classifier``: two for distilled models (a
-    tuple), one per branch for CrossViT (a ``ModuleList``)."""
+    tuple), one per branch for CrossViT (a ``ModuleList``). Where ``get_classifier`` returns a
+    whole timm head that pools before its ``fc`` (Sequencer's and SAM-ViT's ``ClassifierHead``),
+    the classifier is that ``fc``, as ``get_classifier`` gives it for ConvNeXt."""
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
     heads = head if isinstance(head, (tuple, list, nn.ModuleList)) else (head,)
-    return [h for h in heads if isinstance(h, nn.Module)]
+    return [h.fc if isinstance(getattr(h, "global_pool", None), nn.Module)
+            and isinstance(getattr(h, "fc", None), nn.Module) else h
+            for h in heads if isinstance(h, nn.Module)]
 
 
 def entrypoint_uses(arch: str, name: str) -> bool:
@@ -280,7 +284,9 @@ class Family:
     # --- blocks and layer groups ---------------------------------------------------------------
     def layer_groups(self, model: nn.Module) -> LayerGroups | None:
         """Blocks from timm's ``group_matcher(coarse=False)``: the groups its ``blocks`` patterns
-        number; the tail is every later group but the classifier (final norms, pre-logits)."""
+        number (``block_types`` in HRNet's); the tail is every later group but the classifier
+        (final norms, pre-logits). A matcher that is a function of the module name (Inception's)
+        numbers the model's top-level modules: each numbered group of them is a block."""
         matcher_fn = getattr(model, "group_matcher", None)
         if not callable(matcher_fn):
             return None
@@ -289,7 +295,10 @@ class Family:
             matcher = matcher_fn(coarse=False)
         except (NotImplementedError, TypeError):
             return None
-        specs = matcher.get("blocks") if isinstance(matcher, dict) else None
+        if callable(matcher):
+            return self._called_groups(model, matcher)
+        specs = (matcher.get("blocks", matcher.get("block_types"))
+                 if isinstance(matcher, dict) else None)
         if specs is None:
             return None
         specs = [specs] if isinstance(specs, str) else [s[0] for s in specs]
@@ -315,6 +324,24 @@ class Family:
         tail = [named[n] for n in lid if lid[n] >= block_ids[-1] and n not in matched
                 and not any(n == h or n.startswith(h + ".") for h in head_names)]
         return LayerGroups(groups, tail)
+
+    @staticmethod
+    def _called_groups(model: nn.Module, matcher: Any) -> LayerGroups | None:
+        """Blocks of a function matcher: top-level modules (the classifier's aside) grouped by
+        the finite ordinal it gives their names, in ordinal order."""
+        heads = {id(h) for h in classifier_modules(model)}
+        by_ordinal: dict[float, list[nn.Module]] = {}
+        for name, child in model.named_children():
+            ordinal = matcher(name)
+            ordinal = ordinal[0] if isinstance(ordinal, (tuple, list)) else ordinal
+            if id(child) in heads or not isinstance(ordinal, (int, float)) \
+                    or ordinal != ordinal or ordinal == float("inf") \
+                    or not any(True for _ in child.parameters()):
+                continue
+            by_ordinal.setdefault(ordinal, []).append(child)
+        if len(by_ordinal) < 2:
+            return None
+        return LayerGroups([by_ordinal[k] for k in sorted(by_ordinal)])
 
     def blocks(self, model: nn.Module) -> list[nn.Module] | None:
         """The residual blocks in forward order, when they are single modules."""

@@ -2,7 +2,8 @@
 ResNets, ...). A ConvNet like the others, except for the pixel prompts' promise: archs whose
 config downsamples with stride-2 average pooling (``aa_layer='avg'``: odd sizes break the
 residual sum) or uses bottleneck attention (``attn_layer='bat'``: built for one feature size)
-cannot take VPT's padded input size, so they are not listed for it (a build says why)."""
+cannot take VPT's padded input size, so they are not listed for it (a build says why); nor are
+the archs with self-attention blocks (BoTNet, HaloNet, LambdaNet in ``byoanet.py``)."""
 from __future__ import annotations
 
 from . import register_family
@@ -12,11 +13,17 @@ from .convnets import ConvNets
 @register_family
 class ByobNet(ConvNets):
     name = "byobnet"
-    modules = ("byobnet",)
+    #: MobileViT (``mobilevit.py``) and the attention ByobNets (``byoanet.py``: BoTNet, HaloNet,
+    #: LambdaNet) are ByobNets configured in model files of their own
+    modules = ("byobnet", "mobilevit", "byoanet")
 
     def arch_capabilities(self, arch: str) -> frozenset[str]:
-        from timm.models.byobnet import model_cfgs
-        cfg = model_cfgs.get(arch)
-        if cfg is not None and (cfg.aa_layer == "avg" or cfg.attn_layer == "bat"):
+        import sys
+        from timm.models import _registry
+        module = sys.modules.get(f"timm.models.{_registry._model_to_module.get(arch)}")
+        cfg = getattr(module, "model_cfgs", {}).get(arch)
+        # self-attention blocks (halo, bottleneck, lambda) are built for one feature size too
+        if cfg is not None and (cfg.aa_layer == "avg" or cfg.attn_layer == "bat"
+                                or cfg.self_attn_layer is not None):
             return self.capabilities - {"pixels"}
         return self.capabilities

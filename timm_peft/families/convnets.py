@@ -16,7 +16,11 @@ class ConvNets(Family):
                "hardcorenas", "hgnet", "inception_resnet_v2", "inception_v3",
                "inception_v4", "mobilenetv3", "nasnet", "pnasnet", "regnet", "repghost",
                "repvit", "res2net", "resnest", "resnetv2", "rexnet", "selecsls", "senet", "sknet",
-               "vgg", "vovnet", "xception", "xception_aligned")
+               "vgg", "vovnet", "xception", "xception_aligned",
+               # issue 24: ConvNets (some with attention late in the network) that read any
+               # input size, as the all-modules coverage sweep shows
+               "convmixer", "cspnext", "fasternet", "inception_next", "lcnetv2", "mambaout",
+               "rdnet", "starnet")
     capabilities = frozenset({"layer_groups", "ssf", "classifier", "pixels"})
 
     def pixel_input(self, model: nn.Module) -> PixelInput | None:

@@ -6,12 +6,37 @@ them; token and key-value prompts need a family module that knows their attentio
 from __future__ import annotations
 
 from . import register_family
-from .base import Family
+from .base import Family, entrypoint_uses
 
 
 @register_family
 class Mixers(Family):
     name = "mixers"
     modules = ("crossvit", "davit", "edgenext", "efficientformer", "fastvit", "focalnet", "hiera",
-               "levit", "maxxvit", "mlp_mixer", "pvt_v2", "xcit")
+               "levit", "maxxvit", "mlp_mixer", "pvt_v2", "xcit",
+               # issue 24: the token mixers the all-modules coverage sweep found working
+               "convit", "cpubone", "deepseek_vit",
+               "efficientformer_v2", "efficientvim", "efficientvit_mit", "efficientvit_msra",
+               "gcvit", "gemma4_vit", "hieradet_sam2", "iformer", "lowformer",
+               "mobilenetv5", "mvitv2", "naflexvit", "nest", "nextvit", "qwen3_vit",
+               "sequencer", "shvit", "swiftformer", "swin_transformer_v2_cr", "tiny_vit", "tnt",
+               "twins", "visformer", "vision_transformer_relpos", "vision_transformer_sam")
     capabilities = frozenset({"layer_groups", "ssf", "classifier"})
+
+    def arch_capabilities(self, arch: str) -> frozenset[str]:
+        """Nothing for the VLM encoders (DeepSeek, Gemma 4, Qwen 3, MobileNet-V5 ``*_enc``):
+        they return tokens for a language model, no class scores, so no method is promised."""
+        if entrypoint_uses(arch, "_encoder(") or entrypoint_uses(arch, "encoder=True"):
+            return frozenset()
+        return self.capabilities
+
+
+@register_family
+class UngroupedMixers(Family):
+    """Token mixers whose timm ``group_matcher`` does not number their blocks (CoaT's serial and
+    parallel stages, CSATv2, MetaFormer's stages, PiT's pooling transformer): Partial-k has no
+    blocks to count, so it is not promised (a build is refused); the rest is as :class:`Mixers`."""
+
+    name = "ungrouped_mixers"
+    modules = ("coat", "csatv2", "metaformer", "pit")
+    capabilities = frozenset({"ssf", "classifier"})

@@ -21,7 +21,8 @@ BLOCK_BRANCHES = (
 @register_family
 class ViT(TokenBlocksFamily):
     name = "vit"
-    modules = ("vision_transformer", "vision_transformer_hybrid", "deit")
+    modules = ("vision_transformer", "vision_transformer_hybrid", "deit",
+               "vitamin")  # ViTamin: a VisionTransformer behind a convolutional stem
     capabilities = frozenset({"layer_groups", "ssf", "classifier", "tokens", "kv_attention",
                               "block_mlp", "block_attn", "qkv"})
 

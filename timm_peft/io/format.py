@@ -136,11 +136,26 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def _storage(t: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies the memory of ``t``: its storage (a meta or empty tensor has none that
+    can be told apart, so the tensor object itself)."""
+    ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    return (t.device, ptr) if ptr else ("object", id(t))
+
+
+def _view(t: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies the values of ``t``: its storage and where in it ``t`` reads."""
+    return (*_storage(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of the frozen base tensors.
 
-    The adapter's own tensors are excluded, so the fingerprint identifies the base weights an
-    adapter was trained on and does not change during training.
+    Each distinct tensor is hashed once, under its first state-dict name, however many names the
+    state dict gives it (a module shared by two paths, as CoaT's ``cpe``/``crpe``, has one entry
+    per path). Tensors whose memory the adapter owns (:attr:`peft_adapter_keys`, under any of
+    their names) are left out, so the fingerprint identifies the base weights an adapter was
+    trained on and does not change during training.
 
     Example:
         >>> import timm, timm_peft
@@ -149,11 +164,14 @@ def base_fingerprint(model: nn.Module) -> str:
         True
     """
     inner = unwrap_features(model)
-    skip = set(getattr(inner, "peft_adapter_keys", ()))
+    state = inner.state_dict(keep_vars=True)
+    owned = {_storage(state[k]) for k in getattr(inner, "peft_adapter_keys", ()) if k in state}
+    seen: set[tuple[Any, ...]] = set()
     h = hashlib.sha256()
-    for name, t in inner.state_dict().items():
-        if name in skip:
+    for name, t in state.items():
+        if t is None or _storage(t) in owned or _view(t) in seen:
             continue
+        seen.add(_view(t))
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         if t.numel():

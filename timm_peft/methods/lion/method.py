@@ -29,10 +29,11 @@ class LionForward(Swappable):
         refuse_fx(self)
         return super().forward_features(self.lion.prompt_input(x), *args, **kwargs)
 
-    def forward_head(self, x: Any, pre_logits: bool = False) -> Any:
+    def forward_head(self, x: Any, pre_logits: bool = False, **kwargs: Any) -> Any:
+        # kwargs: what a model's own forward passes its head (Gemma 4's patch_valid mask)
         if pre_logits:
-            return self.lion.blend_pre_logits(super().forward_head(x, pre_logits=True))
-        return super().forward_head(x)
+            return self.lion.blend_pre_logits(super().forward_head(x, pre_logits=True, **kwargs))
+        return super().forward_head(x, **kwargs)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # the backbone sees the prompted image here too, so features_only and feature taps
