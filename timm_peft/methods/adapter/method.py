@@ -9,7 +9,7 @@ from ...layers.bottleneck import Bottleneck, SequentialAdapter
 from ...layers.swap import is_swapped, restore_class, swap_class
 from .config import AdapterConfig
 
-__all__ = ["Adapter", "NOT_MERGEABLE"]
+__all__ = ["Adapter", "BottleneckMethod", "NOT_MERGEABLE"]
 
 NOT_MERGEABLE = ("a bottleneck's non-linearity cannot be folded into the base weights, so the "
                  "adapter stays in the model at inference; timm_peft.unload(model) removes it "
@@ -21,8 +21,29 @@ def _factory(model: nn.Module) -> dict:
     return dict(device=ref.device, dtype=ref.dtype)
 
 
+class BottleneckMethod(PeftMethod):
+    """What the bottleneck methods share: an unmergeable module inserted as ``module.<attr>``
+    through ``mixin``; ``unload`` takes every one out again (``adapter``, ``adaptformer``)."""
+
+    mixin: type
+    attr: str
+
+    def merge(self, model: nn.Module) -> None:
+        raise NotImplementedError(f"method {self.name!r} cannot be merged: {NOT_MERGEABLE}")
+
+    def unmerge(self, model: nn.Module) -> None:
+        self.merge(model)
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        for module in list(model.modules()):
+            if is_swapped(module, self.mixin):
+                restore_class(module, self.mixin)
+                delattr(module, self.attr)
+        return model
+
+
 @register_method
-class Adapter(PeftMethod):
+class Adapter(BottleneckMethod):
     """Bottleneck adapters ``y + up(act(down(y)))`` on each block's MLP output (Pfeiffer), or
     on its attention's and MLP's outputs (Houlsby); see :mod:`timm_peft.methods.adapter`."""
 
@@ -43,6 +64,7 @@ class Adapter(PeftMethod):
   year={2021}
 }"""
     config_cls = AdapterConfig
+    mixin, attr = SequentialAdapter, "adapter"
     description = "bottleneck adapters after each block's MLP (Houlsby: and attention) + head"
 
     def supports(self, family: Family) -> bool:
@@ -64,17 +86,4 @@ class Adapter(PeftMethod):
                 module.adapter = Bottleneck(layer.dim, hidden, config.act, config.dropout,
                                             channel_axis=layer.channel_axis, **dd)
                 swap_class(module, SequentialAdapter)
-        return model
-
-    def merge(self, model: nn.Module) -> None:
-        raise NotImplementedError(f"method {self.name!r} cannot be merged: {NOT_MERGEABLE}")
-
-    def unmerge(self, model: nn.Module) -> None:
-        self.merge(model)
-
-    def unload(self, model: nn.Module) -> nn.Module:
-        for module in list(model.modules()):
-            if is_swapped(module, SequentialAdapter):
-                restore_class(module, SequentialAdapter)
-                del module.adapter
         return model

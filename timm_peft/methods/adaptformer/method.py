@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...core import PeftConfig, PeftMethod, cfg_field, register_method
+from ...core import PeftConfig, cfg_field, register_method
 from ...families import Family, get_family, refuse
 from ...layers.bottleneck import Bottleneck, ParallelAdapter
-from ...layers.swap import is_swapped, restore_class, swap_class
-from ..adapter.method import NOT_MERGEABLE, _factory
+from ...layers.swap import swap_class
+from ..adapter.method import BottleneckMethod, _factory
 
 __all__ = ["AdaptFormerConfig", "AdaptFormer"]
 
@@ -29,7 +29,7 @@ class AdaptFormerConfig(PeftConfig):
 
 
 @register_method
-class AdaptFormer(PeftMethod):
+class AdaptFormer(BottleneckMethod):
     """AdaptMLP beside every block's MLP: ``MLP(h) + s · up(ReLU(down(h)))``; see
     :mod:`timm_peft.methods.adaptformer`."""
 
@@ -43,6 +43,7 @@ class AdaptFormer(PeftMethod):
   year={2022}
 }"""
     config_cls = AdaptFormerConfig
+    mixin, attr = ParallelAdapter, "adaptformer"
     description = "AdaptFormer: a scaled bottleneck beside each block's MLP + head (not mergeable)"
 
     def supports(self, family: Family) -> bool:
@@ -59,17 +60,4 @@ class AdaptFormer(PeftMethod):
                                                config.dropout, config.scale,
                                                channel_axis=layer.channel_axis, **dd)
             swap_class(layer.mlp, ParallelAdapter)
-        return model
-
-    def merge(self, model: nn.Module) -> None:
-        raise NotImplementedError(f"method {self.name!r} cannot be merged: {NOT_MERGEABLE}")
-
-    def unmerge(self, model: nn.Module) -> None:
-        self.merge(model)
-
-    def unload(self, model: nn.Module) -> nn.Module:
-        for module in list(model.modules()):
-            if is_swapped(module, ParallelAdapter):
-                restore_class(module, ParallelAdapter)
-                del module.adaptformer
         return model
