@@ -186,6 +186,8 @@ def build_lora(arch: str, kwargs: dict[str, Any], targets: list[str],
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "vpt (num_prompts=10)": ("vpt", dict(num_prompts=10)),
     "lion (solver_loop=masked)": ("lion", dict(solver_loop="masked")),
+    # ours on HF peft's second setting, so the two LoRAs meet on both
+    "lora (qkv, proj, fc1, fc2)": ("lora", dict(target_modules=("qkv", "proj", "fc1", "fc2"))),
 }
 
 

@@ -55,7 +55,7 @@ from torch import nn
 
 from .adapters import delete_adapter, get_adapters, route, set_adapter, using_adapter
 from .io import HUB_PREFIX, load_adapter, verify_adapter
-from .io.hub import resolve_adapter_dir
+from .io.load import resolve_adapter_dir
 
 __all__ = ["AdapterEngine", "RequestError", "build_app", "app_builder", "start", "encode_image",
            "IMAGE_FORMATS"]
