@@ -324,7 +324,7 @@ class PeftMethod:
         """Registered families the method supports; None when it supports any timm model."""
         if self.supports(GENERIC):
             return None
-        return tuple(f for f in list_families() if self.supports(get_family(f)))
+        return tuple(f for f in list_families() if self.supports(get_family(f).widest()))
 
     # --- optional behaviours ------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:

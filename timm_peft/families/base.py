@@ -38,6 +38,8 @@ once a model is built, from what timm exposes), so ``list_models`` lists registe
 """
 from __future__ import annotations
 
+import copy
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator
@@ -265,6 +267,10 @@ class Family:
     #: attention), ``qkv`` (every attention has a packed ``qkv`` Linear LoRA can change:
     #: :meth:`linear_layers`)
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: what only some of the family's timm modules provide (module -> capabilities), for the
+    #: declaration families whose modules differ: e.g. a packed ``qkv`` in some mixers'
+    #: attention. Each entry is a cell of the coverage sweep (``benchmarks/coverage.py``)
+    module_capabilities: ClassVar[dict[str, frozenset[str]]] = {}
 
     # --- membership ----------------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
@@ -277,9 +283,21 @@ class Family:
         return f"<family {self.name!r}>"
 
     def arch_capabilities(self, arch: str) -> frozenset[str]:
-        """``capabilities`` for one registered arch of the family (no model is built): a family
-        whose archs differ in a capability narrows it here."""
-        return self.capabilities
+        """``capabilities`` for one registered arch of the family (no model is built), with
+        what its module adds (:attr:`module_capabilities`): a family whose archs differ in a
+        capability narrows it here."""
+        from timm.models import _registry
+        return self.capabilities | self.module_capabilities.get(
+            _registry._model_to_module.get(arch), frozenset())
+
+    def widest(self) -> "Family":
+        """This family as its best-provided module sees it (``capabilities`` with every
+        :attr:`module_capabilities` entry): whether a method may apply to any of its archs."""
+        if not self.module_capabilities:
+            return self
+        view = copy.copy(self)
+        view.capabilities = self.capabilities.union(*self.module_capabilities.values())
+        return view
 
     # --- blocks and layer groups ---------------------------------------------------------------
     def layer_groups(self, model: nn.Module) -> LayerGroups | None:

@@ -22,13 +22,26 @@ class Mixers(Family):
                "sequencer", "shvit", "swiftformer", "swin_transformer_v2_cr", "tiny_vit", "tnt",
                "twins", "visformer", "vision_transformer_relpos", "vision_transformer_sam")
     capabilities = frozenset({"layer_groups", "ssf", "classifier"})
+    #: what the coverage sweep found these modules' blocks provide: timm ``Mlp``/attention pairs
+    #: a bottleneck adapter follows (``block_mlp``, ``block_attn``) and packed ``qkv`` Linears
+    #: LoRA changes (``qkv``)
+    module_capabilities = {
+        **dict.fromkeys(("convit", "deepseek_vit", "hiera", "hieradet_sam2", "qwen3_vit",
+                         "vision_transformer_relpos", "vision_transformer_sam", "xcit"),
+                        frozenset({"block_mlp", "block_attn", "qkv"})),
+        **dict.fromkeys(("gemma4_vit", "mlp_mixer", "nextvit", "tnt"),
+                        frozenset({"block_mlp", "block_attn"})),
+        **dict.fromkeys(("crossvit", "edgenext", "efficientformer", "gcvit", "maxxvit", "mvitv2",
+                         "nest", "swin_transformer_v2_cr", "tiny_vit", "twins", "visformer"),
+                        frozenset({"qkv"})),
+    }
 
     def arch_capabilities(self, arch: str) -> frozenset[str]:
         """Nothing for the VLM encoders (DeepSeek, Gemma 4, Qwen 3, MobileNet-V5 ``*_enc``):
         they return tokens for a language model, no class scores, so no method is promised."""
         if entrypoint_uses(arch, "_encoder(") or entrypoint_uses(arch, "encoder=True"):
             return frozenset()
-        return self.capabilities
+        return super().arch_capabilities(arch)
 
 
 @register_family
@@ -40,3 +53,4 @@ class UngroupedMixers(Family):
     name = "ungrouped_mixers"
     modules = ("coat", "csatv2", "metaformer", "pit")
     capabilities = frozenset({"ssf", "classifier"})
+    module_capabilities = dict.fromkeys(("coat", "csatv2", "pit"), frozenset({"qkv"}))

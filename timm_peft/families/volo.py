@@ -14,6 +14,7 @@ class Volo(Family):
     name = "volo"
     modules = ("volo",)
     capabilities = frozenset({"layer_groups", "ssf", "classifier"})
+    module_capabilities = {"volo": frozenset({"qkv"})}  # the outlooker's and class attention's
 
     def classifiers(self, model: nn.Module) -> list[nn.Module]:
         aux = getattr(model, "aux_head", None)

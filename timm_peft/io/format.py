@@ -8,6 +8,7 @@ for their config class, and shapes are compared with a model built on the ``meta
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -18,6 +19,7 @@ import os
 import re
 import stat
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -389,7 +391,27 @@ def arch_profile(arch: str) -> tuple[dict[str, Any], int]:
                 defaults.setdefault(p.name, p.default if p.default is not p.empty else None)
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
+        # a constructor that takes a config dataclass plus **kwargs onto its fields (NaFlexVit's
+        # cfg): those fields are architecture arguments too, bounded by the class's defaults
+        for cfg_cls in _dataclass_params(cls.__init__):
+            for f in dataclasses.fields(cfg_cls):
+                if f.name not in LOADING_KWARGS and f.default is not dataclasses.MISSING:
+                    defaults.setdefault(f.name, f.default)
     return defaults, sum(p.numel() for p in model.parameters())
+
+
+def _dataclass_params(init: Any) -> list[type]:
+    """The dataclass types among ``init``'s parameter annotations (``Optional[...]`` unwrapped)."""
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve names no dataclass
+        return []
+    out = []
+    for name, tp in hints.items():
+        for t in (tp, *typing.get_args(tp)):
+            if isinstance(t, type) and dataclasses.is_dataclass(t) and name != "return":
+                out.append(t)
+    return out
 
 
 def _int_bound(name: str, default: Any) -> int:

@@ -67,11 +67,12 @@ class MlpForward(Swappable):
     prefix = "Mlp"
     method = "mlp"
 
-    def forward_head(self, x: Any, pre_logits: bool = False) -> Any:
+    def forward_head(self, x: Any, pre_logits: bool = False, **kwargs: Any) -> Any:
+        # kwargs: what a model's own forward passes its head (Gemma 4's patch_valid mask)
         if pre_logits:
             head = self.mlp_head
-            return per_width(head, super().forward_head(x, pre_logits=True), head.dims, "MLP-k")
-        return super().forward_head(x)
+            return per_width(head, super().forward_head(x, pre_logits=True, **kwargs), head.dims, "MLP-k")
+        return super().forward_head(x, **kwargs)
 
 
 @register_method

@@ -149,12 +149,13 @@ class SidetuneForward(Swappable):
         with self.sidetune.reading(x):
             return super().forward(x, *args, **kwargs)
 
-    def forward_head(self, x: Any, pre_logits: bool = False) -> Any:
+    def forward_head(self, x: Any, pre_logits: bool = False, **kwargs: Any) -> Any:
+        # kwargs: what a model's own forward passes its head (Gemma 4's patch_valid mask)
         if pre_logits:
             st = self.sidetune
-            return per_width(st.blend, super().forward_head(x, pre_logits=True), st.dims,
+            return per_width(st.blend, super().forward_head(x, pre_logits=True, **kwargs), st.dims,
                              "Sidetune")
-        return super().forward_head(x)
+        return super().forward_head(x, **kwargs)
 
 
 @register_method
