@@ -168,9 +168,8 @@ def supported_archs(method: str) -> list[str]:
         if caps != family.capabilities:
             family = copy.copy(family)
             family.capabilities = caps  # this arch's view of the family
-            if not impl.supports(family):
-                continue
-        out.append(arch)
+        if impl.supports(family):  # the family may support it for other modules only
+            out.append(arch)
     return out
 
 
