@@ -17,13 +17,25 @@ class ByobNet(ConvNets):
     #: LambdaNet) are ByobNets configured in model files of their own
     modules = ("byobnet", "mobilevit", "byoanet")
 
+    #: MobileViT's transformer blocks use timm's attention, with a packed ``qkv`` (LoRA)
+    module_capabilities = {"mobilevit": frozenset({"qkv"})}
+
     def arch_capabilities(self, arch: str) -> frozenset[str]:
         import sys
         from timm.models import _registry
         module = sys.modules.get(f"timm.models.{_registry._model_to_module.get(arch)}")
         cfg = getattr(module, "model_cfgs", {}).get(arch)
+        caps = super().arch_capabilities(arch)
+        # only MobileViT (v1) blocks have it; MobileViT-v2's separable attention has no qkv
+        if cfg is None or "mobilevit" not in _block_types(cfg.blocks):
+            caps -= {"qkv"}
         # self-attention blocks (halo, bottleneck, lambda) are built for one feature size too
         if cfg is not None and (cfg.aa_layer == "avg" or cfg.attn_layer == "bat"
                                 or cfg.self_attn_layer is not None):
-            return self.capabilities - {"pixels"}
-        return self.capabilities
+            return caps - {"pixels"}
+        return caps
+
+
+def _block_types(blocks: tuple) -> set[str]:
+    """The block types of a ByobNet config (its stages may nest tuples of blocks)."""
+    return {t for b in blocks for t in (_block_types(b) if isinstance(b, tuple) else {b.type})}

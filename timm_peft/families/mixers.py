@@ -26,12 +26,12 @@ class Mixers(Family):
     #: a bottleneck adapter follows (``block_mlp``, ``block_attn``) and packed ``qkv`` Linears
     #: LoRA changes (``qkv``)
     module_capabilities = {
-        **dict.fromkeys(("convit", "deepseek_vit", "hiera", "hieradet_sam2", "qwen3_vit",
+        **dict.fromkeys(("convit", "deepseek_vit", "hiera", "hieradet_sam2", "naflexvit", "qwen3_vit",
                          "vision_transformer_relpos", "vision_transformer_sam", "xcit"),
                         frozenset({"block_mlp", "block_attn", "qkv"})),
         **dict.fromkeys(("gemma4_vit", "mlp_mixer", "nextvit", "tnt"),
                         frozenset({"block_mlp", "block_attn"})),
-        **dict.fromkeys(("crossvit", "edgenext", "efficientformer", "gcvit", "maxxvit", "mvitv2",
+        **dict.fromkeys(("crossvit", "davit", "edgenext", "efficientformer", "gcvit", "maxxvit", "mvitv2",
                          "nest", "swin_transformer_v2_cr", "tiny_vit", "twins", "visformer"),
                         frozenset({"qkv"})),
     }
