@@ -37,5 +37,5 @@ class ByobNet(ConvNets):
 
 
 def _block_types(blocks: tuple) -> set[str]:
-    """The block types of a ByobNet config (its stages may nest tuples of blocks)."""
-    return {t for b in blocks for t in (_block_types(b) if isinstance(b, tuple) else {b.type})}
+    """The block types of a ByobNet config (its stages may nest tuples or lists of blocks)."""
+    return {t for b in blocks for t in (_block_types(b) if isinstance(b, (tuple, list)) else {b.type})}
