@@ -36,11 +36,22 @@ class Mixers(Family):
                         frozenset({"qkv"})),
     }
 
+    #: modules whose archs differ: a module capability holds only for the archs whose timm
+    #: entrypoint passes the marker. MLP-Mixer's own ``MixerBlock`` has no channel MLP a
+    #: bottleneck can follow (gMLP's and ResMLP's blocks, chosen with ``block_layer=``, have);
+    #: Twins-PCPVT's attention has no packed ``qkv`` (SVT's, chosen with ``wss=``, has)
+    module_markers = {"mlp_mixer": "block_layer=", "twins": "wss="}
+
     def arch_capabilities(self, arch: str) -> frozenset[str]:
         """Nothing for the VLM encoders (DeepSeek, Gemma 4, Qwen 3, MobileNet-V5 ``*_enc``):
         they return tokens for a language model, no class scores, so no method is promised."""
+        from timm.models import _registry
         if entrypoint_uses(arch, "_encoder(") or entrypoint_uses(arch, "encoder=True"):
             return frozenset()
+        module = _registry._model_to_module.get(arch)
+        marker = self.module_markers.get(module)
+        if marker is not None and not entrypoint_uses(arch, marker):
+            return self.capabilities
         return super().arch_capabilities(arch)
 
 
