@@ -105,12 +105,12 @@ VARIANTS: list[tuple[str, str, dict[str, Any], int]] = [
     ("eva02", "eva02_tiny_patch14_224", dict(img_size=28, depth=2), 28),
     ("beitv2", "beitv2_base_patch16_224", dict(TINY_VIT), 32),
     ("coatnet", "coatnet_nano_rw_224", dict(img_size=64), 64),
-    ("convnext", "convnext_atto", {}, 64),
+    ("convnext (atto)", "convnext_atto", {}, 64),
     ("convnextv2", "convnextv2_atto", {}, 64),
     ("resnetv2 (BiT)", "resnetv2_50x1_bit", {}, 64),
-    ("efficientnet", "efficientnet_b0", {}, 64),
+    ("efficientnet (B0)", "efficientnet_b0", {}, 64),
     ("mobilenetv4", "mobilenetv4_conv_small", {}, 64),
-    ("dla", "dla34", {}, 64),
+    ("dla (DLA-34)", "dla34", {}, 64),
     ("nfnet (NF-ResNet)", "nf_resnet26", {}, 64),
 ]
 
