@@ -519,9 +519,6 @@ def _coverage():
     return data
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24's sweep is unfinished on the shared CPUs: run "
-                   "`nice -n 10 python -m benchmarks.coverage --missing`, "
-                   "then drop this marker")
 def test_coverage_report_has_every_module():
     data = _coverage()
     rows = {r["label"]: r for r in data["rows"]}
