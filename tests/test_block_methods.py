@@ -488,11 +488,13 @@ def test_composition_with_ssf_keeps_the_residual_adds_right(first, second, cfg2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_generic_answer_finds_timms_mlp_and_attention_on_unpromised_families():
-    """Models whose family promises nothing (XCiT among the mixers) still take the methods where
-    timm's own block structure has an ``mlp`` and an ``attn``; they are not listed."""
+def test_generic_answer_finds_timms_mlp_and_attention_on_declaration_families():
+    """Models of a declaration-only family (XCiT among the mixers) take the methods where timm's
+    own block structure has an ``mlp`` and an ``attn`` (the generic answer); they are listed
+    through the family's ``module_capabilities``, the coverage sweep's cells."""
     arch, kwargs = "xcit_nano_12_p16_224", dict(img_size=32, depth=2)
-    assert f"{arch}.adapter" not in timm_peft.list_models("xcit_*", method="adapter")
+    for method in ("adapter", "adaptformer", "lora"):
+        assert f"{arch}.{method}" in timm_peft.list_models("xcit_*", method=method)
     x = torch.randn(2, 3, 32, 32)
     for method, cfg in [("adapter", dict(placement="houlsby")), ("adaptformer", None),
                         ("lora", None)]:
