@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 import warnings
 from typing import Any
@@ -31,12 +32,16 @@ from timm_peft.layers.scale_shift import ResidualIntoBranch, ScaleShift
 from timm_peft.families import get_family
 from timm_peft.layers.swap import restore_class, restore_classes
 
-from .common import write_report
+from .common import RESULTS, write_report
 
 NUM_CLASSES = 3
 #: tolerance of the gradient comparison, relative to the largest entry of each gradient:
 #: float32 reductions in another order (the fused backward sums γ's gradient in one kernel)
 RTOL = 2e-3
+#: the same in float64, the arbiter when float32 disagrees: a deep random-init network (BatchNorm
+#: at its init statistics, no trained scale) amplifies float32 rounding past RTOL; in float64
+#: the fused and plain paths agree to ~1e-10 unless one of them is wrong
+RTOL_FLOAT64 = 1e-7
 #: smallest scale a gradient is compared at, relative to the model's largest gradient entry
 FLOOR = 1e-3
 
@@ -79,7 +84,7 @@ def _step(model: nn.Module, x: torch.Tensor, probe: torch.Tensor
 
 
 def compare(arch: str, input_size: int | None = None, batch_size: int = 2,
-            **kwargs: Any) -> dict[str, Any]:
+            dtype: torch.dtype = torch.float32, **kwargs: Any) -> dict[str, Any]:
     """Build ``arch.ssf`` (random weights), run one training step of it and of its
     :func:`plain_reference`, and return the largest deviations: ``out_err`` (logits) and
     ``grad_err`` (over every trainable tensor, relative to that gradient's largest entry or
@@ -91,10 +96,11 @@ def compare(arch: str, input_size: int | None = None, batch_size: int = 2,
         warnings.simplefilter("ignore")
         model = timm.create_model(f"{arch}.ssf", num_classes=NUM_CLASSES, **kwargs)
     _randomise(model)
+    model.to(dtype)
     ref = plain_reference(model)
     size = input_size or timm.data.resolve_data_config(model=model)["input_size"][-1]
-    x = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(2))
-    probe = torch.randn(batch_size, NUM_CLASSES, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    probe = torch.randn(batch_size, NUM_CLASSES, generator=torch.Generator().manual_seed(3)).to(dtype)
     out, grads = _step(model, x, probe)
     out_ref, grads_ref = _step(ref, x, probe)
     missing = sorted(set(n for n, g in grads.items() if g is not None)
@@ -126,6 +132,9 @@ def main() -> None:
     if args.modules != "all":
         archs = {m: archs[m] for m in args.modules.split(",")}
     rows, start = [], time.perf_counter()
+    done = RESULTS / f"{args.name}.json"
+    if args.modules != "all" and done.exists():  # a subset rerun replaces its rows in the report
+        rows = [r for r in json.loads(done.read_text())["rows"] if r["module"] not in archs]
     for module, arch in archs.items():
         t0 = time.perf_counter()
         row: dict[str, Any] = dict(module=module, arch=arch)
@@ -142,10 +151,17 @@ def main() -> None:
                        trainable=res["trainable"], out_err=f"{res['out_err']:.1e}",
                        grad_err=f"{res['grad_err']:.1e}",
                        detail=", ".join(res["missing"][:3]))
+            if not ok and not res["missing"]:  # rounding or a wrong path: float64 tells
+                r64 = compare(arch, dtype=torch.float64)
+                if max(r64["grad_err"], r64["out_err"]) <= RTOL_FLOAT64 and not r64["missing"]:
+                    row.update(result="ok", detail=(
+                        f"float32 rounding: in float64 out_err {r64['out_err']:.0e}, grad_err "
+                        f"{r64['grad_err']:.0e}"))
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(row, flush=True)
-        report(args, rows, time.perf_counter() - start, partial=len(rows) < len(archs))
+        report(args, rows, time.perf_counter() - start,
+               partial=len(rows) < len(smallest_archs()))
     print(report(args, rows, time.perf_counter() - start, partial=False).read_text())
 
 
@@ -160,7 +176,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], seconds: float,
              f"`out_err` and `grad_err` are the largest deviations of the logits and of any "
              f"trainable tensor's gradient, relative to its largest entry (at least {FLOOR:g} of "
              f"the model's largest gradient entry); ok when both are "
-             f"≤ {RTOL:g} and the same tensors get gradients. "
+             f"≤ {RTOL:g} and the same tensors get gradients, or where float32 disagrees, when "
+             f"the same comparison in float64 agrees to {RTOL_FLOAT64:g} (the detail says so: "
+             f"float32 rounding amplified by a deep random-init network, not a wrong path). "
              + ", ".join(f"{v} {k}" for k, v in counts.items())
              + f". Total {seconds:.0f} s.")
     return write_report(args.name, "SSF's fused training paths against plain autograd, every "
