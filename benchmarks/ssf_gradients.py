@@ -183,7 +183,8 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], seconds: float,
              + f". Total {seconds:.0f} s.")
     return write_report(args.name, "SSF's fused training paths against plain autograd, every "
                         "timm module", "python -m benchmarks.ssf_gradients"
-                        + ("" if args.modules == "all" else f" --modules {args.modules}"),
+                        + ("" if args.modules == "all" else f" --modules {args.modules} (the "
+                                                              "other rows: an earlier full run)"),
                         rows, ("**Partial: the run is still going (or was stopped).** "
                                if partial else "") + notes)
 
