@@ -22,7 +22,24 @@ from torch import nn
 
 from .swap import original_class
 
-__all__ = ["classifier_width", "on_channels", "per_width"]
+__all__ = ["pooled_classifiers", "classifier_width", "on_channels", "per_width"]
+
+
+def pooled_classifiers(method: str, model: nn.Module, reads: str) -> list[nn.Module]:
+    """The classifiers a head method (MLP-k, Sidetune) feeds, each listed once, after refusing a
+    model without them or ``forward_head``, and one that does not pool (its classifier never
+    runs); ``reads`` says in the error what the method does with the pooled features."""
+    from ..families import get_family, refuse
+    family = get_family(model)
+    heads = list(dict.fromkeys(family.classifiers(model)))  # a head listed twice counts once
+    if not heads or not callable(getattr(model, "forward_head", None)):
+        raise refuse(method, "classifier module(s) (get_classifier) and forward_head", model,
+                     family)
+    if family.pooled(model) is False:
+        raise ValueError(f"{reads} pooled features, but this {type(model).__name__} does not "
+                         "pool (global_pool='', or a features_only backbone), so its classifier "
+                         "never runs; build it with a global pool (the default)")
+    return heads
 
 
 def classifier_width(model: nn.Module, head: nn.Module) -> int:

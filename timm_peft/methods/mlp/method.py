@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ...core import PeftMethod, register_method, register_preset
-from ...families import Family, get_family, refuse
-from ...layers.head import classifier_width, on_channels, per_width
+from ...families import Family
+from ...layers.head import classifier_width, on_channels, per_width, pooled_classifiers
 from ...layers.swap import AdapterModule, Swappable, restore_class, restore_classes, swap_class
 from .config import MlpConfig
 
@@ -95,15 +95,7 @@ class Mlp(PeftMethod):
         return "classifier" in family.capabilities
 
     def apply(self, model: nn.Module, config: MlpConfig) -> nn.Module:
-        family = get_family(model)
-        heads = list(dict.fromkeys(family.classifiers(model)))  # a head listed twice counts once
-        if not heads or not callable(getattr(model, "forward_head", None)):
-            raise refuse(self.name, "classifier module(s) (get_classifier) and forward_head",
-                         model, family)
-        if family.pooled(model) is False:
-            raise ValueError(f"MLP-k reads pooled features, but this {type(model).__name__} does "
-                             "not pool (global_pool='', or a features_only backbone), so its "
-                             "classifier never runs; build it with a global pool (the default)")
+        heads = pooled_classifiers(self.name, model, "MLP-k reads")
         if not config.train_head:
             raise ValueError("MLP-k trains its head: train_head=False would leave the classifier "
                              "(the MLP's last layer) frozen; allowed: train_head=True")

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core import PeftMethod, register_method
 from ...families import Family, get_family, refuse
-from ...layers.head import classifier_width, on_channels, per_width
+from ...layers.head import classifier_width, on_channels, per_width, pooled_classifiers
 from ...layers.swap import (AdapterModule, Swappable, refuse_fx, restore_class, restore_classes,
                             swap_class)
 from .config import SidetuneConfig
@@ -179,15 +179,8 @@ class Sidetune(PeftMethod):
         return "classifier" in family.capabilities
 
     def apply(self, model: nn.Module, config: SidetuneConfig) -> nn.Module:
+        heads = pooled_classifiers(self.name, model, "Sidetune blends")
         family = get_family(model)
-        heads = list(dict.fromkeys(family.classifiers(model)))
-        if not heads or not callable(getattr(model, "forward_head", None)):
-            raise refuse(self.name, "classifier module(s) (get_classifier) and forward_head",
-                         model, family)
-        if family.pooled(model) is False:
-            raise ValueError(f"Sidetune blends pooled features, but this {type(model).__name__} "
-                             "does not pool (global_pool='', or a features_only backbone), so its "
-                             "classifier never runs; build it with a global pool (the default)")
         in_chans = family.in_chans(model)
         if in_chans is None:
             raise refuse(self.name, "the image channels (pretrained_cfg['first_conv'] naming the "
