@@ -307,6 +307,45 @@ def test_linear_scale_shift_with_residual_matches_autograd_and_saves_nothing_new
         (x64, r64, g64) + ((s64,) if with_shift else ()))
 
 
+@pytest.mark.parametrize("with_shift", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_scale_shift_with_drop_path_matches_timm_and_saves_nothing_new(with_shift, dtype):
+    """``r + drop_path(λ ⊙ (γ ⊙ (x Wᵀ + b) + β))`` with timm's own drop_path under the same seed:
+    the same mask (dropped samples included), gradients of x, r, γ, β equal plain autograd's,
+    and in float32 still nothing saved but the sum and r (bfloat16 sums save y, as without)."""
+    from timm.layers import drop_path
+    x, w, b, gamma, beta = _linear_case((8, 7), True, with_shift)
+    x, w, b = x.detach().to(dtype).requires_grad_(), w.to(dtype), b.to(dtype)
+    lam = torch.randn(w.shape[0]) * torch.logspace(-2, 0, w.shape[0])
+    r = (10 * torch.randn(8, 7, w.shape[0])).to(dtype).requires_grad_()
+    torch.manual_seed(3)
+    out, saved = _saved_storages(lambda: linear_scale_shift(
+        x, w, b, gamma, beta, residual=r, layer_scale=lam, drop_prob=0.5))
+    torch.manual_seed(3)
+    branch = (F.linear(x.float(), w.float(), b.float()) * gamma + (0 if beta is None else beta))
+    ref = r.float() + drop_path((lam * branch).to(dtype), 0.5, training=True).float()
+    dropped = (ref - r.float()).flatten(1).abs().amax(1) == 0
+    assert 0 < dropped.sum() < 8  # some samples dropped, some kept
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.1)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    if dtype == torch.float32:
+        acts = set(saved) - {t.untyped_storage().data_ptr()
+                             for t in (w, gamma, beta, lam) if t is not None}
+        assert x.untyped_storage().data_ptr() not in acts
+        assert {out.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()} <= acts
+    probe = torch.randn(out.shape)
+    params = [x, r, gamma] + ([beta] if with_shift else [])
+    for a, e in zip(torch.autograd.grad((out.float() * probe).sum(), params),
+                    torch.autograd.grad((ref * probe).sum(), params)):
+        torch.testing.assert_close(a.float(), e.float(), **tol)
+
+
+def test_linear_scale_shift_drop_path_needs_a_residual():
+    x, w, b, gamma, beta = _linear_case((4,), True, True)
+    with pytest.raises(ValueError, match="drop_prob goes with a residual"):
+        linear_scale_shift(x, w, b, gamma, beta, drop_prob=0.1)
+
+
 def test_linear_scale_shift_with_a_low_precision_sum_saves_its_output():
     """A bfloat16 sum would lose y to cancellation against r, so y is saved instead."""
     x, w, b, gamma, beta = _linear_case((2, 7), True, True)

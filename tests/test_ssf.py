@@ -884,6 +884,43 @@ def test_residual_into_fc2_matches_timm_block_forward(family):
     assert any(n.endswith("fc2.ssf.scale") for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("arch,kwargs,size", [
+    ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(2, 2, 1),
+                                          num_heads=(2, 2, 4), window_size=4), 32),
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3, init_values=0.1), 32),
+    ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1), conv_mlp=False,
+                           ls_init_value=0.1), 64),
+])
+def test_residual_into_branch_with_drop_path_matches_timm(arch, kwargs, size):
+    """Training with stochastic depth (Swin's default drop_path_rate=0.1; here 0.5 so samples
+    drop): the adds still move into fc2/proj, the Linear applies timm's per-sample mask drawn at
+    the point of the random stream where timm's forward draws it, so logits under one seed
+    equal timm's block forward, every gradient is close, and each block's fc2 output is not
+    saved."""
+    from timm_peft.layers.scale_shift import ResidualIntoBranch
+    torch.manual_seed(0)
+    model = timm.create_model(f"{arch}.ssf", num_classes=3, drop_path_rate=0.5, **kwargs)
+    blocks = [b for b in model.modules() if is_swapped(b, ResidualIntoBranch)]
+    assert blocks and all(b._layer_scales() is not None for b in blocks)
+    ref = copy.deepcopy(model)
+    restore_classes(ref, ResidualIntoBranch)
+    x, g = torch.randn(6, 3, size, size), torch.randn(6, 3)
+    torch.manual_seed(1)
+    fused_bytes, out = _saved_bytes(model, x)
+    torch.manual_seed(1)
+    ref_bytes, out_ref = _saved_bytes(ref, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert fused_bytes < ref_bytes, (fused_bytes, ref_bytes)
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=n)
+    model.eval()  # drop-path off: the same fused blocks, no mask
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_tiny_layer_scales_keep_timm_forward_and_exact_gradients():
     """With timm's layer-scale init (1e-6, before pretraining) ``out − r`` cannot give back
     ``λ ⊙ y`` to float32 precision, so the branch keeps timm's forward (the Linear saves its own

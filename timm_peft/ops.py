@@ -309,16 +309,26 @@ class LinearScaleShiftFunction(torch.autograd.Function):
     ``Σ g ⊙ λ ⊙ z = Σ g ⊙ (out − r − λ ⊙ β) / γ̃`` needs no division by λ. The subtraction loses
     ``ε·|r|``; that is below the branch's own rounding only when ``out`` is at least float32
     (the residual stream under autocast is), so a lower-precision ``out`` saves ``λ ⊙ y``.
+
+    With ``drop_prob`` > 0 (an active drop-path between the site and the add, Huang et al.
+    2016), ``out = r + m ⊙ λ ⊙ y`` with timm's per-sample mask ``m`` (0, or 1/keep; drawn here as
+    :func:`timm.layers.drop_path` draws it, so the random stream is the same). Then
+    ``out − r = m ⊙ λ ⊙ y`` and γ's gradient is ``(Σ g ⊙ (out − r) − λ ⊙ β ⊙ Σ m ⊙ g) / γ̃``:
+    still no division by λ or by m, and a dropped sample (``out − r = 0``) adds nothing.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 scale: torch.Tensor, shift: torch.Tensor | None, residual: torch.Tensor | None,
-                layer_scale: torch.Tensor | None, min_scale: float) -> torch.Tensor:
+                layer_scale: torch.Tensor | None, min_scale: float, drop_prob: float = 0.0,
+                scale_by_keep: bool = True) -> torch.Tensor:
         gamma = floor_magnitude(scale, min_scale)
         eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
         y = F.linear(x, *fold_linear(weight, bias, eff_scale, eff_shift, x.dtype))
-        out = y if residual is None else residual + y
+        ctx.sample_scale = None
+        if drop_prob > 0:
+            ctx.sample_scale = _drop_path_mask(y, drop_prob, scale_by_keep)
+        out = y if residual is None else residual + _times(y, ctx.sample_scale)
         ctx.y_dtype = y.dtype
         ctx.from_residual = residual is not None and out.dtype in (torch.float32, torch.float64)
         if ctx.from_residual:
@@ -334,20 +344,44 @@ class LinearScaleShiftFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, weight, gamma, shift, residual, layer_scale = _saved(ctx)
         need_x, _, _, need_scale, need_shift, need_res = ctx.needs_input_grad[:6]
+        m = ctx.sample_scale
         if ctx.from_residual:
             y = y - residual  # one activation-sized temporary, freed on return
         eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
-        grad_y = grad.to(ctx.y_dtype)  # what autograd hands the branch through `r + y`
+        # what autograd hands the branch through `r + m ⊙ y`
+        grad_y = _times(grad.to(ctx.y_dtype), m)
         grad_x = grad_y.matmul((weight * eff_scale.to(weight.dtype)[:, None]).to(grad_y.dtype)) \
             if need_x else None
-        grad_scale, grad_shift = _affine_grads(grad if ctx.from_residual else grad_y, y, gamma,
-                                               eff_shift, -1, need_scale,
-                                               need_shift and shift is not None)
+        need_shift = need_shift and shift is not None
+        if not (ctx.from_residual and m is not None):
+            grad_scale, grad_shift = _affine_grads(grad if ctx.from_residual else grad_y, y,
+                                                   gamma, eff_shift, -1, need_scale, need_shift)
+        else:  # y = m ⊙ λ ⊙ (γ̃ z + β): the shift term is weighted by the mask
+            grad_scale = _affine_grads(grad, y, gamma, None, -1, need_scale, False)[0]
+            grad_shift = grad_y.flatten(0, -2).sum(0, dtype=torch.promote_types(
+                grad_y.dtype, torch.float32)) if need_shift or (
+                    need_scale and shift is not None) else None
+            if need_scale and shift is not None:
+                grad_scale = grad_scale - eff_shift.to(grad_shift.dtype) * grad_shift \
+                    / gamma.to(grad_shift.dtype)
+            grad_shift = grad_shift if need_shift else None
         if grad_shift is not None and layer_scale is not None:
             grad_shift = grad_shift * layer_scale.to(grad_shift.dtype)
         return (grad_x, None, None, None if grad_scale is None else grad_scale.to(gamma.dtype),
                 None if grad_shift is None else grad_shift.to(shift.dtype),
-                grad if need_res else None, None, None)
+                grad if need_res else None, None, None, None, None)
+
+
+def _drop_path_mask(y: torch.Tensor, drop_prob: float, scale_by_keep: bool) -> torch.Tensor:
+    """The per-sample factor (0 or 1/keep) :func:`timm.layers.drop_path` multiplies ``y`` by,
+    drawn with the same calls, so a fused drop-path consumes the random stream as timm's."""
+    keep = 1 - drop_prob
+    m = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep)
+    return m.div_(keep) if keep > 0 and scale_by_keep else m
+
+
+def _times(t: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    return t if m is None else t * m.to(t.dtype)
 
 
 def _layer_scaled(gamma: torch.Tensor, shift: torch.Tensor | None,
@@ -383,10 +417,13 @@ def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        scale: torch.Tensor, shift: torch.Tensor | None = None,
                        min_scale: float = DEFAULT_MIN_SCALE,
                        residual: torch.Tensor | None = None,
-                       layer_scale: torch.Tensor | None = None) -> torch.Tensor:
+                       layer_scale: torch.Tensor | None = None, drop_prob: float = 0.0,
+                       scale_by_keep: bool = True) -> torch.Tensor:
     """SSF after a Linear, ``γ ⊙ (x Wᵀ + b) + β``, as one matmul with the map folded in; with
-    ``residual``, ``residual + λ ⊙ (γ ⊙ (x Wᵀ + b) + β)`` (a transformer branch's last Linear,
-    its frozen layer scale λ, if any, and the block's residual add).
+    ``residual``, ``residual + drop_path(λ ⊙ (γ ⊙ (x Wᵀ + b) + β))`` (a transformer branch's
+    last Linear, its frozen layer scale λ, if any, the branch's drop-path in training, if
+    ``drop_prob`` > 0, as :func:`timm.layers.drop_path` with ``training=True``, and the block's
+    residual add).
 
     Without autograd (or with nothing requiring grad) this is ``F.linear(x, γ ⊙ W, γ ⊙ b + β)``,
     the merged model's computation with the unmerged parameters. In training with a frozen
@@ -414,6 +451,9 @@ def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                          f"(out_features,) = ({weight.shape[0]},); got "
                          f"{tuple(layer_scale.shape)}"
                          + ("" if residual is not None else " without a residual"))
+    if drop_prob and (residual is None or not 0 < drop_prob <= 1):
+        raise ValueError(f"linear_scale_shift: drop_prob goes with a residual and is in (0, 1]; "
+                         f"got {drop_prob}" + ("" if residual is not None else " without a residual"))
     params = (weight, bias, scale, shift, residual, layer_scale)
     frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad)
                   or (layer_scale is not None and layer_scale.requires_grad))
@@ -426,7 +466,9 @@ def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         y = y if layer_scale is None else y * layer_scale
     else:
         return LinearScaleShiftFunction.apply(x, weight, bias, scale, shift, residual,
-                                              layer_scale, min_scale)
+                                              layer_scale, min_scale, drop_prob, scale_by_keep)
+    if drop_prob:
+        y = y * _drop_path_mask(y, drop_prob, scale_by_keep)
     return y if residual is None else residual + y
 
 

@@ -200,16 +200,21 @@ class ScaleShift(AdapterModule):
 
     def after_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      residual: torch.Tensor | None = None,
-                     layer_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``γ ⊙ F.linear(x, W, b) + β`` (or ``residual + λ ⊙ (...)``) as one matmul
+                     layer_scale: torch.Tensor | None = None,
+                     drop_path: nn.Module | None = None) -> torch.Tensor:
+        """``γ ⊙ F.linear(x, W, b) + β`` (or ``residual + drop_path(λ ⊙ (...))``) as one matmul
         (:func:`timm_peft.ops.linear_scale_shift`: in training it keeps only its output, or with
         a residual nothing of its own, since the neighbouring norms save both)."""
         if self.__dict__.get("_plain"):  # per-sample γ must not be folded into a per-sample W
             y = self(F.linear(x, weight, bias))
             y = y if layer_scale is None else y * layer_scale
+            y = y if drop_path is None else drop_path(y)
             return y if residual is None else residual + y
         return linear_scale_shift(x, weight, bias, self.scale, self.shift, residual=residual,
-                                  layer_scale=layer_scale)
+                                  layer_scale=layer_scale,
+                                  **({} if drop_path is None else dict(
+                                      drop_prob=drop_path.drop_prob,
+                                      scale_by_keep=drop_path.scale_by_keep)))
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -265,9 +270,12 @@ def takes_residual(op: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def residual_into(op: nn.Module, residual: torch.Tensor,
-                  layer_scale: torch.Tensor | None = None) -> Iterator[None]:
+                  layer_scale: torch.Tensor | None = None,
+                  drop_path: nn.Module | None = None) -> Iterator[None]:
     """Hand ``residual`` to ``op``'s next call, which returns ``residual + op(x)`` (with a
-    frozen per-channel ``layer_scale`` λ: ``residual + λ ⊙ op(x)``).
+    frozen per-channel ``layer_scale`` λ: ``residual + λ ⊙ op(x)``; with timm's ``DropPath``
+    in training: ``residual + drop_path(λ ⊙ op(x))``, its mask drawn when ``op`` runs, where
+    timm's forward draws it).
 
     A block ``x + branch(x)`` whose branch ends in ``op`` (followed only by identities and that
     layer scale) runs its branch inside this instead of adding ``x`` itself (see
@@ -287,7 +295,7 @@ def residual_into(op: nn.Module, residual: torch.Tensor,
     if not takes_residual(op):
         raise TypeError(f"{type(op).__name__} cannot take a residual (only a Linear with SSF "
                         "attached does)")
-    op.__dict__["_peft_residual"] = (residual, layer_scale)
+    op.__dict__["_peft_residual"] = (residual, layer_scale, drop_path)
     try:
         yield
     except BaseException:
@@ -393,6 +401,16 @@ class ResidualBranch:
 _NOT_FUSABLE = object()
 
 
+def _fused_drop_path(m: nn.Module) -> Any:
+    """A branch's drop-path as the fused add sees it: None (it passes its input through), the
+    module (timm's ``DropPath`` in training, whose per-sample mask the Linear applies), or
+    ``_NOT_FUSABLE`` (anything else)."""
+    from timm.layers import DropPath
+    if _passes_through(m):
+        return None
+    return m if original_class(m) is DropPath else _NOT_FUSABLE
+
+
 def _passes_through(m: nn.Module) -> bool:
     """Whether ``m`` returns its input unchanged: an Identity, or a dropout / drop-path that is
     off (p = 0, or eval mode)."""
@@ -440,8 +458,9 @@ class ResidualIntoBranch(Swappable):
     The reference ``residual_branches`` (a tuple of :class:`ResidualBranch`, from the family's
     :meth:`~timm_peft.families.Family.residual_branches`) says what the block's ``forward``
     computes. That is run in eager training when every branch's last Linear has SSF attached and
-    what lies between it and the add is an identity (no active dropout or drop-path) or a frozen
-    layer scale, which the Linear folds in; otherwise, and under ``torch.compile`` /
+    what lies between it and the add is an identity (no active dropout), a frozen layer scale,
+    which the Linear folds in, or timm's ``DropPath``, whose per-sample mask the Linear applies
+    (drawn at the same point of the random stream as timm's forward draws it); otherwise, and under ``torch.compile`` /
     ``torch.export`` (whose partitioner plans saved tensors itself), the block's own ``forward``
     runs. Both compute the same sum (with a layer scale, to rounding: λ is folded into W).
     """
@@ -455,7 +474,7 @@ class ResidualIntoBranch(Swappable):
         """Each branch's frozen λ (or None) when the adds can move into the branches, else None."""
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        scales = []
+        scales: list[Any] = []
         for br in self.residual_branches:
             body = getattr(self, br.body)
             if any(getattr(m, "wraps_output", False) for m in mixins_of(body)):
@@ -465,7 +484,7 @@ class ResidualIntoBranch(Swappable):
                 continue
             if not (takes_residual(body.get_submodule(br.last))
                     and _passes_through(body.get_submodule(br.after_last))
-                    and _passes_through(getattr(self, br.drop_path))
+                    and _fused_drop_path(getattr(self, br.drop_path)) is not _NOT_FUSABLE
                     and (br.shortcut is None or _passes_through(getattr(self, br.shortcut)))):
                 return None
             scales.append(_frozen_layer_scale(
@@ -485,7 +504,8 @@ class ResidualIntoBranch(Swappable):
             r = x
             if br.channels_last:
                 h, r = h.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
-            with residual_into(body.get_submodule(br.last), r, lam):
+            with residual_into(body.get_submodule(br.last), r, lam,
+                               _fused_drop_path(getattr(self, br.drop_path))):
                 h = getattr(self, br.norm)(h)
                 x = body(h, *args, **kwargs) if br.block_args else body(h)
             if br.channels_last:
