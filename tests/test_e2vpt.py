@@ -68,11 +68,14 @@ def test_vit_base_count_10_visual_5_kv_prompts():
 # key-value prompt attention against an explicit softmax(Q·[P;K]ᵀ/√d)·[P;V]
 # ----------------------------------------------------------------------------------------------
 
-def _explicit_kv_attention(attn, x, pk, pv, bias=None):
-    """softmax(Q [P_K; K]^T / sqrt(d_h) + bias) [P_V; V], heads concatenated, then proj."""
+def _explicit_kv_attention(attn, x, pk, pv, bias=None, qkv_bias=None):
+    """softmax(Q [P_K; K]^T / sqrt(d_h) + bias) [P_V; V], heads concatenated, then proj
+    (``qkv_bias``: a bias of the packed projection kept outside it, BEiT's q/k/v biases)."""
     B, N, C = x.shape
     H = attn.num_heads
-    qkv = x @ attn.qkv.weight.T + (attn.qkv.bias if attn.qkv.bias is not None else 0)
+    if qkv_bias is None:
+        qkv_bias = attn.qkv.bias if attn.qkv.bias is not None else 0
+    qkv = x @ attn.qkv.weight.T + qkv_bias
     q, k, v = qkv.split(qkv.shape[-1] // 3, dim=-1)
     hd = q.shape[-1] // H
     q, k, v = (t.reshape(B, N, H, hd).transpose(1, 2) for t in (q, k, v))
@@ -145,6 +148,39 @@ def test_kv_window_attention_matches_explicit_formula():
     remove_kv_prompt(attn)
     assert type(attn) is WindowAttention
     torch.testing.assert_close(attn(x, mask=shift), plain)
+
+
+@pytest.mark.parametrize("share_kv", [True, False])
+@pytest.mark.parametrize("shared_bias", [False, True])
+def test_kv_beit_attention_matches_explicit_formula_values_and_gradients(share_kv, shared_bias):
+    """BEiT's attention with key-value prompts: its relative position bias (and the shared one)
+    is zero for the prompt keys; output and every gradient as the explicit formula's."""
+    from timm.models.beit import Attention as BeitAttention
+    torch.manual_seed(0)
+    attn = BeitAttention(16, num_heads=2, qkv_bias=True, window_size=(3, 3)).train()
+    with torch.no_grad():  # timm starts the biases and the table at zero
+        for p in (attn.q_bias, attn.v_bias, attn.relative_position_bias_table):
+            p.normal_()
+    B, N, T = 3, 10, 2  # N: class token + 3×3 patches
+    x = torch.randn(B, N, 16, requires_grad=True)
+    shared = torch.randn(1, 2, N, N) if shared_bias else None
+    prompt = add_kv_prompt(attn, num_tokens=T, share_kv=share_kv)
+    pv = prompt.key if share_kv else prompt.value
+    params = [x, attn.q_bias, attn.v_bias, attn.qkv.weight, prompt.key,
+              *([] if share_kv else [prompt.value])]
+    g = torch.randn(B, N, 16)
+    out = attn(x, shared_rel_pos_bias=shared)
+    grads = torch.autograd.grad(out, params, g)
+    rel = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+    bias = rel.view(N, N, 2).permute(2, 0, 1).unsqueeze(0) + (0 if shared is None else shared)
+    bias = torch.cat([torch.zeros(1, 2, N, T), bias], -1)  # prompt keys: no position bias
+    ref = _explicit_kv_attention(attn, x, prompt.key, pv, bias,
+                                 qkv_bias=torch.cat([attn.q_bias, attn.k_bias, attn.v_bias]))
+    ref_grads = torch.autograd.grad(ref, params, g)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert grads[4].abs().max() > 0
 
 
 def test_kv_prompt_rejects_other_attention_modules():
@@ -549,3 +585,42 @@ def test_kv_prompts_do_not_keep_the_qkv_output_alive():
     assert len(outs) == 1 and model.blocks[0].attn.kv_prompt.key.grad.abs().max() > 0
     ptrs = {t.untyped_storage().data_ptr() for t in saved}
     assert outs[0].untyped_storage().data_ptr() not in ptrs
+
+
+def _saved_activation_bytes(model, x):
+    """Bytes of the distinct storages autograd saves in one training forward (parameters,
+    buffers and the input left out), as ``benchmarks/efficiency.py --saved-bytes`` counts."""
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()(x).sum()
+    return sum(saved.values())
+
+
+SAVED_ARCHS = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=2)),
+    "beit": ("beit_base_patch16_224",
+             dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2)),
+    "swin": ("swin_tiny_patch4_window7_224", TINY_SWIN),
+}
+
+
+@pytest.mark.parametrize("fam", SAVED_ARCHS)
+def test_e2vpt_saves_what_vpt_with_its_visual_prompts_saves(fam):
+    """One key-value prompt per layer costs E²VPT one more key per attention over VPT with the
+    same visual prompts, nothing batch-sized besides: prompts concatenated to k and to v
+    separately (next to the qkv output that q keeps alive) cost BEiT 1.18× VPT here."""
+    arch, kw = SAVED_ARCHS[fam]
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    saved = {}
+    for method, cfg in (("vpt", {}), ("e2vpt", dict(num_kv_prompts=1))):
+        torch.manual_seed(0)
+        model = timm.create_model(f"{arch}.{method}", **dict(kw, num_classes=3),
+                                  peft_cfg=dict(num_prompts=4, **cfg))
+        saved[method] = _saved_activation_bytes(model, x)
+    assert saved["e2vpt"] <= 1.05 * saved["vpt"], saved

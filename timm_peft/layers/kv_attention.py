@@ -303,8 +303,10 @@ class KVPromptBeitAttention(Swappable):
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = _biased_qkv(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        k, v = self.kv_prompt(k, v)
+        # one concatenation onto the packed qkv (q, k and v views of one saved buffer), as in
+        # KVPromptAttention: prompts concatenated to k and to v separately would be saved next
+        # to the qkv output that q keeps alive (2/3 of it again, in every block)
+        q, k, v = prompted_qkv(_biased_qkv(self, x), self.num_heads, *self.kv_prompt.prompts())
         bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
         if shared_rel_pos_bias is not None:
             bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
