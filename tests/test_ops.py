@@ -340,10 +340,44 @@ def test_linear_scale_shift_with_drop_path_matches_timm_and_saves_nothing_new(wi
         torch.testing.assert_close(a.float(), e.float(), **tol)
 
 
-def test_linear_scale_shift_drop_path_needs_a_residual():
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
+def test_scale_shift_into_a_residual_matches_timm_and_saves_nothing_new(drop_prob):
+    """``r + drop_path(γ ⊙ x + β)`` (an SSF applied at a residual add): the output and the
+    gradients of x, r, γ, β equal plain autograd's with timm's drop_path under the same seed,
+    and what it saves is the sum and r, no tensor of its own; a bfloat16 sum saves y."""
+    from timm.layers import drop_path
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 6, requires_grad=True)
+    r = (10 * torch.randn(8, 5, 6)).requires_grad_()
+    gamma = (1 + 0.3 * torch.randn(6)).requires_grad_()
+    beta = torch.randn(6, requires_grad=True)
+    torch.manual_seed(3)
+    out, saved = _saved_storages(lambda: scale_shift(x, gamma, beta, residual=r,
+                                                     drop_prob=drop_prob))
+    torch.manual_seed(3)
+    ref = r + drop_path(x * gamma + beta, drop_prob, training=True)
+    torch.testing.assert_close(out, ref)
+    acts = set(saved) - {t.untyped_storage().data_ptr() for t in (gamma, beta)}
+    assert x.untyped_storage().data_ptr() not in acts
+    assert {out.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()} <= acts
+    assert len(acts) == 3  # the sum, r and the floored γ
+    probe = torch.randn(out.shape)
+    for a, e in zip(torch.autograd.grad((out * probe).sum(), [x, r, gamma, beta]),
+                    torch.autograd.grad((ref * probe).sum(), [x, r, gamma, beta])):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    xb, rb = x.detach().bfloat16().requires_grad_(), r.detach().bfloat16()
+    out_b, saved_b = _saved_storages(lambda: scale_shift(xb, gamma, beta, residual=rb))
+    assert rb.untyped_storage().data_ptr() not in saved_b
+    g, = torch.autograd.grad(out_b.float().sum(), [gamma])
+    torch.testing.assert_close(g, xb.float().sum((0, 1)), rtol=0.02, atol=0.5)
+
+
+def test_drop_path_needs_a_residual():
     x, w, b, gamma, beta = _linear_case((4,), True, True)
     with pytest.raises(ValueError, match="drop_prob goes with a residual"):
         linear_scale_shift(x, w, b, gamma, beta, drop_prob=0.1)
+    with pytest.raises(ValueError, match="scale_shift: drop_prob goes with a residual"):
+        scale_shift(torch.randn(2, gamma.numel()), gamma, beta, drop_prob=0.1)
 
 
 def test_linear_scale_shift_with_a_low_precision_sum_saves_its_output():

@@ -921,6 +921,56 @@ def test_residual_into_branch_with_drop_path_matches_timm(arch, kwargs, size):
         torch.testing.assert_close(model(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+def test_swin_attention_ssf_moves_to_the_add_past_the_window_reversal():
+    """Swin's proj output reaches the add only rearranged (windows reversed, rolled, cropped),
+    which a per-channel γ ⊙ · + β commutes with: proj's SSF runs at the add (ResidualBranch
+    site), so no block keeps proj's output; logits and gradients equal timm's block forward
+    (padded windows and shifted windows included). With proj's dropout active, or another
+    method on proj, the branch keeps timm's add."""
+    from timm_peft.layers.scale_shift import ResidualIntoBranch, scale_shift_deferred
+    torch.manual_seed(0)
+    kwargs = dict(img_size=40, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4,
+                  num_classes=3, drop_path_rate=0.3)  # 10x10 tokens: windows padded to 12
+    model = timm.create_model("swin_tiny_patch4_window7_224.ssf", **kwargs)
+    ref = copy.deepcopy(model)
+    restore_classes(ref, ResidualIntoBranch)
+    proj_bytes = []
+    for b in ref.modules():
+        if original_class(b).__name__ == "SwinTransformerBlock":
+            b.attn.proj.register_forward_hook(
+                lambda m, a, out: proj_bytes.append(out.untyped_storage().nbytes()))
+    x, g = torch.randn(4, 3, 40, 40), torch.randn(4, 3)
+    torch.manual_seed(1)
+    fused_bytes, out = _saved_bytes(model, x)
+    torch.manual_seed(1)
+    ref_bytes, out_ref = _saved_bytes(ref, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert len(proj_bytes) == 4 and fused_bytes <= ref_bytes - sum(proj_bytes), (
+        fused_bytes, ref_bytes, proj_bytes)
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=n)
+    assert model.layers[0].blocks[1].shift_size  # a shifted-window block was covered
+    block = model.layers[0].blocks[0]
+    calls = []
+    add_into = block.attn.proj.ssf.add_into
+    block.attn.proj.ssf.add_into = lambda *a: (calls.append(1), add_into(*a))[1]
+    model(x)
+    assert len(calls) == 1
+    for m in (model, ref):  # dropout between proj and the add: SSF stays at proj
+        m.layers[0].blocks[0].attn.proj_drop.p = 0.5
+    torch.manual_seed(2)
+    out = model(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="was not called"):
+        with scale_shift_deferred(block.attn.proj):
+            pass
+
+
 def test_tiny_layer_scales_keep_timm_forward_and_exact_gradients():
     """With timm's layer-scale init (1e-6, before pretraining) ``out − r`` cannot give back
     ``λ ⊙ y`` to float32 precision, so the branch keeps timm's forward (the Linear saves its own

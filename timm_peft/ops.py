@@ -264,7 +264,9 @@ def _scale_shift_value(x: torch.Tensor, gamma: torch.Tensor, shift: torch.Tensor
 
 
 class ScaleShiftFunction(torch.autograd.Function):
-    """``y = γ̃ ⊙ x + β`` along axis ``dim``, saving ``(y, γ̃, β)`` rather than ``x``.
+    """``y = γ̃ ⊙ x + β`` along axis ``dim``, saving ``(y, γ̃, β)`` rather than ``x``; with a
+    ``residual`` r, ``out = r + m ⊙ y`` (``m``: timm's drop-path mask, if ``drop_prob`` > 0)
+    saving ``(out, γ̃, β, r)``, as :class:`LinearScaleShiftFunction` does.
 
     ``γ̃`` is ``γ`` with its magnitude floored at ``min_scale`` (:func:`floor_magnitude`), which
     keeps ``x = (y − β) / γ̃`` well defined; the gradient with respect to ``γ`` is the one with
@@ -275,21 +277,72 @@ class ScaleShiftFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
-                dim: int, min_scale: float) -> torch.Tensor:
+                dim: int, min_scale: float, residual: torch.Tensor | None = None,
+                drop_prob: float = 0.0, scale_by_keep: bool = True) -> torch.Tensor:
         gamma = floor_magnitude(scale, min_scale)
         y = _scale_shift_value(x, gamma, shift, dim)
         ctx.dim = dim
-        return _saved_output(ctx, y, gamma, shift)
+        return _into_residual(ctx, y, residual, drop_prob, scale_by_keep, gamma, shift)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        y, gamma, shift = _saved(ctx)
+        y, gamma, shift, residual = _saved(ctx)
         need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
-        grad_x = grad * _channel_view(gamma.to(grad.dtype), grad, ctx.dim) if need_x else None
-        grad_scale, grad_shift = _affine_grads(grad, y, gamma, shift, ctx.dim, need_scale,
-                                               need_shift and shift is not None)
+        grad_y, grad_scale, grad_shift = _branch_grads(ctx, grad, y, residual, gamma, shift,
+                                                       need_scale, need_shift, ctx.dim)
+        grad_x = grad_y * _channel_view(gamma.to(grad_y.dtype), grad_y, ctx.dim) \
+            if need_x else None
         return (grad_x, None if grad_scale is None else grad_scale.to(gamma.dtype),
-                None if grad_shift is None else grad_shift.to(shift.dtype), None, None)
+                None if grad_shift is None else grad_shift.to(shift.dtype), None, None,
+                grad if ctx.needs_input_grad[5] else None, None, None)
+
+
+def _into_residual(ctx: Any, y: torch.Tensor, residual: torch.Tensor | None, drop_prob: float,
+                   scale_by_keep: bool, *tensors: torch.Tensor | None) -> torch.Tensor:
+    """The output of a site ``y`` (a :class:`SavedOutput`), or ``r + m ⊙ y`` with a residual
+    ``r`` and timm's drop-path mask ``m``, and what backward needs saved: ``(y, *tensors, None)``;
+    with a residual, ``(out, *tensors, r)``, both of which the norms around the add save anyway
+    (a sum below float32 would lose ``y`` to cancellation against ``r``: then ``y`` is saved)."""
+    ctx.y_dtype = y.dtype
+    ctx.sample_scale = _drop_path_mask(y, drop_prob, scale_by_keep) if drop_prob > 0 else None
+    ctx.from_residual = False
+    if residual is None:
+        return _saved_output(ctx, y, *tensors, None)
+    out = residual + _times(y, ctx.sample_scale)
+    if out.dtype in (torch.float32, torch.float64):
+        ctx.from_residual = True
+        return _saved_output(ctx, out, *tensors, residual)
+    ctx.kept = None  # the sum is a new tensor; y is saved as it is
+    ctx.save_for_backward(y, *tensors, None)
+    return out
+
+
+def _branch_grads(ctx: Any, grad: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None,
+                  gamma: torch.Tensor, shift: torch.Tensor | None, need_scale: bool,
+                  need_shift: bool, dim: int = -1
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(∂L/∂y, ∂L/∂γ, ∂L/∂β)`` of a site ``y = γ̃ ⊙ z + β`` from what :func:`_into_residual`
+    saved (``shift``: the β the output carries, a layer scale folded in; ``dim``: the channel
+    axis). With a residual, ``y`` is recovered as ``out − r``
+    (``= m ⊙ y``): γ's gradient is then ``(Σ g ⊙ (out − r) − β ⊙ Σ m ⊙ g) / γ̃``, with no
+    division by the mask, so a dropped sample adds nothing."""
+    m = ctx.sample_scale
+    grad_y = _times(grad.to(ctx.y_dtype), m)  # what reaches y through `r + m ⊙ y`
+    need_shift = need_shift and shift is not None
+    if ctx.from_residual:
+        y = y - residual  # one activation-sized temporary, freed on return
+    if not (ctx.from_residual and m is not None):
+        return (grad_y, *_affine_grads(grad if ctx.from_residual else grad_y, y, gamma, shift,
+                                       dim, need_scale, need_shift))
+    grad_scale = _affine_grads(grad, y, gamma, None, dim, need_scale, False)[0]
+    grad_shift = None
+    if need_shift or (need_scale and shift is not None):
+        grad_shift = grad_y.sum(_reduce_dims(grad_y, dim),
+                                dtype=torch.promote_types(grad_y.dtype, torch.float32))
+    if need_scale and shift is not None:
+        grad_scale = grad_scale - shift.to(grad_shift.dtype) * grad_shift \
+            / gamma.to(grad_shift.dtype)
+    return grad_y, grad_scale, grad_shift if need_shift else None
 
 
 class LinearScaleShiftFunction(torch.autograd.Function):
@@ -325,46 +378,18 @@ class LinearScaleShiftFunction(torch.autograd.Function):
         gamma = floor_magnitude(scale, min_scale)
         eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
         y = F.linear(x, *fold_linear(weight, bias, eff_scale, eff_shift, x.dtype))
-        ctx.sample_scale = None
-        if drop_prob > 0:
-            ctx.sample_scale = _drop_path_mask(y, drop_prob, scale_by_keep)
-        out = y if residual is None else residual + _times(y, ctx.sample_scale)
-        ctx.y_dtype = y.dtype
-        ctx.from_residual = residual is not None and out.dtype in (torch.float32, torch.float64)
-        if ctx.from_residual:
-            return _saved_output(ctx, out, weight, gamma, shift, residual, layer_scale)
-        if residual is None:
-            return _saved_output(ctx, y, weight, gamma, shift, None, layer_scale)
-        # a low-precision sum: y is saved, and the output (the sum) is a new tensor
-        ctx.kept = None
-        ctx.save_for_backward(y, weight, gamma, shift, None, layer_scale)
-        return out
+        return _into_residual(ctx, y, residual, drop_prob, scale_by_keep, weight, gamma, shift,
+                              layer_scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        y, weight, gamma, shift, residual, layer_scale = _saved(ctx)
+        y, weight, gamma, shift, layer_scale, residual = _saved(ctx)
         need_x, _, _, need_scale, need_shift, need_res = ctx.needs_input_grad[:6]
-        m = ctx.sample_scale
-        if ctx.from_residual:
-            y = y - residual  # one activation-sized temporary, freed on return
         eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
-        # what autograd hands the branch through `r + m ⊙ y`
-        grad_y = _times(grad.to(ctx.y_dtype), m)
+        grad_y, grad_scale, grad_shift = _branch_grads(ctx, grad, y, residual, gamma, eff_shift,
+                                                       need_scale, need_shift)
         grad_x = grad_y.matmul((weight * eff_scale.to(weight.dtype)[:, None]).to(grad_y.dtype)) \
             if need_x else None
-        need_shift = need_shift and shift is not None
-        if not (ctx.from_residual and m is not None):
-            grad_scale, grad_shift = _affine_grads(grad if ctx.from_residual else grad_y, y,
-                                                   gamma, eff_shift, -1, need_scale, need_shift)
-        else:  # y = m ⊙ λ ⊙ (γ̃ z + β): the shift term is weighted by the mask
-            grad_scale = _affine_grads(grad, y, gamma, None, -1, need_scale, False)[0]
-            grad_shift = grad_y.flatten(0, -2).sum(0, dtype=torch.promote_types(
-                grad_y.dtype, torch.float32)) if need_shift or (
-                    need_scale and shift is not None) else None
-            if need_scale and shift is not None:
-                grad_scale = grad_scale - eff_shift.to(grad_shift.dtype) * grad_shift \
-                    / gamma.to(grad_shift.dtype)
-            grad_shift = grad_shift if need_shift else None
         if grad_shift is not None and layer_scale is not None:
             grad_shift = grad_shift * layer_scale.to(grad_shift.dtype)
         return (grad_x, None, None, None if grad_scale is None else grad_scale.to(gamma.dtype),
@@ -451,9 +476,7 @@ def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                          f"(out_features,) = ({weight.shape[0]},); got "
                          f"{tuple(layer_scale.shape)}"
                          + ("" if residual is not None else " without a residual"))
-    if drop_prob and (residual is None or not 0 < drop_prob <= 1):
-        raise ValueError(f"linear_scale_shift: drop_prob goes with a residual and is in (0, 1]; "
-                         f"got {drop_prob}" + ("" if residual is not None else " without a residual"))
+    _check_drop_prob("linear_scale_shift", drop_prob, residual)
     params = (weight, bias, scale, shift, residual, layer_scale)
     frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad)
                   or (layer_scale is not None and layer_scale.requires_grad))
@@ -467,14 +490,17 @@ def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     else:
         return LinearScaleShiftFunction.apply(x, weight, bias, scale, shift, residual,
                                               layer_scale, min_scale, drop_prob, scale_by_keep)
-    if drop_prob:
-        y = y * _drop_path_mask(y, drop_prob, scale_by_keep)
-    return y if residual is None else residual + y
+    return _plain_add(y, residual, drop_prob, scale_by_keep)
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None,
-                dim: int = -1, min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
-    """SSF's ``γ ⊙ x + β`` along channel axis ``dim``, keeping no copy of ``x`` for backward.
+                dim: int = -1, min_scale: float = DEFAULT_MIN_SCALE,
+                residual: torch.Tensor | None = None, drop_prob: float = 0.0,
+                scale_by_keep: bool = True) -> torch.Tensor:
+    """SSF's ``γ ⊙ x + β`` along channel axis ``dim``, keeping no copy of ``x`` for backward;
+    with ``residual``, ``residual + drop_path(γ ⊙ x + β)`` (timm's drop-path in training if
+    ``drop_prob`` > 0), keeping nothing but the sum and the residual (see
+    :func:`linear_scale_shift`).
 
     ``scale`` (γ) and ``shift`` (β, or None) have shape ``(x.shape[dim],)``. The output is saved
     for backward; in training it is a :class:`SavedOutput`, so writing it in place afterwards
@@ -504,10 +530,28 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
                          f"{None if shift is None else tuple(shift.shape)}")
     if not min_scale > 0:
         raise ValueError(f"scale_shift: min_scale must be > 0, got {min_scale!r}")
+    _check_drop_prob("scale_shift", drop_prob, residual)
     if not torch.is_grad_enabled() or not (
-            x.requires_grad or scale.requires_grad or (shift is not None and shift.requires_grad)):
-        return _scale_shift_value(x, floor_magnitude(scale, min_scale), shift, dim)
-    return ScaleShiftFunction.apply(x, scale, shift, dim, min_scale)
+            x.requires_grad or scale.requires_grad or (shift is not None and shift.requires_grad)
+            or (residual is not None and residual.requires_grad)):
+        y = _scale_shift_value(x, floor_magnitude(scale, min_scale), shift, dim)
+        return _plain_add(y, residual, drop_prob, scale_by_keep)
+    return ScaleShiftFunction.apply(x, scale, shift, dim, min_scale, residual, drop_prob,
+                                    scale_by_keep)
+
+
+def _check_drop_prob(op: str, drop_prob: float, residual: torch.Tensor | None) -> None:
+    if drop_prob and (residual is None or not 0 < drop_prob <= 1):
+        raise ValueError(f"{op}: drop_prob goes with a residual and is in (0, 1]; got "
+                         f"{drop_prob}" + ("" if residual is not None else " without a residual"))
+
+
+def _plain_add(y: torch.Tensor, residual: torch.Tensor | None, drop_prob: float,
+               scale_by_keep: bool) -> torch.Tensor:
+    """``residual + drop_path(y)`` with plain autograd (or ``y`` without a residual)."""
+    if drop_prob:
+        y = y * _drop_path_mask(y, drop_prob, scale_by_keep)
+    return y if residual is None else residual + y
 
 
 def _qkv_views(qkv: torch.Tensor, num_heads: int

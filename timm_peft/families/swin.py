@@ -12,10 +12,13 @@ from ..ops import packed_attention
 from . import register_family
 from .base import Family, LayerGroups, SsfSite, WindowLayer
 
-#: timm's ``SwinTransformerBlock``: ``x + drop_path1(_attn(norm1(x)))`` (windows reversed after
-#: ``attn.proj``, so that add stays), then ``x + drop_path2(mlp(norm2(x)))`` on the same tokens
-#: (timm flattens H, W around it; the norm and MLP act per token either way)
-BLOCK_BRANCHES = (ResidualBranch("norm1", "_attn", None, None, "drop_path1"),
+#: timm's ``SwinTransformerBlock``: ``x + drop_path1(_attn(norm1(x)))`` (windows reversed,
+#: rolled back and cropped after ``attn.proj``, so that add stays outside the Linear, but the
+#: positions are only rearranged: proj's SSF is applied at the add), then
+#: ``x + drop_path2(mlp(norm2(x)))`` on the same tokens (timm flattens H, W around it; the norm
+#: and MLP act per token either way)
+BLOCK_BRANCHES = (ResidualBranch("norm1", "_attn", None, None, "drop_path1", site="attn.proj",
+                                 after_site="attn.proj_drop"),
                   ResidualBranch("norm2", "mlp", "fc2", "drop2", "drop_path2"))
 
 

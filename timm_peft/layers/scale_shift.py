@@ -27,6 +27,7 @@ from .swap import (AdapterModule, Swappable, is_swapped, mixins_of, original_cla
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
            "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftNorm", "attach_scale_shift",
            "detach_scale_shift", "scale_shift_attached", "takes_residual", "residual_into",
+           "scale_shift_deferred",
            "ResidualBranch", "ResidualIntoBranch"]
 
 #: Channel axis of each site type's output: -1 for channels-last outputs (Linear, LayerNorm over
@@ -120,6 +121,12 @@ def scan(model: nn.Module, roots: tuple[str, ...],
                 yield SsfSite(name, op, why)
 
 
+def _drop_kwargs(drop_path: nn.Module | None) -> dict[str, Any]:
+    """timm's ``DropPath`` module as the fused ops take it."""
+    return {} if drop_path is None else dict(drop_prob=drop_path.drop_prob,
+                                             scale_by_keep=drop_path.scale_by_keep)
+
+
 class ScaleShift(AdapterModule):
     """SSF-ADA (paper Fig. 2c, Eq. 4): ``y = γ ⊙ x + β`` along channel axis ``dim``.
 
@@ -211,10 +218,17 @@ class ScaleShift(AdapterModule):
             y = y if drop_path is None else drop_path(y)
             return y if residual is None else residual + y
         return linear_scale_shift(x, weight, bias, self.scale, self.shift, residual=residual,
-                                  layer_scale=layer_scale,
-                                  **({} if drop_path is None else dict(
-                                      drop_prob=drop_path.drop_prob,
-                                      scale_by_keep=drop_path.scale_by_keep)))
+                                  layer_scale=layer_scale, **_drop_kwargs(drop_path))
+
+    def add_into(self, x: torch.Tensor, residual: torch.Tensor,
+                 drop_path: nn.Module | None = None) -> torch.Tensor:
+        """``residual + drop_path(γ ⊙ x + β)`` (:func:`timm_peft.ops.scale_shift` with a residual:
+        in training it keeps only the sum and the residual, which the norms around save)."""
+        if self.__dict__.get("_plain"):
+            y = self(x)
+            return residual + (y if drop_path is None else drop_path(y))
+        return scale_shift(x, self.scale, self.shift, self.dim, residual=residual,
+                           **_drop_kwargs(drop_path))
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -255,6 +269,8 @@ class ScaleShiftLinear(Swappable):
     method = "ssf"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.__dict__.pop("_peft_deferred", None):  # applied at the add by the block
+            return super().forward(x)
         if mixins_of(self)[-1] is not ScaleShiftLinear:
             # another method's mixin changes the Linear's own output (LoRA): scale-shift that
             return self.ssf(super().forward(x))
@@ -304,6 +320,33 @@ def residual_into(op: nn.Module, residual: torch.Tensor,
     if op.__dict__.pop("_peft_residual", None) is not None:
         raise RuntimeError(f"residual_into: {type(op).__name__} was not called inside the block, "
                            "so its residual was not added")
+
+
+@contextlib.contextmanager
+def scale_shift_deferred(op: nn.Module) -> Iterator[None]:
+    """``op``'s next call returns its plain Linear output, SSF left out: the caller applies
+    ``op.ssf`` where that output lands (:meth:`ScaleShift.add_into`, after a rearrangement of
+    positions that keeps channels, which a per-channel map commutes with). Raises
+    ``RuntimeError`` if ``op`` was not called (its SSF would be lost).
+
+    Example:
+        >>> lin = nn.Linear(3, 3); lin.ssf = ScaleShift(3, dim=-1); attach_scale_shift(lin)
+        >>> x, r = torch.randn(2, 3), torch.randn(2, 3)
+        >>> with scale_shift_deferred(lin):
+        ...     a = lin(x)
+        >>> torch.allclose(lin.ssf.add_into(a.flip(0), r), r + lin(x).flip(0))
+        True
+    """
+    if not takes_residual(op):
+        raise TypeError(f"{type(op).__name__} cannot defer its SSF (only a Linear with SSF "
+                        "attached and nothing else can)")
+    op.__dict__["_peft_deferred"] = True
+    try:
+        yield
+    finally:
+        if op.__dict__.pop("_peft_deferred", None) is not None:
+            raise RuntimeError(f"scale_shift_deferred: {type(op).__name__} was not called "
+                               "inside the block, so its SSF was not applied")
 
 
 class _FoldedView:
@@ -380,10 +423,15 @@ class ResidualBranch:
     permutation of a view. ``shortcut`` names a module on the residual path that must pass its
     input through (an Identity) for the add to move.
 
-    ``last=None`` describes a branch whose add cannot move (Swin's windowed attention, whose
-    output is reversed out of its windows after ``proj``): it runs as
+    ``last=None`` describes a branch whose add cannot move into a Linear (Swin's windowed
+    attention, whose output is reversed out of its windows after ``proj``): it runs as
     ``x + drop_path(body(norm(x)))``, ``body`` possibly a method of the block, so that the
-    block's other branches can still move theirs.
+    block's other branches can still move theirs. If its last Linear's output reaches the add
+    only through a rearrangement of positions that keeps each channel (window reversal, a
+    cyclic shift, a crop), that Linear is its ``site`` and the module after it ``after_site``
+    (both relative to the block): a per-channel ``γ ⊙ · + β`` commutes with such a
+    rearrangement, so the site's SSF is applied at the add instead, fused with it
+    (:meth:`ScaleShift.add_into`), and keeps nothing the norms around the add do not.
     """
 
     norm: str
@@ -396,6 +444,8 @@ class ResidualBranch:
     pre: str | None = None
     channels_last: bool = False
     shortcut: str | None = None
+    site: str | None = None
+    after_site: str | None = None
 
 
 _NOT_FUSABLE = object()
@@ -498,7 +548,7 @@ class ResidualIntoBranch(Swappable):
         for br, lam in zip(self.residual_branches, scales):
             body = getattr(self, br.body)
             if br.last is None:
-                x = x + getattr(self, br.drop_path)(body(getattr(self, br.norm)(x)))
+                x = self._unmoved_branch(br, body, x)
                 continue
             h = x if br.pre is None else getattr(self, br.pre)(x)
             r = x
@@ -511,3 +561,17 @@ class ResidualIntoBranch(Swappable):
             if br.channels_last:
                 x = x.permute(0, 3, 1, 2)
         return x
+
+    def _unmoved_branch(self, br: ResidualBranch, body: Callable[..., torch.Tensor],
+                        x: torch.Tensor) -> torch.Tensor:
+        """``x + drop_path(body(norm(x)))``; with a ``site`` whose SSF can go to the add, that SSF
+        applied there, fused with the add."""
+        drop_path = getattr(self, br.drop_path)
+        site = None if br.site is None else self.get_submodule(br.site)
+        drop = _fused_drop_path(drop_path)
+        if site is None or not takes_residual(site) or drop is _NOT_FUSABLE or not (
+                br.after_site is None or _passes_through(self.get_submodule(br.after_site))):
+            return x + drop_path(body(getattr(self, br.norm)(x)))
+        with scale_shift_deferred(site):
+            a = body(getattr(self, br.norm)(x))
+        return site.ssf.add_into(a, x, drop)
