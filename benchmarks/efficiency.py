@@ -169,6 +169,7 @@ def build_lora(arch: str, kwargs: dict[str, Any], targets: list[str],
         return None
     model = _build(arch, None, kwargs)
     head = [n for n, m in model.named_modules() if m is model.get_classifier()]
+    size = resolve_data_config(model=model)["input_size"]
     config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
                         modules_to_save=head)
     try:
@@ -176,10 +177,32 @@ def build_lora(arch: str, kwargs: dict[str, Any], targets: list[str],
     except ValueError as e:  # peft's "target modules not found" is a ValueError
         skipped.append(f"{arch} LoRA on {targets}: {str(e).splitlines()[0][:120]}")
         return None
+    idle = _never_called(model, size, [n for n, m in model.named_modules()
+                                       if type(m).__module__.startswith("peft.tuners.lora")
+                                       and hasattr(m, "lora_A")])
+    if idle:  # e.g. timm's BEiT attention calls F.linear on qkv.weight itself
+        skipped.append(f"{arch} LoRA on {targets}: peft's LoRA layers never run in the forward "
+                       f"({len(idle)}, e.g. {idle[0]}: the model uses their weights directly), so "
+                       "the row would measure the plain model")
+        return None
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         size = sum(f.stat().st_size for f in Path(d).rglob("*.safetensors"))
     return Entry(model, "peer", _timm_optimizer(model), adapter_bytes=size)
+
+
+def _never_called(model: nn.Module, input_size: tuple[int, ...], names: list[str]) -> list[str]:
+    """Those of the modules ``names`` that one eval forward of a single input does not call."""
+    called: set[str] = set()
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: called.add(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in names if n not in called]
 
 
 #: label -> (registry name, peft_cfg): methods measured with another config next to their default

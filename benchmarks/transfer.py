@@ -22,8 +22,8 @@ Protocol (a miniature of VTAB-1k, Zhai et al. 2019, as run by VPT, SSF and E2VPT
    trainable parameters.
 
 Run from the repository root (a single command regenerates ``results/transfer.{md,json,svg}``;
-about 34 CPU-minutes, i.e. 17 minutes on 2 idle cores, plus 11 CPU-minutes of pre-training
-the first time, cached in ``~/.cache/timm_peft/transfer``)::
+about 25 CPU-minutes for its 204 runs, i.e. 13 minutes on 2 cores, plus about 15 CPU-minutes
+of pre-training the first time, cached in ``~/.cache/timm_peft/transfer``)::
 
     python -m benchmarks.transfer
     python -m benchmarks.transfer --full      # + resnet, partial, vpt_shallow, 3 seeds, 10 epochs
