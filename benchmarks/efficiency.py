@@ -120,27 +120,13 @@ def _build(arch: str, method: str | None, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _config_key(name: str, model: nn.Module) -> str:
+    """What makes two registry names the same model (``mlp3`` is ``mlp``, ``partial_1`` is
+    ``partial``): the method and its config; ``bias``, ``linear`` and ``full`` share a config."""
     cfg = getattr(model, "peft_config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return name
-    return json.dumps([type(cfg).__name__, cfg.to_dict()], sort_keys=True, default=str)
-
-
-def build_methods(arch: str, names: list[str], kwargs: dict[str, Any],
-                  skipped: list[str]) -> dict[str, nn.Module]:
-    """Every registry name that builds on ``arch`` (refusals are ValueErrors), one per config."""
-    out, seen = {}, set()
-    for name in names:
-        try:
-            model = _build(arch, name, kwargs)
-        except ValueError as e:
-            skipped.append(f"{arch}.{name}: refused ({str(e).splitlines()[0][:120]})")
-            continue
-        key = _config_key(name, model)
-        if key not in seen:
-            seen.add(key)
-            out[name] = model
-    return out
+    return json.dumps([model.peft_method, type(cfg).__name__, cfg.to_dict()], sort_keys=True,
+                      default=str)
 
 
 def _timm_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -235,32 +221,48 @@ def _adapter_bytes(model: nn.Module) -> int:
         return (timm_peft.save_pretrained(model, d) / WEIGHTS_NAME).stat().st_size
 
 
-def build_entries(arch: str, names: list[str], kwargs: dict[str, Any],
-                  skipped: list[str]) -> dict[str, Entry]:
-    methods = build_methods(arch, names, kwargs, skipped)
-    if "full" not in methods:
-        methods["full"] = _build(arch, "full", kwargs)
-    entries = {}
-    for label, (method, cfg) in VARIANTS.items():
-        if method in methods:
-            methods[label] = _build(arch, method, dict(kwargs, peft_cfg=cfg))
-    for name, model in methods.items():
-        if name in PRUNE:
-            PRUNE[name](model)
-        entry = Entry(model, "variant" if name in VARIANTS else "method",
-                      create_optimizer(model, TrainConfig(opt="adamw", lr=LR)),
-                      adapter_bytes=_adapter_bytes(model))
+def _method_entry(name: str, model: nn.Module, with_merged: bool) -> Entry:
+    if name in PRUNE:
+        PRUNE[name](model)
+    entry = Entry(model, "variant" if name in VARIANTS else "method",
+                  create_optimizer(model, TrainConfig(opt="adamw", lr=LR)),
+                  adapter_bytes=_adapter_bytes(model))
+    if with_merged:
         try:
             entry.merged = timm_peft.merge_and_unload(copy.deepcopy(model))
         except (NotImplementedError, ValueError):
             pass
-        entries[name] = entry
-    entries[LIMIT] = build_limit(arch, kwargs)
+    return entry
+
+
+def iter_entries(arch: str, names: list[str], kwargs: dict[str, Any], skipped: list[str],
+                 with_merged: bool = True) -> Iterator[tuple[str, Entry]]:
+    """Every registry name of ``names`` that builds on ``arch`` (one per config; refusals are
+    ValueErrors, noted in ``skipped``), ``full``, the :data:`VARIANTS`, the limit and the HF peft
+    LoRA peers, built one at a time as they are asked for: a caller that measures an entry and
+    drops it never holds more than one (all of BEiT-B's at once need more than 24 GB)."""
+    seen, built = set(), set()
+    for name in list(names) + [n for n in ("full",) if n not in names]:
+        try:
+            model = _build(arch, name, kwargs)
+        except ValueError as e:
+            skipped.append(f"{arch}.{name}: refused ({str(e).splitlines()[0][:120]})")
+            continue
+        key = _config_key(name, model)
+        if key not in seen:
+            seen.add(key)
+            built.add(name)
+            yield name, _method_entry(name, model, with_merged)
+        del model  # not kept alive while the next one is built
+    for label, (method, cfg) in VARIANTS.items():
+        if method in built:
+            yield label, _method_entry(label, _build(arch, method, dict(kwargs, peft_cfg=cfg)),
+                                       with_merged)
+    yield LIMIT, build_limit(arch, kwargs)
     for label, targets in LORA_TARGETS.items():
         lora = build_lora(arch, kwargs, targets, skipped)
         if lora is not None:
-            entries[label] = lora
-    return entries
+            yield label, lora
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,22 +397,24 @@ def measure_saved(arch: str, names: list[str], args: argparse.Namespace,
     """``--saved-bytes``: one row per entry with its saved-activation bytes
     (:func:`saved_activation_bytes`) and their ratio to the limit's; no timing."""
     device = torch.device(args.device)
-    entries = build_entries(arch, names, args.model_kwargs, skipped)
-    size = resolve_data_config(model=entries[LIMIT].model)["input_size"]
-    if args.input_size:
-        size = (size[0], args.input_size, args.input_size)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, *size, generator=g).to(device)
-    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
-    saved = {}
+    x = y = None
+    kinds, saved = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for k, e in entries.items():
+        for k, e in iter_entries(arch, names, args.model_kwargs, skipped, with_merged=False):
+            if x is None:  # every entry is the same arch: one input for all
+                size = resolve_data_config(model=e.model)["input_size"]
+                if args.input_size:
+                    size = (size[0], args.input_size, args.input_size)
+                x = torch.randn(args.batch_size, *size, generator=g).to(device)
+                y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
             e.model.to(device)
-            saved[k] = saved_activation_bytes(e, x, y, device, args.amp)
-    return [dict(arch=arch, method=k, kind=e.kind, saved_MiB=saved[k] / 2 ** 20,
-                 saved_vs_limit=saved[k] / saved[LIMIT],
-                 saved_vs_full=saved[k] / saved["full"]) for k, e in entries.items()]
+            kinds[k], saved[k] = e.kind, saved_activation_bytes(e, x, y, device, args.amp)
+            del e  # the next one is built only now
+    return [dict(arch=arch, method=k, kind=kinds[k], saved_MiB=v / 2 ** 20,
+                 saved_vs_limit=v / saved[LIMIT], saved_vs_full=v / saved["full"])
+            for k, v in saved.items()]
 
 
 def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
@@ -419,7 +423,7 @@ def measure(arch: str, names: list[str], args: argparse.Namespace, mode: str,
     device = torch.device(args.device)
     kwargs = args.model_kwargs
     plain = _build(arch, None, kwargs).to(device)
-    entries = build_entries(arch, names, kwargs, skipped)
+    entries = dict(iter_entries(arch, names, kwargs, skipped))
     for e in entries.values():
         e.model.to(device)
         if e.merged is not None:

@@ -1,4 +1,6 @@
 """benchmarks/efficiency.py's handling of an entry that fails on the device it measures."""
+import weakref
+
 import pytest
 
 from benchmarks import efficiency as eff
@@ -93,3 +95,33 @@ def test_saved_activation_bytes_counts_distinct_activation_storages():
     # weight of its mean (a float32 scalar); the labels are left out like the input
     assert got == 4 * (4 * 8 + 4 * 8 + 4 * 3) + 4
     assert got == eff.saved_activation_bytes(entry, x, y, torch.device("cpu"), None)
+
+
+def test_a_peft_lora_peer_whose_layers_never_run_is_left_out():
+    """timm's BEiT attention calls F.linear on qkv.weight itself, so peft's LoRA on qkv would be
+    the plain model under another name: left out, saying why; on ViT the peer is built."""
+    pytest.importorskip("peft")
+    from benchmarks.efficiency import build_lora
+    tiny = dict(depth=1, embed_dim=32, num_heads=2)
+    skipped = []
+    assert build_lora("beit_base_patch16_224", tiny, ["qkv"], skipped) is None
+    assert "never run" in skipped[0] and "blocks.0.attn.qkv" in skipped[0]
+    skipped = []
+    assert build_lora("vit_small_patch16_224", tiny, ["qkv"], skipped) is not None
+    assert skipped == []
+
+
+def test_entries_are_built_one_at_a_time():
+    """--saved-bytes measures every method of an arch: all of BEiT-B's at once would not fit in
+    memory, so each entry is built when asked for and is gone once the caller drops it."""
+    tiny = dict(depth=1, embed_dim=32, num_heads=2)
+    refs, names = [], []
+    methods = ["bias", "linear", "ssf", "mlp", "mlp3"]  # mlp3 is mlp; linear shares bias' config
+    for name, entry in eff.iter_entries("vit_small_patch16_224", methods, tiny, [],
+                                        with_merged=False):
+        assert [r() for r in refs] == [None] * len(refs), name
+        assert entry.merged is None
+        refs.append(weakref.ref(entry.model))
+        names.append(name)
+        del entry
+    assert names[:5] == ["bias", "linear", "ssf", "mlp", "full"] and eff.LIMIT in names
