@@ -194,7 +194,7 @@ def engine_bound(engine: AdapterEngine, ids: list[str], images: list[bytes], kin
     ``@serve.batch`` splits a batch by multiplexed model id). The tensors are the images
     preprocessed once, beforehand. ``bound`` is the median over rounds of (b)'s time / ours: the
     throughput ratio of a server that spends time on nothing but the backbone and fills every
-    batch, where merging adapters has the most to gain.
+    batch.
     """
     seq = traffic(len(ids), kind, batch * rounds, zipf_s)
     batches = [[(ids[k], engine.preprocess(ids[k], images[i % len(images)]), 3)
@@ -476,10 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         f"sequence ({args.bound_rounds} batches; `ids_per_full_batch` distinct adapters in one "
         "on average), (b)'s time (one `run_batch` per adapter id, as Ray's `@serve.batch` "
         "splits it) / ours (one `run_batch`, one routed backbone pass), process CPU time, the "
-        "median over batches; `engine_ours_req_s` is ours' full-batch throughput. Full "
-        "batches are where merging adapters has the most to gain, so this is the ratio to (b) "
-        "a server could reach on this hardware with these settings if the backbone were all "
-        "it spent time on. "
+        "median over batches; `engine_ours_req_s` is ours' full-batch throughput. It is the "
+        "ratio to (b) a server would reach on this hardware with full batches if the backbone "
+        "were all it spent time on (partial batches, as over HTTP, give other ratios). "
         "`*_replica_cpu_ms` / `*_rest_cpu_ms`: CPU milliseconds per answered request in the "
         "system's replica / everywhere else (Ray Serve's HTTP proxy, the rest of Ray, the load "
         "generator; split in the runs file), from the processes' CPU times; compare "
