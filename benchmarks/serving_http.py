@@ -16,10 +16,13 @@ Three ways to serve ``n`` SSF adapters of one backbone, on one local Ray Serve, 
   own requests) per adapter, each at its own route prefix.
 
 A bounded closed-loop load generator (``--concurrency`` clients, aiohttp) sends a fixed, seeded
-sequence of ``--requests`` requests (a stop after ``--duration`` seconds too): JSON bodies with a
-base64 JPEG, adapters drawn uniformly or Zipf(``--zipf-s``)-skewed. Every system gets the same
-sequence after a warm-up request per adapter. Memory: the resident set of the replica processes
-(``psutil``) and the tensor bytes of the models they hold.
+sequence of ``--requests`` requests (a stop after ``--duration`` seconds too): a JPEG's own bytes
+as the body and the adapter id in the query, for every system; adapters drawn uniformly or
+Zipf(``--zipf-s``)-skewed. Every system gets the same sequence after a warm-up request per
+adapter. Memory: the resident set of the replica processes (``psutil``) and the tensor bytes of
+the models they hold. Where the time goes: each part's CPU time per request (the replicas, Ray's
+HTTP proxy, the rest of Ray, the load generator), and the engine bound (:func:`engine_bound`),
+the replica's own work for full batches measured in this process without HTTP.
 
 Run: ``nice -n 10 python -m benchmarks.serving_http`` (``--quick`` for a smoke run).
 """
@@ -27,9 +30,10 @@ Run: ``nice -n 10 python -m benchmarks.serving_http`` (``--quick`` for a smoke r
 
 import argparse
 import asyncio
-import base64
 import concurrent.futures
+import itertools
 import json
+import os
 import random
 import shutil
 import socket
@@ -44,7 +48,7 @@ import torch
 from starlette.requests import Request  # a module-level name: FastAPI resolves the annotation
 
 import timm_peft
-from benchmarks.common import RESULTS, write_report
+from benchmarks.common import RESULTS, median_ratio, round_robin_clocks, write_report
 from benchmarks.serving import _nbytes
 from timm_peft.serve import AdapterEngine, encode_image
 
@@ -179,6 +183,42 @@ async def _load(requests: list[tuple[str, dict, bytes]], concurrency: int, durat
                 p50_ms=pct(0.50), p99_ms=pct(0.99))
 
 
+def engine_bound(engine: AdapterEngine, ids: list[str], images: list[bytes], kind: str,
+                 batch: int, rounds: int, zipf_s: float) -> dict[str, float]:
+    """The replica's own work for full batches, without HTTP: ours vs (b), in this process.
+
+    Round r takes the r-th ``batch`` consecutive requests of the load generator's own sequence
+    (the same for both systems) and times, in process CPU seconds, what each
+    system's replica runs for it: ours one :meth:`AdapterEngine.run_batch` over the mixed batch
+    (one routed backbone pass), (b) one ``run_batch`` per adapter id in it (Ray's
+    ``@serve.batch`` splits a batch by multiplexed model id). The tensors are the images
+    preprocessed once, beforehand. ``bound`` is the median over rounds of (b)'s time / ours: the
+    throughput ratio of a server that spends time on nothing but the backbone and fills every
+    batch.
+    """
+    seq = traffic(len(ids), kind, batch * rounds, zipf_s)
+    batches = [[(ids[k], engine.preprocess(ids[k], images[i % len(images)]), 3)
+                for i, k in enumerate(seq[b * batch:(b + 1) * batch])] for b in range(rounds)]
+
+    def split(items: list) -> None:
+        groups: dict[str, list] = {}
+        for item in items:
+            groups.setdefault(item[0], []).append(item)
+        for group in groups.values():
+            engine.run_batch(group)
+
+    def cycle(run: Any) -> Any:  # each system its own iterator: round r gives both one draw
+        it = itertools.cycle(batches)
+        return lambda: run(next(it))
+
+    _, cpu = round_robin_clocks(dict(ours=cycle(engine.run_batch), multiplexed=cycle(split)),
+                                warmup=1, rounds=rounds)
+    return dict(bound=median_ratio(cpu, "multiplexed", "ours"),
+                ours_req_s=batch / statistics.median(cpu["ours"]),
+                multiplexed_req_s=batch / statistics.median(cpu["multiplexed"]),
+                distinct=statistics.mean(len({it[0] for it in b}) for b in batches))
+
+
 def _replica_memory(app_prefix: str) -> tuple[int, int]:
     """Resident bytes summed over the Serve replica processes of apps named ``app_prefix*``."""
     import psutil
@@ -192,6 +232,37 @@ def _replica_memory(app_prefix: str) -> tuple[int, int]:
             except psutil.Error:
                 pass
     return total, count
+
+
+#: where a request's CPU time goes: the system's replicas, Ray Serve's HTTP proxy, the rest of Ray
+#: (raylet, GCS, Serve's controller, ...) and this driver (the load generator)
+PARTS = ("replica", "proxy", "ray", "client")
+
+
+def _cpu_seconds(app_prefix: str) -> dict[int, tuple[str, float]]:
+    """``{pid: (part, CPU seconds so far)}`` for this driver and every process under it (Ray's
+    own and its workers); replicas are those of the apps named ``app_prefix*``."""
+    import psutil
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            cmd, t = " ".join(p.cmdline()), p.cpu_times()
+        except psutil.Error:  # exited meanwhile
+            continue
+        part = ("client" if p.pid == me.pid else "replica" if f"ServeReplica:{app_prefix}" in cmd
+                else "proxy" if "ProxyActor" in cmd else "ray")
+        out[p.pid] = (part, t.user + t.system)
+    return out
+
+
+def _cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                        requests: int) -> dict[str, float]:
+    """CPU milliseconds per answered request of each part between two :func:`_cpu_seconds`."""
+    ms = dict.fromkeys(PARTS, 0.0)
+    for pid, (part, t) in after.items():
+        ms[part] += (t - before.get(pid, (part, 0.0))[1]) * 1e3 / max(1, requests)
+    return ms
 
 
 def _stats(url: str) -> dict[str, int]:
@@ -222,12 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--bound-rounds", type=int, default=12,
+                   help="batches drawn per cell for the in-process engine bound")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     p.add_argument("--out", default="serving_http", help="report name under benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
         args.adapters, args.requests, args.duration, args.depth = "1,8", 60, 10.0, 2
-        args.img_size = 64
+        args.img_size, args.bound_rounds = 64, 4
     import ray
     from ray import serve
 
@@ -237,24 +310,30 @@ def main(argv: list[str] | None = None) -> None:
     counts = [int(c) for c in args.adapters.split(",")]
     kwargs = dict(img_size=args.img_size, depth=args.depth)
     root = Path(tempfile.mkdtemp(prefix="serving_http_"))
-    t_start = time.time()
+    t_start, load = time.time(), [os.getloadavg()[0]]
     weights, dirs = make_zoo(root, args.arch, kwargs, max(counts), args.method)
     g = torch.Generator().manual_seed(0)
-    images = [base64.b64encode(encode_image(torch.rand(3, args.img_size, args.img_size,
-                                                       generator=g), format="JPEG")).decode()
-              for _ in range(8)]  # JPEG, as photos come: the bodies stay small
+    jpegs = [encode_image(torch.rand(3, args.img_size, args.img_size, generator=g),
+                          format="JPEG") for _ in range(8)]  # as photos come: small bodies
     common = dict(pretrained_file=str(weights), model_kwargs=kwargs, num_cpus=0,
                   max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
 
-    # model tensor bytes (in this process): one backbone with n adapters vs n single models
-    def bytes_ours(n: int) -> int:
-        e = AdapterEngine(args.arch, {f"t{i}": str(dirs[i]) for i in range(n)}, max_adapters=n,
-                          pretrained_file=str(weights), model_kwargs=kwargs)
-        return _nbytes(e.model)
-
+    # in this process, before Ray starts: model tensor bytes (one backbone with n adapters vs
+    # n single models) and the engine bound of each cell
     single = _nbytes(timm_peft.from_pretrained(dirs[0], pretrained_cfg_overlay=dict(
         file=str(weights), custom_load=False)))
-    model_ratio = {n: bytes_ours(n) / (n * single) for n in counts}
+    model_ratio, bound = {}, {}
+    for n in counts:
+        ids = [f"t{i}" for i in range(n)]
+        engine = AdapterEngine(args.arch, {a: str(dirs[i]) for i, a in enumerate(ids)},
+                               max_adapters=n, pretrained_file=str(weights), model_kwargs=kwargs)
+        model_ratio[n] = _nbytes(engine.model) / (n * single)
+        for kind in ("uniform", "zipf"):
+            bound[n, kind] = engine_bound(engine, ids, jpegs, kind, args.max_batch_size,
+                                          args.bound_rounds, args.zipf_s)
+            print(f"engine bound n={n} {kind}:",
+                  {k: round(v, 3) for k, v in bound[n, kind].items()}, flush=True)
+        del engine
     runs = RESULTS / f"{args.out}_runs.json"
 
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
@@ -267,9 +346,6 @@ def main(argv: list[str] | None = None) -> None:
         for n in counts:
             ids = [f"t{i}" for i in range(n)]
             sources = {a: str(dirs[i]) for i, a in enumerate(ids)}
-            body = {k: [json.dumps(dict(adapter=a, image=images[j % len(images)],
-                                        top_k=3)).encode() for j in range(len(images))]
-                    for k, a in enumerate(ids)}
             systems: dict[str, Any] = {}
 
             def deploy_ours() -> list[str]:
@@ -295,15 +371,18 @@ def main(argv: list[str] | None = None) -> None:
                 serve.run_many(targets)  # deployed together, waits until all run
                 return [t.name for t in targets]
 
+            # the image's own bytes, the id in the query: no base64 or JSON for any system
+            jpeg = {"Content-Type": "image/jpeg"}
+
             def req_ours(k: int, j: int) -> tuple[str, dict, bytes]:
-                return f"{url}/predict", {"Content-Type": "application/json"}, body[k][j]
+                return f"{url}/predict?adapter={ids[k]}&top_k=3", jpeg, jpegs[j]
 
             def req_multiplexed(k: int, j: int) -> tuple[str, dict, bytes]:
-                return f"{url}/predict", {"Content-Type": "application/json",
-                                   "serve_multiplexed_model_id": ids[k]}, body[k][j]
+                return (f"{url}/predict?adapter={ids[k]}&top_k=3",
+                        {**jpeg, "serve_multiplexed_model_id": ids[k]}, jpegs[j])
 
             def req_per_adapter(k: int, j: int) -> tuple[str, dict, bytes]:
-                return f"{url}/{ids[k]}/predict", {"Content-Type": "application/json"}, body[k][j]
+                return f"{url}/{ids[k]}/predict?adapter={ids[k]}&top_k=3", jpeg, jpegs[j]
 
             systems["ours"] = (deploy_ours, req_ours)
             systems["multiplexed"] = (deploy_multiplexed, req_multiplexed)
@@ -316,16 +395,20 @@ def main(argv: list[str] | None = None) -> None:
                 warm = [make(k, 0) for k in range(n)] + [make(k % n, 1) for k in range(32)]
                 w = asyncio.run(_load(warm, min(args.concurrency, len(warm)), 120.0))
                 assert w["errors"] == 0, (system, w)
-                rss, procs = _replica_memory(system if system != "per_adapter" else "per_adapter_")
+                app_prefix = system if system != "per_adapter" else "per_adapter_"
+                rss, procs = _replica_memory(app_prefix)
                 if system == "per_adapter" and procs:
                     one_replica_rss.append(rss // procs)
                 for kind in ("uniform", "zipf"):
                     seq = traffic(n, kind, args.requests, args.zipf_s)
-                    reqs = [make(k, i % len(images)) for i, k in enumerate(seq)]
+                    reqs = [make(k, i % len(jpegs)) for i, k in enumerate(seq)]
                     stats0 = _stats(url) if system != "per_adapter" else None
+                    cpu0 = _cpu_seconds(app_prefix)
                     res = asyncio.run(_load(reqs, args.concurrency, args.duration))
+                    cpu = _cpu_ms_per_request(cpu0, _cpu_seconds(app_prefix), res["done"])
                     row = dict(adapters=n, traffic=kind, system=system, **res,
-                               replica_rss_mb=rss / 2**20, replicas=procs)
+                               replica_rss_mb=rss / 2**20, replicas=procs,
+                               **{f"{k}_cpu_ms": v for k, v in cpu.items()})
                     if stats0 is not None:  # requests per batch and per backbone pass
                         st = {k: v - stats0[k] for k, v in _stats(url).items()}
                         row["mean_batch"] = st["requests"] / max(1, st["batches"])
@@ -338,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
                     serve.delete(app)
                 print(f"  {system} n={n}: {time.time() - t0:.0f} s", flush=True)
     finally:
+        load.append(os.getloadavg()[0])
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
@@ -355,6 +439,13 @@ def main(argv: list[str] | None = None) -> None:
                 ours_req_s=ours["req_per_s"], multiplexed_req_s=mux["req_per_s"],
                 per_adapter_req_s=pa["req_per_s"] if pa else float("nan"),
                 throughput_vs_multiplexed=ours["req_per_s"] / mux["req_per_s"],
+                engine_bound=bound[n, kind]["bound"],
+                engine_ours_req_s=bound[n, kind]["ours_req_s"],
+                ids_per_full_batch=bound[n, kind]["distinct"],
+                ours_replica_cpu_ms=ours["replica_cpu_ms"],
+                ours_rest_cpu_ms=sum(ours[f"{k}_cpu_ms"] for k in PARTS if k != "replica"),
+                multiplexed_replica_cpu_ms=mux["replica_cpu_ms"],
+                multiplexed_rest_cpu_ms=sum(mux[f"{k}_cpu_ms"] for k in PARTS if k != "replica"),
                 ours_req_per_pass=ours.get("req_per_pass", float("nan")),
                 multiplexed_req_per_pass=mux.get("req_per_pass", float("nan")),
                 ours_p99_ms=ours["p99_ms"], multiplexed_p99_ms=mux["p99_ms"],
@@ -366,8 +457,9 @@ def main(argv: list[str] | None = None) -> None:
     notes = (
         f"`{args.arch}` ({args.img_size}x{args.img_size} input, depth {args.depth}, random "
         f"base from a local weights file), {args.method.upper()} adapters with heads of 10-14 "
-        f"classes. Ray Serve {ray.__version__} on this machine (2 CPU cores shared with other "
-        "jobs; every process under `nice`; one torch thread per replica), HTTP on localhost from "
+        f"classes. Ray Serve {ray.__version__} on this machine ({os.cpu_count()} CPU cores, "
+        f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end of the run; one "
+        "torch thread per replica and in the engine bound), HTTP on localhost from "
         f"an aiohttp load generator in the driver: {args.concurrency} concurrent clients, "
         f"{args.requests} requests per cell (stop after {args.duration:g} s), the same seeded "
         f"sequence for every system; Zipf s={args.zipf_s}. `@serve.batch` up to "
@@ -375,10 +467,23 @@ def main(argv: list[str] | None = None) -> None:
         "(b) `multiplexed` shares one backbone too (only its batching differs). (a) "
         f"`per_adapter` runs as n real deployments up to n={args.per_adapter_max}; above that "
         "its memory is n x the median replica RSS measured at the smaller n and its throughput "
-        "is not measured (n replica processes do not fit the shared machine). "
+        "is not measured (n replica processes of about 1 GB each do not fit this machine). "
         "`rss_vs_per_adapter`: resident memory of our one replica / n x one per-adapter "
         "replica (processes: the torch runtime counts); `model_bytes_vs_per_adapter`: tensor "
-        "bytes of one backbone with n adapters / n separate models. Goals: 64 adapters, Zipf: "
+        "bytes of one backbone with n adapters / n separate models. `engine_bound`: the same "
+        "replica code in the driver process before Ray starts, no HTTP, the images preprocessed "
+        f"beforehand: for batches of {args.max_batch_size} consecutive requests of the same "
+        f"sequence ({args.bound_rounds} batches; `ids_per_full_batch` distinct adapters in one "
+        "on average), (b)'s time (one `run_batch` per adapter id, as Ray's `@serve.batch` "
+        "splits it) / ours (one `run_batch`, one routed backbone pass), process CPU time, the "
+        "median over batches; `engine_ours_req_s` is ours' full-batch throughput. It is the "
+        "ratio to (b) a server would reach on this hardware with full batches if the backbone "
+        "were all it spent time on (partial batches, as over HTTP, give other ratios). "
+        "`*_replica_cpu_ms` / `*_rest_cpu_ms`: CPU milliseconds per answered request in the "
+        "system's replica / everywhere else (Ray Serve's HTTP proxy, the rest of Ray, the load "
+        "generator; split in the runs file), from the processes' CPU times; compare "
+        "1000 / `engine_ours_req_s`, the replica's backbone work per request in a full batch. "
+        "Goals: 64 adapters, Zipf: "
         "throughput ≥ 2x (b) at equal p99; memory ≤ 0.15 of (a). Closed loop: a system with "
         "a higher throughput and a lower p99 at one concurrency meets 'at equal p99'. "
         f"Total time {time.time() - t_start:.0f} s.")

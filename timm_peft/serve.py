@@ -10,10 +10,10 @@ the queueing and the batching; this module only decides what runs together.
 
 Adapters are untrusted input here too. Ids the replica does not hold are loaded on demand, from
 the Hub (``hf-hub:<org>/<name>``) or from a directory under ``adapter_root``, through the
-library's checked loader (:func:`timm_peft.io.verify_adapter`, then
-:func:`timm_peft.load_adapter`): a failed load leaves the model as it was, is answered with a
-4xx and is remembered for ``failure_ttl_s`` seconds instead of being retried on every request.
-An optional allow-list (ids or prefixes) bounds which ids may be loaded at all. Images are
+library's checked loader (:func:`timm_peft.load_adapter`, which runs every check on a twin of
+the model before it touches the model): a failed load leaves the model as it was, is answered
+with a 4xx and is remembered for ``failure_ttl_s`` seconds instead of being retried on every
+request. An optional allow-list (ids or prefixes) bounds which ids may be loaded at all. Images are
 bounded in bytes and pixels and decoded only from common raster formats.
 
 The engine (:class:`AdapterEngine`) has no Ray in it: it is the part that can be unit-tested and
@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .adapters import delete_adapter, get_adapters, route, set_adapter, using_adapter
-from .io import HUB_PREFIX, load_adapter, verify_adapter
+from .io import HUB_PREFIX, load_adapter
 from .io.load import resolve_adapter_dir
 
 __all__ = ["AdapterEngine", "RequestError", "build_app", "app_builder", "start", "encode_image",
@@ -278,11 +278,11 @@ class AdapterEngine:
             entry.pins -= 1
 
     def _load(self, adapter_id: str) -> _Entry:
-        """Check the adapter without the model, add it to the model, then make room."""
+        """Fetch the adapter, add it to the model (every check runs first on a twin), then make
+        room."""
         source = self._source(adapter_id)
         try:
-            adapter_dir = resolve_adapter_dir(source)
-            verify_adapter(adapter_dir)  # config, meta-device build, hash, finite values
+            adapter_dir = resolve_adapter_dir(source)  # a Hub download: outside the model lock
         except Exception as e:  # AdapterError names the file and field; anything else too
             raise RequestError(422, f"adapter {adapter_id!r} cannot be loaded: "
                                f"{type(e).__name__}: {e}") from e
