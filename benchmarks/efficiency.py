@@ -383,7 +383,9 @@ def saved_activation_bytes(entry: Entry, x: torch.Tensor, y: torch.Tensor,
         st = t.untyped_storage()
         if st.data_ptr() not in skip:
             saved[st.data_ptr()] = st.nbytes()
-        return t
+        # not ``t`` itself: a saved output would hold its own grad_fn, a cycle no collector
+        # frees (every call leaked what it saved); the detached view keeps the same storage
+        return t.detach()
     model.train()
     xi = x.detach().requires_grad_() if entry.input_grad else x
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, amp):

@@ -1,4 +1,5 @@
 """benchmarks/efficiency.py's handling of an entry that fails on the device it measures."""
+import gc
 import weakref
 
 import pytest
@@ -94,7 +95,13 @@ def test_saved_activation_bytes_counts_distinct_activation_storages():
     # GELU's input (4, 8) and output (4, 8), cross-entropy's log-softmax (4, 3) and the total
     # weight of its mean (a float32 scalar); the labels are left out like the input
     assert got == 4 * (4 * 8 + 4 * 8 + 4 * 3) + 4
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    before = live_tensors()
     assert got == eff.saved_activation_bytes(entry, x, y, torch.device("cpu"), None)
+    assert live_tensors() == before  # what it saved goes with the graph (no cycle keeps it)
 
 
 def test_a_peft_lora_peer_whose_layers_never_run_is_left_out():
