@@ -73,8 +73,12 @@ def _plain_state(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("arch,kwargs,methods", [(VIT_ARCH, VIT, VIT_METHODS),
-                                                 (CNN_ARCH, CNN, CNN_METHODS)])
+@pytest.mark.parametrize("arch,kwargs,methods", [
+    (VIT_ARCH, VIT, VIT_METHODS), (CNN_ARCH, CNN, CNN_METHODS),
+    # SSF's routed Linear folds b, β and a layer scale λ into per-sample vectors
+    ("deit3_small_patch16_224", dict(VIT, init_values=0.5), {"ssf": None}),
+    ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), ls_init_value=0.5),
+     {"ssf": None})])
 def test_route_equals_each_adapter_alone(arch, kwargs, methods):
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for method, cfg in methods.items():
@@ -86,9 +90,12 @@ def test_route_equals_each_adapter_alone(arch, kwargs, methods):
         timm_peft.set_adapter(model, "default")
         base = _plain_state(model)
         names = ["b", "default", "b", "b", "default"]
-        with torch.no_grad(), timm_peft.route(model, names) as r:
-            out = model(x)
+        with timm_peft.route(model, names) as r:
+            with torch.no_grad():
+                out = model(x)
+            trained = model(x)  # with grad: the training-time paths (SSF's fused residual adds)
         assert out.shape == (5, 5) and r.num_classes.tolist() == [5, 3, 5, 5, 3]
+        torch.testing.assert_close(trained.detach(), out, **TOL, msg=method)
         with torch.no_grad():
             ref_a = _reference(arch, method, cfg, kwargs, 3, base, a)(x)
             ref_b = _reference(arch, method, cfg, kwargs, 5, base, b)(x)

@@ -180,8 +180,9 @@ class ScaleShift(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.__dict__.get("_plain"):
             shape = [-1 if d == self.dim % x.ndim else 1 for d in range(x.ndim)]
-            y = x * self.scale.view(shape)
-            return y if self.shift is None else y + self.shift.view(shape)
+            if self.shift is None:
+                return x * self.scale.view(shape)
+            return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
         if x.ndim >= 2 and torch.is_grad_enabled() and (
                 x.requires_grad or self.scale.requires_grad
                 or (self.shift is not None and self.shift.requires_grad)):
@@ -212,9 +213,17 @@ class ScaleShift(AdapterModule):
         """``γ ⊙ F.linear(x, W, b) + β`` (or ``residual + drop_path(λ ⊙ (...))``) as one matmul
         (:func:`timm_peft.ops.linear_scale_shift`: in training it keeps only its output, or with
         a residual nothing of its own, since the neighbouring norms save both)."""
-        if self.__dict__.get("_plain"):  # per-sample γ must not be folded into a per-sample W
-            y = self(F.linear(x, weight, bias))
-            y = y if layer_scale is None else y * layer_scale
+        if self.__dict__.get("_plain"):
+            # per-sample γ must not be folded into a per-sample W (a batch of weight copies);
+            # b, β and λ fold into per-sample vectors, so one pass over the matmul's output
+            # applies them all: γλ ⊙ xWᵀ + (γ ⊙ b + β)λ
+            g = self.scale
+            c = self.shift if bias is None else (
+                bias * g if self.shift is None else torch.addcmul(self.shift, bias, g))
+            if layer_scale is not None:
+                g, c = g * layer_scale, None if c is None else c * layer_scale
+            y = F.linear(x, weight)
+            y = y * g if c is None else torch.addcmul(c, y, g)
             y = y if drop_path is None else drop_path(y)
             return y if residual is None else residual + y
         return linear_scale_shift(x, weight, bias, self.scale, self.shift, residual=residual,
