@@ -240,7 +240,7 @@ def iter_entries(arch: str, names: list[str], kwargs: dict[str, Any], skipped: l
     """Every registry name of ``names`` that builds on ``arch`` (one per config; refusals are
     ValueErrors, noted in ``skipped``), ``full``, the :data:`VARIANTS`, the limit and the HF peft
     LoRA peers, built one at a time as they are asked for: a caller that measures an entry and
-    drops it never holds more than one (all of BEiT-B's at once need more than 24 GB)."""
+    drops it holds one model at a time (every entry of BEiT-B at once is about 8 GB of weights)."""
     seen, built = set(), set()
     for name in list(names) + [n for n in ("full",) if n not in names]:
         try:
