@@ -578,7 +578,7 @@ class PackedAttentionFunction(torch.autograd.Function):
                 scale: float) -> torch.Tensor:
         q, k, v = _qkv_views(qkv, num_heads)
         s = (q * scale) @ k.transpose(-2, -1)
-        attn = (s if bias is None else s + bias).softmax(-1)
+        attn = (s if bias is None else s.add_(bias)).softmax(-1)  # s is this call's own
         ctx.num_heads, ctx.scale = num_heads, scale
         ctx.save_for_backward(qkv, attn)
         return attn @ v
@@ -589,9 +589,12 @@ class PackedAttentionFunction(torch.autograd.Function):
         q, k, v = _qkv_views(qkv, ctx.num_heads)
         g_attn = grad @ v.transpose(-2, -1)
         g_v = attn.transpose(-2, -1) @ grad
-        g_s = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True))
-        g_q = (g_s @ k) * ctx.scale
-        g_k = (g_s.transpose(-2, -1) @ q) * ctx.scale
+        # torch's fused softmax backward (one pass over the map, not four), the scale applied
+        # to ∂S in place rather than to ∂q and ∂k
+        g_s = torch._softmax_backward_data(g_attn.to(attn.dtype), attn, -1, attn.dtype)
+        g_s = g_s.mul_(ctx.scale)
+        g_q = g_s @ k
+        g_k = g_s.transpose(-2, -1) @ q
         g_qkv = torch.stack([g_q, g_k, g_v]).permute(1, 3, 0, 2, 4).reshape(qkv.shape)
         return g_qkv, None, None, None
 
