@@ -545,3 +545,50 @@ def test_packed_attention_bad_arguments_are_explained():
         packed_attention(torch.randn(2, 3, 10), 2, 0.5)
     with pytest.raises(ValueError, match="bias gets no gradient"):
         packed_attention(torch.randn(2, 3, 12), 2, 0.5, torch.zeros(3, 3, requires_grad=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# conv_scale_shift
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 1, 3),
+                                                           (1, 2, 2, 6)])
+def test_conv_scale_shift_matches_conv_then_map_and_saves_only_its_output(stride, padding,
+                                                                        dilation, groups):
+    """One convolution with γ, β folded in: the same values and gradients as the frozen conv
+    followed by γ ⊙ y + β, and autograd keeps its output only (a frozen conv saves its input)."""
+    from timm_peft.ops import conv_scale_shift
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 3, stride, padding, dilation, groups).requires_grad_(False)
+    x = torch.randn(2, 6, 9, 9, requires_grad=True)
+    g = (torch.rand(6) + 0.5).requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    out, saved = _saved_storages(lambda: conv_scale_shift(x, conv.weight, conv.bias, g, b, *args))
+    ref, ref_saved = _saved_storages(lambda: conv(x) * g[:, None, None] + b[:, None, None])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    probe = torch.randn(ref.shape)
+    for a, r in zip(torch.autograd.grad((out * probe).sum(), (x, g, b)),
+                    torch.autograd.grad((ref * probe).sum(), (x, g, b))):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    params = {p.untyped_storage().data_ptr() for p in (conv.weight, g, b)}
+    # the output and γ̃ (γ with its magnitude floored: six numbers), not the input
+    assert out.untyped_storage().data_ptr() in saved and len(set(saved) - params) == 2
+    assert x.untyped_storage().data_ptr() not in saved
+    assert x.untyped_storage().data_ptr() in ref_saved
+    with torch.no_grad():  # inference: the merged model's convolution
+        torch.testing.assert_close(conv_scale_shift(x, conv.weight, conv.bias, g, b, *args), ref,
+                                   rtol=1e-5, atol=1e-5)
+    x64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, g, b))
+    w64, c64 = conv.weight.double(), conv.bias.double()
+    assert torch.autograd.gradcheck(
+        lambda *t: conv_scale_shift(t[0], w64, c64, t[1], t[2], *args), (x64, g64, b64))
+
+
+def test_conv_scale_shift_bad_arguments_are_explained():
+    from timm_peft.ops import conv_scale_shift
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"shape \(out,\)"):
+        conv_scale_shift(torch.randn(1, 3, 5, 5), w, None, torch.ones(3))
+    with pytest.raises(ValueError, match="padding must be numbers"):
+        conv_scale_shift(torch.randn(1, 3, 5, 5), w, None, torch.ones(4), padding="same")

@@ -827,21 +827,24 @@ def test_residual_into_branch_on_each_family(arch, kwargs):
     assert type(timm_peft.unload(model).blocks[0]) is original_class(ref.blocks[0])
 
 
-#: (arch, kwargs, input size, the blocks whose sum a conv or norm after them saves anyway):
-#: ConvNeXt's last block is pooled before the head's norm; Swin's patch merging copies the
-#: tokens (a permutation) before its norm, so only blocks followed by a block or the final norm
+#: (arch, kwargs, input size, the blocks whose sum a norm after them saves anyway, the blocks
+#: whose input the fused path keeps because nothing else does): ConvNeXt's sums are saved by the
+#: downsampling norms after each stage's last block (a block's depthwise conv, fused with its
+#: SSF, saves its output, not its input), its last block is pooled before the head's norm, and
+#: the first block keeps the stem's output; Swin's patch merging copies the tokens (a
+#: permutation) before its norm, so only blocks followed by a block or the final norm
 BRANCH_FAMILIES = {
     "convnext": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
-                                       conv_mlp=False), 64, (0, 1, 2, 3)),
+                                       conv_mlp=False), 64, (1, 2, 3), (0,)),
     "convnext, no layer scale": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
                                                        conv_mlp=False, ls_init_value=None),
-                                 64, (0, 1, 2, 3)),
+                                 64, (1, 2, 3), (0,)),
     "convnextv2 (GRN MLP)": ("convnextv2_atto", dict(dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
-                                                    conv_mlp=False), 64, (0, 1, 2, 3)),
+                                                    conv_mlp=False), 64, (1, 2, 3), (0,)),
     "swin (attention branch as timm's)": (
         "swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(2, 2, 1),
                                              num_heads=(2, 2, 4), window_size=4,
-                                             drop_path_rate=0.0), 32, (0, 2, 4)),
+                                             drop_path_rate=0.0), 32, (0, 2, 4), ()),
 }
 
 
@@ -851,10 +854,10 @@ def test_residual_into_fc2_matches_timm_block_forward(family):
     into fc2 (ConvNeXt: ResidualBranch with pre, channels_last, shortcut; Swin: its windowed
     attention branch kept as timm computes it, last=None): logits and every gradient equal
     timm's block forward with the same SSF, and one forward saves each block's fc2 output
-    fewer (the sum and the block input are what the convs and norms around save anyway). With
+    fewer where a norm saves the sum anyway (BRANCH_FAMILIES says which). With
     conv_mlp (ConvNeXt-atto's default) fc2 is a 1x1 conv and timm's forward runs."""
     from timm_peft.layers.scale_shift import ResidualIntoBranch
-    arch, kwargs, size, saved_after = BRANCH_FAMILIES[family]
+    arch, kwargs, size, saved_after, kept_inputs = BRANCH_FAMILIES[family]
     torch.manual_seed(0)
     model = timm.create_model(f"{arch}.ssf", num_classes=3, **kwargs)
     with torch.no_grad():  # layer scales of mixed size and sign, as after pretraining
@@ -874,8 +877,9 @@ def test_residual_into_fc2_matches_timm_block_forward(family):
     (fused_bytes, out), (ref_bytes, out_ref) = _saved_bytes(model, x), _saved_bytes(ref, x)
     assert len(fc2_bytes) == 5
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    assert fused_bytes <= ref_bytes - sum(fc2_bytes[i] for i in saved_after), (
-        fused_bytes, ref_bytes, fc2_bytes)
+    # (a block's input is as large as its fc2 output: the blocks keep their width)
+    assert fused_bytes <= ref_bytes - sum(fc2_bytes[i] for i in saved_after) + sum(
+        fc2_bytes[i] for i in kept_inputs), (fused_bytes, ref_bytes, fc2_bytes)
     (out * g).sum().backward()
     (out_ref * g).sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
@@ -987,3 +991,18 @@ def test_tiny_layer_scales_keep_timm_forward_and_exact_gradients():
     assert blocks[0]._layer_scales() == [blocks[0].gamma]
     res = compare("convnext_atto", input_size=64, **kwargs)
     assert res["grad_err"] < 1e-4 and not res["missing"], res
+
+
+def test_conv_sites_fold_into_the_convolution_where_padding_is_static():
+    """An nn.Conv2d site runs as one convolution with γ, β folded in (ops.conv_scale_shift);
+    timm's Conv2dSame pads by the input's size in forward, so it keeps conv-then-map."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm_peft.layers.scale_shift import ScaleShiftConv, ScaleShiftOutput
+    kw = dict(num_classes=3)
+    convs = [m for m in timm.create_model("efficientnet_b0.ssf", **kw).modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(is_swapped(m, ScaleShiftConv) for m in convs)
+    same = [m for m in timm.create_model("tf_efficientnet_b0.ssf", **kw).modules()
+            if isinstance(m, Conv2dSame)]
+    assert same and all(is_swapped(m, ScaleShiftOutput) and not is_swapped(m, ScaleShiftConv)
+                        for m in same)

@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["SavedOutput", "KeptOutput", "packed_attention", "PackedAttentionFunction",
            "scale_shift", "ScaleShiftFunction", "linear_scale_shift", "LinearScaleShiftFunction",
-           "fold_linear", "floor_magnitude", "prompted_qkv", "kv_prompt_attention",
+           "fold_linear", "conv_scale_shift", "floor_magnitude", "prompted_qkv", "kv_prompt_attention",
            "DEFAULT_MIN_SCALE"]
 
 #: smallest magnitude of γ that :func:`scale_shift` applies (see there)
@@ -422,7 +422,8 @@ def _layer_scaled(gamma: torch.Tensor, shift: torch.Tensor | None,
 def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
                 shift: torch.Tensor | None, dtype: torch.dtype | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(γ ⊙ W, γ ⊙ b + β)`` for ``F.linear`` (γ scales W's rows; ``b`` or ``β`` may be None).
+    """``(γ ⊙ W, γ ⊙ b + β)`` for ``F.linear`` or a convolution (γ scales W's output channels,
+    its first axis; ``b`` or ``β`` may be None).
 
     Example:
         >>> w, b = fold_linear(torch.ones(2, 3), None, torch.tensor([2., 3.]), torch.ones(2))
@@ -431,7 +432,7 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Te
     """
     dtype = dtype or weight.dtype
     g = scale.to(dtype)
-    w = weight.to(dtype) * g[:, None]
+    w = weight.to(dtype) * g.view(-1, *[1] * (weight.ndim - 1))
     if bias is None:
         return w, None if shift is None else shift.to(dtype)
     b = bias.to(dtype)
@@ -491,6 +492,84 @@ def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return LinearScaleShiftFunction.apply(x, weight, bias, scale, shift, residual,
                                               layer_scale, min_scale, drop_prob, scale_by_keep)
     return _plain_add(y, residual, drop_prob, scale_by_keep)
+
+
+class ConvScaleShiftFunction(torch.autograd.Function):
+    """``y = γ̃ ⊙ conv2d(x; W, b) + β`` of a frozen 2-D convolution as one convolution with the
+    map folded into ``W`` and ``b``, saving ``(y, W, γ̃, β)`` as :class:`LinearScaleShiftFunction`
+    does: no pass over the activations besides the convolution, and neither ``x`` nor the
+    convolution's own output is kept. Backward: ``∂L/∂x`` is the convolution's input gradient
+    with ``γ̃ ⊙ W`` (``torch.nn.grad.conv2d_input``), γ's and β's gradients come from the output
+    as in :class:`ScaleShiftFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                scale: torch.Tensor, shift: torch.Tensor | None, stride: Any, padding: Any,
+                dilation: Any, groups: int, min_scale: float) -> torch.Tensor:
+        gamma = floor_magnitude(scale, min_scale)
+        y = F.conv2d(x, *fold_linear(weight, bias, gamma, shift, x.dtype), stride, padding,
+                     dilation, groups)
+        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        return _into_residual(ctx, y, None, 0.0, True, weight, gamma, shift)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, weight, gamma, shift, _ = _saved(ctx)
+        need_x, _, _, need_scale, need_shift = ctx.needs_input_grad[:5]
+        grad_y, grad_scale, grad_shift = _branch_grads(ctx, grad, y, None, gamma, shift,
+                                                       need_scale, need_shift, dim=1)
+        grad_x = None
+        if need_x:
+            shape, stride, padding, dilation, groups = ctx.conv
+            w = fold_linear(weight, None, gamma, None, grad_y.dtype)[0]
+            grad_x = torch.nn.grad.conv2d_input(shape, w, grad_y, stride, padding, dilation,
+                                                groups)
+        return (grad_x, None, None, None if grad_scale is None else grad_scale.to(gamma.dtype),
+                None if grad_shift is None else grad_shift.to(shift.dtype),
+                None, None, None, None, None)
+
+
+def conv_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     scale: torch.Tensor, shift: torch.Tensor | None = None, stride: Any = 1,
+                     padding: Any = 0, dilation: Any = 1, groups: int = 1,
+                     min_scale: float = DEFAULT_MIN_SCALE) -> torch.Tensor:
+    """SSF after a 2-D convolution, ``γ ⊙ conv2d(x; W, b) + β``, as one convolution with the
+    map folded in (``padding``: numbers, not ``"same"``).
+
+    Without autograd (or with nothing requiring grad) this is the merged model's convolution
+    with the unmerged parameters; in training with a frozen ``W`` and ``b``,
+    :class:`ConvScaleShiftFunction` (it saves only its output, γ's magnitude floored at
+    ``min_scale`` as in :func:`scale_shift`); a ``W`` or ``b`` that requires grad gets plain
+    autograd.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        >>> g, b = torch.full((4,), 2.0, requires_grad=True), torch.ones(4, requires_grad=True)
+        >>> x = torch.randn(2, 3, 5, 5)
+        >>> ref = conv(x) * g[:, None, None] + b[:, None, None]
+        >>> torch.allclose(conv_scale_shift(x, conv.weight, conv.bias, g, b, padding=1), ref,
+        ...                atol=1e-6)
+        True
+    """
+    if weight.ndim != 4 or scale.shape != (weight.shape[0],) or (
+            shift is not None and shift.shape != scale.shape):
+        raise ValueError(f"conv_scale_shift: a 2-D convolution's weight (out, in/groups, kH, kW) "
+                         f"and scale and shift of shape (out,); got weight "
+                         f"{tuple(weight.shape)}, scale {tuple(scale.shape)}, shift "
+                         f"{None if shift is None else tuple(shift.shape)}")
+    if isinstance(padding, str):
+        raise ValueError(f"conv_scale_shift: padding must be numbers, got {padding!r}")
+    params = (weight, bias, scale, shift)
+    if not torch.is_grad_enabled() or not (
+            x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return F.conv2d(x, *fold_linear(weight, bias, scale, shift, x.dtype), stride, padding,
+                        dilation, groups)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return scale_shift(F.conv2d(x, weight, bias, stride, padding, dilation, groups), scale,
+                           shift, 1, min_scale)
+    return ConvScaleShiftFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation,
+                                        groups, min_scale)
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None,

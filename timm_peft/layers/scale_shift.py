@@ -20,12 +20,13 @@ from timm.layers.linear import Linear as TimmLinear
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..ops import linear_scale_shift, scale_shift
+from ..ops import conv_scale_shift, linear_scale_shift, scale_shift
 from .swap import (AdapterModule, Swappable, is_swapped, mixins_of, original_class, restore_class,
                    swap_class)
 
 __all__ = ["ScaleShift", "CHANNEL_AXIS", "NORMS", "scan", "num_channels", "unfoldable",
-           "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftNorm", "attach_scale_shift",
+           "ScaleShiftOutput", "ScaleShiftLinear", "ScaleShiftConv", "ScaleShiftNorm",
+           "attach_scale_shift",
            "detach_scale_shift", "scale_shift_attached", "takes_residual", "residual_into",
            "scale_shift_deferred",
            "ResidualBranch", "ResidualIntoBranch"]
@@ -229,6 +230,14 @@ class ScaleShift(AdapterModule):
         return linear_scale_shift(x, weight, bias, self.scale, self.shift, residual=residual,
                                   layer_scale=layer_scale, **_drop_kwargs(drop_path))
 
+    def after_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """``γ ⊙ conv(x) + β`` as one convolution (:func:`timm_peft.ops.conv_scale_shift`: in
+        training it keeps only its output, as the plain site does, without the extra pass)."""
+        if self.__dict__.get("_plain"):  # per-sample γ must not be folded into a per-sample W
+            return self(conv._conv_forward(x, conv.weight, conv.bias))
+        return conv_scale_shift(x, conv.weight, conv.bias, self.scale, self.shift, conv.stride,
+                                conv.padding, conv.dilation, conv.groups)
+
     def add_into(self, x: torch.Tensor, residual: torch.Tensor,
                  drop_path: nn.Module | None = None) -> torch.Tensor:
         """``residual + drop_path(γ ⊙ x + β)`` (:func:`timm_peft.ops.scale_shift` with a residual:
@@ -285,6 +294,26 @@ class ScaleShiftLinear(Swappable):
             return self.ssf(super().forward(x))
         return self.ssf.after_linear(x, self.weight, self.bias,
                                      *self.__dict__.pop("_peft_residual", ()))
+
+
+class ScaleShiftConv(Swappable):
+    """A 2-D convolution computing ``γ ⊙ conv(x) + β`` in one convolution with its ``ssf``
+    folded in (an ``nn.Conv2d`` of zero padding given as numbers; others are
+    :class:`ScaleShiftOutput`)."""
+
+    prefix = "SSF"
+    method = "ssf"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if mixins_of(self)[-1] is not ScaleShiftConv:
+            # another method's mixin changes the conv's own output (LoRA): scale-shift that
+            return self.ssf(super().forward(x))
+        return self.ssf.after_conv(x, self)
+
+
+def _fusable_conv(op: nn.Module) -> bool:
+    return (original_class(op) is nn.Conv2d and op.padding_mode == "zeros"
+            and not isinstance(op.padding, str))
 
 
 def takes_residual(op: nn.Module) -> bool:
@@ -395,7 +424,9 @@ def _mixin(op: nn.Module) -> type:
     if isinstance(op, NORMS) and getattr(op, "weight", None) is not None:
         return ScaleShiftNorm
     # exact types: a Linear subclass may compute something else in forward
-    return ScaleShiftLinear if original_class(op) in (nn.Linear, TimmLinear) else ScaleShiftOutput
+    if original_class(op) in (nn.Linear, TimmLinear):
+        return ScaleShiftLinear
+    return ScaleShiftConv if _fusable_conv(op) else ScaleShiftOutput
 
 
 def attach_scale_shift(op: nn.Module) -> None:
@@ -405,13 +436,14 @@ def attach_scale_shift(op: nn.Module) -> None:
 
 def detach_scale_shift(op: nn.Module) -> None:
     """Stop routing ``op``'s output through its ``ssf`` (the child stays)."""
-    for mixin in (ScaleShiftNorm, ScaleShiftLinear, ScaleShiftOutput):
+    for mixin in (ScaleShiftNorm, ScaleShiftLinear, ScaleShiftConv, ScaleShiftOutput):
         restore_class(op, mixin)
 
 
 def scale_shift_attached(op: nn.Module) -> bool:
     """Whether ``op``'s output currently goes through its SSF."""
-    return any(is_swapped(op, m) for m in (ScaleShiftNorm, ScaleShiftLinear, ScaleShiftOutput))
+    return any(is_swapped(op, m) for m in (ScaleShiftNorm, ScaleShiftLinear, ScaleShiftConv,
+                                           ScaleShiftOutput))
 
 
 @dataclass(frozen=True)
