@@ -53,8 +53,11 @@ norms, which have no bias to absorb β.
 
 How the map is applied while training: after an affine norm it is folded into the norm's
 parameters on the fly, ``norm(x; γ ⊙ w, γ ⊙ b + β)`` (the same function, with no extra pass over
-the activations); after every other site the operation's output goes through ``γ ⊙ y + β``
-(torch's batch-norm kernel). Both are class swaps (:mod:`timm_peft.layers.swap`).
+the activations); a Linear or a 2-D convolution runs as one matmul or convolution with the map
+folded into its weight and bias, saving its output only (:func:`timm_peft.ops.linear_scale_shift`,
+:func:`timm_peft.ops.conv_scale_shift`; a frozen convolution of its own would save its input);
+after every other site the operation's output goes through ``γ ⊙ y + β`` (torch's batch-norm
+kernel). All are class swaps (:mod:`timm_peft.layers.swap`).
 
 Defaults follow the paper (Sec. 4.3, Table 6c): γ ~ N(1, 0.02), β ~ N(0, 0.02); ``init="identity"``
 starts from γ = 1, β = 0, where the model computes exactly the base model's function.
