@@ -499,8 +499,8 @@ class ConvScaleShiftFunction(torch.autograd.Function):
     map folded into ``W`` and ``b``, saving ``(y, W, γ̃, β)`` as :class:`LinearScaleShiftFunction`
     does: no pass over the activations besides the convolution, and neither ``x`` nor the
     convolution's own output is kept. Backward: ``∂L/∂x`` is the convolution's input gradient
-    with ``γ̃ ⊙ W`` (``torch.nn.grad.conv2d_input``), γ's and β's gradients come from the output
-    as in :class:`ScaleShiftFunction`.
+    with ``γ̃ ⊙ W``, γ's and β's gradients come from the output as in
+    :class:`ScaleShiftFunction`.
     """
 
     @staticmethod
@@ -523,8 +523,12 @@ class ConvScaleShiftFunction(torch.autograd.Function):
         if need_x:
             shape, stride, padding, dilation, groups = ctx.conv
             w = fold_linear(weight, None, gamma, None, grad_y.dtype)[0]
-            grad_x = torch.nn.grad.conv2d_input(shape, w, grad_y, stride, padding, dilation,
-                                                groups)
+            # the convolution's own backward; its input argument only picks the kernel, so an
+            # unwritten buffer of the input's shape (torch.nn.grad.conv2d_input's stand-in
+            # sends depthwise convolutions to a slower kernel on CPU)
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_y, grad_y.new_empty(shape), w, None, stride, padding, dilation, False,
+                [0, 0], groups, [True, False, False])[0]
         return (grad_x, None, None, None if grad_scale is None else grad_scale.to(gamma.dtype),
                 None if grad_shift is None else grad_shift.to(shift.dtype),
                 None, None, None, None, None)
