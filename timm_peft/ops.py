@@ -661,7 +661,7 @@ class PackedAttentionFunction(torch.autograd.Function):
                 scale: float) -> torch.Tensor:
         q, k, v = _qkv_views(qkv, num_heads)
         s = (q * scale) @ k.transpose(-2, -1)
-        attn = (s if bias is None else s.add_(bias)).softmax(-1)  # s is this call's own
+        attn = (s if bias is None else s + bias).softmax(-1)
         ctx.num_heads, ctx.scale = num_heads, scale
         ctx.save_for_backward(qkv, attn)
         return attn @ v
