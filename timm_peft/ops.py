@@ -43,8 +43,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["SavedOutput", "KeptOutput", "packed_attention", "PackedAttentionFunction",
            "scale_shift", "ScaleShiftFunction", "linear_scale_shift", "LinearScaleShiftFunction",
-           "fold_linear", "conv_scale_shift", "floor_magnitude", "prompted_qkv", "kv_prompt_attention",
-           "DEFAULT_MIN_SCALE"]
+           "fold_linear", "fold_bias", "layer_scaled", "conv_scale_shift", "floor_magnitude",
+           "prompted_qkv", "kv_prompt_attention", "DEFAULT_MIN_SCALE"]
 
 #: smallest magnitude of γ that :func:`scale_shift` applies (see there)
 DEFAULT_MIN_SCALE = 1e-3
@@ -376,7 +376,7 @@ class LinearScaleShiftFunction(torch.autograd.Function):
                 layer_scale: torch.Tensor | None, min_scale: float, drop_prob: float = 0.0,
                 scale_by_keep: bool = True) -> torch.Tensor:
         gamma = floor_magnitude(scale, min_scale)
-        eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
+        eff_scale, eff_shift = layer_scaled(gamma, shift, layer_scale)
         y = F.linear(x, *fold_linear(weight, bias, eff_scale, eff_shift, x.dtype))
         return _into_residual(ctx, y, residual, drop_prob, scale_by_keep, weight, gamma, shift,
                               layer_scale)
@@ -385,7 +385,7 @@ class LinearScaleShiftFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, weight, gamma, shift, layer_scale, residual = _saved(ctx)
         need_x, _, _, need_scale, need_shift, need_res = ctx.needs_input_grad[:6]
-        eff_scale, eff_shift = _layer_scaled(gamma, shift, layer_scale)
+        eff_scale, eff_shift = layer_scaled(gamma, shift, layer_scale)
         grad_y, grad_scale, grad_shift = _branch_grads(ctx, grad, y, residual, gamma, eff_shift,
                                                        need_scale, need_shift)
         grad_x = grad_y.matmul((weight * eff_scale.to(weight.dtype)[:, None]).to(grad_y.dtype)) \
@@ -409,10 +409,16 @@ def _times(t: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     return t if m is None else t * m.to(t.dtype)
 
 
-def _layer_scaled(gamma: torch.Tensor, shift: torch.Tensor | None,
-                  layer_scale: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(λ ⊙ γ, λ ⊙ β)``: the scale and shift a layer scale λ after the site makes of γ, β."""
+def layer_scaled(gamma: torch.Tensor, shift: torch.Tensor | None,
+                 layer_scale: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(λ ⊙ γ, λ ⊙ β)``: the scale and shift a layer scale λ after the site makes of γ, β.
+
+    Example:
+        >>> g, b = layer_scaled(torch.ones(2), torch.ones(2), torch.tensor([2., 3.]))
+        >>> g.tolist(), b.tolist()
+        ([2.0, 3.0], [2.0, 3.0])
+    """
     if layer_scale is None:
         return gamma, shift
     lam = layer_scale.to(gamma.dtype)
@@ -431,12 +437,24 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Te
         ([2.0, 3.0], [1.0, 1.0])
     """
     dtype = dtype or weight.dtype
-    g = scale.to(dtype)
-    w = weight.to(dtype) * g.view(-1, *[1] * (weight.ndim - 1))
+    w = weight.to(dtype) * scale.to(dtype).view(-1, *[1] * (weight.ndim - 1))
+    return w, fold_bias(bias, scale, shift, dtype)
+
+
+def fold_bias(bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor | None,
+              dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``γ ⊙ b + β``, the bias of an operation with the map folded in (``b`` or ``β`` may be
+    None; None when both are), in ``dtype`` (default: γ's).
+
+    Example:
+        >>> fold_bias(torch.tensor([1., 1.]), torch.tensor([2., 3.]), torch.ones(2)).tolist()
+        [3.0, 4.0]
+    """
+    dtype = dtype or scale.dtype
     if bias is None:
-        return w, None if shift is None else shift.to(dtype)
-    b = bias.to(dtype)
-    return w, b * g if shift is None else torch.addcmul(shift.to(dtype), b, g)
+        return None if shift is None else shift.to(dtype)
+    b, g = bias.to(dtype), scale.to(dtype)
+    return b * g if shift is None else torch.addcmul(shift.to(dtype), b, g)
 
 
 def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -483,7 +501,7 @@ def linear_scale_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                   or (layer_scale is not None and layer_scale.requires_grad))
     if not torch.is_grad_enabled() or not (
             x.requires_grad or any(p is not None and p.requires_grad for p in params)):
-        y = F.linear(x, *fold_linear(weight, bias, *_layer_scaled(scale, shift, layer_scale),
+        y = F.linear(x, *fold_linear(weight, bias, *layer_scaled(scale, shift, layer_scale),
                                      x.dtype))
     elif not frozen:
         y = scale_shift(F.linear(x, weight, bias), scale, shift, -1, min_scale)

@@ -20,7 +20,8 @@ from timm.layers.linear import Linear as TimmLinear
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..ops import conv_scale_shift, linear_scale_shift, scale_shift
+from ..ops import (conv_scale_shift, fold_bias, layer_scaled, linear_scale_shift,
+                   scale_shift)
 from .swap import (AdapterModule, Swappable, is_swapped, mixins_of, original_class, restore_class,
                    swap_class)
 
@@ -218,11 +219,8 @@ class ScaleShift(AdapterModule):
             # per-sample γ must not be folded into a per-sample W (a batch of weight copies);
             # b, β and λ fold into per-sample vectors, so one pass over the matmul's output
             # applies them all: γλ ⊙ xWᵀ + (γ ⊙ b + β)λ
-            g = self.scale
-            c = self.shift if bias is None else (
-                bias * g if self.shift is None else torch.addcmul(self.shift, bias, g))
-            if layer_scale is not None:
-                g, c = g * layer_scale, None if c is None else c * layer_scale
+            g, s = layer_scaled(self.scale, self.shift, layer_scale)
+            c = fold_bias(bias, g, s)
             y = F.linear(x, weight)
             y = y * g if c is None else torch.addcmul(c, y, g)
             y = y if drop_path is None else drop_path(y)
