@@ -16,7 +16,8 @@ from timm.data import create_transform, resolve_data_config
 
 import timm_peft
 from timm_peft.io import TIMM_CONFIG_NAME
-from timm_peft.train import TrainConfig, _make_splits, train
+from timm_peft.train import TrainConfig, train
+from timm_peft.train.factory import _make_splits
 
 MEAN, STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
 SETUPS = {

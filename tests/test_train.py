@@ -14,8 +14,9 @@ from torch import nn
 import timm_peft
 from timm_peft import core
 from timm_peft.data import DataError
-from timm_peft.train import (LOG_NAME, TrainConfig, _Trainer, create_optimizer, create_scheduler,
+from timm_peft.train import (LOG_NAME, TrainConfig, create_optimizer, create_scheduler,
                              evaluate_adapter, get_recipe, train)
+from timm_peft.train.loop import _Trainer
 
 #: a ViT small enough for a training step in milliseconds (17 tokens of width 48)
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48)

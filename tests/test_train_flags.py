@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from timm_peft import train as train_mod
+from timm_peft.train import loop as train_loop
 from timm_peft.cli import main
 from timm_peft.train import (CHECKPOINT_NAME, LOG_NAME, AdapterEma, TrainConfig, build_model,
                              build_transforms, train)
@@ -60,13 +60,13 @@ def test_channels_last_reaches_the_forward(weights, tmp_path, monkeypatch):
 
     def hook(module, args):
         seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
-    real = train_mod.build_model
+    real = train_loop.build_model
 
     def spy(cfg, num_classes):
         m = real(cfg, num_classes)
         m.patch_embed.proj.register_forward_pre_hook(hook)
         return m
-    monkeypatch.setattr(train_mod, "build_model", spy)
+    monkeypatch.setattr(train_loop, "build_model", spy)
     train(_cfg(weights, tmp_path / "cl", channels_last=True))
     assert seen and all(seen)
     seen.clear()

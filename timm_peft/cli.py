@@ -491,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _console_logging() -> Iterator[None]:
     """The ``timm_peft`` log on stderr while a command runs (as timm's train.py sets up its
     logging): run header, epoch summaries and warnings show with or without --no-progress."""
-    from .train import _TqdmHandler
+    from .train.loop import _TqdmHandler
     pkg = logging.getLogger("timm_peft")
     handler = _TqdmHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
