@@ -267,3 +267,103 @@ def test_clip_grad_goes_through_timms_dispatch_with_the_mode(weights, tmp_path, 
     train(_cfg(weights, tmp_path / "clip", clip_grad=1e-3, clip_mode="value"))
     assert len(seen) == 2 and all(v == 1e-3 and m == "value" and g <= 1e-3 * (1 + 1e-6)
                                   for v, m, g in seen)
+
+
+def _folder_dataset(root):
+    """train/validation/test ImageFolder splits of two classes (timm's `folder` dataset)."""
+    for split, n in (("train", 6), ("validation", 2), ("test", 2)):
+        for c in ("ant", "bee"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (200 if c == "bee" else 0, 0, i)).save(
+                    root / split / c / f"{i}.png")
+    return root
+
+
+def test_timm_train_py_spellings_mean_what_they_mean_in_timm(weights, tmp_path, capsys):
+    data = _folder_dataset(tmp_path / "d")
+    out = tmp_path / "run"
+    argv = ["train", "--model", "vit_tiny_patch16_224.bias", "--model-kwargs", *TINY_ARGS,
+            "--pretrained-path", str(weights), "--dataset", "folder", "--data-dir", str(data),
+            "--val-split", "validation", "-b", "4", "-j", "0", "--img-size", "32",
+            "--num-classes", "2", "--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
+            "--epochs", "3", "--warmup-epochs", "0", "--opt", "sgd", "--lr", "0.1",
+            "--no-progress", "--output", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    args = json.loads((out / "args.json").read_text())
+    assert (args["batch_size"], args["workers"], args["img_size"], args["num_classes"]) == (4, 0, 32, 2)
+    assert args["val_split_name"] == "validation" and args["val_split"] == 0.0  # timm's meaning
+    assert args["pretrained_file"] == str(weights) and args["run"]["val_images"] == 4
+    # timm's step schedule, stepped per update: lr x 0.5 after each epoch
+    lrs = [r["lr"] for r in map(json.loads, (out / LOG_NAME).read_text().splitlines())
+           if r["phase"] == "train"]
+    assert lrs == pytest.approx([0.1 * 0.5 ** k for k in (1, 2, 3)])
+    # our meaning of --val-split (a fraction) still holds, and a count that is not the data's
+    capsys.readouterr()
+    bad = argv[:argv.index("--val-split")] + ["--val-split", "0.25"] + argv[argv.index("-b"):]
+    bad[bad.index("--num-classes") + 1] = "3"
+    assert main(bad + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "num_classes is 3 but the data has 2 classes (ant, bee)" in err
+
+
+def test_img_size_and_timm_schedulers_follow_timm():
+    from timm_peft.train.factory import _data_config
+    cfg = TrainConfig(model="resnet18.bias", pretrained=False, img_size=40)
+    assert _data_config(cfg, build_model(cfg, num_classes=2))["input_size"] == [3, 40, 40]
+    with pytest.raises(ValueError, match="either img_size .* or input_size"):
+        TrainConfig(img_size=40, input_size=(3, 40, 40))
+    from timm_peft.train import create_scheduler
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cfg = TrainConfig(sched="multistep", decay_milestones=(1, 3), decay_rate=0.1, lr=1.0,
+                      epochs=4, warmup_epochs=0)
+    sched = create_scheduler(opt, cfg, cfg.epochs, 10)
+    seen = []
+    for step in (5, 10, 25, 30):
+        sched.step_update(step)
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(weights, tmp_path, capsys, monkeypatch):
+    original_log = train_loop._Trainer.log
+
+    def interrupt_in(epoch):
+        def log(self, record):
+            if record.get("phase") == "train" and record.get("epoch") == epoch:
+                raise KeyboardInterrupt
+            return original_log(self, record)
+        return log
+
+    # before the first checkpoint: nothing is left that blocks the same command
+    out = tmp_path / "run"
+    argv = _cli_args(weights, out, "--epochs", "3")
+    monkeypatch.setattr(train_loop._Trainer, "log", interrupt_in(1))
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("timm-peft train: interrupted before any checkpoint was saved")
+    assert not out.exists()
+
+    # in epoch 2: one line naming the checkpoint and the exact command that continues the run
+    monkeypatch.setattr(train_loop._Trainer, "log", interrupt_in(2))
+    assert main(argv) == 130  # the same command, no --overwrite needed
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"timm-peft train: interrupted: the last checkpoint is {out / CHECKPOINT_NAME} "
+                    f"(epoch 1); continue with: timm-peft train --resume {out}")
+    monkeypatch.setattr(train_loop._Trainer, "log", original_log)
+    assert main(last.split("continue with: timm-peft ")[1].split()) == 0
+    log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["phase"] == "train"] == [1, 2, 3]
+
+    # Python callers get the same message on a KeyboardInterrupt subclass
+    from timm_peft.train import TrainingInterrupted
+    monkeypatch.setattr(train_loop._Trainer, "log", interrupt_in(1))
+    with pytest.raises(TrainingInterrupted, match="before any checkpoint") as info:
+        train(_cfg(weights, tmp_path / "py", epochs=2))
+    assert info.value.checkpoint is None and not (tmp_path / "py").exists()
+
+
+def test_resume_of_a_path_that_does_not_exist_names_it(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert f"--resume {tmp_path / 'nope'}: no such run directory" in capsys.readouterr().err

@@ -33,8 +33,12 @@ methods: {methods}
 distributed: torchrun --nproc_per_node N -m timm_peft train ... (or timm-peft via torchrun)"""
 
 
-#: other names of a flag (timm's or an older one of ours)
-_ALIASES = {"smoothing": ("--label-smoothing",)}
+#: other names of a flag: timm train.py's spellings (same meaning) and older ones of ours
+_ALIASES = {"smoothing": ("--label-smoothing",), "batch_size": ("-b",), "workers": ("-j",),
+            "pretrained_file": ("--pretrained-path",)}
+_VAL_SPLIT_HELP = ("a number holds that fraction of train out for validation (ours: VTAB-1k "
+                   "0.2, FGVC 0.1; 0 uses val/ if present); a name validates on that split of "
+                   "--dataset (timm's meaning, same as --val-split-name), e.g. validation")
 #: flags that may be given without a value, and the value they then take
 _OPTIONAL_VALUE = {"torchcompile": "inductor"}
 
@@ -55,6 +59,14 @@ def _parse_kv(items: Sequence[str], flag: str) -> dict[str, Any]:
             raise ValueError(f"{flag} takes KEY=VALUE pairs (e.g. {flag} depth=4), got {item!r}")
         out[key.replace("-", "_")] = _parse_value(value)
     return out
+
+
+def _fraction_or_name(text: str) -> float | str:
+    """``--val-split``: a fraction (ours) or a dataset split's name (timm's train.py)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +98,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw["type"] = base
         if f.name in _OPTIONAL_VALUE:  # timm's `--torchcompile [backend]`
             kw.update(nargs="?", const=_OPTIONAL_VALUE[f.name])
+        if f.name == "val_split":  # timm's is a split name, ours a fraction: both are accepted
+            kw.update(type=_fraction_or_name, metavar="FRACTION|SPLIT", help=_VAL_SPLIT_HELP)
         parser.add_argument(*flags, **kw)
 
 
@@ -288,6 +302,8 @@ def _saved_run_args(resume: str) -> tuple[dict[str, Any], Path]:
     """
     from .train import TrainConfig
     run_dir = Path(resume)
+    if not run_dir.exists():
+        raise ValueError(f"--resume {resume}: no such run directory or checkpoint file")
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
     path = run_dir / "args.json"
     if not path.is_file():
@@ -317,6 +333,11 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     for key in ("peft_cfg", "model_kwargs", "pretrained_cfg"):
         if key in given:
             given[key] = _parse_kv(given[key], "--" + key.replace("_", "-"))
+    if isinstance(given.get("val_split"), str):  # timm's meaning: a split of --dataset
+        if given.get("val_split_name") is not None:
+            raise ValueError(f"--val-split {given['val_split']} names a split, and so does "
+                             f"--val-split-name {given['val_split_name']}: give one")
+        given["val_split_name"] = given.pop("val_split")
     recipes = given.pop("recipes", [])
     if given.get("resume") and not recipes:
         # `--resume DIR` alone continues the run as it was started; flags given win
@@ -485,6 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"timm-peft {ns.command}: error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as e:  # Ctrl-C: one line (train's says what was saved)
+            if ns.debug:
+                raise
+            print(f"\ntimm-peft {ns.command}: {e or 'interrupted'}", file=sys.stderr)
+            return 130
 
 
 @contextlib.contextmanager

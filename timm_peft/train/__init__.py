@@ -42,10 +42,10 @@ from .config import RECIPES, Recipe, TrainConfig, get_recipe, list_recipes
 from .evaluation import evaluate, evaluate_adapter
 from .factory import (build_model, build_transforms, create_optimizer, create_scheduler,
                       pretrained_overlay)
-from .loop import AdapterEma, StageContext, TrainResult, train
+from .loop import AdapterEma, StageContext, TrainingInterrupted, TrainResult, train
 
 __all__ = ["TrainConfig", "Recipe", "RECIPES", "list_recipes", "get_recipe", "train",
-           "TrainResult", "StageContext", "create_optimizer", "create_scheduler", "build_model",
-           "build_transforms", "evaluate", "evaluate_adapter", "pretrained_overlay",
-           "TRAINING_ARGS_NAME", "AdapterEma",
-           "CHECKPOINT_NAME", "LOG_NAME", "LOG_TXT_NAME", "SUMMARY_CSV_NAME"]
+           "TrainResult", "TrainingInterrupted", "StageContext", "create_optimizer",
+           "create_scheduler", "build_model", "build_transforms", "evaluate", "evaluate_adapter",
+           "pretrained_overlay", "TRAINING_ARGS_NAME", "AdapterEma", "CHECKPOINT_NAME",
+           "LOG_NAME", "LOG_TXT_NAME", "SUMMARY_CSV_NAME"]

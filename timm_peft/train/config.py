@@ -13,6 +13,11 @@ from ..core import PeftConfig, cfg_field
 from ..data import list_tasks
 
 
+#: timm's schedulers (``timm.scheduler.create_scheduler_v2``) a run may use; "plateau" is left
+#: out (deprecated in timm, and it steps on a validation metric, not per update)
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a fine-tuning run; the ``timm-peft train`` flags map one to one.
@@ -69,6 +74,10 @@ class TrainConfig:
     val_split: float = cfg_field(0.0, ge=0.0, lt=1.0, help="fraction of train held out for "
                                  "validation (VTAB-1k 0.2, FGVC 0.1); 0 uses val/ if present")
     input_size: tuple[int, int, int] | None = cfg_field(None, ge=1, help="model input C H W")
+    img_size: int | None = cfg_field(None, ge=1, help="input image side (timm's --img-size: "
+                                     "the data config's input size is 3 x N x N)")
+    num_classes: int | None = cfg_field(None, ge=1, help="timm's --num-classes: the head is sized "
+                                        "from the data; if given, it must match the data")
     interpolation: str | None = cfg_field(None, choices=("bilinear", "bicubic", "nearest",
                                                          "lanczos", "random"))
     crop_pct: float | None = cfg_field(None, gt=0.0, le=1.0, help="eval center-crop fraction")
@@ -112,7 +121,14 @@ class TrainConfig:
     head_lr: float | None = cfg_field(None, gt=0.0, help="head learning rate (default: lr)")
     weight_decay: float = cfg_field(1e-4, ge=0.0)
     momentum: float = cfg_field(0.9, ge=0.0, lt=1.0)
-    sched: str = cfg_field("cosine", choices=("cosine", "constant", "none"))
+    sched: str = cfg_field("cosine", choices=SCHEDULERS, help="timm's scheduler "
+                           "(create_scheduler_v2), stepped per update after the warm-up")
+    decay_epochs: float = cfg_field(90.0, gt=0.0, help="step: decay the lr every this many "
+                                    "epochs (timm's default 90)")
+    decay_milestones: tuple[int, ...] = cfg_field((90, 180, 270), ge=1, help="multistep: "
+                                                  "epochs to decay the lr at")
+    decay_rate: float = cfg_field(0.1, gt=0.0, help="step/multistep: lr factor per decay; poly: "
+                                  "the power")
     min_lr: float = cfg_field(0.0, ge=0.0)
     warmup_lr: float = cfg_field(1e-6, ge=0.0)
     clip_grad: float | None = cfg_field(None, gt=0.0, help="gradient clipping threshold")
@@ -167,7 +183,10 @@ class TrainConfig:
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs "
                              f"({self.epochs}); pass --warmup-epochs 0 for no warm-up")
-        for key, why in (("num_classes", "from the data"), ("pretrained", "its own option"),
+        if self.img_size is not None and self.input_size is not None:
+            raise ValueError("give either img_size (N: input 3 x N x N, timm's --img-size) or "
+                             "input_size (C H W), not both")
+        for key, why in (("num_classes", "from the data; --num-classes checks it"), ("pretrained", "its own option"),
                          ("peft", "its own option"), ("peft_cfg", "its own option"),
                          ("pretrained_cfg_overlay", "its own option"),
                          ("drop_path_rate", "--drop-path"), ("drop_rate", "--drop")):

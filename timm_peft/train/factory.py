@@ -107,7 +107,8 @@ def pretrained_overlay(pretrained_cfg: dict[str, Any] | None,
 def _data_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
     from timm.data import resolve_data_config
     args = {k: getattr(cfg, k) for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
-    args["img_size"] = cfg.model_kwargs.get("img_size")
+    # timm's --img-size, else a model built at another size (model_kwargs img_size=N)
+    args["img_size"] = cfg.img_size or cfg.model_kwargs.get("img_size")
     if not isinstance(args["img_size"], int):
         args["img_size"] = None
     data_cfg = resolve_data_config(args, model=model)
@@ -204,11 +205,13 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int = 1) ->
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int,
                      steps_per_epoch: int):  # noqa: ANN201  (a timm Scheduler or None)
-    """timm scheduler stepped per update: a linear warm-up, then cosine decay (or constant).
+    """timm scheduler stepped per update: a linear warm-up, then ``cfg.sched`` (cosine decay by
+    default; any of :data:`~timm_peft.train.config.SCHEDULERS`, as timm's ``--sched``).
 
     ``epochs`` include the warm-up, as in "100 epochs including 10 warm-up" (VPT, E2VPT): the
-    cosine runs from the end of the warm-up to the last update. A stage of another length keeps
-    the run's warm-up share.
+    cosine runs from the end of the warm-up to the last update, and step / multistep count their
+    ``decay_epochs`` / ``decay_milestones`` from there. A stage of another length keeps the run's
+    shares.
 
     Example:
         >>> import torch
@@ -220,11 +223,14 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs:
     from timm.scheduler import create_scheduler_v2
     if cfg.sched == "none":
         return None
-    warmup = cfg.warmup_epochs * epochs / cfg.epochs  # same share in later stages
+    share = epochs / cfg.epochs  # a stage of another length keeps the run's shares
+    warmup = cfg.warmup_epochs * share
     sched, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=epochs - warmup, warmup_epochs=warmup,
         warmup_prefix=True, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch)
+        updates_per_epoch=steps_per_epoch, decay_epochs=cfg.decay_epochs * share,
+        decay_milestones=[round(m * share) for m in cfg.decay_milestones],
+        decay_rate=cfg.decay_rate)
     return sched
 
 

@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -519,10 +520,59 @@ def _train(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist) -> TrainRes
                          f"{resume_path} writes the continued run where --output points: give a "
                          f"new --output, or none to continue in {resume_path.parent}")
 
-    with _run_logging(dctx.is_main) as attach_log:
-        if continuing:
-            attach_log(out)
-        return _train_logged(cfg, splits, dctx, out, resume_path, held, attach_log)
+    existed = out.exists()
+    prepared: list[Path] = []  # set once this run has (re)made the directory its own
+    try:
+        with _run_logging(dctx.is_main) as attach_log:
+            if continuing:
+                attach_log(out)
+
+            def attach_fresh(path: Path) -> None:
+                prepared.append(path)
+                attach_log(path)
+            return _train_logged(cfg, splits, dctx, out, resume_path, held, attach_fresh)
+    except KeyboardInterrupt:
+        raise _interrupted(out, resume_path, cleanup=dctx.is_main and bool(prepared),
+                           remove_dir=not existed) from None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: what was saved, and how to continue (``str(e)``).
+
+    ``checkpoint`` is the file a ``--resume`` continues from (``None``: nothing was saved, and
+    the files this run had written are removed, so the same command starts it again).
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def _interrupted(out: Path, resume_path: Path | None, cleanup: bool,
+                 remove_dir: bool) -> TrainingInterrupted:
+    """The :class:`TrainingInterrupted` for a run stopped in ``out``; without a checkpoint of its
+    own, the files this run wrote there are deleted (and ``out`` itself if the run made it)."""
+    own = out / CHECKPOINT_NAME
+    if own.is_file() and (cleanup or resume_path is not None):
+        try:
+            epoch = f" (epoch {torch.load(own, map_location='cpu', weights_only=True)['epoch']})"
+        except Exception:  # the message only; --resume checks the file in full
+            epoch = ""
+        return TrainingInterrupted(f"interrupted: the last checkpoint is {own}{epoch}; continue "
+                                   f"with: timm-peft train --resume {shlex.quote(str(out))}", own)
+    if cleanup:  # nothing resumable: what this run wrote would only block running it again
+        for name in _RUN_FILES:
+            if os.path.lexists(out / name):
+                (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
+        if remove_dir and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    if resume_path is not None:
+        return TrainingInterrupted(f"interrupted before a new checkpoint; {resume_path} is "
+                                   "unchanged: continue with: timm-peft train --resume "
+                                   f"{shlex.quote(str(resume_path.parent))}", resume_path)
+    removed = f"; removed this run's files from {out}" if cleanup else ""
+    return TrainingInterrupted(f"interrupted before any checkpoint was saved{removed}: the same "
+                               "command starts the run again", None)
 
 
 def _train_logged(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist, out: Path,
@@ -533,6 +583,11 @@ def _train_logged(cfg: TrainConfig, splits: DataSplits | None, dctx: _Dist, out:
     if splits is None and cfg.task is None:
         splits = _make_splits(cfg, None)
     classes = splits.classes if splits is not None else list(TASKS[cfg.task].classes)
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise ValueError(f"num_classes is {cfg.num_classes} but the data has {len(classes)} "
+                         f"classes ({', '.join(map(str, classes[:5]))}"
+                         f"{', ...' if len(classes) > 5 else ''}): the head is sized from the "
+                         "data; drop --num-classes or give the data it describes")
     model = build_model(cfg, num_classes=len(classes))
     data_cfg = _data_config(cfg, model)
     if splits is None:
