@@ -1,6 +1,6 @@
 """Many tasks on one frozen backbone: named adapters, switching, the plain base, mixed batches.
 
-Runs offline on a CPU in under a minute: the base is a small randomly initialised ViT (no
+Runs offline on a CPU in seconds: the base is a small randomly initialised ViT (no
 pretrained weights can be downloaded here; pass ``--pretrained`` with internet access to use
 timm's weights at full size). Each step checks what it claims against an independent
 computation, so the script fails loudly if any of it stops being true::

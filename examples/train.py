@@ -7,7 +7,7 @@ apply unchanged, and the adapter is saved and reloaded with peft's names.
 Part 2 runs the library's loop (what ``timm-peft train`` runs) with timm ``train.py`` options:
 gradient accumulation, an EMA of the adapter, mixup, label smoothing, channels-last.
 
-Runs offline on a CPU in a few minutes: no pretrained weights can be downloaded here, so the base
+Runs offline on a CPU in under half a minute: no pretrained weights can be downloaded here, so the base
 is randomly initialised (``--no-pretrained``, chance-level accuracy is expected); give
 ``--pretrained-file`` a local timm checkpoint, or drop both with internet access::
 
