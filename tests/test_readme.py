@@ -13,7 +13,8 @@ What runs
     fails (``test_skip_lists_are_current``), and a new command runs unless it is listed.
   * Figures: a ``# trainable params: ... || all params: ... || trainable%: ...`` comment after a
     ``print_trainable_parameters`` call must be what that call prints for the model the README
-    names, at its real size (see "shrinking" below).
+    names, at its real size (see "shrinking" below). The quick start's adapter size and test
+    accuracy are checked against what its commands produce here (``check_quick_start_figures``).
 
 What the harness substitutes (and nothing else; block text is never edited)
   * Placeholders a reader supplies, defined in the block's namespace before it runs (``PRELUDE``):
@@ -46,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shlex
@@ -405,3 +407,18 @@ def test_bash_block(block, tmp_path):
         ran += 1
     if not ran:
         pytest.skip("; ".join(sorted({skip_reason(c) for c in bash_commands(block.code)})))
+    if "--output runs/ssf" in block.code:
+        check_quick_start_figures(tmp_path / "runs" / "ssf")
+
+
+def check_quick_start_figures(run: Path) -> None:
+    """The quick start's prose states what its commands produce: the adapter's size and the
+    test accuracy, as this run measured them."""
+    text = README.read_text()
+    size = re.search(r"saves the (\d+) KB adapter", text)
+    acc = re.search(r"\(about (0\.\d+) test accuracy\)", text)
+    assert size and acc, "the quick start no longer states its adapter size and accuracy"
+    metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    assert round(metrics["adapter_bytes"] / 1000) == int(size[1]), metrics["adapter_bytes"]
+    # 0.03: the accuracy moves by about that with the number of threads (float sums)
+    assert abs(metrics["test_acc"] - float(acc[1])) <= 0.03, metrics["test_acc"]
