@@ -521,3 +521,24 @@ BENCH_TASK = {"vtab1k": "kitti", "fgvc": "cub"}
 def _job(p, phase):
     from timm_peft.reproduce import Job
     return Job(p.tasks[0], phase, "x", {}, Path("o"))
+
+
+def test_selection_last_or_best_epoch_ties_to_the_smaller_lr(tmp_path):
+    """VPT's code scores a point by its last epoch's validation accuracy, ties to the smaller
+    learning rate; "best" takes the best epoch's (the run's summary)."""
+    from timm_peft.reproduce import DIVERGED_NAME, Job, _choose
+    jobs = []
+    for lr, best, last in ((0.1, 0.9, 0.5), (0.01, 0.6, 0.6), (0.001, 0.6, 0.6), (1.0, 0, 0)):
+        d = tmp_path / f"lr={lr}"
+        d.mkdir()
+        if lr == 1.0:
+            (d / DIVERGED_NAME).write_text(json.dumps(dict(diverged="loss is nan")))
+        else:
+            (d / "summary.json").write_text(json.dumps(dict(metrics=dict(val_acc=best))))
+            (d / "log.jsonl").write_text("\n".join(json.dumps(r) for r in (
+                dict(phase="train", epoch=1, val_acc=best), dict(phase="train", epoch=2,
+                                                                 val_acc=last),
+                dict(phase="final", val_acc=best))) + "\n")
+        jobs.append(Job("dtd", "tune", d.name, {"lr": lr}, d))
+    assert _choose(jobs, "last") == ({"lr": 0.001}, 0.6, ["lr=1.0"])
+    assert _choose(jobs, "best") == ({"lr": 0.1}, 0.9, ["lr=1.0"])
