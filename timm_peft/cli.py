@@ -189,8 +189,9 @@ def _add_reproduce_parser(sub: Any) -> None:
     p.add_argument("--method", required=True, choices=sorted(PROTOCOLS))
     p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
     p.add_argument("--data-root", required=True, help="the benchmark's root folder")
-    p.add_argument("--model", default="vit_base_patch16_224.orig_in21k",
-                   help="backbone <arch>[.<weight tag>] (the papers': %(default)s)")
+    p.add_argument("--model", help="backbone <arch>[.<weight tag>] (default: the one the "
+                   "method's authors used, e.g. vit_base_patch16_224.orig_in21k for vpt, "
+                   "vit_base_patch16_224.augreg_in21k for ssf)")
     p.add_argument("--output", default="runs/reproduce", help="runs and tables (default %(default)s)")
     p.add_argument("--tasks", nargs="+", help="a subset of the benchmark's tasks")
     p.add_argument("--seeds", type=int, help="final runs per task (default: the paper's)")
@@ -204,10 +205,11 @@ def _add_reproduce_parser(sub: Any) -> None:
     p.add_argument("--train-args", nargs="+", metavar="KEY=VALUE", default=[],
                    help="any other timm-peft train setting, e.g. workers=8 amp_dtype=float16")
     p.add_argument("--device")
-    p.add_argument("--dry-run", action="store_true", help="count the runs and training images, "
-                   "estimate GPU hours, and stop")
-    p.add_argument("--img-per-s", type=float, default=800.0, help="training throughput assumed "
-                   "by --dry-run (default %(default)s, see the README)")
+    p.add_argument("--dry-run", action="store_true", help="print the protocol item by item "
+                   "(what runs, whose choice it is), count the runs, estimate GPU hours, and stop")
+    p.add_argument("--img-per-s", type=float, default=800.0, help="--dry-run: training images/s "
+                   "of the frozen-backbone limit on your GPU (default %(default)s, assumed; "
+                   "each method's measured step ratio scales it, see the README)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +257,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(ns: argparse.Namespace) -> int:
-    from .reproduce import estimate, reproduce
+    from .reproduce import ITEMS, PROTOCOLS, estimate, protocol_items, reproduce
     grid = None
     if ns.grid:
         grid = {}
@@ -265,13 +267,20 @@ def _cmd_reproduce(ns: argparse.Namespace) -> int:
                 raise ValueError(f"--grid takes KEY=V1,V2,... (e.g. lr=0.01,0.001), got {item!r}")
             grid[key.replace("-", "_")] = [_parse_value(v) for v in values.split(",")]
     if ns.dry_run:
+        items = protocol_items(ns.method, ns.benchmark)
+        sources = PROTOCOLS[ns.method].sources
+        print(f"{ns.method} on {ns.benchmark}: the protocol")
+        for item in ITEMS:
+            print(f"  {item}: {items[item]}  [{sources[item]}]")
         est = estimate(ns.method, ns.benchmark, tasks=ns.tasks, grid=grid, seeds=ns.seeds,
-                       epochs=ns.epochs)
-        hours = est["training_images"] / ns.img_per_s / 3600
-        print(f"{ns.method} on {ns.benchmark}: {est['runs']} runs ({est['tune_runs']} tuning, "
-              f"{est['final_runs']} final) of {est['epochs']} epochs, "
-              f"{est['training_images']:,d} training images: about {hours:.1f} GPU hours at "
-              f"{ns.img_per_s:g} images/s (evaluation not included)")
+                       epochs=ns.epochs, img_per_s=ns.img_per_s)
+        ratios = est["step_ratios"]
+        ratios = ("not measured, 1.0 assumed" if ratios is None else
+                  f"train {ratios[0]:.2f}x the frozen-backbone limit, eval {ratios[1]:.2f}x")
+        print(f"{est['runs']} runs ({est['tune_runs']} tuning, {est['final_runs']} final) of "
+              f"{est['epochs']} epochs, {est['training_images']:,d} training images: about "
+              f"{est['gpu_hours']:.1f} GPU hours at {ns.img_per_s:g} images/s for the limit "
+              f"(step ratios: {ratios}; evaluation included)")
         return 0
     train_args = _parse_kv(ns.train_args, "--train-args")
     for key in ("epochs", "batch_size", "pretrained_file", "device"):

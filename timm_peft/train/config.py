@@ -81,6 +81,10 @@ class TrainConfig:
     interpolation: str | None = cfg_field(None, choices=("bilinear", "bicubic", "nearest",
                                                          "lanczos", "random"))
     crop_pct: float | None = cfg_field(None, gt=0.0, le=1.0, help="eval center-crop fraction")
+    crop_mode: str | None = cfg_field(None, choices=("center", "squash", "border"), help="eval "
+                                      "resize (timm's --crop-mode): center keeps the aspect and "
+                                      "crops, squash resizes both sides to the input size (a "
+                                      "non-square image keeps all of it), border pads")
     mean: tuple[float, ...] | None = cfg_field(None)
     std: tuple[float, ...] | None = cfg_field(None, gt=0.0)
     aug: bool = cfg_field(False, help="timm's training transform: random resized crop, flip "
@@ -248,28 +252,46 @@ _VPT_GRID = ("the authors grid-search lr_base in {50, 25, 10, 5, 2.5, 1, 0.5, 0.
              "(x global batch / 256) and weight decay in {0.01, 0.001, 0.0001, 0} on the "
              "validation split of each task; lr_base 1.0 and weight decay 1e-4 are our defaults "
              "from the middle of that grid")
+#: VPT's code normalises with ImageNet's mean/std, not the 0.5/0.5 of the in21k checkpoint's
+#: pretrained_cfg (issue 27's audit of the released code)
+_IMAGENET_NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("vtab1k", "VTAB-1k protocol: 1000 training images, tune on 800/200, no augmentation",
+    Recipe("vtab1k", "VTAB-1k protocol: 1000 training images, tune on 800/200, no augmentation, "
+           "images squashed to the input size",
            "Zhai et al. 2019; as run by VPT (Jia et al. 2022), SSF (Lian et al. 2022), E2VPT",
-           dict(val_split=0.2, aug=False, crop_pct=1.0),
+           dict(val_split=0.2, aug=False, crop_pct=1.0, crop_mode="squash"),
            "tuning run: train on 800, select on 200; final run: add --val-split 0 to train on "
-           "all 1000 and report test accuracy of the last epoch; images are resized to the "
-           "model's input size (crop_pct 1.0)"),
+           "all 1000 and report test accuracy of the last epoch; images are resized directly to "
+           "the model's input size, both sides (crop_mode squash: SSF Sec. 4.1 'directly resize "
+           "the image to 224x224', as VPT's and SSF's code do), so a 1242x375 KITTI image keeps "
+           "its whole width"),
     Recipe("fgvc", "FGVC protocol: 90/10 train/val split, random resized crop + flip",
            "VPT (Jia et al. 2022), SSF (Lian et al. 2022)",
            dict(val_split=0.1, aug=True),
            "final run: --val-split 0 with the chosen settings"),
     Recipe("vpt", "VPT authors: SGD momentum 0.9, cosine, 100 epochs incl. 10 warm-up, batch 64",
-           "Jia et al. 2022, Visual Prompt Tuning, Sec. 4 and supplementary",
+           "Jia et al. 2022, Visual Prompt Tuning, Sec. 4 and supplementary; normalisation: "
+           "VPT's released code",
            dict(opt="momentum", momentum=0.9, sched="cosine", epochs=100, warmup_epochs=10,
-                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4),
-           _VPT_GRID),
+                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4,
+                **_IMAGENET_NORM),
+           _VPT_GRID + "; images normalised with ImageNet's mean/std as VPT's code does"),
     Recipe("e2vpt", "E2VPT authors: as VPT (SGD, cosine, 100 epochs incl. 10 warm-up, batch 64)",
-           "Han et al. 2023, E2VPT, Sec. 4.1 'Training'",
+           "Han et al. 2023, E2VPT, Sec. 4.1 'Training'; normalisation: VPT's code, which "
+           "E2VPT's builds on",
            dict(opt="momentum", momentum=0.9, sched="cosine", epochs=100, warmup_epochs=10,
-                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4),
+                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4,
+                **_IMAGENET_NORM),
            _VPT_GRID + "; batch 80 for Swin-B; pruning ratio and rewinding are method config"),
+    Recipe("full", "VPT's code for full fine-tuning: AdamW, cosine, 100 epochs incl. 5 warm-up, "
+           "batch 64",
+           "VPT's released code (its full fine-tuning configs, as issue 27's audit states them)",
+           dict(opt="adamw", sched="cosine", epochs=100, warmup_epochs=5, batch_size=64,
+                lr=1e-3, lr_base_size=None, weight_decay=1e-4, **_IMAGENET_NORM),
+           "the code searches lr in {5e-3, 1e-3, 5e-4, 1e-4} (unscaled; 1e-3 is our default); "
+           "the prompt recipe's SGD learning rates (up to 12.5 after scaling) diverge when every "
+           "weight trains"),
     Recipe("ssf", "SSF authors: AdamW, cosine, 100 epochs with 10 warm-up",
            "Lian et al. 2022, Scaling & Shifting Your Features, Sec. 4.1",
            dict(opt="adamw", sched="cosine", epochs=100, warmup_epochs=10, batch_size=64,
@@ -290,7 +312,7 @@ def list_recipes() -> list[str]:
 
     Example:
         >>> list_recipes()
-        ['e2vpt', 'fgvc', 'lion', 'ssf', 'vpt', 'vtab1k']
+        ['e2vpt', 'fgvc', 'full', 'lion', 'ssf', 'vpt', 'vtab1k']
     """
     return sorted(RECIPES)
 

@@ -106,7 +106,8 @@ def pretrained_overlay(pretrained_cfg: dict[str, Any] | None,
 
 def _data_config(cfg: TrainConfig, model: nn.Module) -> dict[str, Any]:
     from timm.data import resolve_data_config
-    args = {k: getattr(cfg, k) for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
+    args = {k: getattr(cfg, k) for k in ("input_size", "interpolation", "crop_pct", "crop_mode",
+                                         "mean", "std")}
     # timm's --img-size, else a model built at another size (model_kwargs img_size=N)
     args["img_size"] = cfg.img_size or cfg.model_kwargs.get("img_size")
     if not isinstance(args["img_size"], int):
@@ -120,7 +121,8 @@ def build_transforms(data_cfg: dict[str, Any], aug: bool | TrainConfig
     """``(train, eval)`` transforms from timm's ``create_transform``.
 
     Without augmentation the training images get the evaluation transform (resize and center
-    crop by ``crop_pct``; VTAB: resize only). With it (``aug=True`` or a :class:`TrainConfig`
+    crop by ``crop_pct``, or by ``crop_mode``: VTAB-1k squashes the whole image to the input
+    size). With it (``aug=True`` or a :class:`TrainConfig`
     with ``aug``): timm's training transform, random resized crop and horizontal flip, plus the
     config's ``scale``, ``ratio``, ``vflip``, ``color_jitter``, ``aa`` and random erasing.
 
