@@ -8,7 +8,6 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-
 from ..core import PeftConfig, cfg_field
 from ..data import list_tasks
 

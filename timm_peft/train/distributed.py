@@ -11,7 +11,6 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
-
 @dataclass
 class _Dist:
     rank: int = 0
