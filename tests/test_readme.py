@@ -422,3 +422,21 @@ def check_quick_start_figures(run: Path) -> None:
     assert round(metrics["adapter_bytes"] / 1000) == int(size[1]), metrics["adapter_bytes"]
     # 0.03: the accuracy moves by about that with the number of threads (float sums)
     assert abs(metrics["test_acc"] - float(acc[1])) <= 0.03, metrics["test_acc"]
+
+
+def test_readme_states_the_loaders_limits():
+    """The threat-model section's numbers are the loader's own ``LIMITS``."""
+    from timm_peft.io.format import LIMITS
+    text = " ".join(README.read_text().split())
+    stated = {
+        "num_classes": r"`num_classes <= (\d+)`", "img_size": r"`img_size <= (\d+)`",
+        "arch_scale": r"any other integer at most (\d+)x the constructor's default",
+        "arch_int_no_default": r"at most (\d+) where it has none",
+        "base_params_scale": r"at most (\d+)x the parameters of the default arch",
+        "resize_side": r"`input_size / crop_pct` at most (\d+)",
+    }
+    for key, pattern in stated.items():
+        found = re.search(pattern, text)
+        assert found, f"README no longer states LIMITS[{key!r}] ({pattern})"
+        assert int(found[1]) == LIMITS[key], (key, found[1], LIMITS[key])
+    assert re.search(rf"`input_size` at most {LIMITS['img_size']} a side", text)
