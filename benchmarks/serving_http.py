@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zipf-s", type=float, default=1.1)
     p.add_argument("--bound-rounds", type=int, default=12,
                    help="batches drawn per cell for the in-process engine bound")
+    p.add_argument("--device", default="cpu", help="where every system's backbone runs (cuda: "
+                   "each replica gets the GPU, the n per-adapter replicas a 1/n share each)")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     p.add_argument("--out", default="serving_http", help="report name under benchmarks/results/")
     args = p.parse_args(argv)
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     jpegs = [encode_image(torch.rand(3, args.img_size, args.img_size, generator=g),
                           format="JPEG") for _ in range(8)]  # as photos come: small bodies
+    gpu = 1.0 if args.device.startswith("cuda") else 0.0
     common = dict(pretrained_file=str(weights), model_kwargs=kwargs, num_cpus=0,
                   max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
 
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in counts:
         ids = [f"t{i}" for i in range(n)]
         engine = AdapterEngine(args.arch, {a: str(dirs[i]) for i, a in enumerate(ids)},
-                               max_adapters=n, pretrained_file=str(weights), model_kwargs=kwargs)
+                               max_adapters=n, pretrained_file=str(weights), model_kwargs=kwargs,
+                               device=args.device)
         model_ratio[n] = _nbytes(engine.model) / (n * single)
         for kind in ("uniform", "zipf"):
             bound[n, kind] = engine_bound(engine, ids, jpegs, kind, args.max_batch_size,
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         del engine
     runs = RESULTS / f"{args.out}_runs.json"
 
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=16, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options=dict(host="127.0.0.1", port=port))
@@ -349,15 +353,17 @@ def main(argv: list[str] | None = None) -> None:
             systems: dict[str, Any] = {}
 
             def deploy_ours() -> list[str]:
-                serve.run(build_app(args.arch, sources, max_adapters=n, **common),
+                serve.run(build_app(args.arch, sources, max_adapters=n, num_gpus=gpu,
+                                    device=args.device, **common),
                           name="ours", route_prefix="/")
                 return ["ours"]
 
             def deploy_multiplexed() -> list[str]:
                 engine_kwargs = dict(model=args.arch, adapters=sources, max_adapters=n,
-                                     pretrained_file=str(weights), model_kwargs=kwargs)
+                                     pretrained_file=str(weights), model_kwargs=kwargs,
+                                     device=args.device)
                 app = _multiplexed_deployment().options(  # Serve's settings as ours has them
-                    ray_actor_options=dict(num_cpus=0),
+                    ray_actor_options=dict(num_cpus=0, num_gpus=gpu),
                     max_ongoing_requests=max(64, 4 * args.max_batch_size)).bind(
                     engine_kwargs, args.max_batch_size, args.batch_wait_ms / 1000)
                 serve.run(app, name="multiplexed", route_prefix="/")
@@ -365,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
 
             def deploy_per_adapter() -> list[str]:
                 targets = [serve.RunTarget(build_app(args.arch, {a: src}, max_adapters=1,
+                                                     num_gpus=gpu / n, device=args.device,
                                                      **common),
                                            name=f"per_adapter_{a}", route_prefix=f"/{a}")
                            for a, src in sources.items()]
@@ -457,7 +464,9 @@ def main(argv: list[str] | None = None) -> None:
     notes = (
         f"`{args.arch}` ({args.img_size}x{args.img_size} input, depth {args.depth}, random "
         f"base from a local weights file), {args.method.upper()} adapters with heads of 10-14 "
-        f"classes. Ray Serve {ray.__version__} on this machine ({os.cpu_count()} CPU cores, "
+        f"classes, backbones on {args.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if gpu else ''}. "
+        f"Ray Serve {ray.__version__} on this machine ({os.cpu_count()} CPU cores, "
         f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end of the run; one "
         "torch thread per replica and in the engine bound), HTTP on localhost from "
         f"an aiohttp load generator in the driver: {args.concurrency} concurrent clients, "

@@ -393,3 +393,11 @@ def test_app_builder_and_cli_parse_the_same_deployment(zoo):
     assert deployment.num_replicas == 2
     engine_kwargs, max_batch, wait_s = deployment.init_args
     assert engine_kwargs["adapters"] == kwargs["adapters"] and (max_batch, wait_s) == (4, 0.007)
+    assert deployment.ray_actor_options == dict(num_cpus=1.0, num_gpus=0.0)
+    assert "device" not in engine_kwargs  # the engine's default: the CPU
+
+    # a GPU per replica (or a share of one): Ray reserves it and the backbone runs on it
+    ns = build_parser().parse_args(["serve", "--model", ARCH, "--num-gpus", "0.5"])
+    deployment = app_builder(_serve_kwargs(ns)[0])._bound_deployment
+    assert deployment.ray_actor_options == dict(num_cpus=1.0, num_gpus=0.5)
+    assert deployment.init_args[0]["device"] == "cuda"

@@ -164,6 +164,8 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--no-pretrained", action="store_true", help="random base (tests only)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (a fraction "
+                   "shares one); with a GPU the backbone runs on it")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
 
@@ -231,7 +233,7 @@ def _serve_kwargs(ns: argparse.Namespace) -> tuple[dict[str, Any], str, int]:
                   batch_wait_ms=ns.batch_wait_ms, allow=ns.allow, adapter_root=ns.adapter_root,
                   model_kwargs=_parse_kv(ns.model_kwargs, "--model-kwargs"),
                   pretrained=not ns.no_pretrained, pretrained_file=ns.pretrained_file,
-                  top_k=ns.top_k, num_cpus=ns.num_cpus)
+                  top_k=ns.top_k, num_cpus=ns.num_cpus, num_gpus=ns.num_gpus)
     return kwargs, ns.host, ns.port
 
 

@@ -579,13 +579,15 @@ _DEPLOYMENT: Any = None
 
 def build_app(model: str, adapters: Mapping[str, str] | Sequence[str] = (), *,
               replicas: int = 1, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
-              num_cpus: float = 1.0, **engine_kwargs: Any) -> Any:
+              num_cpus: float = 1.0, num_gpus: float = 0.0, **engine_kwargs: Any) -> Any:
     """The Ray Serve application: ``serve.run(build_app(...))``.
 
     ``model``, ``adapters`` and ``engine_kwargs`` (``max_adapters``, ``allow``,
     ``adapter_root``, ``pretrained_file``, ``model_kwargs``, ...) are
     :class:`AdapterEngine`'s; ``replicas`` copies of it run behind Ray Serve's HTTP proxy, each
-    batching up to ``max_batch_size`` requests that arrive within ``batch_wait_ms``. Routes:
+    batching up to ``max_batch_size`` requests that arrive within ``batch_wait_ms``; each replica
+    reserves ``num_cpus`` CPUs and ``num_gpus`` GPUs from Ray (a fraction shares one), and with a
+    GPU its backbone runs on ``cuda`` unless ``device`` says otherwise. Routes:
     ``POST /predict`` (JSON ``{"adapter", "image" (base64), "top_k"}`` or the image's raw bytes
     with ``?adapter=ID&top_k=K``), ``GET /adapters``, ``GET /stats``, ``GET /healthz``. For a
     Ray Serve config file use :func:`app_builder` (``import_path: timm_peft.serve:app_builder``).
@@ -596,6 +598,10 @@ def build_app(model: str, adapters: Mapping[str, str] | Sequence[str] = (), *,
         raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     if not batch_wait_ms >= 0:
         raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+    if not num_gpus >= 0:
+        raise ValueError(f"num_gpus must be >= 0, got {num_gpus!r}")
+    if num_gpus > 0:  # Ray sets CUDA_VISIBLE_DEVICES in the replica: its GPU is `cuda`
+        engine_kwargs.setdefault("device", "cuda")
     try:
         deployment = _deployment_class()
     except ImportError as e:
@@ -604,7 +610,7 @@ def build_app(model: str, adapters: Mapping[str, str] | Sequence[str] = (), *,
                          else list(adapters), **engine_kwargs)
     return deployment.options(
         num_replicas=replicas, max_ongoing_requests=max(64, 4 * max_batch_size),
-        ray_actor_options=dict(num_cpus=num_cpus),
+        ray_actor_options=dict(num_cpus=num_cpus, num_gpus=num_gpus),
     ).bind(engine_kwargs, max_batch_size, batch_wait_ms / 1000)
 
 
