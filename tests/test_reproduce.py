@@ -485,6 +485,10 @@ def test_runs_follow_the_papers_protocols():
                 assert final.train_split == "train800val200"
             else:
                 assert final.train_split == "train" and final.aug
+                # VPT's code's crops for the methods run with its code, timm's RRC for SSF's
+                vpt_code = PROTOCOLS[method].recipe in ("vpt", "e2vpt", "full")
+                assert {(c.train_crop_mode, c.crop_mode, c.crop_pct) for c in tune + [final]} \
+                    == ({("squash", "squash", 224 / 256)} if vpt_code else {(None, None, None)})
         # item 3: full fine-tuning is VPT's code's AdamW with 5 warm-up epochs
         tune, final = configs("full", benchmark)
         assert {c.opt for c in tune} == {"adamw"} and final.warmup_epochs == 5

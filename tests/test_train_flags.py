@@ -367,3 +367,41 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(weights, tmp_path, capsys,
 def test_resume_of_a_path_that_does_not_exist_names_it(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nope")]) == 2
     assert f"--resume {tmp_path / 'nope'}: no such run directory" in capsys.readouterr().err
+
+
+def test_train_crop_mode_squash_is_a_random_window_of_the_squashed_image():
+    """VPT's code's FGVC crop: both sides to input / crop_pct, then a random input-size window
+    (and a flip); checked against timm's own squash resize of the whole image."""
+    import numpy as np
+    data_cfg = dict(input_size=[3, 32, 32], interpolation="bilinear", mean=[0.5] * 3,
+                    std=[0.5] * 3, crop_pct=0.8, crop_mode="squash")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 48, 3), np.uint8))
+    # timm: the whole image squashed to 40 x 40 (32 / 0.8), no crop
+    _, whole = build_transforms(dict(data_cfg, input_size=[3, 40, 40], crop_pct=1.0), False)
+    ref = whole(img)
+    windows = {(i, j) for i in range(9) for j in range(9)}
+    train_tf, eval_tf = build_transforms(data_cfg, TrainConfig(aug=True, train_crop_mode="squash",
+                                                               hflip=0.0))
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        x = train_tf(img)
+        hits = {(i, j) for i, j in windows
+                if torch.allclose(x, ref[:, i:i + 32, j:j + 32], atol=1e-6)}
+        assert len(hits) == 1, hits
+        seen |= hits
+    assert len(seen) > 3  # the window moves
+    torch.testing.assert_close(eval_tf(img), ref[:, 4:36, 4:36])  # eval: the centre window
+    flip_tf, _ = build_transforms(data_cfg, TrainConfig(aug=True, train_crop_mode="squash",
+                                                        hflip=1.0))
+    torch.manual_seed(0)
+    flipped = flip_tf(img)
+    torch.manual_seed(0)
+    torch.testing.assert_close(flipped, train_tf(img).flip(-1))
+    # timm's own train crop modes reach timm's transform
+    tf, _ = build_transforms(data_cfg, TrainConfig(aug=True, train_crop_mode="rkrc"))
+    assert "ResizeKeepRatio" in [type(t).__name__ for t in tf.transforms]
+    with pytest.raises(ValueError, match="does not apply --reprob"):
+        TrainConfig(aug=True, train_crop_mode="squash", reprob=0.25)
+    with pytest.raises(ValueError, match="--train-crop-mode set.*add --aug"):
+        TrainConfig(train_crop_mode="squash")

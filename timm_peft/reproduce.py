@@ -109,9 +109,11 @@ _S_STAGES = ("; the stages are searched one after the other, each with the earli
 _S_VPT_BACKBONE = ("VPT Sec. 4.1 'Pre-trained Backbones' and Table 1 (ViT-B/16, supervised "
                    "ImageNet-21k): the original Google checkpoint")
 _S_VPT_PRE = (f"VTAB-1k: SSF Sec. 4.1 'Implementation Details' ('directly resize the image to "
-              f"224x224'), VPT's code squashes too ({_AUDIT}); FGVC: ours (timm's "
-              f"RandomResizedCrop), VPT's code uses resize 256 + random crop 224 + flip "
-              f"({_AUDIT}); mean/std: ImageNet's, as VPT's code ({_AUDIT})")
+              f"224x224'), VPT's code squashes too ({_AUDIT}); FGVC: VPT's code, resize 256 + "
+              f"random crop 224 + flip ({_AUDIT}), evaluated as its resize 256 + center crop 224 "
+              f"(VPT's src/data/transforms.py); mean/std: ImageNet's, as VPT's code ({_AUDIT})")
+#: VPT's code's FGVC crops: both sides to 256, then a random (train) or center (eval) 224 crop
+_VPT_FGVC = {"fgvc": dict(train_crop_mode="squash", crop_mode="squash", crop_pct=224 / 256)}
 _S_VPT_SCHED = "VPT Sec. 4.1 and supplementary, via its recipe (`timm-peft info --recipe vpt`)"
 _S_VPT_SELECT = (f"VPT's code: the last epoch's validation accuracy, ties to the smaller "
                  f"learning rate ({_AUDIT})")
@@ -127,7 +129,8 @@ class Protocol:
     """How a method's authors trained, chose hyper-parameters and averaged, item by item.
 
     ``stages`` are searched one after the other (each stage's winner is fixed for the next);
-    ``settings`` are :class:`~timm_peft.train.TrainConfig` fields on top of the recipes;
+    ``settings`` are, per benchmark, :class:`~timm_peft.train.TrainConfig` fields on top of
+    the recipes (VPT's code's FGVC crops);
     ``sources`` names, per item of :data:`ITEMS`, the paper line or code each choice follows.
 
     Example:
@@ -141,7 +144,7 @@ class Protocol:
     seeds: int
     backbone: str
     sources: dict[str, str]
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: final training split per benchmark
     final_split: dict[str, str] = field(default_factory=lambda: dict(
         vtab1k="train800val200", fgvc="train"))
@@ -173,7 +176,7 @@ def _vpt_baseline(method: str, extra_stage: dict[str, list[Any]] | None = None,
                "prompt-length grid": _S_NONE, "other search": other,
                "selection": _S_VPT_SELECT, "final training split": _S_VPT_SPLIT},
             epochs=_S_VPT_SCHED, **{"warm-up": _S_VPT_SCHED}, batch=_S_VPT_SCHED,
-            seeds=_S_VPT_SEEDS), step_ratios=ratios)
+            seeds=_S_VPT_SEEDS), settings=_VPT_FGVC, step_ratios=ratios)
 
 
 PROTOCOLS: dict[str, Protocol] = {p.method: p for p in (
@@ -190,7 +193,8 @@ PROTOCOLS: dict[str, Protocol] = {p.method: p for p in (
            "other search": _S_NONE, "selection": _S_VPT_SELECT,
            "final training split": _S_VPT_SPLIT},
         epochs=_S_VPT_SCHED, **{"warm-up": _S_VPT_SCHED}, batch=_S_VPT_SCHED,
-        seeds=_S_VPT_SEEDS), step_ratios=(1.2121659144335717, 1.0146017345533807, "vpt")),
+        seeds=_S_VPT_SEEDS), settings=_VPT_FGVC,
+        step_ratios=(1.2121659144335717, 1.0146017345533807, "vpt")),
     Protocol("e2vpt", "e2vpt", (
         _VPT_GRID,
         {"peft_cfg.num_prompts": [5, 10, 20, 30, 50], "peft_cfg.num_kv_prompts": [1, 5, 10, 50]},
@@ -213,7 +217,8 @@ PROTOCOLS: dict[str, Protocol] = {p.method: p for p in (
         **{"warm-up": "E2VPT Sec. 4.1 'Training' (10 warm-up epochs)"},
         batch="E2VPT Sec. 4.1 'Training' (64 for ViT-B/16, as [34])",
         seeds="E2VPT Sec. 4.2 ('for three runs in Table 1')"),
-        variants={"unpruned": 2}, second_pass_key="peft_cfg.token_prune_ratio",
+        settings=_VPT_FGVC, variants={"unpruned": 2},
+        second_pass_key="peft_cfg.token_prune_ratio",
         step_ratios=(1.4685966605081047, 1.4842326817666407, "e2vpt")),
     Protocol("ssf", "ssf", (
         {"lr": _SSF_LR + [5e-4, 2.5e-4, 2e-4], "weight_decay": [5e-2, 5e-5]},
@@ -262,7 +267,7 @@ PROTOCOLS: dict[str, Protocol] = {p.method: p for p in (
            "VPT's grid", "prompt-length grid": _S_NONE, "other search": _S_NONE,
            "selection": _S_VPT_SELECT, "final training split": _S_VPT_SPLIT},
         epochs=_S_VPT_SCHED, **{"warm-up": f"VPT's code: 5 warm-up epochs ({_AUDIT})"},
-        batch=_S_VPT_SCHED, seeds=_S_VPT_SEEDS),
+        batch=_S_VPT_SCHED, seeds=_S_VPT_SEEDS), settings=_VPT_FGVC,
         step_ratios=(1.4191099887787155, 1.0602687981779761, "full")),
     _vpt_baseline("linear", ratios=(1.0, 0.9166475945772881, "frozen-backbone limit")),
     _vpt_baseline("bias", ratios=(1.1618870400268908, 0.9548623256470956, "bias")),
@@ -407,7 +412,8 @@ def _base_values(method: str, benchmark: str, data_root: str | os.PathLike, mode
     from .train import TrainConfig
     bench, proto = _lookup(method, benchmark)
     recipes = [bench.recipe, proto.recipe]
-    defaults = dict(TrainConfig.from_recipes(recipes).to_dict(), **proto.settings)
+    defaults = dict(TrainConfig.from_recipes(recipes).to_dict(),
+                    **proto.settings.get(benchmark, {}))
     extra = dict(train_args)
     if "epochs" in extra and "warmup_epochs" not in extra:  # keep the recipe's warm-up share
         extra["warmup_epochs"] = defaults["warmup_epochs"] * extra["epochs"] / defaults["epochs"]
@@ -759,12 +765,18 @@ def protocol_items(method: str, benchmark: str) -> dict[str, str]:
         return f"{label} {_values(searched[key])}" if key in searched else \
             f"{label} {cfg[key]:g}"
 
-    if cfg["aug"]:
+    side = 224  # the protocols' input size (ViT-B/16)
+    if cfg["aug"] and cfg["train_crop_mode"] == "squash":
+        train_tf = (f"resize to {int(side / cfg['crop_pct'])}² + random crop {side} + flip "
+                    f"{cfg['hflip']:g}")
+    elif cfg["aug"]:
         lo, hi = cfg["scale"] or (0.08, 1.0)
         train_tf = f"RandomResizedCrop ({lo:g}–{hi:g}) + flip {cfg['hflip']:g}"
     else:
         train_tf = "as eval, no augmentation"
-    crop = cfg["crop_mode"] or "center (checkpoint's crop_pct)"
+    crop = "center (checkpoint's crop_pct) resize" if cfg["crop_mode"] is None else \
+        "squash resize" if cfg["crop_pct"] == 1.0 else \
+        f"resize to {int(side / cfg['crop_pct'])}² + center crop {side}"
     norm = "ImageNet mean/std" if cfg["mean"] == [0.485, 0.456, 0.406] else \
         "the checkpoint's mean/std" if cfg["mean"] is None else f"mean/std {cfg['mean']}"
     lr_key = "lr" if "lr" in searched or cfg["lr"] is not None else "lr_base"
@@ -782,7 +794,7 @@ def protocol_items(method: str, benchmark: str) -> dict[str, str]:
     stages = " → ".join("×".join(k.replace("peft_cfg.", "") for k in s) for s in proto.stages)
     return {
         "backbone": f"`{proto.backbone}`",
-        "preprocessing": f"train: {train_tf}; eval: {crop} resize; {norm}",
+        "preprocessing": f"train: {train_tf}; eval: {crop}; {norm}",
         "optimiser": f"{opt}, {cfg['sched']} schedule",
         "lr / wd grid": f"{lr}; {setting('weight_decay', 'wd')}",
         "prompt-length grid": "; ".join(f"{k.replace('peft_cfg.', '')} {_values(searched[k])}"

@@ -12,6 +12,9 @@ from ..core import PeftConfig, cfg_field
 from ..data import list_tasks
 
 
+#: timm's training crops (``create_transform(train_crop_mode=...)``), and "squash": VPT's code's
+#: resize of both sides to input / crop_pct followed by a random crop (``build_transforms``)
+TRAIN_CROP_MODES = ("rrc", "rkrc", "rkrr", "squash")
 #: timm's schedulers (``timm.scheduler.create_scheduler_v2``) a run may use; "plateau" is left
 #: out (deprecated in timm, and it steps on a validation metric, not per update)
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant", "none")
@@ -92,6 +95,12 @@ class TrainConfig:
                                                   "range (timm default 0.08 1.0)")
     ratio: tuple[float, float] | None = cfg_field(None, gt=0.0, help="random resized crop aspect "
                                                   "ratio range (timm default 3/4 4/3)")
+    train_crop_mode: str | None = cfg_field(None, choices=TRAIN_CROP_MODES, help="training crop "
+                                            "with --aug (timm's --train-crop-mode): rrc random "
+                                            "resized crop (default), rkrc/rkrr timm's keep-ratio "
+                                            "crops; squash (ours): both sides resized to "
+                                            "input / crop_pct, then a random crop and a flip "
+                                            "(VPT's code: 256 then 224)")
     hflip: float = cfg_field(0.5, ge=0.0, le=1.0, help="horizontal flip probability (with --aug)")
     vflip: float = cfg_field(0.0, ge=0.0, le=1.0, help="vertical flip probability (with --aug)")
     color_jitter: float = cfg_field(0.0, ge=0.0, help="color jitter strength (with --aug)")
@@ -198,11 +207,20 @@ class TrainConfig:
         if not self.aug:  # options of timm's training transform do nothing without it
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             given = [k for k in ("scale", "ratio", "hflip", "vflip", "color_jitter", "aa",
-                                 "reprob") if getattr(self, k) != defaults[k]]
+                                 "reprob", "train_crop_mode") if getattr(self, k) != defaults[k]]
             if given:
                 flags = ", ".join("--" + k.replace("_", "-") for k in given)
                 raise ValueError(f"{flags} set(s) timm's training augmentation, which is off "
                                  "(the VTAB-1k recipe resizes only); add --aug")
+        elif self.train_crop_mode == "squash":  # VPT's code's crop + flip, nothing else
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = [k for k in ("scale", "ratio", "vflip", "color_jitter", "aa", "reprob")
+                     if getattr(self, k) != defaults[k]]
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ValueError(f"--train-crop-mode squash is VPT's code's resize, random crop "
+                                 f"and flip (--hflip); it does not apply {flags}: drop them or "
+                                 "use timm's rrc mode")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of all fields."""

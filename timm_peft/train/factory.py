@@ -124,7 +124,8 @@ def build_transforms(data_cfg: dict[str, Any], aug: bool | TrainConfig
     crop by ``crop_pct``, or by ``crop_mode``: VTAB-1k squashes the whole image to the input
     size). With it (``aug=True`` or a :class:`TrainConfig`
     with ``aug``): timm's training transform, random resized crop and horizontal flip, plus the
-    config's ``scale``, ``ratio``, ``vflip``, ``color_jitter``, ``aa`` and random erasing.
+    config's ``scale``, ``ratio``, ``vflip``, ``color_jitter``, ``aa``, random erasing and
+    ``train_crop_mode`` (timm's crops, or VPT's code's ``squash``: resize, random crop, flip).
 
     Example:
         >>> tf, _ = build_transforms(dict(input_size=[3, 32, 32], interpolation="bicubic",
@@ -140,11 +141,32 @@ def build_transforms(data_cfg: dict[str, Any], aug: bool | TrainConfig
     cfg = aug if isinstance(aug, TrainConfig) else TrainConfig(aug=bool(aug))
     if not cfg.aug:
         return eval_tf, eval_tf
+    if cfg.train_crop_mode == "squash":
+        return _squash_random_crop(data_cfg, cfg.hflip), eval_tf
     train_tf = create_transform(
         **common, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
         vflip=cfg.vflip, color_jitter=cfg.color_jitter, auto_augment=cfg.aa, re_prob=cfg.reprob,
-        re_mode=cfg.remode, re_count=cfg.recount)
+        re_mode=cfg.remode, re_count=cfg.recount, train_crop_mode=cfg.train_crop_mode)
     return train_tf, eval_tf
+
+
+def _squash_random_crop(data_cfg: dict[str, Any], hflip: float) -> Callable:
+    """VPT's code's FGVC training transform (``train_crop_mode="squash"``): both sides resized to
+    ``input / crop_pct`` (256 for 224 at crop_pct 0.875), a random crop of the input size, a
+    horizontal flip; the training twin of timm's ``crop_mode="squash"`` evaluation transform."""
+    import math
+
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms as T
+    if data_cfg["interpolation"] == "random":
+        raise ValueError("train_crop_mode 'squash' resizes with one interpolation; give "
+                         "--interpolation (e.g. bicubic), not 'random'")
+    size = tuple(data_cfg["input_size"][-2:])
+    resized = tuple(math.floor(s / data_cfg["crop_pct"]) for s in size)
+    return T.Compose([
+        T.Resize(resized, interpolation=str_to_interp_mode(data_cfg["interpolation"])),
+        T.RandomCrop(size), T.RandomHorizontalFlip(hflip), T.ToTensor(),
+        T.Normalize(data_cfg["mean"], data_cfg["std"])])
 
 
 def _param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float,
