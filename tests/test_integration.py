@@ -1,5 +1,6 @@
 """timm integration: method suffixes, composed weight tags, the offline pretrained path, errors."""
 import hashlib
+import re
 import subprocess
 import sys
 
@@ -51,7 +52,6 @@ def test_plain_names_bit_identical_to_timm_without_timm_peft():
     ("linear", (None, "linear")),
     ("partial_1", (None, "partial_1")),
     ("augreg_in21k", ("augreg_in21k", None)),
-    ("not_a_tag", ("not_a_tag", None)),  # left for timm to judge
     ("", (None, None)),
 ])
 def test_split_method(tag, expected):
@@ -59,9 +59,31 @@ def test_split_method(tag, expected):
 
 
 def test_unknown_method_suffix_lists_methods():
-    with pytest.raises(ValueError, match=r"unknown PEFT method suffix 'dora'.*registered methods: "
+    with pytest.raises(ValueError, match=r"unknown PEFT method suffix 'dora'.*methods: "
                                          r"\[.*'linear'"):
         timm.create_model("vit_tiny_patch16_224.augreg_in21k.dora", **TINY_VIT)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224.lroa", "resnet18.not_a_tag",
+                                  "vit_tiny_patch16_224.no_such_tag.linear"])
+def test_suffix_neither_tag_nor_method_names_both(name):
+    arch, _, suffix = name.partition(".")
+    tag = suffix.split(".")[0]
+    with pytest.raises(RuntimeError) as info:  # timm's exception type, as before timm_peft
+        timm.create_model(name)
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError)  # like timm_peft's other bad names
+    with pytest.raises(RuntimeError) as timm_own:  # timm's unwrapped judgment of the tag
+        _registry.get_pretrained_cfg(f"{arch}.{tag}")
+    assert msg.startswith(str(timm_own.value) + " ")
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+    assert tags and all(f"'{t}'" in msg for t in tags), msg
+    assert all(f"'{m}'" in msg for m in timm_peft.list_methods()), msg
+    examples = re.findall(r"e\.g\. '([^']+)' or '([^']+)'$", msg)
+    assert examples, msg
+    for example in examples[0]:  # the names offered build
+        kwargs = TINY_VIT if arch.startswith("vit") else {}
+        assert timm.create_model(example, **kwargs).peft_method == "linear"
 
 
 def test_unknown_weight_tag_keeps_timm_error():

@@ -23,7 +23,8 @@ from .core import (PeftConfig, apply_method, get_method, iter_family_archs, list
                    resolve_method)
 from .families import family_of_arch
 
-__all__ = ["create_model", "list_models", "split_method", "install", "BUILD_HOOKS"]
+__all__ = ["create_model", "list_models", "split_method", "model_name_help", "install",
+           "BUILD_HOOKS", "UnknownSuffixError"]
 
 _WRAPPED_ATTR = "__timm_peft_original__"
 # kwargs of create_model that describe loading, not the architecture (not recorded for rebuild)
@@ -37,11 +38,48 @@ _NON_ARCH_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "c
 BUILD_HOOKS: list[Callable[[Callable[..., nn.Module], str, dict[str, Any]], nn.Module | None]] = []
 
 
+class UnknownSuffixError(RuntimeError, ValueError):
+    """A model-name suffix that is neither a weight tag of the arch nor a PEFT method.
+
+    A RuntimeError like timm's ``Invalid pretrained tag`` error, whose text it starts with, and
+    a ValueError like timm_peft's other bad-name errors, so a handler of either still catches it.
+
+    Example:
+        >>> import timm, timm_peft
+        >>> try:
+        ...     timm.create_model("vit_tiny_patch16_224.lroa")
+        ... except RuntimeError as e:
+        ...     print(str(e).split(";")[0])
+        Invalid pretrained tag (lroa) for vit_tiny_patch16_224. 'lroa' is neither one of its weight tags nor a PEFT method
+    """
+
+
+def model_name_help(arch: str) -> str:
+    """What may follow ``arch`` in a model name: its weight tags, the methods and an example.
+
+    The one wording of it, for the Python errors and the command line's alike.
+
+    Example:
+        >>> print(model_name_help("vit_tiny_patch16_224"))  # doctest: +ELLIPSIS
+        use <arch>[.<weight tag>].<method>; weight tags of vit_tiny_patch16_224: ['augreg_in21k_ft_in1k', 'augreg_in21k']; methods: ['adapter', ...]; e.g. 'vit_tiny_patch16_224.linear' or 'vit_tiny_patch16_224.augreg_in21k_ft_in1k.linear'
+    """
+    from timm.models import _registry
+    # timm lists an arch registered with an untagged cfg under its bare name: no tag to offer
+    tags = [name.partition(".")[2] for name in _registry._model_with_tags.get(arch, ())
+            if "." in name]
+    known = f"weight tags of {arch}: {tags}" if tags else f"{arch} has no weight tags"
+    example = f"'{arch}.linear'" + (f" or '{arch}.{tags[0]}.linear'" if tags else "")
+    return (f"use <arch>[.<weight tag>].<method>; {known}; methods: {list_methods()}; "
+            f"e.g. {example}")
+
+
 def split_method(arch: str, tag: str | None) -> tuple[str | None, str | None]:
     """Split a timm pretrained tag into ``(weight tag, method)``.
 
     A tag with a dot must end in a registered method; a tag without one is a method if it names
-    one, else it is a weight tag left for timm to judge (so timm keeps its own error).
+    one, else a weight tag. A weight tag timm does not know for ``arch`` is an
+    :class:`UnknownSuffixError` listing the arch's tags and the methods (timm's judgment, asked
+    here so the error can say both).
 
     Example:
         >>> split_method("vit_base_patch16_224", "augreg2_in21k_ft_in1k.ssf")
@@ -50,17 +88,25 @@ def split_method(arch: str, tag: str | None) -> tuple[str | None, str | None]:
         (None, 'linear')
     """
     if not tag:
-        return tag or None, None
+        return None, None
     from timm.models import _registry
     if f"{arch}.{tag}" in _registry._model_pretrained_cfgs:
         return tag, None
-    base, dot, last = tag.rpartition(".")
+    weight_tag, dot, method = tag.rpartition(".")
     if not dot:
-        return (None, tag) if tag in list_methods() else (tag, None)
-    if last not in list_methods():
-        raise ValueError(f"unknown PEFT method suffix {last!r} in '{arch}.{tag}'; registered "
-                         f"methods: {list_methods()}")
-    return base, last
+        if tag in list_methods():
+            return None, tag
+        weight_tag, method = tag, None
+    elif method not in list_methods():
+        raise UnknownSuffixError(f"unknown PEFT method suffix {method!r} in '{arch}.{tag}'; "
+                                 f"{model_name_help(arch)}")
+    try:
+        _registry.get_pretrained_cfg(f"{arch}.{weight_tag}")  # timm's own judgment of the tag
+    except RuntimeError as e:  # timm's "Invalid pretrained tag (<tag>) for <arch>."
+        what = "is not one of its weight tags" if method else \
+            "is neither one of its weight tags nor a PEFT method"
+        raise UnknownSuffixError(f"{e} {weight_tag!r} {what}; {model_name_help(arch)}") from None
+    return weight_tag, method
 
 
 def _wrap(arch: str, entrypoint: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
