@@ -22,20 +22,16 @@ def _split_model_name(name: str) -> tuple[str, str]:
     """``(arch, method)`` of ``<arch>[.<tag>].<method>``, with clear errors."""
     import timm
 
-    from ..core import list_methods
-    from ..integration import split_method
+    from ..integration import model_name_help, split_method
     if not name:
         raise ValueError("no model given: pass <arch>[.<weight tag>].<method>, e.g. "
                          "vit_base_patch16_224.augreg2_in21k_ft_in1k.ssf")
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         raise ValueError(f"unknown timm architecture {arch!r} in {name!r} (see timm.list_models())")
-    _, method = split_method(arch, tag or None)
+    _, method = split_method(arch, tag or None)  # a suffix neither tag nor method: its error
     if method is None:
-        which = f" ({tag!r} is not one)" if tag else ""
-        raise ValueError(f"model {name!r} names no PEFT method{which}: use "
-                         f"<arch>[.<weight tag>].<method> with a method from {list_methods()}, "
-                         f"e.g. '{arch}.linear'")
+        raise ValueError(f"model {name!r} names no PEFT method: {model_name_help(arch)}")
     return arch, method
 
 
