@@ -375,6 +375,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _report_run(cfg: Any, result: Any) -> None:
+    from .io.load import reload_code
     from .train import pretrained_overlay
     m = result.metrics
     adapter = result.adapter_dir
@@ -384,13 +385,7 @@ def _report_run(cfg: Any, result: Any) -> None:
     if accs:
         lines.append("  " + ", ".join(accs))
     overlay = pretrained_overlay(cfg.pretrained_cfg, cfg.pretrained_file)
-    overlay = f", pretrained_cfg_overlay={overlay!r}" if overlay else ""
-    lines += ["Load it with:", "  import timm_peft"]
-    if cfg.pretrained:
-        lines.append(f"  model = timm_peft.from_pretrained({str(adapter)!r}{overlay})")
-    else:  # a random base is rebuilt from the seed it was drawn with
-        lines += [f"  import torch; torch.manual_seed({cfg.seed})",
-                  f"  model = timm_peft.from_pretrained({str(adapter)!r}, pretrained=False{overlay})"]
+    lines += ["Load it with:", *(f"  {line}" for line in reload_code(adapter, overlay))]
     weights = f" --pretrained-file {cfg.pretrained_file}" if cfg.pretrained_file else ""
     lines.append(f"or measure it again: timm-peft eval {adapter} --split test{weights}")
     print("\n".join(lines))

@@ -393,6 +393,41 @@ def _config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             for k in saved if saved[k] != current.get(k)]
 
 
+def reload_code(adapter: str | os.PathLike | Adapter,
+                overlay: dict[str, Any] | None = None) -> list[str]:
+    """The Python lines that rebuild the base an adapter was trained on and load it onto it.
+
+    ``timm-peft train`` prints them after a run, and loading onto other base weights says them in
+    its error. The base comes from where ``base_source`` says: timm's weights for the recorded
+    tag, a local file (``overlay`` as timm's ``pretrained_cfg_overlay``, else a placeholder for
+    that file), or a random initialisation, which only the seed it was drawn with rebuilds: the
+    ``seed`` that ``timm-peft train`` records in ``training_args.json``.
+
+    Example:
+        >>> import timm, timm_peft, tempfile
+        >>> d = timm_peft.save_pretrained(timm.create_model("resnet18.bias"), tempfile.mkdtemp())
+        >>> print("\\n".join(reload_code(d)))  # doctest: +ELLIPSIS
+        import torch, timm_peft
+        torch.manual_seed(<the seed set before the base was built; timm-peft train records it>)
+        model = timm_peft.from_pretrained('...', pretrained=False)
+    """
+    src = open_adapter(adapter)
+    kind = (src.cfg.get("base_source") or {}).get("kind", "unknown")
+    lines, args = ["import timm_peft"], [repr(str(src.dir))]
+    if kind == "random":
+        seed = read_training_args(src.dir).get("seed",
+                                                "<the seed set before the base was built; "
+                                                "timm-peft train records it>")
+        lines = ["import torch, timm_peft", f"torch.manual_seed({seed})"]
+        args.append("pretrained=False")
+    if overlay:
+        args.append(f"pretrained_cfg_overlay={overlay!r}")
+    elif kind == "file":
+        args.append("pretrained_cfg_overlay=dict(file='<the base weights file>', "
+                    "custom_load=False)")
+    return [*lines, f"model = timm_peft.from_pretrained({', '.join(args)})"]
+
+
 def _check_base(model: nn.Module, src: Adapter) -> None:
     fp = base_fingerprint(model)
     if fp != src.cfg.get("base_fingerprint"):
@@ -400,8 +435,9 @@ def _check_base(model: nn.Module, src: Adapter) -> None:
         raise AdapterError(
             f"the model's base weights differ from those the adapter in {src.dir} was "
             f"trained on (field 'base_fingerprint': {fp[:19]}… vs "
-            f"{str(src.cfg.get('base_fingerprint'))[:19]}…; recorded origin: {kind}); build the "
-            "base with the recorded weights or pass check_base=False")
+            f"{str(src.cfg.get('base_fingerprint'))[:19]}…; recorded origin: {kind}); rebuild "
+            f"that base and load the adapter with `{'; '.join(reload_code(src))}`, or pass "
+            "check_base=False to load it onto this base anyway")
 
 
 def _load_into(model: nn.Module, src: Adapter, tensors: dict[str, torch.Tensor] | None,
