@@ -21,7 +21,7 @@ setup(
         "torchvision",
         "timm>=1.0.21",
         "safetensors>=0.4",
-        "huggingface_hub>=0.23",
+        "huggingface_hub>=1.0",
         "tqdm",
     ],
     extras_require={"dev": ["pytest>=7", "hypothesis>=6", "pyyaml", "datasets", "onnx", "onnxscript",

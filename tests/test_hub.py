@@ -93,6 +93,9 @@ class FakeHub:
         path = request.url.path
         if path == "/api/agent-harnesses":  # huggingface_hub's own once-a-process lookup, no repo data
             return httpx2.Response(404)
+        if path == "/" and request.method == "HEAD":  # the front page: timm-peft's reachability probe
+            self.requests.append((request.method, path, dict(request.headers), body))
+            return httpx2.Response(200)
         self.requests.append((request.method, path, dict(request.headers), body))
         parts = path.strip("/").split("/")
         if path == "/api/repos/create":

@@ -1,5 +1,11 @@
 """What a newcomer runs into first (issue 26): errors that say how to go on, and no long waits."""
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -8,7 +14,9 @@ import torch
 import timm_peft
 from timm_peft.cli import main
 from timm_peft.io import AdapterError
+from test_hub import fake_hub  # noqa: F401  (fixture)
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48)
 
 
@@ -58,3 +66,75 @@ def test_file_base_mismatch_asks_for_the_file(tmp_path, vit_weights):
             "pretrained_cfg_overlay=dict(file='<the base weights file>', custom_load=False)")):
         timm_peft.load_adapter(timm.create_model("vit_tiny_patch16_224.linear", num_classes=3,
                                                  **TINY_VIT), d)
+
+
+# ----------------------------------------------------------------------------------------------
+# an unreachable Hub: one probe, then offline (item 7); never a request off this machine
+# ----------------------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: a connection to it is refused at once
+
+
+def _run_cli(args, endpoint, tmp_path, limit):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.pop("HF_HUB_CACHE", None)
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "timm_peft", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=limit)
+    return proc, time.monotonic() - start
+
+
+#: what the two commands of the issue take without network before their error (28 s, 52 s),
+#: with python's and torch's start-up (3-6 s here) and a loaded machine's slack
+_FAST_S = 20
+
+_COMMANDS = {
+    "info": (["info", "hf-hub:org/adapter"], "cannot load Hub adapter 'hf-hub:org/adapter'"),
+    "train": (["train", "--model", "resnet10t.linear", "--task", "count", "--train-size", "16",
+               "--batch-size", "8", "--epochs", "1", "--no-progress", "--output", "run"],
+              "could not load pretrained weights for 'resnet10t.linear'"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(_COMMANDS))
+def test_refused_hub_fails_fast_with_how_to_work_offline(command, tmp_path):
+    args, error = _COMMANDS[command]
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    proc, took = _run_cli(args, endpoint, tmp_path, limit=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"timm-peft {command}: error: {error}" in proc.stderr
+    warning = f"the Hugging Face Hub ({endpoint}) cannot be reached (ConnectError"
+    assert proc.stderr.count(warning) == 1 + (command == "info"), proc.stderr  # + the error
+    assert "set HF_HUB_OFFLINE=1" in proc.stderr and "--pretrained-file" in proc.stderr
+    assert "Retrying" not in proc.stderr  # huggingface_hub's back-off never started
+    assert took < _FAST_S, (took, proc.stderr)
+
+
+def test_silent_hub_fails_after_one_probe_timeout(tmp_path):
+    # a port that accepts connections (the kernel's backlog) and never answers: what a
+    # firewall dropping packets looks like to the client, on this machine only
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        proc, took = _run_cli(_COMMANDS["info"][0], endpoint, tmp_path, limit=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"the Hugging Face Hub ({endpoint}) cannot be reached (ReadTimeout" in proc.stderr
+    assert "set HF_HUB_OFFLINE=1 to skip this 3 s check" in proc.stderr
+    assert took < _FAST_S, (took, proc.stderr)
+
+
+def test_reachable_hub_is_probed_once_and_stays_online(fake_hub, capsys):
+    from huggingface_hub import constants
+    assert not constants.HF_HUB_OFFLINE
+    for _ in range(2):
+        assert main(["info", "hf-hub:org/missing"]) == 2
+        assert "no such model repo" in capsys.readouterr().err  # the Hub's own answer
+    # each command: one probe of the front page before its first request, then the Hub as usual
+    assert fake_hub.paths() == [("HEAD", "/"),
+                                ("HEAD", "/org/missing/resolve/main/adapter_config.json")] * 2
+    assert not constants.HF_HUB_OFFLINE

@@ -88,7 +88,9 @@ def _download_adapter(repo_id: str, revision: str | None, cache_dir: str | os.Pa
             path = hf_hub_download(repo_id, filename, cache_dir=cache_dir, token=token,
                                    revision=revision if snapshot is None else snapshot.name)
         except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
-            reason = ("HF_HUB_OFFLINE is set" if _is_offline() else "the Hub cannot be reached")
+            from .hub import hub_unreachable
+            reason = hub_unreachable() or ("HF_HUB_OFFLINE is set" if _is_offline()
+                                           else "the Hub cannot be reached")
             raise AdapterError(
                 f"cannot load {where}: {reason} and its {filename} is not in the local Hugging "
                 f"Face cache ({cache_dir or constants.HF_HUB_CACHE}); download it once with network "
