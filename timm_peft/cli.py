@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     commands = dict(train=_cmd_train, eval=_cmd_eval, reproduce=_cmd_reproduce, info=_cmd_info,
                     serve=_cmd_serve)
-    from .io.hub import offline_when_unreachable
+    from .io.offline import offline_when_unreachable
     with _console_logging(), offline_when_unreachable():  # no Hub: fail in seconds, not a minute
         try:
             return commands[ns.command](ns)

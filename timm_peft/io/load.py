@@ -88,7 +88,7 @@ def _download_adapter(repo_id: str, revision: str | None, cache_dir: str | os.Pa
             path = hf_hub_download(repo_id, filename, cache_dir=cache_dir, token=token,
                                    revision=revision if snapshot is None else snapshot.name)
         except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
-            from .hub import hub_unreachable
+            from .offline import hub_unreachable
             reason = hub_unreachable() or ("HF_HUB_OFFLINE is set" if _is_offline()
                                            else "the Hub cannot be reached")
             raise AdapterError(
