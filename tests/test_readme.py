@@ -15,6 +15,9 @@ What runs
     ``print_trainable_parameters`` call must be what that call prints for the model the README
     names, at its real size (see "shrinking" below). The quick start's adapter size and test
     accuracy are checked against what its commands produce here (``check_quick_start_figures``).
+    Bounds and counts the prose states (the loader's limits, the method configs' upper bounds,
+    the bad-adapter suite's size, ``list_adapters``' limits) are checked against the code
+    (``test_readme_states_*``, ``test_readme_counts_*``).
 
 What the harness substitutes (and nothing else; block text is never edited)
   * Placeholders a reader supplies, defined in the block's namespace before it runs (``PRELUDE``):
@@ -440,3 +443,83 @@ def test_readme_states_the_loaders_limits():
         assert found, f"README no longer states LIMITS[{key!r}] ({pattern})"
         assert int(found[1]) == LIMITS[key], (key, found[1], LIMITS[key])
     assert re.search(rf"`input_size` at most {LIMITS['img_size']} a side", text)
+
+
+def _stated(text: str, pattern: str) -> re.Match:
+    found = re.search(pattern, text)
+    assert found, f"README no longer states /{pattern}/"
+    return found
+
+
+def _upper_bound(config: type, name: str) -> float:
+    return next(f.metadata["le"] for f in dataclasses.fields(config) if f.name == name)
+
+
+def test_readme_states_the_adapter_readers_bounds():
+    """The threat model's other bounds are the code's: the JSON reader's, the error's length,
+    the save journal's token and the method configs' upper bounds."""
+    from timm_peft.core import PeftConfig
+    from timm_peft.io import format as fmt, load, save_load
+    from timm_peft.methods.e2vpt.config import E2VPTConfig
+    from timm_peft.methods.lion.config import LionConfig
+    from timm_peft.methods.vpt.config import VPTConfig
+    text = " ".join(README.read_text().split())
+    assert int(_stated(text, r"at most (\d+) levels deep")[1]) == fmt.LIMITS["json_depth"]
+    assert 2 ** (int(_stated(text, r"integers within (\d+) bits")[1]) - 1) == fmt._INT_BOUND
+    assert int(_stated(text, r"the checked schema below \(at most (\d+) MiB\)")[1]) << 20 \
+        == fmt.LIMITS["config_bytes"]
+    header = _stated(text, r"header at most (\d+) MiB and ([\d,]+) tensors")
+    assert int(header[1]) << 20 == fmt.LIMITS["header_bytes"]
+    assert int(header[2].replace(",", "")) == fmt.LIMITS["tensors"]
+    assert int(_stated(text, r"generated-task sizes at most ([\d,]+) images")[1]
+               .replace(",", "")) == load._GENERATED_IMAGES
+    assert int(_stated(text, r"error messages are at most ([\d,]+) characters")[1]
+               .replace(",", "")) == fmt.AdapterError.MAX_CHARS
+    assert int(_stated(text, r"a random (\d+)-bit token")[1]) == 4 * save_load._TOKEN_HEX
+    prompts = int(_stated(text, r"VPT/E²VPT `num_prompts <= (\d+)`")[1])
+    assert prompts == _upper_bound(VPTConfig, "num_prompts") \
+        == _upper_bound(E2VPTConfig, "num_prompts")
+    lion = _stated(text, r"LION's `p1_width <= (\d+)` and `p2_width <= (\d+)`, every solver "
+                         r"iteration cap `<= (\d+)`")
+    assert [int(n) for n in lion.groups()] == [
+        _upper_bound(LionConfig, "p1_width"), _upper_bound(LionConfig, "p2_width"),
+        _upper_bound(LionConfig, "max_iter")]
+    assert _upper_bound(LionConfig, "eval_max_iter") == _upper_bound(LionConfig, "max_iter") \
+        == _upper_bound(LionConfig, "backward_max_iter")
+    _stated(text, r"every size-like method config field has an upper bound")
+    todo, unbounded = [PeftConfig], []
+    while todo:
+        config = todo.pop()
+        todo += config.__subclasses__()
+        unbounded += [f"{config.__name__}.{f.name}" for f in dataclasses.fields(config)
+                      if str(f.type).split(" |")[0] == "int" and not any(
+                          f.metadata.get(k) is not None for k in ("le", "lt", "choices"))]
+    assert not unbounded, unbounded
+
+
+def test_readme_counts_the_bad_adapter_suite():
+    """The threat model's count of crafted bad adapters and of the fuzzer's entry points are
+    tests/adapter_cases.py's."""
+    import adapter_cases
+    text = " ".join(README.read_text().split())
+    crafted = len(adapter_cases.crafted_cases()) + len(adapter_cases.BAD_NAMES)
+    assert crafted >= int(_stated(text, r"on (\d+)\+ crafted bad adapters")[1]), crafted
+    words = {"six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+    stated = _stated(text, r"loads each through all (\w+) entry points")[1]
+    assert words[stated] == len(adapter_cases.LOADERS), (stated, list(adapter_cases.LOADERS))
+
+
+def test_readme_states_the_listing_and_serving_bounds():
+    """list_adapters' limits and card size, and how long the server remembers a failed load."""
+    import inspect
+    from timm_peft import discovery, serve
+    text = " ".join(README.read_text().split())
+    limit = _stated(text, r"At most `limit` \((\d+) to (\d+), default (\d+)\) results")
+    default = inspect.signature(discovery.list_adapters).parameters["limit"].default
+    assert [int(n) for n in limit.groups()] == [1, discovery.MAX_LIMIT, default]
+    assert int(_stated(text, r"among at most (\d+) listed adapters")[1]) == discovery.MAX_SCAN
+    assert int(_stated(text, r"files over (\d+) MiB are not read")[1]) << 20 \
+        == discovery.MAX_FILE_BYTES
+    _stated(text, r"is remembered for a minute rather than retried")
+    ttl = inspect.signature(serve.AdapterEngine.__init__).parameters["failure_ttl_s"].default
+    assert ttl == 60.0
