@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -523,3 +524,133 @@ def test_readme_states_the_listing_and_serving_bounds():
     _stated(text, r"is remembered for a minute rather than retried")
     ttl = inspect.signature(serve.AdapterEngine.__init__).parameters["failure_ttl_s"].default
     assert ttl == 60.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the Performance section's tables are their reports' numbers
+# ----------------------------------------------------------------------------------------------
+
+RESULTS = ROOT / "benchmarks" / "results"
+VIT_S = "vit_small_patch16_224"
+#: README row label -> the report's ``method`` label, where they differ
+ROW_NAMES = {
+    "vpt (T=50)": "vpt", "vpt (T=10)": "vpt (num_prompts=10)", "e2vpt (T=10)": "e2vpt",
+    "e2vpt (T=10, 5 key-value)": "e2vpt", "e2vpt_prune, pruned": "e2vpt_prune",
+    "e2vpt_prune, pruned (5 tokens, 6 of 8 segments)": "e2vpt_prune",
+    "adapter (reduction 64)": "adapter", "adaptformer (64, s = 0.1)": "adaptformer",
+    "lora (r = 8, `qkv`)": "lora", "lora (qkv)": "lora",
+    "lora (r = 8, `qkv, proj, fc1, fc2`)": "lora (qkv, proj, fc1, fc2)",
+    "HF peft LoRA (r = 8, `qkv`)": "HF peft LoRA r=8 (qkv)",
+    "HF peft LoRA (r = 8, `qkv, proj, fc1, fc2`; also the patch embedding)":
+        "HF peft LoRA r=8 (qkv, proj, fc1, fc2)",
+}
+#: README arch label -> timm arch
+ARCH_NAMES = {"ViT-S/16": VIT_S, "ResNet-50": "resnet50", "Swin-T": "swin_tiny_patch4_window7_224",
+              "ConvNeXt-T": "convnext_tiny", "BEiT-B/16": "beit_base_patch16_224",
+              "EfficientNet-B0": "efficientnet_b0", "MobileNetV3-L": "mobilenetv3_large_100"}
+#: README column -> report field (a cell's "(merged x)" is ``merged_infer_vs_plain``)
+TIMED = {"step CPU vs full": "train_cpu_vs_full", "step CPU vs limit": "train_cpu_vs_limit",
+         "step wall vs limit": "train_vs_limit", "peak memory vs full": "train_mem_vs_full",
+         "vs limit": "train_mem_vs_limit", "peak memory vs limit": "train_mem_vs_limit",
+         "inference CPU vs plain": "infer_cpu_vs_plain", "step vs full": "train_vs_full",
+         "step vs limit": "train_vs_limit", "inference vs plain": "infer_vs_plain",
+         "trainable": "trainable"}
+
+
+def _readme_table(header: str) -> list[dict[str, str]]:
+    """The README table whose header row starts with ``header``, as {column: cell} rows."""
+    lines = README.read_text(encoding="utf-8").split("\n" + header, 1)[1].splitlines()
+    rows = [header + lines[0], *itertools.takewhile(lambda s: s.startswith("|"), lines[1:])]
+    cells = [[c.strip() for c in row.strip().strip("|").split(" | ")] for row in rows]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def _report(*names: str) -> dict[tuple[str, str], dict]:
+    rows = [r for n in names for r in json.loads((RESULTS / f"{n}.json").read_text())["rows"]]
+    return {(r["arch"], r["method"]): r for r in rows}
+
+
+def _shown(value: float, field: str) -> str:
+    return f"{value:,d}" if field == "trainable" else f"{value:.2f}"
+
+
+def _check_cell(cell: str, row: dict, field: str) -> list[str]:
+    numbers = re.findall(r"\d[\d,]*(?:\.\d+)?", cell)
+    want = [_shown(row[field], field)]
+    if "merged" in cell:
+        want.append(_shown(row["merged_infer_vs_plain"], "merged_infer_vs_plain"))
+    return [] if numbers == want else [f"{cell!r}: the report's {want}"]
+
+
+@pytest.mark.parametrize("header,reports,arch", [
+    ("| method | step CPU vs full", ("efficiency",), VIT_S),
+    ("| method | trainable | step CPU", ("efficiency_baselines",), VIT_S),
+    ("| method | step vs full", ("efficiency_cuda",), VIT_S),
+    ("| arch | method | step CPU vs limit", ("efficiency_families", "efficiency_beit"), None),
+])
+def test_readme_timing_tables_are_the_reports(header, reports, arch):
+    """Every cell of the Performance section's timing tables is its report's value, rounded."""
+    report, wrong = _report(*reports), []
+    for line in _readme_table(header):
+        key = (arch or ARCH_NAMES[line["arch"]], ROW_NAMES.get(line["method"], line["method"]))
+        if line.get("step vs full", "").startswith("failed"):
+            assert key not in report, f"{key} ran in {reports}: the README says it failed"
+            continue
+        assert key in report, f"README row {key} is not in {reports}"
+        for column, field in TIMED.items():
+            if column in line and column not in ("arch", "method"):
+                wrong += [f"{key} {column}: {w}" for w in _check_cell(line[column], report[key],
+                                                                     field)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_readme_saved_bytes_table_is_the_report():
+    """The "More families" table of saved bytes: each cell ``saved_vs_limit`` of
+    benchmarks/results/saved_bytes.json, '-' where the report has no row, and the last row
+    E²VPT's saved bytes over VPT's with the same 10 prompts."""
+    report, wrong = _report("saved_bytes"), []
+    for line in _readme_table("| method | ViT-S/16 | ResNet-50"):
+        for label, arch in ARCH_NAMES.items():
+            cell = line[label]
+            if line["method"] == "e2vpt / vpt (T=10)":
+                pair = (arch, "e2vpt"), (arch, "vpt (num_prompts=10)")
+                value = (report[pair[0]]["saved_MiB"] / report[pair[1]]["saved_MiB"]
+                         if pair[0] in report else None)
+            else:
+                key = (arch, ROW_NAMES.get(line["method"], line["method"]))
+                value = report[key]["saved_vs_limit"] if key in report else None
+            want = "-" if value is None else f"{value:.2f}"
+            if cell != want:
+                wrong.append(f"{line['method']} on {label}: {cell!r}, the report's {want!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+#: the transfer paragraph's names -> the report's methods
+TRANSFER_NAMES = {
+    "full": "full", "AdaptFormer": "adaptformer", "SSF": "ssf", "LoRA": "lora", "LION": "lion",
+    "LION-R": "lion_no_robust", "Adapter": "adapter", "E²VPT": "e2vpt",
+    "E²VPT pruned": "e2vpt_prune", "bias": "bias", "VPT": "vpt", "LION-P2": "lion_no_p2",
+    "Mlp-3": "mlp3", "LION-P1": "lion_no_p1", "Sidetune": "sidetune", "linear": "linear",
+    "linear on a random-init base": "linear (reference: random-init base)"}
+
+
+def test_readme_transfer_figures_are_the_report():
+    """The Benchmarks section's transfer paragraph: every method's task average and every paper
+    claim's difference, under its verdict, are benchmarks/results/transfer.json's."""
+    data = json.loads((RESULTS / "transfer.json").read_text())
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    para = text.split("The committed report is the default run", 1)[1].split("No paper here", 1)[0]
+    averages, verdicts = para.split("**Confirmed**", 1)
+    means = {r["method"]: r["mean"][0] for r in data["summary"]}
+    assert set(TRANSFER_NAMES.values()) == set(means)
+    for name, method in TRANSFER_NAMES.items():
+        found = _stated(averages, rf"[:,] {re.escape(name)} (\d+\.\d)[,( ]")
+        assert found[1] == f"{means[method]:.1f}", (name, found[1], means[method])
+    stated = dict(zip(("confirmed", "contradicted", "not resolved"), re.split(
+        r"\*\*Contradicted\*\*|\*\*Not resolved\*\*", verdicts)))
+    for verdict, part in stated.items():
+        claims = [(f"{c['diff']:+.1f}", f"{c['std']:.1f}") for c in data["claims"]
+                  if c["verdict"] == verdict]
+        shown = re.findall(r"(?<![\d.])([+-]\d+\.\d)\b(?: ± (\d+\.\d))?", part)
+        assert sorted(d for d, _ in shown) == sorted(d for d, _ in claims), (verdict, shown)
+        assert all((d, s) in claims for d, s in shown if s), (verdict, shown, claims)
