@@ -639,6 +639,15 @@ def test_readme_transfer_figures_are_the_report():
     claim's difference, under its verdict, are benchmarks/results/transfer.json's."""
     data = json.loads((RESULTS / "transfer.json").read_text())
     text = " ".join(README.read_text(encoding="utf-8").split())
+    run = _stated(text, r"Defaults: (\d+) tasks, (\d+) epochs, (\d+) seeds: (\d+) runs, "
+                        r"([\d.]+) CPU-minutes, ([\d.]+) minutes on 2 cores")
+    args, timing = data["args"], data["timing"]
+    assert list(run.groups()) == [
+        str(len(args["tasks"].split(","))), str(args["epochs"]), str(len(args["seeds"])),
+        str(data["planned"]), f"{timing['cpu'] / 60:.1f}", f"{timing['wall'] / 60:.1f}"]
+    pretrain = _stated(text, r"takes about (\d+) CPU-minutes and reached ([\d.]+)% on `shapes`")
+    assert pretrain.groups() == (f"{data['pretrain']['vit']['cpu_seconds'] / 60:.0f}",
+                                 f"{100 * data['pretrain']['vit']['test_acc']:.1f}")
     para = text.split("The committed report is the default run", 1)[1].split("No paper here", 1)[0]
     averages, verdicts = para.split("**Confirmed**", 1)
     means = {r["method"]: r["mean"][0] for r in data["summary"]}
@@ -654,3 +663,12 @@ def test_readme_transfer_figures_are_the_report():
         shown = re.findall(r"(?<![\d.])([+-]\d+\.\d)\b(?: ± (\d+\.\d))?", part)
         assert sorted(d for d, _ in shown) == sorted(d for d, _ in claims), (verdict, shown)
         assert all((d, s) in claims for d, s in shown if s), (verdict, shown, claims)
+
+
+def test_readme_states_the_gpu_estimates_rate():
+    """The one number of the GPU-hours estimate that is not measured is gpu_table()'s default."""
+    import inspect
+    from timm_peft.reproduce import gpu_table
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    rate = float(_stated(text, r"assumed (\d+) training images/s")[1])
+    assert rate == inspect.signature(gpu_table).parameters["img_per_s"].default
