@@ -17,7 +17,8 @@ What runs
     accuracy are checked against what its commands produce here (``check_quick_start_figures``).
     Bounds and counts the prose states (the loader's limits, the method configs' upper bounds,
     the bad-adapter suite's size, ``list_adapters``' limits) are checked against the code
-    (``test_readme_states_*``, ``test_readme_counts_*``).
+    (``test_readme_states_*``, ``test_readme_counts_*``); the Performance section's tables and
+    the transfer paragraph are checked against the JSON of their reports in benchmarks/results/.
 
 What the harness substitutes (and nothing else; block text is never edited)
   * Placeholders a reader supplies, defined in the block's namespace before it runs (``PRELUDE``):
@@ -608,6 +609,11 @@ def test_readme_saved_bytes_table_is_the_report():
     """The "More families" table of saved bytes: each cell ``saved_vs_limit`` of
     benchmarks/results/saved_bytes.json, '-' where the report has no row, and the last row
     E²VPT's saved bytes over VPT's with the same 10 prompts."""
+    from benchmarks.efficiency import ARCH_SETS
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert set(ARCH_NAMES.values()) == set(ARCH_SETS["report"])
+    assert len(ARCH_SETS["report"]) == 7
+    _stated(text, "the seven report families")
     report, wrong = _report("saved_bytes"), []
     for line in _readme_table("| method | ViT-S/16 | ResNet-50"):
         for label, arch in ARCH_NAMES.items():
