@@ -678,3 +678,30 @@ def test_readme_states_the_gpu_estimates_rate():
     text = " ".join(README.read_text(encoding="utf-8").split())
     rate = float(_stated(text, r"assumed (\d+) training images/s")[1])
     assert rate == inspect.signature(gpu_table).parameters["img_per_s"].default
+
+
+def test_readme_states_the_gpu_checks_caps(monkeypatch):
+    """"On a GPU": benchmarks/gpu_check.sh's time caps and batch, and efficiency's default
+    compile timeout, as the README states them."""
+    import argparse
+    from benchmarks import efficiency
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    caps = _stated(text, r"within (\d+) minutes by construction \(its two stages are capped at "
+                         r"(\d+) and (\d+) s\)")
+    stages = re.findall(r"^timeout (\d+) ", script, flags=re.M)
+    assert stages == [caps[2], caps[3]] and int(caps[1]) * 60 == sum(map(int, stages))
+    compiled = _stated(text, r"at batch (\d+) with a (\d+) s cap per entry and (\d+) s for all")
+    assert f"--batch-size {compiled[1]}" in script
+    assert f"--compile-timeout {compiled[2]} --compile-budget {compiled[3]}" in script
+    default = _stated(text, r"`--compile-timeout` seconds \(default (\d+)\)")[1]
+
+    class Parser(Exception):
+        """Raised with benchmarks.efficiency's parser instead of parsing (nothing runs)."""
+
+    def stop(parser, *args, **kwargs):
+        raise Parser(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+    with pytest.raises(Parser) as parsed:
+        efficiency.main()
+    assert parsed.value.args[0].get_default("compile_timeout") == float(default)
