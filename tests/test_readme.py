@@ -511,8 +511,9 @@ def test_readme_counts_the_bad_adapter_suite():
     assert words[stated] == len(adapter_cases.LOADERS), (stated, list(adapter_cases.LOADERS))
 
 
-def test_readme_states_the_listing_and_serving_bounds():
-    """list_adapters' limits and card size, and how long the server remembers a failed load."""
+def test_readme_states_the_listing_serving_and_offline_bounds():
+    """list_adapters' limits and card size, how long the server remembers a failed load and how
+    long a command waits for the Hub before working offline."""
     import inspect
     from timm_peft import discovery, serve
     text = " ".join(README.read_text().split())
@@ -525,6 +526,8 @@ def test_readme_states_the_listing_and_serving_bounds():
     _stated(text, r"is remembered for a minute rather than retried")
     ttl = inspect.signature(serve.AdapterEngine.__init__).parameters["failure_ttl_s"].default
     assert ttl == 60.0
+    from timm_peft.io.offline import PROBE_TIMEOUT_S
+    assert float(_stated(text, r"asks it once, with a (\d+)-second limit")[1]) == PROBE_TIMEOUT_S
 
 
 # ----------------------------------------------------------------------------------------------
