@@ -220,12 +220,7 @@ def test_full_warning_names_the_users_flag(weights, tmp_path, capsys, recwarn):
 
 
 def test_dataset_folder_through_timm_create_dataset(weights, tmp_path):
-    for split, n in (("train", 6), ("validation", 2), ("test", 2)):
-        for c in ("ant", "bee"):
-            (tmp_path / "d" / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (20, 20), (200 if c == "bee" else 0, 0, i)).save(
-                    tmp_path / "d" / split / c / f"{i}.png")
+    _folder_dataset(tmp_path / "d")
     res = train(_cfg(weights, tmp_path / "run", task=None, dataset="folder",
                      data_dir=str(tmp_path / "d"), val_split_name="validation", batch_size=4))
     args = json.loads((tmp_path / "run" / "args.json").read_text())
