@@ -634,6 +634,21 @@ def test_readme_saved_bytes_table_is_the_report():
     assert not wrong, "\n".join(wrong)
 
 
+def test_readme_layer_scaled_families_are_the_reports():
+    """SSF's saved bytes on the layer-scaled families, "X (Y at the initial λ)": X from the
+    λ = 0.1 report, Y from the report at timm's initial λ."""
+    trained = _report("ssf_saved_bytes_layer_scale_trained")
+    initial = _report("ssf_saved_bytes_layer_scale_init")
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    for name, arch in (("DeiT-III S/16", "deit3_small_patch16_224"),
+                       ("DINOv2 ViT-S/14", "vit_small_patch14_dinov2"),
+                       ("EVA-02 S", "eva02_small_patch14_224"), ("CaiT-XXS24", "cait_xxs24_224")):
+        found = re.search(re.escape(name) + r" ([\d.]+) \(([\d.]+)", text)
+        assert found, f"README no longer states SSF's saved bytes on {name}"
+        want = [f"{r[arch, 'ssf']['saved_vs_limit']:.2f}" for r in (trained, initial)]
+        assert [found[1], found[2]] == want, (name, want)
+
+
 #: the transfer paragraph's names -> the report's methods
 TRANSFER_NAMES = {
     "full": "full", "AdaptFormer": "adaptformer", "SSF": "ssf", "LoRA": "lora", "LION": "lion",
