@@ -293,6 +293,11 @@ def test_timm_train_py_spellings_mean_what_they_mean_in_timm(weights, tmp_path, 
     lrs = [r["lr"] for r in map(json.loads, (out / LOG_NAME).read_text().splitlines())
            if r["phase"] == "train"]
     assert lrs == pytest.approx([0.1 * 0.5 ** k for k in (1, 2, 3)])
+    # a named split replaces a recipe's held-out fraction (vtab1k's 0.2), as the flag wins
+    capsys.readouterr()
+    assert main(argv + ["--recipe", "vtab1k", "--overwrite", "--epochs", "1"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "args.json").read_text())["val_split"] == 0.0
     # our meaning of --val-split (a fraction) still holds, and a count that is not the data's
     capsys.readouterr()
     bad = argv[:argv.index("--val-split")] + ["--val-split", "0.25"] + argv[argv.index("-b"):]

@@ -349,6 +349,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             raise ValueError(f"--val-split {given['val_split']} names a split, and so does "
                              f"--val-split-name {given['val_split_name']}: give one")
         given["val_split_name"] = given.pop("val_split")
+        given["val_split"] = 0.0  # validating on a named split holds nothing out (recipes' 0.2)
     recipes = given.pop("recipes", [])
     if given.get("resume") and not recipes:
         # `--resume DIR` alone continues the run as it was started; flags given win
