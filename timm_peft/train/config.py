@@ -77,7 +77,9 @@ class TrainConfig:
                                  "validation (VTAB-1k 0.2, FGVC 0.1); 0 uses val/ if present")
     input_size: tuple[int, int, int] | None = cfg_field(None, ge=1, help="model input C H W")
     img_size: int | None = cfg_field(None, ge=1, help="input image side (timm's --img-size: "
-                                     "the data config's input size is 3 x N x N)")
+                                     "the data config's input size is 3 x N x N; a model built "
+                                     "for one size, e.g. a ViT, also needs --model-kwargs "
+                                     "img_size=N)")
     num_classes: int | None = cfg_field(None, ge=1, help="timm's --num-classes: the head is sized "
                                         "from the data; if given, it must match the data")
     interpolation: str | None = cfg_field(None, choices=("bilinear", "bicubic", "nearest",
