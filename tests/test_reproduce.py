@@ -349,6 +349,33 @@ def test_mlp3_fgvc_reproduction_through_the_cli(tmp_path, capsys):
     assert report["groups"][0]["paper"] == 79.80  # VPT Table 1, Mlp-3, FGVC
 
 
+def test_ctrl_c_in_a_reproduction_says_the_same_command_continues(tmp_path, capsys,
+                                                                 monkeypatch):
+    from timm_peft.train import loop
+    data = make_fake_fgvc(tmp_path / "fgvc", names=("cub",))
+    argv = ["reproduce", "--method", "linear", "--benchmark", "fgvc", "--data-root", str(data),
+            "--model", "vit_tiny_patch16_224", "--tasks", "cub", "--output", str(tmp_path / "o"),
+            "--seeds", "1", "--grid", "lr_base=0.5", "--epochs", "2", "--batch-size", "4",
+            "--no-pretrained", "--model-kwargs", *[f"{k}={v}" for k, v in TINY.items()],
+            "--train-args", "workers=0"]
+    original = loop._Trainer.log
+
+    def interrupt_in_epoch_2(self, record):
+        if record.get("epoch") == 2:
+            raise KeyboardInterrupt
+        return original(self, record)
+    monkeypatch.setattr(loop._Trainer, "log", interrupt_in_epoch_2)
+    assert main(argv) == 130
+    run = tmp_path / "o" / "linear" / "fgvc" / "cub" / "final" / "seed0"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"timm-peft reproduce: interrupted in {run}: the same command continues (finished runs "
+        "are kept, an interrupted one resumes from its last checkpoint)")
+    monkeypatch.setattr(loop._Trainer, "log", original)
+    assert main(argv) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["phase"] == "train"] == [1, 2]  # resumed, not redone
+
+
 def test_e2vpt_reproduction_diverges_prunes_and_squashes(tmp_path):
     """E2VPT's four stages on a wide-image task: one learning rate diverges (recorded, the search
     goes on), the pruning stage runs in the published (pruned) final runs and not in the

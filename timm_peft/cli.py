@@ -292,13 +292,19 @@ def _cmd_reproduce(ns: argparse.Namespace) -> int:
         train_args["pretrained"] = False
     if ns.model_kwargs:
         train_args["model_kwargs"] = _parse_kv(ns.model_kwargs, "--model-kwargs")
-    res = reproduce(ns.method, ns.benchmark, ns.data_root, ns.model, output=ns.output,
-                    tasks=ns.tasks, grid=grid, seeds=ns.seeds, train_args=train_args)
+    from .train import TrainingInterrupted
+    try:
+        res = reproduce(ns.method, ns.benchmark, ns.data_root, ns.model, output=ns.output,
+                        tasks=ns.tasks, grid=grid, seeds=ns.seeds, train_args=train_args)
+    except TrainingInterrupted as e:  # its --resume hint is for one run; the command resumes all
+        where = e.checkpoint.parent if e.checkpoint is not None else "a run"
+        raise KeyboardInterrupt(f"interrupted in {where}: the same command continues (finished "
+                                "runs are kept, an interrupted one resumes from its last "
+                                "checkpoint)") from None
     if res.table_md is not None:
         print(res.table_md.read_text())
         print(f"Wrote {res.table_md} and {res.table_json}")
     return 0
-
 
 
 #: the largest args.json a resume reads (a run's own is a few KiB)
