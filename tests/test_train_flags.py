@@ -363,6 +363,16 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(weights, tmp_path, capsys,
         train(_cfg(weights, tmp_path / "py", epochs=2))
     assert info.value.checkpoint is None and not (tmp_path / "py").exists()
 
+    # after the adapter is saved (no checkpoints asked for), nothing of the finished run is lost
+    def interrupt_at_the_end(self, record):
+        if record.get("phase") == "final":
+            raise KeyboardInterrupt
+        return original_log(self, record)
+    monkeypatch.setattr(train_loop._Trainer, "log", interrupt_at_the_end)
+    with pytest.raises(TrainingInterrupted, match="after the adapter was saved"):
+        train(_cfg(weights, tmp_path / "done", checkpoint=False))
+    assert (tmp_path / "done" / "adapter" / "adapter_model.safetensors").is_file()
+
 
 def test_resume_of_a_path_that_does_not_exist_names_it(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nope")]) == 2

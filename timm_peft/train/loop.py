@@ -550,8 +550,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def _interrupted(out: Path, resume_path: Path | None, cleanup: bool,
                  remove_dir: bool) -> TrainingInterrupted:
-    """The :class:`TrainingInterrupted` for a run stopped in ``out``; without a checkpoint of its
-    own, the files this run wrote there are deleted (and ``out`` itself if the run made it)."""
+    """The :class:`TrainingInterrupted` for a run stopped in ``out``; without a checkpoint or a
+    saved adapter of its own, the files this run wrote there are deleted (and ``out`` itself if
+    the run made it)."""
     own = out / CHECKPOINT_NAME
     if own.is_file() and (cleanup or resume_path is not None):
         try:
@@ -560,6 +561,10 @@ def _interrupted(out: Path, resume_path: Path | None, cleanup: bool,
             epoch = ""
         return TrainingInterrupted(f"interrupted: the last checkpoint is {own}{epoch}; continue "
                                    f"with: timm-peft train --resume {shlex.quote(str(out))}", own)
+    adapter = out / "adapter"
+    if cleanup and (adapter / WEIGHTS_NAME).is_file():  # done but for its summary: keep it all
+        return TrainingInterrupted(f"interrupted after the adapter was saved to {adapter}; the "
+                                   "run's files are kept", None)
     if cleanup:  # nothing resumable: what this run wrote would only block running it again
         for name in _RUN_FILES:
             if os.path.lexists(out / name):
