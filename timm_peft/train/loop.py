@@ -277,125 +277,33 @@ class _Trainer:
                    checkpoint: Callable[[int, Any, dict[str, Any]], None] | None = None,
                    ) -> dict[str, Any]:
         """Train ``epochs`` epochs with a fresh optimiser; keep the best validation state."""
-        from timm.utils import dispatch_clip_grad
-        from tqdm.auto import tqdm
-        cfg, dctx = self.cfg, self.dctx
-        optimizer = create_optimizer(self.model, cfg, dctx.world_size)
-        batches, accum = len(self.train_loader), cfg.grad_accum_steps
+        cfg = self.cfg
+        optimizer = create_optimizer(self.model, cfg, self.dctx.world_size)
         updates = self.updates_per_epoch()
         scheduler = create_scheduler(optimizer, cfg, epochs, updates)
         self.ema = AdapterEma(self.model, cfg.model_ema_decay, cfg.model_ema_warmup) \
             if cfg.model_ema else None
         best: dict[str, Any] = dict(acc=-1.0, epoch=-1, state=None)
         if resume_state is not None:
-            fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            try:
-                optimizer.load_state_dict(resume_state["optimizer"])
-            except ValueError as e:
-                raise ValueError(f"the checkpoint's optimiser state does not fit this run ({e}); "
-                                 "resume with the same method, config and --opt") from e
-            for group, hyper in zip(optimizer.param_groups, fresh):
-                group.update(hyper)  # this run's lr / weight decay win over the saved ones
-            if self.scaler is not None and resume_state.get("scaler"):
-                self.scaler.load_state_dict(resume_state["scaler"])
-            if self.ema is not None:
-                if not resume_state.get("ema"):
-                    raise ValueError("the checkpoint holds no EMA state: resume without "
-                                     "--model-ema, as the run was started")
-                self.ema.load_state_dict(resume_state["ema"])
-            best = resume_state["best"]
+            best = self._resume(optimizer, resume_state)
         if scheduler is not None and start_epoch:
             scheduler.step_update(start_epoch * updates)
         forward, ddp = self._wrap(self.model)
         self._forward = forward
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        stage = _Stage(phase, epochs, optimizer, scheduler, forward, ddp,
+                       [p for p in self.model.parameters() if p.requires_grad], updates)
         method_metrics = _training_hooks(self.model).get("metrics")
         prefix = unwrap_features(self.model).peft_method
-        val_loader = self.eval_loaders.get("val")
         for epoch in range(start_epoch, epochs):
-            # one seed per (epoch, process): a resumed run draws the same numbers
-            torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + dctx.rank)
-            self.train_sampler.set_epoch(epoch)
-            if self.mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
-                self.mixup_fn.mixup_enabled = False
-            self.model.train()
             if method_metrics is not None:
                 method_metrics(reset=True)
-            stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-            t0 = time.perf_counter()
-            bar = tqdm(self.train_loader, total=batches, desc=f"{phase} {epoch + 1}/{epochs}",
-                       unit="step", disable=not (cfg.progress and dctx.is_main), leave=True,
-                       dynamic_ncols=True)
-            for step, (x, y) in enumerate(bar):
-                x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-                y = y.to(self.device, non_blocking=True)
-                target = y
-                if self.mixup_fn is not None:
-                    x, target = self.mixup_fn(x, y)
-                update_idx = step // accum
-                need_update = (step + 1) % accum == 0 or step + 1 == batches
-                # the last update of an epoch may gather fewer batches (as in timm's train.py)
-                in_update = accum if update_idx < batches // accum else batches % accum
-                sync = ddp.no_sync() if ddp is not None and not need_update \
-                    else contextlib.nullcontext()
-                with sync:
-                    with self.autocast():
-                        logits = forward(x)
-                        loss = self.loss_fn(logits, target)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at {phase} epoch "
-                                                 f"{epoch + 1} step {step + 1}; lower the "
-                                                 "learning rate")
-                    scaled = loss / in_update if in_update > 1 else loss
-                    if self.scaler is not None:
-                        self.scaler(scaled, optimizer, clip_grad=cfg.clip_grad,
-                                    clip_mode=cfg.clip_mode, parameters=params,
-                                    need_update=need_update)
-                    else:
-                        scaled.backward()
-                        if need_update:
-                            if cfg.clip_grad is not None:
-                                dispatch_clip_grad(params, cfg.clip_grad, mode=cfg.clip_mode)
-                            optimizer.step()
-                if need_update:
-                    optimizer.zero_grad(set_to_none=True)
-                    self.global_step += 1
-                    if self.ema is not None:
-                        self.ema.update(self.model, step=self.global_step)
-                    if scheduler is not None:
-                        scheduler.step_update(epoch * updates + update_idx + 1)
-                stats[0] += loss.detach().float() * y.numel()
-                stats[1] += (logits.detach().argmax(-1) == y).sum()
-                stats[2] += y.numel()
-                if not bar.disable:
-                    n = stats[2].item()
-                    bar.set_postfix(loss=f"{stats[0].item() / n:.3f}",
-                                    acc=f"{stats[1].item() / n:.3f}",
-                                    img_s=f"{n * dctx.world_size / (time.perf_counter() - t0):.0f}",
-                                    refresh=False)
-            bar.close()
-            elapsed = time.perf_counter() - t0
-            dctx.all_reduce(stats)
-            self._sync_adapter_buffers()
-            record: dict[str, Any] = dict(
-                phase=phase, epoch=epoch + 1, epochs=epochs, step=self.global_step,
-                lr=optimizer.param_groups[0]["lr"], train_loss=stats[0].item() / stats[2].item(),
-                train_acc=stats[1].item() / stats[2].item(), epoch_time_s=round(elapsed, 3),
-                img_per_s=round(stats[2].item() / elapsed, 1))
+            record = self._train_epoch(stage, epoch)
             if method_metrics is not None:  # this process's view (rank 0's under torchrun)
                 record.update({f"{prefix}/{k}": v for k, v in method_metrics(reset=False).items()})
-            if val_loader is not None:
-                if self.ema is not None:  # timm's choice: the EMA is what gets selected
-                    record["val_acc_raw"] = self.evaluate("val")["acc"]
-                with self._ema_weights():
-                    val = self.evaluate("val")
-                    record.update(val_loss=val["loss"], val_acc=val["acc"])
-                    if val["acc"] > best["acc"]:
-                        best = dict(acc=val["acc"], epoch=epoch + 1,
-                                    state=_trainable_state(self.model))
-                record["best_val_acc"] = best["acc"]
+            if "val" in self.eval_loaders:
+                best = self._validate(record, best, epoch)
             self.log(record)
-            if dctx.is_main:
+            if self.dctx.is_main:
                 _log_epoch(record, self.out if phase == "train" else None)
             if checkpoint is not None:
                 checkpoint(epoch + 1, optimizer, best)
@@ -403,9 +311,130 @@ class _Trainer:
             _load_trainable_state(self.model, best["state"], "the best epoch's state")
         elif self.ema is not None:  # no validation: the last average is the result
             _load_trainable_state(self.model, self.ema.state_dict(), "the EMA state")
-        result = dict(best_val_acc=best["acc"] if best["state"] is not None else None,
-                      best_epoch=best["epoch"] if best["state"] is not None else epochs)
-        return result
+        return dict(best_val_acc=best["acc"] if best["state"] is not None else None,
+                    best_epoch=best["epoch"] if best["state"] is not None else epochs)
+
+    def _resume(self, optimizer: torch.optim.Optimizer, resume_state: dict[str, Any]
+                ) -> dict[str, Any]:
+        """Optimiser, loss scaler and EMA from a checkpoint; its best state so far."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's optimiser state does not fit this run ({e}); "
+                             "resume with the same method, config and --opt") from e
+        for group, hyper in zip(optimizer.param_groups, fresh):
+            group.update(hyper)  # this run's lr / weight decay win over the saved ones
+        if self.scaler is not None and resume_state.get("scaler"):
+            self.scaler.load_state_dict(resume_state["scaler"])
+        if self.ema is not None:
+            if not resume_state.get("ema"):
+                raise ValueError("the checkpoint holds no EMA state: resume without "
+                                 "--model-ema, as the run was started")
+            self.ema.load_state_dict(resume_state["ema"])
+        return resume_state["best"]
+
+    def _train_epoch(self, stage: _Stage, epoch: int) -> dict[str, Any]:
+        """One pass over the training data; the epoch's record (loss, accuracy, lr, speed)."""
+        from timm.utils import dispatch_clip_grad
+        from tqdm.auto import tqdm
+        cfg, dctx, optimizer = self.cfg, self.dctx, stage.optimizer
+        batches, accum = len(self.train_loader), cfg.grad_accum_steps
+        # one seed per (epoch, process): a resumed run draws the same numbers
+        torch.manual_seed(cfg.seed + 1_000_003 * (epoch + 1) + dctx.rank)
+        self.train_sampler.set_epoch(epoch)
+        if self.mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+            self.mixup_fn.mixup_enabled = False
+        self.model.train()
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        t0 = time.perf_counter()
+        bar = tqdm(self.train_loader, total=batches,
+                   desc=f"{stage.phase} {epoch + 1}/{stage.epochs}", unit="step",
+                   disable=not (cfg.progress and dctx.is_main), leave=True, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            y = y.to(self.device, non_blocking=True)
+            target = y
+            if self.mixup_fn is not None:
+                x, target = self.mixup_fn(x, y)
+            update_idx = step // accum
+            need_update = (step + 1) % accum == 0 or step + 1 == batches
+            # the last update of an epoch may gather fewer batches (as in timm's train.py)
+            in_update = accum if update_idx < batches // accum else batches % accum
+            sync = stage.ddp.no_sync() if stage.ddp is not None and not need_update \
+                else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    logits = stage.forward(x)
+                    loss = self.loss_fn(logits, target)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at {stage.phase} epoch "
+                                             f"{epoch + 1} step {step + 1}; lower the "
+                                             "learning rate")
+                scaled = loss / in_update if in_update > 1 else loss
+                if self.scaler is not None:
+                    self.scaler(scaled, optimizer, clip_grad=cfg.clip_grad,
+                                clip_mode=cfg.clip_mode, parameters=stage.params,
+                                need_update=need_update)
+                else:
+                    scaled.backward()
+                    if need_update:
+                        if cfg.clip_grad is not None:
+                            dispatch_clip_grad(stage.params, cfg.clip_grad, mode=cfg.clip_mode)
+                        optimizer.step()
+            if need_update:
+                optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.global_step)
+                if stage.scheduler is not None:
+                    stage.scheduler.step_update(epoch * stage.updates + update_idx + 1)
+            stats[0] += loss.detach().float() * y.numel()
+            stats[1] += (logits.detach().argmax(-1) == y).sum()
+            stats[2] += y.numel()
+            if not bar.disable:
+                n = stats[2].item()
+                bar.set_postfix(loss=f"{stats[0].item() / n:.3f}",
+                                acc=f"{stats[1].item() / n:.3f}",
+                                img_s=f"{n * dctx.world_size / (time.perf_counter() - t0):.0f}",
+                                refresh=False)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        dctx.all_reduce(stats)
+        self._sync_adapter_buffers()
+        return dict(
+            phase=stage.phase, epoch=epoch + 1, epochs=stage.epochs, step=self.global_step,
+            lr=optimizer.param_groups[0]["lr"], train_loss=stats[0].item() / stats[2].item(),
+            train_acc=stats[1].item() / stats[2].item(), epoch_time_s=round(elapsed, 3),
+            img_per_s=round(stats[2].item() / elapsed, 1))
+
+    def _validate(self, record: dict[str, Any], best: dict[str, Any], epoch: int
+                  ) -> dict[str, Any]:
+        """The validation metrics into ``record``; the best state so far (the EMA's, if any)."""
+        if self.ema is not None:  # timm's choice: the EMA is what gets selected
+            record["val_acc_raw"] = self.evaluate("val")["acc"]
+        with self._ema_weights():
+            val = self.evaluate("val")
+            record.update(val_loss=val["loss"], val_acc=val["acc"])
+            if val["acc"] > best["acc"]:
+                best = dict(acc=val["acc"], epoch=epoch + 1, state=_trainable_state(self.model))
+        record["best_val_acc"] = best["acc"]
+        return best
+
+
+@dataclass
+class _Stage:
+    """What one :meth:`_Trainer.run_epochs` call trains with: its optimiser, schedule and the
+    (DDP-wrapped, compiled) forward."""
+
+    phase: str
+    epochs: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    forward: nn.Module
+    ddp: nn.Module | None
+    params: list[torch.Tensor]
+    updates: int
 
 
 def _log_epoch(record: dict[str, Any], summary_dir: Path | None) -> None:
