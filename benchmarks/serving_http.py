@@ -45,7 +45,6 @@ from typing import Any
 
 import timm
 import torch
-from starlette.requests import Request  # a module-level name: FastAPI resolves the annotation
 
 import timm_peft
 from benchmarks.common import RESULTS, median_ratio, round_robin_clocks, write_report
@@ -85,7 +84,8 @@ def make_zoo(root: Path, arch: str, kwargs: dict, n: int, method: str) -> tuple[
 # ----------------------------------------------------------------------------------------------
 
 def _multiplexed_deployment() -> Any:
-    from fastapi import FastAPI
+    # the web stack only here: --bound-only runs where Ray Serve is not installed (a GPU machine)
+    from fastapi import FastAPI, Request
     from ray import serve
 
     from timm_peft.serve import _parse_request
@@ -194,7 +194,8 @@ def engine_bound(engine: AdapterEngine, ids: list[str], images: list[bytes], kin
     ``@serve.batch`` splits a batch by multiplexed model id). The tensors are the images
     preprocessed once, beforehand. ``bound`` is the median over rounds of (b)'s time / ours: the
     throughput ratio of a server that spends time on nothing but the backbone and fills every
-    batch.
+    batch. On a GPU the times are wall-clock (CUDA-synchronised): its work is not the process's
+    CPU time.
     """
     seq = traffic(len(ids), kind, batch * rounds, zipf_s)
     batches = [[(ids[k], engine.preprocess(ids[k], images[i % len(images)]), 3)
@@ -211,11 +212,12 @@ def engine_bound(engine: AdapterEngine, ids: list[str], images: list[bytes], kin
         it = itertools.cycle(batches)
         return lambda: run(next(it))
 
-    _, cpu = round_robin_clocks(dict(ours=cycle(engine.run_batch), multiplexed=cycle(split)),
-                                warmup=1, rounds=rounds)
-    return dict(bound=median_ratio(cpu, "multiplexed", "ours"),
-                ours_req_s=batch / statistics.median(cpu["ours"]),
-                multiplexed_req_s=batch / statistics.median(cpu["multiplexed"]),
+    wall, cpu = round_robin_clocks(dict(ours=cycle(engine.run_batch), multiplexed=cycle(split)),
+                                   warmup=1, rounds=rounds, device=engine.device)
+    times = wall if engine.device.type == "cuda" else cpu
+    return dict(bound=median_ratio(times, "multiplexed", "ours"),
+                ours_req_s=batch / statistics.median(times["ours"]),
+                multiplexed_req_s=batch / statistics.median(times["multiplexed"]),
                 distinct=statistics.mean(len({it[0] for it in b}) for b in batches))
 
 
@@ -297,17 +299,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="batches drawn per cell for the in-process engine bound")
     p.add_argument("--device", default="cpu", help="where every system's backbone runs (cuda: "
                    "each replica gets the GPU, the n per-adapter replicas a 1/n share each)")
+    p.add_argument("--bound-only", action="store_true", help="only the in-process engine bound "
+                   "and model bytes (no Ray, no HTTP): a minute on a GPU")
     p.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     p.add_argument("--out", default="serving_http", help="report name under benchmarks/results/")
     args = p.parse_args(argv)
     if args.quick:
         args.adapters, args.requests, args.duration, args.depth = "1,8", 60, 10.0, 2
         args.img_size, args.bound_rounds = 64, 4
-    import ray
-    from ray import serve
-
-    from timm_peft.serve import build_app
-
     torch.set_num_threads(1)
     counts = [int(c) for c in args.adapters.split(",")]
     kwargs = dict(img_size=args.img_size, depth=args.depth)
@@ -338,6 +337,28 @@ def main(argv: list[str] | None = None) -> None:
             print(f"engine bound n={n} {kind}:",
                   {k: round(v, 3) for k, v in bound[n, kind].items()}, flush=True)
         del engine
+    command = "python -m benchmarks.serving_http " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:])
+    if args.bound_only:
+        device = args.device + (f" ({torch.cuda.get_device_name()})" if gpu else "")
+        rows = [dict(adapters=n, traffic=kind, bound=b["bound"], ours_req_s=b["ours_req_s"],
+                     multiplexed_req_s=b["multiplexed_req_s"], distinct_per_batch=b["distinct"],
+                     model_bytes_vs_separate=model_ratio[n])
+                for (n, kind), b in bound.items()]
+        md = write_report(args.out, "Serving engine bound: mixed-adapter batches vs batches split "
+                          "by adapter id, in process", command, rows, notes=(
+                              f"`{args.arch}` ({args.img_size}x{args.img_size}, depth "
+                              f"{args.depth}), {args.method.upper()} adapters, on {device}; "
+                              f"batches of {args.max_batch_size} consecutive requests of the "
+                              f"load generator's sequence, {args.bound_rounds} rounds "
+                              f"(`engine_bound`). No HTTP, no Ray: the replica's own work only."))
+        shutil.rmtree(root, ignore_errors=True)
+        print(md.read_text())
+        return
+    import ray
+    from ray import serve
+
+    from timm_peft.serve import build_app
     runs = RESULTS / f"{args.out}_runs.json"
 
     ray.init(num_cpus=16, num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False)
@@ -459,8 +480,6 @@ def main(argv: list[str] | None = None) -> None:
                 per_adapter_p99_ms=pa["p99_ms"] if pa else float("nan"),
                 rss_vs_per_adapter=ours["replica_rss_mb"] * 2**20 / (n * rss_one),
                 model_bytes_vs_per_adapter=model_ratio[n]))
-    command = "python -m benchmarks.serving_http " + " ".join(
-        argv if argv is not None else __import__("sys").argv[1:])
     notes = (
         f"`{args.arch}` ({args.img_size}x{args.img_size} input, depth {args.depth}, random "
         f"base from a local weights file), {args.method.upper()} adapters with heads of 10-14 "

@@ -705,10 +705,16 @@ def test_readme_states_the_gpu_checks_caps(monkeypatch):
     from benchmarks import efficiency
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     text = " ".join(README.read_text(encoding="utf-8").split())
-    caps = _stated(text, r"within (\d+) minutes by construction \(its two stages are capped at "
-                         r"(\d+) and (\d+) s\)")
-    stages = re.findall(r"^timeout (\d+) ", script, flags=re.M)
-    assert stages == [caps[2], caps[3]] and int(caps[1]) * 60 == sum(map(int, stages))
+    cap = dict(re.findall(r'STAGES " == \*" (\d) "\*.*?timeout (\d+) ', script, flags=re.S))
+    default_stages = re.search(r"STAGES=\$\{STAGES:-([\d ]+)\}", script)[1].split()
+    caps = _stated(text, r"within one (\d+)-minute call by construction \(stages (\d) and (\d), "
+                         r"capped at (\d+) and (\d+) s\)")
+    assert default_stages == [caps[2], caps[3]]
+    assert [cap[s] for s in default_stages] == [caps[4], caps[5]]
+    assert sum(int(cap[s]) for s in default_stages) <= int(caps[1]) * 60
+    alone = _stated(text, r"`STAGES=(\d) bash benchmarks/gpu_check.sh`.{0,200}in a call of its "
+                          r"own capped at (\d+) s")
+    assert cap[alone[1]] == alone[2] and int(alone[2]) <= int(caps[1]) * 60
     compiled = _stated(text, r"at batch (\d+) with a (\d+) s cap per entry and (\d+) s for all")
     assert f"--batch-size {compiled[1]}" in script
     assert f"--compile-timeout {compiled[2]} --compile-budget {compiled[3]}" in script
