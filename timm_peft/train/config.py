@@ -200,29 +200,26 @@ class TrainConfig:
         if self.img_size is not None and self.input_size is not None:
             raise ValueError("give either img_size (N: input 3 x N x N, timm's --img-size) or "
                              "input_size (C H W), not both")
-        for key, why in (("num_classes", "from the data; --num-classes checks it"), ("pretrained", "its own option"),
+        for key, why in (("num_classes", "from the data; --num-classes checks it"),
+                         ("pretrained", "its own option"),
                          ("peft", "its own option"), ("peft_cfg", "its own option"),
                          ("pretrained_cfg_overlay", "its own option"),
                          ("drop_path_rate", "--drop-path"), ("drop_rate", "--drop")):
             if key in self.model_kwargs:
                 raise ValueError(f"model_kwargs may not set {key!r}: it is set by the run ({why})")
-        if not self.aug:  # options of timm's training transform do nothing without it
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            given = [k for k in ("scale", "ratio", "hflip", "vflip", "color_jitter", "aa",
-                                 "reprob", "train_crop_mode") if getattr(self, k) != defaults[k]]
-            if given:
-                flags = ", ".join("--" + k.replace("_", "-") for k in given)
-                raise ValueError(f"{flags} set(s) timm's training augmentation, which is off "
-                                 "(the VTAB-1k recipe resizes only); add --aug")
-        elif self.train_crop_mode == "squash":  # VPT's code's crop + flip, nothing else
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            given = [k for k in ("scale", "ratio", "vflip", "color_jitter", "aa", "reprob")
-                     if getattr(self, k) != defaults[k]]
-            if given:
-                flags = ", ".join("--" + k.replace("_", "-") for k in given)
-                raise ValueError(f"--train-crop-mode squash is VPT's code's resize, random crop "
-                                 f"and flip (--hflip); it does not apply {flags}: drop them or "
-                                 "use timm's rrc mode")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        given = [k for k in ("scale", "ratio", "hflip", "vflip", "color_jitter", "aa", "reprob",
+                             "train_crop_mode") if getattr(self, k) != defaults[k]]
+        if not self.aug and given:  # options of timm's training transform do nothing without it
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags} set(s) timm's training augmentation, which is off "
+                             "(the VTAB-1k recipe resizes only); add --aug")
+        unused = [k for k in given if k not in ("hflip", "train_crop_mode")]
+        if self.train_crop_mode == "squash" and unused:  # VPT's code's crop + flip, nothing else
+            flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+            raise ValueError(f"--train-crop-mode squash is VPT's code's resize, random crop and "
+                             f"flip (--hflip); it does not apply {flags}: drop them or use "
+                             "timm's rrc mode")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of all fields."""
@@ -274,6 +271,10 @@ _VPT_GRID = ("the authors grid-search lr_base in {50, 25, 10, 5, 2.5, 1, 0.5, 0.
 #: VPT's code normalises with ImageNet's mean/std, not the 0.5/0.5 of the in21k checkpoint's
 #: pretrained_cfg (issue 27's audit of the released code)
 _IMAGENET_NORM = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+#: VPT's schedule and optimiser, which E2VPT trains with too
+_VPT_SETTINGS = dict(opt="momentum", momentum=0.9, sched="cosine", epochs=100, warmup_epochs=10,
+                     batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4,
+                     **_IMAGENET_NORM)
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("vtab1k", "VTAB-1k protocol: 1000 training images, tune on 800/200, no augmentation, "
@@ -292,16 +293,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("vpt", "VPT authors: SGD momentum 0.9, cosine, 100 epochs incl. 10 warm-up, batch 64",
            "Jia et al. 2022, Visual Prompt Tuning, Sec. 4 and supplementary; normalisation: "
            "VPT's released code",
-           dict(opt="momentum", momentum=0.9, sched="cosine", epochs=100, warmup_epochs=10,
-                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4,
-                **_IMAGENET_NORM),
+           _VPT_SETTINGS,
            _VPT_GRID + "; images normalised with ImageNet's mean/std as VPT's code does"),
     Recipe("e2vpt", "E2VPT authors: as VPT (SGD, cosine, 100 epochs incl. 10 warm-up, batch 64)",
            "Han et al. 2023, E2VPT, Sec. 4.1 'Training'; normalisation: VPT's code, which "
            "E2VPT's builds on",
-           dict(opt="momentum", momentum=0.9, sched="cosine", epochs=100, warmup_epochs=10,
-                batch_size=64, lr_base=1.0, lr_base_size=256, weight_decay=1e-4,
-                **_IMAGENET_NORM),
+           _VPT_SETTINGS,
            _VPT_GRID + "; batch 80 for Swin-B; pruning ratio and rewinding are method config"),
     Recipe("full", "VPT's code for full fine-tuning: AdamW, cosine, 100 epochs incl. 5 warm-up, "
            "batch 64",
