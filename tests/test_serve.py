@@ -2,9 +2,11 @@
 on a local Ray Serve (skipped where Ray is not installed; it is in the ``dev`` extras)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import timm_peft
-from timm_peft.serve import AdapterEngine, RequestError, encode_image
+from timm_peft.serve import AdapterEngine, RequestError, _PassMerger, encode_image
 
 from conftest import local_overlay, move_trainable
 
@@ -233,6 +235,42 @@ def test_engine_bounds_images(zoo):
         with pytest.raises(RequestError) as e:
             engine.preprocess("bias_a", data)
         assert e.value.status == status
+
+
+def test_pass_merger_batches_that_queue_during_a_pass_share_the_next():
+    """Ray closes batches on its timer while the backbone is busy: every batch waiting when the
+    model thread frees up runs in the next pass, up to max_size, and each gets its own answers."""
+    started, release, passes = threading.Event(), threading.Event(), []
+
+    def fn(items):
+        passes.append(list(items))
+        if len(passes) == 1:
+            started.set()
+            assert release.wait(10)
+        if "boom" in items:
+            raise RuntimeError("a failed pass")
+        return [f"answer {i}" for i in items]
+
+    merger = _PassMerger(fn, ThreadPoolExecutor(1), max_size=4)
+
+    async def scenario():
+        first = asyncio.ensure_future(merger.run(["a"]))
+        await asyncio.to_thread(started.wait, 10)  # pass 1 is running: the others queue
+        queued = [asyncio.ensure_future(merger.run(b)) for b in
+                  (["b"], ["c", "d"], ["e"], ["f", "g"], ["boom", "h"])]
+        gone = asyncio.ensure_future(merger.run(["x"]))  # its client goes away while it waits
+        queued.append(asyncio.ensure_future(merger.run(["i"])))
+        await asyncio.sleep(0)
+        gone.cancel()
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(first, *queued, return_exceptions=True), 10)
+
+    answers = asyncio.run(scenario())
+    # merged in arrival order, never splitting a Ray batch, never over max_size
+    assert passes == [["a"], ["b", "c", "d", "e"], ["f", "g", "boom", "h"], ["x", "i"]]
+    assert answers[:4] == [["answer a"], ["answer b"], ["answer c", "answer d"], ["answer e"]]
+    assert all(isinstance(a, RuntimeError) for a in answers[4:6])  # the failed pass's batches
+    assert answers[6] == ["answer i"]  # the next pass runs; the cancelled request is skipped
 
 
 # ----------------------------------------------------------------------------------------------
