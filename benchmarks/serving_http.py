@@ -5,13 +5,15 @@ Three ways to serve ``n`` SSF adapters of one backbone, on one local Ray Serve, 
 
 * ``ours``: :func:`timm_peft.serve.build_app`, one replica, one backbone, ``@serve.batch``
   collecting requests across adapter ids, adapters that share a structure routed together in one
-  backbone pass (:func:`timm_peft.route`).
+  backbone pass (:func:`timm_peft.route`), the batches that queued behind a running pass merged
+  into the next.
 * ``multiplexed`` (b): Ray Serve's model multiplexing (``@serve.multiplexed`` +
   ``serve.get_multiplexed_model_id``, the id in the ``serve_multiplexed_model_id`` header) with
-  ``@serve.batch``, which splits each batch by model id: one backbone pass per adapter in a batch.
-  To isolate the batching, everything else is ours: the same FastAPI ingress, request parsing,
-  preprocessing and Serve settings, and its "models" are adapters on one shared backbone (so its
-  memory is ours; a model per id would only cost it more memory).
+  ``@serve.batch``, which splits each batch by model id: one backbone pass per adapter in a batch,
+  each batch as Ray closes it. Its multiplexed "model" per id is what Ray's documentation loads
+  per id, a model of its own (:func:`_model_per_id`, the code a per-adapter replica runs), so
+  no pass pays for switching adapters and (b) holds n backbones. Everything else is ours: the
+  same FastAPI ingress, request parsing, preprocessing and Serve settings.
 * ``per_adapter`` (a): one deployment (one replica, our engine with one adapter, batching its
   own requests) per adapter, each at its own route prefix.
 
@@ -30,6 +32,7 @@ Run: ``nice -n 10 python -m benchmarks.serving_http`` (``--quick`` for a smoke r
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import json
@@ -49,7 +52,7 @@ import torch
 import timm_peft
 from benchmarks.common import RESULTS, median_ratio, round_robin_clocks, write_report
 from benchmarks.serving import _nbytes
-from timm_peft.serve import AdapterEngine, encode_image
+from timm_peft.serve import _BATCHES_IN_FLIGHT, AdapterEngine, encode_image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +86,13 @@ def make_zoo(root: Path, arch: str, kwargs: dict, n: int, method: str) -> tuple[
 # (b): Ray Serve multiplexing, batches split by model id
 # ----------------------------------------------------------------------------------------------
 
+def _model_per_id(engine_kwargs: dict, adapter_id: str, source: str) -> AdapterEngine:
+    """(b)'s model for one id, as Ray's multiplexing loads a model per id: an engine holding
+    that one adapter on its own backbone (what a per-adapter replica runs), so no pass pays for
+    switching adapters (between heads of other sizes, a switch redoes the method's surgery)."""
+    return AdapterEngine(**engine_kwargs, adapters={adapter_id: source}, max_adapters=1)
+
+
 def _multiplexed_deployment() -> Any:
     # the web stack only here: --bound-only runs where Ray Serve is not installed (a GPU machine)
     from fastapi import FastAPI, Request
@@ -95,38 +105,48 @@ def _multiplexed_deployment() -> Any:
     @serve.deployment(name="multiplexed")
     @serve.ingress(api)
     class Multiplexed:
-        """Ours with Ray's multiplexing in place of our adapter handling: the same FastAPI
-        ingress, request parsing, engine and preprocessing; the adapter id comes from the
-        ``serve_multiplexed_model_id`` header and ``@serve.batch`` splits batches by it."""
+        """Ray's multiplexing in place of our adapter handling: a model per id (up to 64 per
+        replica, Ray's LRU), the id from the ``serve_multiplexed_model_id`` header, batches
+        split by it by ``@serve.batch``; the same FastAPI ingress, request parsing, engine code
+        and preprocessing as ours."""
 
-        def __init__(self, engine_kwargs: dict, max_batch_size: int, batch_wait_s: float) -> None:
+        def __init__(self, engine_kwargs: dict, sources: dict[str, str], max_batch_size: int,
+                     batch_wait_s: float) -> None:
             torch.set_num_threads(1)
-            self.engine = AdapterEngine(**engine_kwargs)
+            self.engine_kwargs, self.sources = engine_kwargs, sources
+            self.models: dict[str, AdapterEngine] = {}  # for /stats
             self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "model")  # as ours
             self.infer.set_max_batch_size(max_batch_size)
             self.infer.set_batch_wait_timeout_s(batch_wait_s)
 
         @serve.multiplexed(max_num_models_per_replica=64)
         async def get_model(self, model_id: str) -> Any:
-            return self.engine.pin(model_id)  # an adapter on the shared backbone, kept pinned
+            model = await asyncio.to_thread(_model_per_id, self.engine_kwargs, model_id,
+                                            self.sources[model_id])
+            self.models[model_id] = model
+            return model
 
         @api.get("/stats")
         def stats(self) -> dict:
-            return self.engine.stats()
+            out: dict[str, int] = collections.Counter()
+            for model in self.models.values():
+                out.update(model.stats())
+            return dict(out)
 
         @api.post("/predict")
         async def predict(self, request: Request) -> Any:
-            entry = await self.get_model(serve.get_multiplexed_model_id())
+            adapter = serve.get_multiplexed_model_id()
+            model = await self.get_model(adapter)
             _, data, top_k = _parse_request(await request.body(),
                                             request.headers.get("content-type", ""),
                                             dict(request.query_params), 1 << 24)
-            x = await asyncio.to_thread(self.engine.preprocess, entry, data)
-            return await self.infer((entry, x, top_k))
+            x = await asyncio.to_thread(model.preprocess, adapter, data)
+            return await self.infer((model, adapter, x, top_k))
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-        async def infer(self, items: list) -> list:
+        async def infer(self, items: list) -> list:  # one id per batch: Ray splits by it
             return await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, self.engine.run_batch, items)
+                self.model_thread, items[0][0].run_batch, [it[1:] for it in items])
 
     return Multiplexed
 
@@ -183,15 +203,17 @@ async def _load(requests: list[tuple[str, dict, bytes]], concurrency: int, durat
                 p50_ms=pct(0.50), p99_ms=pct(0.99))
 
 
-def engine_bound(engine: AdapterEngine, ids: list[str], images: list[bytes], kind: str,
-                 batch: int, rounds: int, zipf_s: float) -> dict[str, float]:
+def engine_bound(engine: AdapterEngine, models: dict[str, AdapterEngine], ids: list[str],
+                 images: list[bytes], kind: str, batch: int, rounds: int, zipf_s: float
+                 ) -> dict[str, float]:
     """The replica's own work for full batches, without HTTP: ours vs (b), in this process.
 
     Round r takes the r-th ``batch`` consecutive requests of the load generator's own sequence
     (the same for both systems) and times, in process CPU seconds, what each
     system's replica runs for it: ours one :meth:`AdapterEngine.run_batch` over the mixed batch
-    (one routed backbone pass), (b) one ``run_batch`` per adapter id in it (Ray's
-    ``@serve.batch`` splits a batch by multiplexed model id). The tensors are the images
+    (one routed backbone pass), (b) one ``run_batch`` per adapter id in it on that id's own
+    model, ``models[id]`` (Ray's ``@serve.batch`` splits a batch by multiplexed model id,
+    and its multiplexing holds a model per id). The tensors are the images
     preprocessed once, beforehand. ``bound`` is the median over rounds of (b)'s time / ours: the
     throughput ratio of a server that spends time on nothing but the backbone and fills every
     batch. On a GPU the times are wall-clock (CUDA-synchronised): its work is not the process's
@@ -205,8 +227,8 @@ def engine_bound(engine: AdapterEngine, ids: list[str], images: list[bytes], kin
         groups: dict[str, list] = {}
         for item in items:
             groups.setdefault(item[0], []).append(item)
-        for group in groups.values():
-            engine.run_batch(group)
+        for adapter, group in groups.items():
+            models[adapter].run_batch(group)
 
     def cycle(run: Any) -> Any:  # each system its own iterator: round r gives both one draw
         it = itertools.cycle(batches)
@@ -325,6 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     single = _nbytes(timm_peft.from_pretrained(dirs[0], pretrained_cfg_overlay=dict(
         file=str(weights), custom_load=False)))
     model_ratio, bound = {}, {}
+    engine_base = dict(model=args.arch, pretrained_file=str(weights), model_kwargs=kwargs,
+                       device=args.device)
+    models = {f"t{i}": _model_per_id(engine_base, f"t{i}", str(d)) for i, d in enumerate(dirs)}
     for n in counts:
         ids = [f"t{i}" for i in range(n)]
         engine = AdapterEngine(args.arch, {a: str(dirs[i]) for i, a in enumerate(ids)},
@@ -332,11 +357,12 @@ def main(argv: list[str] | None = None) -> None:
                                device=args.device)
         model_ratio[n] = _nbytes(engine.model) / (n * single)
         for kind in ("uniform", "zipf"):
-            bound[n, kind] = engine_bound(engine, ids, jpegs, kind, args.max_batch_size,
-                                          args.bound_rounds, args.zipf_s)
+            bound[n, kind] = engine_bound(engine, models, ids, jpegs, kind,
+                                          args.max_batch_size, args.bound_rounds, args.zipf_s)
             print(f"engine bound n={n} {kind}:",
                   {k: round(v, 3) for k, v in bound[n, kind].items()}, flush=True)
         del engine
+    del models
     command = "python -m benchmarks.serving_http " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:])
     if args.bound_only:
@@ -380,13 +406,10 @@ def main(argv: list[str] | None = None) -> None:
                 return ["ours"]
 
             def deploy_multiplexed() -> list[str]:
-                engine_kwargs = dict(model=args.arch, adapters=sources, max_adapters=n,
-                                     pretrained_file=str(weights), model_kwargs=kwargs,
-                                     device=args.device)
                 app = _multiplexed_deployment().options(  # Serve's settings as ours has them
                     ray_actor_options=dict(num_cpus=0, num_gpus=gpu),
-                    max_ongoing_requests=max(64, 4 * args.max_batch_size)).bind(
-                    engine_kwargs, args.max_batch_size, args.batch_wait_ms / 1000)
+                    max_ongoing_requests=max(64, _BATCHES_IN_FLIGHT * args.max_batch_size)).bind(
+                    engine_base, sources, args.max_batch_size, args.batch_wait_ms / 1000)
                 serve.run(app, name="multiplexed", route_prefix="/")
                 return ["multiplexed"]
 
@@ -479,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
                 ours_p99_ms=ours["p99_ms"], multiplexed_p99_ms=mux["p99_ms"],
                 per_adapter_p99_ms=pa["p99_ms"] if pa else float("nan"),
                 rss_vs_per_adapter=ours["replica_rss_mb"] * 2**20 / (n * rss_one),
+                multiplexed_rss_vs_ours=mux["replica_rss_mb"] / ours["replica_rss_mb"],
                 model_bytes_vs_per_adapter=model_ratio[n]))
     notes = (
         f"`{args.arch}` ({args.img_size}x{args.img_size} input, depth {args.depth}, random "
@@ -492,7 +516,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.requests} requests per cell (stop after {args.duration:g} s), the same seeded "
         f"sequence for every system; Zipf s={args.zipf_s}. `@serve.batch` up to "
         f"{args.max_batch_size} requests, {args.batch_wait_ms:g} ms wait, for every system. "
-        "(b) `multiplexed` shares one backbone too (only its batching differs). (a) "
+        "(b) `multiplexed` holds a model per id (an engine with that one adapter, as a "
+        "per-adapter replica runs it; `multiplexed_rss_vs_ours`: its replica's resident memory "
+        "/ ours'), so no pass of it switches adapters. (a) "
         f"`per_adapter` runs as n real deployments up to n={args.per_adapter_max}; above that "
         "its memory is n x the median replica RSS measured at the smaller n and its throughput "
         "is not measured (n replica processes of about 1 GB each do not fit this machine). "
@@ -503,7 +529,8 @@ def main(argv: list[str] | None = None) -> None:
         f"beforehand: for batches of {args.max_batch_size} consecutive requests of the same "
         f"sequence ({args.bound_rounds} batches; `ids_per_full_batch` distinct adapters in one "
         "on average), (b)'s time (one `run_batch` per adapter id, as Ray's `@serve.batch` "
-        "splits it) / ours (one `run_batch`, one routed backbone pass), process CPU time, the "
+        "splits it, each on that id's own model) / ours (one `run_batch`, one routed backbone "
+        "pass), process CPU time, the "
         "median over batches; `engine_ours_req_s` is ours' full-batch throughput. It is the "
         "ratio to (b) a server would reach on this hardware with full batches if the backbone "
         "were all it spent time on (partial batches, as over HTTP, give other ratios). "

@@ -689,6 +689,41 @@ def test_readme_transfer_figures_are_the_report():
         assert all((d, s) in claims for d, s in shown if s), (verdict, shown, claims)
 
 
+def test_readme_serving_figures_are_the_report():
+    """The Serving section's measured figures are benchmarks/results/serving_http.json's, rounded
+    as shown: memory, throughput and p99 at 64 adapters under Zipf traffic, requests per pass,
+    the one-adapter ratios and the engine bound."""
+    rows = {(r["adapters"], r["traffic"]): r
+            for r in json.loads((RESULTS / "serving_http.json").read_text())["rows"]}
+    r = rows[64, "zipf"]
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    text = text.split("## Serving", 1)[1].split("## Sharing adapters", 1)[0]
+
+    def same(shown: str, value: float) -> bool:
+        decimals = len(shown.partition(".")[2])
+        return f"{value:.{decimals}f}" == shown
+
+    checks = [
+        (r"our one replica is \*\*([\d.]+)\*\* of 64", [r["rss_vs_per_adapter"]]),
+        (r"\(([\d.]+) in model tensor bytes", [r["model_bytes_vs_per_adapter"]]),
+        (r"\(b\) holds ([\d.]+)× ours", [r["multiplexed_rss_vs_ours"]]),
+        (r"Zipf traffic: \*\*([\d.]+)×\*\* \(b\) \(([\d.]+) vs ([\d.]+) requests/s, p99 "
+         r"([\d.]+) vs ([\d.]+) s\)",
+         [r["throughput_vs_multiplexed"], r["ours_req_s"], r["multiplexed_req_s"],
+          r["ours_p99_ms"] / 1e3, r["multiplexed_p99_ms"] / 1e3]),
+        (r"passes hold ([\d.]+) requests to \(b\)'s ([\d.]+)",
+         [r["ours_req_per_pass"], r["multiplexed_req_per_pass"]]),
+        (r"that alone gives ([\d.]+)–([\d.]+)× \(b\)\)",
+         sorted(rows[1, k]["throughput_vs_multiplexed"] for k in ("uniform", "zipf"))),
+        (r"engine bound\*.{0,120}? is \*\*([\d.]+)×\*\*", [r["engine_bound"]]),
+        (r"runs at (\d+)% of its engine throughput", [100 * r["ours_req_s"] / r["engine_ours_req_s"]]),
+    ]
+    for pattern, values in checks:
+        shown = _stated(text, pattern).groups()
+        assert all(map(same, shown, values)), (pattern, shown, values)
+    assert r["throughput_vs_multiplexed"] < 2 and "**not** reached" in text  # the goal's verdict
+
+
 def test_readme_states_the_gpu_estimates_rate():
     """The one number of the GPU-hours estimate that is not measured is gpu_table()'s default."""
     import inspect

@@ -6,7 +6,8 @@ own tensors. Requests (an image and an adapter id) are collected across adapter 
 ``@serve.batch``; within a batch, requests whose adapters share a method, a config and the
 structure :func:`timm_peft.route` needs run in **one** backbone pass, routed per sample; the
 rest run grouped, one pass per group. Ray Serve does the HTTP (FastAPI ingress), the replicas,
-the queueing and the batching; this module only decides what runs together.
+the queueing and the batching; this module only decides what runs together, including the
+batches Ray closed while the backbone was busy, which share its next pass.
 
 Adapters are untrusted input here too. Ids the replica does not hold are loaded on demand, from
 the Hub (``hf-hub:<org>/<name>``) or from a directory under ``adapter_root``, through the
@@ -474,6 +475,7 @@ class _PassMerger:
         self.fn, self.executor, self.max_size = fn, executor, max_size
         self._waiting: collections.deque = collections.deque()  # (items, future)
         self._busy = False
+        self._task: Any = None  # the running pass loop (a reference keeps the task alive)
 
     async def run(self, items: list[Any]) -> list[Any]:
         """``fn``'s answers for ``items``, computed in a pass shared with other waiting batches."""
@@ -482,7 +484,7 @@ class _PassMerger:
         self._waiting.append((items, future))
         if not self._busy:  # the pass loop runs as its own task: no caller waits for others
             self._busy = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
