@@ -216,10 +216,20 @@ def test_engine_refuses_ids_it_may_not_load(zoo):
         engine.pin("bias_b")
     assert e.value.status == 403 and "ssf_" in e.value.message
     engine = _engine(zoo, adapters={"bias_a": str(zoo["dirs"]["bias_a"])})
-    for bad, status in [("../zoo/bias_b", 400), ("/etc", 400), ("nope", 404), ("", 400)]:
+    loop = zoo["root"] / "loop"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)  # a symlink loop under the root
+    outside = zoo["root"] / "outside"
+    if not outside.is_symlink():
+        outside.symlink_to(zoo["root"].parent)
+    for bad, status in [("../zoo/bias_b", 400), ("/etc", 400), ("nope", 404), ("", 400),
+                        ("bias_\x00b", 400), ("bias_b\n", 400), ("loop", 404), ("loop/x", 404),
+                        ("outside", 400), ("bias_b/", 400), ("bias_b/.", 400), ("./bias_b", 400),
+                        ("x//bias_b", 400)]:
         with pytest.raises(RequestError) as e:
             engine.pin(bad)
         assert e.value.status == status, bad
+    engine.unpin(engine.pin("bias_b"))  # its one spelling loads
     no_root = AdapterEngine(ARCH, {"bias_a": str(zoo["dirs"]["bias_a"])},
                             pretrained_file=str(zoo["weights"]), model_kwargs=KW)
     with pytest.raises(RequestError) as e:

@@ -207,9 +207,10 @@ class AdapterEngine:
 
     def _source(self, adapter_id: str) -> str:
         """Where an id is loaded from; a RequestError for ids that may not be loaded."""
-        if not isinstance(adapter_id, str) or not adapter_id or len(adapter_id) > 512:
+        if (not isinstance(adapter_id, str) or not adapter_id or len(adapter_id) > 512
+                or not adapter_id.isprintable()):
             raise RequestError(400, "the adapter id must be a non-empty string of at most 512 "
-                               "characters")
+                               "printable characters")
         if adapter_id in self.sources:
             return self.sources[adapter_id]
         if self.allow is not None and not any(adapter_id.startswith(a) for a in self.allow):
@@ -220,11 +221,22 @@ class AdapterEngine:
             return adapter_id
         if self.adapter_root is not None:
             rel = Path(adapter_id)
-            target = (self.adapter_root / rel).resolve()
-            if rel.is_absolute() or ".." in rel.parts or self.adapter_root not in target.parents:
+            # one spelling per directory ('a', not 'a/' or './a'): aliases would each take a
+            # place in the LRU
+            if rel.is_absolute() or ".." in rel.parts or rel.as_posix() != adapter_id:
                 raise RequestError(400, f"adapter {adapter_id!r}: an id under the adapter root "
-                                   "is a relative path without '..' that stays inside it")
-            if not target.is_dir():
+                                   "is a relative path in its plain form ('a/b': no '..', '.', "
+                                   "'//' or trailing '/')")
+            try:
+                target = (self.adapter_root / rel).resolve()
+                is_dir = target.is_dir()
+            except (OSError, RuntimeError) as e:  # a symlink loop, a name the OS refuses
+                raise RequestError(404, f"unknown adapter {adapter_id!r}: its path under the "
+                                   f"adapter root does not resolve ({type(e).__name__})") from e
+            if self.adapter_root not in target.parents:
+                raise RequestError(400, f"adapter {adapter_id!r}: an id under the adapter root "
+                                   "stays inside it (its symlinks too)")
+            if not is_dir:
                 raise RequestError(404, f"unknown adapter {adapter_id!r}: not one of "
                                    f"{sorted(self.sources)} and no such adapter directory under "
                                    "the adapter root")
