@@ -386,6 +386,9 @@ def test_http_bad_requests_get_4xx_and_the_server_keeps_serving(server, zoo):
     cases = [
         ("malformed JSON", b"{not json", "application/json", 400),
         ("JSON not an object", b"[1, 2]", "application/json", 400),
+        ("JSON nested too deeply", b"[" * 60_000, "application/json", 400),
+        ("a control character in the id", json.dumps(dict(adapter="vpt_a\n", image=b64)).encode(),
+         "application/json", 400),
         ("no adapter", json.dumps(dict(image=b64)).encode(), "application/json", 400),
         ("bad base64", json.dumps(dict(adapter="vpt_a", image="%%%")).encode(),
          "application/json", 400),

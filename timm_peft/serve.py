@@ -544,6 +544,9 @@ def _parse_request(body: bytes, content_type: str, query: Mapping[str, str],
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, f"the body is not valid JSON: {e}") from e
+        except RecursionError:  # "[[[[..." within the size bound: the parser's own stack
+            raise RequestError(400, "the JSON body is nested too deeply; expected "
+                               '{"adapter": ID, "image": BASE64, "top_k": K}') from None
         if not isinstance(payload, dict):
             raise RequestError(400, "the JSON body must be an object "
                                '{"adapter": ID, "image": BASE64, "top_k": K}')
