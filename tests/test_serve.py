@@ -452,3 +452,22 @@ def test_app_builder_and_cli_parse_the_same_deployment(zoo):
     deployment = app_builder(_serve_kwargs(ns)[0])._bound_deployment
     assert deployment.ray_actor_options == dict(num_cpus=1.0, num_gpus=0.5)
     assert deployment.init_args[0]["device"] == "cuda"
+
+
+def test_build_app_checks_the_start_adapters_before_any_replica(zoo, tmp_path, capsys):
+    """A bad adapter given at start fails build_app (and `timm-peft serve`) at once, naming it,
+    instead of as Ray's failed deployment after its replicas built the backbone; good ones
+    pass."""
+    pytest.importorskip("ray.serve")
+    from timm_peft.cli import main
+    from timm_peft.serve import build_app
+    good = {"a": str(zoo["dirs"]["bias_a"])}
+    for name, source, says in [("nan", zoo["root"] / "hostile_nan", "finite"),
+                               ("deep", zoo["root"] / "hostile_config", "model_args"),
+                               ("gone", tmp_path / "nope", "does not exist")]:
+        with pytest.raises(ValueError, match=f"adapter '{name}' given at start: .*{says}"):
+            build_app(ARCH, {**good, name: str(source)}, pretrained_file=str(zoo["weights"]),
+                      model_kwargs=KW)
+    assert build_app(ARCH, good, pretrained_file=str(zoo["weights"]), model_kwargs=KW)
+    rc = main(["serve", "--model", ARCH, "--adapters", f"gone={tmp_path / 'nope'}"])
+    assert rc == 2 and "adapter 'gone' given at start" in capsys.readouterr().err

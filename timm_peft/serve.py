@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .adapters import delete_adapter, get_adapters, route, set_adapter, using_adapter
-from .io import HUB_PREFIX, load_adapter
+from .io import HUB_PREFIX, load_adapter, verify_adapter
 from .io.load import resolve_adapter_dir
 
 __all__ = ["AdapterEngine", "RequestError", "build_app", "app_builder", "start", "encode_image",
@@ -673,7 +673,9 @@ def build_app(model: str, adapters: Mapping[str, str] | Sequence[str] = (), *,
     :class:`AdapterEngine`'s; ``replicas`` copies of it run behind Ray Serve's HTTP proxy, each
     batching up to ``max_batch_size`` requests that arrive within ``batch_wait_ms``; each replica
     reserves ``num_cpus`` CPUs and ``num_gpus`` GPUs from Ray (a fraction shares one), and with a
-    GPU its backbone runs on ``cuda`` unless ``device`` says otherwise. Routes:
+    GPU its backbone runs on ``cuda`` unless ``device`` says otherwise. The adapters given here
+    are checked first (:func:`timm_peft.io.verify_adapter`: no model is built), so a bad one
+    raises ``ValueError`` naming it before any replica starts. Routes:
     ``POST /predict`` (JSON ``{"adapter", "image" (base64), "top_k"}`` or the image's raw bytes
     with ``?adapter=ID&top_k=K``), ``GET /adapters``, ``GET /stats``, ``GET /healthz``. For a
     Ray Serve config file use :func:`app_builder` (``import_path: timm_peft.serve:app_builder``).
@@ -692,6 +694,15 @@ def build_app(model: str, adapters: Mapping[str, str] | Sequence[str] = (), *,
         deployment = _deployment_class()
     except ImportError as e:
         raise ImportError("serving needs Ray Serve: pip install 'timm_peft[serve]'") from e
+    start = dict(adapters) if isinstance(adapters, Mapping) else {s: s for s in adapters}
+    for adapter_id, source in start.items():
+        # every check that needs no model, here: a bad adapter fails now with its own message,
+        # not as Ray's failed deployment after its replicas retried building the backbone
+        try:
+            verify_adapter(source)
+        except Exception as e:  # AdapterError names the file and field
+            raise ValueError(f"adapter {adapter_id!r} given at start: {type(e).__name__}: "
+                             f"{e}") from e
     engine_kwargs = dict(model=model, adapters=dict(adapters) if isinstance(adapters, Mapping)
                          else list(adapters), **engine_kwargs)
     return deployment.options(
