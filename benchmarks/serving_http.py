@@ -377,7 +377,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"{args.depth}), {args.method.upper()} adapters, on {device}; "
                               f"batches of {args.max_batch_size} consecutive requests of the "
                               f"load generator's sequence, {args.bound_rounds} rounds "
-                              f"(`engine_bound`). No HTTP, no Ray: the replica's own work only."))
+                              f"(`engine_bound`): ours one routed pass per batch, (b) one pass "
+                              f"per adapter id in it, each on that id's own model. No HTTP, no "
+                              f"Ray: the replica's own work only."))
         shutil.rmtree(root, ignore_errors=True)
         print(md.read_text())
         return
