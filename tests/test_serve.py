@@ -184,6 +184,24 @@ def test_engine_lru_evicts_without_touching_the_base_and_reloads(zoo):
                timm_peft.get_adapters(engine.model)["default"].state.items())
 
 
+def test_engine_an_item_whose_adapter_was_evicted_while_queued_fails_alone(zoo):
+    """A request cancelled after it was queued unpins its adapter, which a load may then evict:
+    the pass it sits in still answers everyone else (a client that disconnects on purpose while
+    others load adapters must not fail their requests)."""
+    engine = _engine(zoo, max_adapters=2, adapters={n: str(zoo["dirs"][n]) for n in
+                                                     ("ssf_a", "ssf_b")})
+    gone, stays = engine.pin("ssf_a"), engine.pin("ssf_b")
+    d = _image(7)
+    items = [(gone, engine.preprocess(gone, d), 3), (stays, engine.preprocess(stays, d), 3)]
+    engine.unpin(gone)  # its request was cancelled while the items waited for the model
+    engine.unpin(engine.pin("bias_b"))  # a load evicts it (ssf_b is pinned)
+    assert "ssf_a" not in [a["id"] for a in engine.listing()["loaded"]]
+    dead, live = engine.run_batch(items)
+    assert dead == dict(adapter="ssf_a", error=dead["error"]) and "evicted" in dead["error"]
+    _check_answer(live, _reference(zoo, "ssf_b", d, 3))
+    engine.unpin(stays)
+
+
 @pytest.mark.parametrize("hostile", ["hostile_base", "hostile_nan", "hostile_config"])
 def test_engine_hostile_adapter_leaves_the_model_unchanged_and_failure_is_cached(zoo, hostile):
     engine = _engine(zoo, max_adapters=len(ADAPTERS))  # full: a load would have to evict

@@ -390,14 +390,20 @@ class AdapterEngine:
 
         Items whose adapters share a route key and input size run in one backbone pass
         (:func:`timm_peft.route` when they name several adapters); each other group runs in
-        its own pass.
+        its own pass. An item whose adapter was evicted after it was queued (its request was
+        cancelled, which unpinned it) is answered ``{"adapter", "error"}`` and runs nothing;
+        the others in the pass are unaffected.
         """
         entries = [it[0] if isinstance(it[0], _Entry) else self._entries[it[0]] for it in items]
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, (entry, (_, x, _)) in enumerate(zip(entries, items)):
-            groups.setdefault((entry.key, tuple(x.shape)), []).append(i)
         logits: list[torch.Tensor | None] = [None] * len(items)
         with self._model_lock, torch.inference_mode():
+            # under the model lock no load can evict, so what is held now is held for the pass
+            with self._meta:
+                held = [self._entries.get(e.adapter_id) is e for e in entries]
+            groups: dict[tuple[Any, ...], list[int]] = {}
+            for i, (entry, (_, x, _)) in enumerate(zip(entries, items)):
+                if held[i]:
+                    groups.setdefault((entry.key, tuple(x.shape)), []).append(i)
             for idx in groups.values():
                 names = [entries[i].name for i in idx]
                 x = torch.stack([items[i][1] for i in idx]).to(self.device)
@@ -409,9 +415,12 @@ class AdapterEngine:
             self.counters["batches"] += 1
             self.counters["requests"] += len(items)
             self.counters["max_batch"] = max(self.counters["max_batch"], len(items))
-        out = []
+        out: list[dict[str, Any]] = []
         for entry, (_, _, k), row in zip(entries, items, logits):
-            assert row is not None
+            if row is None:
+                out.append(dict(adapter=entry.adapter_id, error="the adapter was evicted while "
+                                "this request waited (it had been cancelled)"))
+                continue
             row = row[:entry.num_classes].softmax(-1)
             scores, index = row.topk(min(k or self.top_k, entry.num_classes))
             out.append(dict(adapter=entry.adapter_id, predictions=[
