@@ -286,7 +286,7 @@ def test_pass_merger_batches_that_queue_during_a_pass_share_the_next():
         await asyncio.to_thread(started.wait, 10)  # pass 1 is running: the others queue
         queued = [asyncio.ensure_future(merger.run(b)) for b in
                   (["b"], ["c", "d"], ["e"], ["f", "g"], ["boom", "h"])]
-        gone = asyncio.ensure_future(merger.run(["x"]))  # its client goes away while it waits
+        gone = asyncio.ensure_future(merger.run(["x"]))  # Ray cancels its handler as it waits
         queued.append(asyncio.ensure_future(merger.run(["i"])))
         await asyncio.sleep(0)
         gone.cancel()
