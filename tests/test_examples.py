@@ -27,6 +27,9 @@ CLAIMS = {
                 r"reloaded: ResNet, 6 classes, preprocessing \(3, 64, 64\)",
     # routing = each adapter alone, disable = plain model, reload = the same outputs
     "many_tasks.py": r"saved and reloaded: every adapter computes what it did",
+    # over HTTP, every answer equals the adapter alone, and the mixed burst shares passes
+    "serve_zoo.py": r"12 requests for 3 adapters answered as each adapter alone, in [1-6] "
+                    r"backbone passes",
 }
 
 
