@@ -708,10 +708,10 @@ def test_readme_serving_figures_are_the_report():
         (r"\(([\d.]+) in model tensor bytes", [r["model_bytes_vs_per_adapter"]]),
         (r"\(b\) holds ([\d.]+)× ours", [r["multiplexed_rss_vs_ours"]]),
         (r"Zipf traffic: \*\*([\d.]+)×\*\* \(b\) \(([\d.]+) vs ([\d.]+) requests/s, p99 "
-         r"([\d.]+) vs ([\d.]+) s\)",
+         r"([\d.]+) vs ([\d.]+) s[;)]",
          [r["throughput_vs_multiplexed"], r["ours_req_s"], r["multiplexed_req_s"],
           r["ours_p99_ms"] / 1e3, r["multiplexed_p99_ms"] / 1e3]),
-        (r"passes hold ([\d.]+) requests to \(b\)'s ([\d.]+)",
+        (r"hold ([\d.]+) requests to \(b\)'s ([\d.]+)",
          [r["ours_req_per_pass"], r["multiplexed_req_per_pass"]]),
         (r"that alone gives ([\d.]+)–([\d.]+)× \(b\)\)",
          sorted(rows[1, k]["throughput_vs_multiplexed"] for k in ("uniform", "zipf"))),
