@@ -635,9 +635,9 @@ def _collect(method: str, benchmark: str, jobs: Plan, points: dict[str, dict[str
                          diff=None if theirs is None or ours is None else round(ours - theirs, 2),
                          chosen=points[""][task], diverged=diverged[task],
                          val_acc=None if val_acc[task] is None else round(val_acc[task] * 100, 2),
-                         variants={v: dict(ours=mean(seeds_of(task, f"final-{v}")),
-                                           seeds=seeds_of(task, f"final-{v}"),
-                                           chosen=points[v][task]) for v in jobs.variants}))
+                         variants={v: dict(ours=mean(vs), seeds=vs, chosen=points[v][task])
+                                   for v, vs in ((v, seeds_of(task, f"final-{v}"))
+                                                 for v in jobs.variants)}))
     groups = []
     paper_means = paper.get("group_means", {})
     names = list(dict.fromkeys(bench.groups.values()))
@@ -651,10 +651,7 @@ def _collect(method: str, benchmark: str, jobs: Plan, points: dict[str, dict[str
         if theirs is None and per_task and all(t in per_task for t in members):
             theirs = sum(per_task[t] for t in members) / len(members)
         complete = len(ran) == len(members)
-        variant_means = {}
-        for v in jobs.variants:
-            vals = [r["variants"][v]["ours"] for r in ran if r["variants"][v]["ours"] is not None]
-            variant_means[v] = round(sum(vals) / len(vals), 2) if vals else None
+        variant_means = {v: mean([r["variants"][v]["ours"] for r in ran]) for v in jobs.variants}
         groups.append(dict(group=group, tasks=f"{len(ran)}/{len(members)}", ours=round(ours, 2),
                            paper=None if theirs is None else round(theirs, 2),
                            diff=None if theirs is None or not complete else round(ours - theirs, 2),
@@ -750,15 +747,12 @@ def protocol_items(method: str, benchmark: str) -> dict[str, str]:
     bench, proto = _lookup(method, benchmark)
     jobs = plan(method, benchmark, "x", tasks=bench.tasks[:1])
     base = _base_values(method, benchmark, "x", None, {})
-    fixed = {jobs.tasks[0]: {}}
-    configs = []  # the TrainConfig fields of every stage's first run, and of the final run
-    for stage, points in enumerate(jobs.stages):
-        first = Job(jobs.tasks[0], "tune", "", dict(fixed[jobs.tasks[0]], **points[0]), Path("x"))
-        configs.append(job_config(base, benchmark, first, first.overrides, ""))
-        fixed[jobs.tasks[0]] = first.overrides
-    final = job_config(base, benchmark, jobs.final_jobs()[0], fixed[jobs.tasks[0]],
-                       proto.final_split[benchmark])
-    cfg = configs[0]
+    # the TrainConfig fields of the search's first run, and of a final run on every stage's
+    # first point
+    first = Job(jobs.tasks[0], "tune", "", jobs.stages[0][0], Path("x"))
+    cfg = job_config(base, benchmark, first, first.overrides, "")
+    chosen = {k: v for points in jobs.stages for k, v in points[0].items()}
+    final = job_config(base, benchmark, jobs.final_jobs()[0], chosen, proto.final_split[benchmark])
     searched = {k: v for s in proto.stages for k, v in s.items()}
 
     def setting(key: str, label: str) -> str:
